@@ -1,0 +1,42 @@
+# Every target creates or updates .venv first, so a fresh clone needs nothing but python3.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip install -q -c constraints.txt
+
+.PHONY: install dev demo test test-slow lint bench classifiers clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+dev: $(VENV)/.installed-dev
+
+demo: install
+	$(BIN)/mlatlas demo
+
+test: dev
+	$(BIN)/python -m pytest
+
+test-slow: dev
+	$(BIN)/python -m pytest -m slow
+
+lint: dev
+	$(BIN)/ruff check .
+
+bench: dev
+	$(BIN)/python benchmarks/ddpm_vs_diffusers.py
+
+classifiers: install
+	$(BIN)/mlatlas classifier digits mnist fashion-mnist
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

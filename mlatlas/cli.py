@@ -1,0 +1,259 @@
+"""The ``mlatlas`` command line.
+
+    mlatlas list                               methods and datasets
+    mlatlas train METHOD [--flag VALUE ...]    flags come from the method's Config dataclass
+    mlatlas train --resume RUN_DIR [--steps N] continue a run where it stopped
+    mlatlas sample RUN_DIR [--n N]             draw samples, write a figure and a .npy
+    mlatlas eval RUN_DIR [--n N]               score samples against the test split
+    mlatlas demo                               DDPM on the 8x8 digits, end to end
+    mlatlas classifier DATASET ...             retrain the shipped feature networks
+
+Bad input (an unknown method, dataset or flag, a bad value) ends with one line naming the problem
+and the closest valid names, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from mlatlas.core.config import (
+    ConfigError,
+    add_config_arguments,
+    closest,
+    config_from_dict,
+    config_to_dict,
+)
+
+EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+COMMANDS = ("list", "train", "sample", "eval", "demo", "classifier")
+# Fields a resumed run may change: they do not alter the trajectory of the parameters.
+RESUMABLE_OVERRIDES = {"steps", "device", "log_every", "ckpt_every", "eval_samples"}
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports errors as one line and suggests the closest flag."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+    def parse(self, argv: list[str]) -> argparse.Namespace:
+        args, extra = self.parse_known_args(argv)
+        if extra:
+            flags = [o for a in self._actions for o in a.option_strings]
+            name = extra[0].split("=", 1)[0]
+            hint = closest(name, flags) if name.startswith("-") else ""
+            raise UsageError(f"unrecognised argument {extra[0]!r}{hint}")
+        return args
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: $MLATLAS_THREADS or 1; "
+                             "0 uses every core)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="show a progress bar (default: when the terminal is interactive)")
+
+
+def cmd_list(argv: list[str]) -> int:
+    Parser(prog="mlatlas list", description="List methods and datasets.").parse(argv)
+    from mlatlas.data import DATASETS
+    from mlatlas.registry import METHODS
+
+    rows = [(m.name, m.family, m.default_dataset, m.summary) for m in METHODS.values()]
+    header = ("method", "family", "default data", "summary")
+    widths = [max(len(r[i]) for r in [*rows, header]) for i in range(3)]
+    for row in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[3])
+    print(f"\ndatasets: {', '.join(DATASETS)}, or a path to an image folder or .npy file")
+    return 0
+
+
+def cmd_train(argv: list[str]) -> int:
+    from mlatlas.core.run import Run
+    from mlatlas.registry import METHODS, get_method
+
+    method_name = argv[0] if argv and not argv[0].startswith("-") else None
+    rest = argv[1:] if method_name else argv
+    resume = None
+    if method_name is None:
+        probe = Parser(prog="mlatlas train", add_help=False)
+        probe.add_argument("--resume", type=Path)
+        probe.add_argument("-h", "--help", action="store_true")
+        known, _ = probe.parse_known_args(rest)
+        if known.resume is None:
+            if known.help:
+                print("usage: mlatlas train METHOD [flags] | mlatlas train --resume RUN_DIR\n"
+                      f"methods: {', '.join(METHODS)}; `mlatlas train METHOD --help` lists its "
+                      "flags")
+                return 0
+            raise UsageError("train needs a METHOD or --resume RUN_DIR "
+                             f"(methods: {', '.join(METHODS)})")
+        resume = Run.open(known.resume)
+        method_name = resume.method
+    method = get_method(method_name)
+    cls = method.config_cls
+    parser = Parser(prog=f"mlatlas train {method.name}", description=method.summary)
+    add_config_arguments(parser, cls, suppress_defaults=True)
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its last checkpoint")
+    parser.add_argument("--out", type=Path, default=Path("runs"),
+                        help="folder in which the run folder is made (default: runs)")
+    _common(parser)
+    args = parser.parse(rest)
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in ("resume", "out", "threads", "progress")}
+    if args.resume is not None and resume is None:
+        resume = Run.open(args.resume)
+        if resume.method != method.name:
+            raise UsageError(f"{args.resume} is a {resume.method} run, not {method.name}")
+    _set_threads(args.threads)
+    if resume is not None:
+        changed = {k for k, v in overrides.items() if resume.config.get(k) != v}
+        if changed - RESUMABLE_OVERRIDES:
+            name = sorted(changed - RESUMABLE_OVERRIDES)[0]
+            raise UsageError(f"--{name.replace('_', '-')} cannot change when resuming (the run "
+                             f"used {resume.config[name]!r}); only "
+                             f"{', '.join(sorted(RESUMABLE_OVERRIDES))} can")
+        cfg = config_from_dict(cls, {**resume.config, **overrides})
+        resume.config = config_to_dict(cfg)
+        resume.write_config()
+        run = resume
+    else:
+        cfg = cls(**overrides)
+        # Check the device and data before a run folder is made, so a typo leaves nothing.
+        from mlatlas.core.runtime import resolve_device
+
+        resolve_device(cfg.device)
+        if hasattr(cfg, "dataset"):
+            from mlatlas.data import load_dataset
+
+            load_dataset(cfg.dataset)
+        run = Run.create(method.name, cfg, root=args.out)
+    print(f"run folder: {run.dir}", file=sys.stderr)
+    method.module.train(cfg, run, progress=args.progress)
+    _report(run)
+    return 0
+
+
+def _report(run) -> None:
+    files = [p for p in ("samples.png", "loss.png", "metrics.csv", "summary.json")
+             if run.path(p).exists()]
+    print(f"run: {run.dir}")
+    for name in files:
+        print(f"  {name:14s} {run.path(name)}")
+    summary = run.summary()
+    if summary:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+
+
+def _open_run(argv: list[str], prog: str, n_default: int):
+    from mlatlas.core.run import Run
+    from mlatlas.registry import get_method
+
+    parser = Parser(prog=prog)
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    parser.add_argument("--n", type=int, default=n_default, help=f"samples (default {n_default})")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    _common(parser)
+    args = parser.parse(argv)
+    if args.n < 1:
+        raise UsageError(f"--n must be at least 1, got {args.n}")
+    _set_threads(args.threads)
+    run = Run.open(args.run_dir)
+    if not run.has_checkpoint():
+        raise UsageError(f"{run.dir} has no checkpoint yet")
+    return run, get_method(run.method).module, args
+
+
+def cmd_sample(argv: list[str]) -> int:
+    import numpy as np
+
+    from mlatlas.core.io import atomic_path
+    from mlatlas.core.plots import samples_figure
+
+    run, module, args = _open_run(argv, "mlatlas sample", 64)
+    x = module.sample(run, args.n, args.seed, progress=args.progress)
+    stem = f"samples-n{args.n}-seed{args.seed}"
+    with atomic_path(run.path(f"{stem}.npy")) as tmp, open(tmp, "wb") as f:
+        np.save(f, x.numpy())
+    figure = run.save_figure(samples_figure(x, f"{run.method}: {args.n} samples"), f"{stem}.png")
+    print(f"samples: {run.path(stem + '.npy')}\nfigure:  {figure}")
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    run, module, args = _open_run(argv, "mlatlas eval", 500)
+    metrics = module.evaluate(run, args.n, args.seed, progress=args.progress)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_demo(argv: list[str]) -> int:
+    parser = Parser(prog="mlatlas demo",
+                    description="Train DDPM on the 8x8 digits with its defaults (a few minutes).")
+    parser.add_argument("--out", type=Path, default=Path("runs"))
+    _common(parser)
+    args = parser.parse(argv)
+    return cmd_train(["ddpm", "--dataset", "digits", "--out", str(args.out),
+                      *(["--threads", str(args.threads)] if args.threads is not None else []),
+                      *(["--progress"] if args.progress else [])])
+
+
+def cmd_classifier(argv: list[str]) -> int:
+    from mlatlas.eval.classifier import WEIGHTS_DIR, main
+
+    parser = Parser(prog="mlatlas classifier",
+                    description="Train the feature networks used by image metrics.")
+    parser.add_argument("datasets", nargs="+", choices=["digits", "mnist", "fashion-mnist"])
+    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
+    _common(parser)
+    args = parser.parse(argv)
+    _set_threads(args.threads)
+    main(args.datasets, args.out)
+    return 0
+
+
+def _set_threads(threads: int | None) -> None:
+    from mlatlas.core.runtime import set_threads
+
+    set_threads(threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else EXIT_USAGE
+    command, rest = argv[0], argv[1:]
+    handlers = {"list": cmd_list, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
+                "demo": cmd_demo, "classifier": cmd_classifier}
+    from mlatlas.core.io import CheckpointError
+    from mlatlas.core.run import InterruptedRun, NonFiniteLossError, RunError
+    from mlatlas.data import DatasetError
+
+    try:
+        if command not in handlers:
+            raise UsageError(f"unknown command {command!r}{closest(command, COMMANDS)} "
+                             f"(commands: {', '.join(COMMANDS)})")
+        return handlers[command](rest)
+    except (UsageError, ConfigError, DatasetError, RunError, CheckpointError) as err:
+        print(f"mlatlas {command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except NonFiniteLossError as err:
+        print(f"mlatlas {command}: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except InterruptedRun as err:
+        print(f"mlatlas {command}: {err}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

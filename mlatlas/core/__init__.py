@@ -1,0 +1,1 @@
+"""Shared infrastructure: configs, runs and checkpoints, runtime, plots and network blocks."""

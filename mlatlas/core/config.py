@@ -1,0 +1,125 @@
+"""Method configs: flat dataclasses whose attribute docstrings are the documentation.
+
+Every method has one ``Config`` dataclass. A field's docstring (the string literal written on the
+line after it, as in CleanRL's ``Args``) becomes its ``--help`` text, so the command line needs no
+per-method code: :func:`add_config_arguments` derives the flags, :func:`config_from_dict` rebuilds
+a config from a run's ``config.json`` and rejects unknown keys with the closest valid names.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import textwrap
+import typing
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad configuration value or name; the command line prints it as one line."""
+
+
+def closest(name: str, choices: typing.Iterable[str]) -> str:
+    """A ``; did you mean ...?`` hint naming the closest valid choices, or ''."""
+    matches = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
+    return f"; did you mean {' or '.join(matches)}?" if matches else ""
+
+
+@dataclasses.dataclass
+class BaseConfig:
+    """Fields shared by every trainable method."""
+
+    seed: int = 0
+    """Seed for initialisation, batch order and noise; the same seed gives the same run on CPU."""
+    steps: int = 2000
+    """Number of optimisation steps."""
+    device: str = "cpu"
+    """'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when available)."""
+    log_every: int = 50
+    """Write a row of metrics.csv every this many steps."""
+    ckpt_every: int = 500
+    """Write checkpoint.safetensors every this many steps (and always at the end)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "log_every", "ckpt_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Map each field of a dataclass (and its bases) to the docstring written below it."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, after in zip(body, body[1:], strict=False):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _field_type(cls: type, field: dataclasses.Field) -> Any:
+    return typing.get_type_hints(cls)[field.name]
+
+
+def add_config_arguments(parser, cls: type, *, suppress_defaults: bool = False) -> None:
+    """Add one ``--flag`` per field of ``cls`` to an argparse parser.
+
+    With ``suppress_defaults`` unset flags are absent from the namespace, so a resumed run can
+    tell which values the user changed.
+    """
+    import argparse
+
+    docs = field_docs(cls)
+    for field in dataclasses.fields(cls):
+        kind = _field_type(cls, field)
+        default = field.default
+        help_text = f"{docs.get(field.name, '')} (default: {default!r})"
+        kwargs: dict[str, Any] = {"help": help_text, "dest": field.name}
+        if suppress_defaults:
+            kwargs["default"] = argparse.SUPPRESS
+        else:
+            kwargs["default"] = default
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is typing.Literal:
+            kwargs["choices"] = typing.get_args(kind)
+            kwargs["type"] = type(typing.get_args(kind)[0])
+            kwargs["metavar"] = "{" + ",".join(map(str, typing.get_args(kind))) + "}"
+        else:
+            kwargs["type"] = kind
+            kwargs["metavar"] = kind.__name__.upper()
+        parser.add_argument(f"--{flag(field.name)}", **kwargs)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Build ``cls`` from a mapping, naming any unknown key and its closest valid names."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"unknown config field {key!r} for {cls.__qualname__}"
+                              f"{closest(key, names)}")
+    return cls(**values)

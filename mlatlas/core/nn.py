@@ -1,0 +1,130 @@
+"""Network blocks shared by the methods: time embeddings, an MLP for points, a small UNet.
+
+The networks take ``(x, t)`` with ``t`` a float tensor of shape (B,) (a timestep index, a noise
+level or a time in [0, 1]; the method decides) and return a tensor shaped like ``x``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of a (B,) tensor, as in "Attention Is All You Need" and DDPM."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+class TimeMLP(nn.Module):
+    """MLP on (x, embedding(t)) for low-dimensional data such as 2D points."""
+
+    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, time_dim: int = 64):
+        super().__init__()
+        self.time_dim = time_dim
+        layers: list[nn.Module] = []
+        width = dim + time_dim
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        layers.append(nn.Linear(width, dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x, timestep_embedding(t, self.time_dim)], dim=1))
+
+
+def _groups(channels: int) -> int:
+    return math.gcd(channels, 8)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the time embedding added in between (DDPM's block)."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(c_in), c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, c_out)
+        self.norm2 = nn.GroupNorm(_groups(c_out), c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(nn.functional.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]
+        h = self.conv2(self.dropout(nn.functional.silu(self.norm2(h))))
+        return h + self.skip(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, channels: int, heads: int = 4):
+        super().__init__()
+        self.norm = nn.GroupNorm(_groups(channels), channels)
+        self.attn = nn.MultiheadAttention(channels, heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        seq = self.norm(x).flatten(2).transpose(1, 2)
+        out, _ = self.attn(seq, seq, seq, need_weights=False)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class UNet(nn.Module):
+    """A small UNet: one ResBlock per level, stride-2 down, nearest-neighbour up, attention at
+    the lowest resolution. ``channel_mults`` sets the levels; each halves the side, so the image
+    side must be divisible by 2 ** (levels - 1) (8 -> 4 -> 2, 28 -> 14 -> 7).
+    """
+
+    def __init__(self, in_channels: int, base: int = 32, channel_mults: tuple[int, ...] = (1, 2, 2),
+                 dropout: float = 0.0, attention: bool = True):
+        super().__init__()
+        self.base = base
+        emb_dim = 4 * base
+        self.time_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(),
+                                      nn.Linear(emb_dim, emb_dim))
+        self.stem = nn.Conv2d(in_channels, base, 3, padding=1)
+        widths = [base * m for m in channel_mults]
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        c = base
+        for i, w in enumerate(widths):
+            self.down.append(ResBlock(c, w, emb_dim, dropout))
+            c = w
+            last = i == len(widths) - 1
+            self.downsample.append(nn.Identity() if last else nn.Conv2d(c, c, 3, 2, 1))
+        self.mid1 = ResBlock(c, c, emb_dim, dropout)
+        self.mid_attn = SelfAttention(c) if attention else nn.Identity()
+        self.mid2 = ResBlock(c, c, emb_dim, dropout)
+        self.up = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        for i, w in reversed(list(enumerate(widths))):
+            self.up.append(ResBlock(c + w, w, emb_dim, dropout))
+            c = w
+            first = i == 0
+            self.upsample.append(nn.Identity() if first else nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, widths[i - 1], 3, 1, 1)))
+            if not first:
+                c = widths[i - 1]
+        self.out = nn.Sequential(nn.GroupNorm(_groups(c), c), nn.SiLU(),
+                                 nn.Conv2d(c, in_channels, 3, padding=1))
+        self.levels = len(widths)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = self.time_mlp(timestep_embedding(t, self.base))
+        h = self.stem(x)
+        skips = []
+        for block, down in zip(self.down, self.downsample, strict=True):
+            h = block(h, emb)
+            skips.append(h)
+            h = down(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        for block, up in zip(self.up, self.upsample, strict=True):
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            h = up(h)
+        return self.out(h)

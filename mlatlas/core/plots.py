@@ -1,0 +1,76 @@
+"""Figures every run writes: sample grids, 2D scatter plots and metric curves (PNG, Agg)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def image_grid(images: torch.Tensor, title: str = "", ncols: int | None = None):
+    """A figure tiling (N, C, H, W) images with values in [0, 1]."""
+    images = images.detach().cpu().clamp(0, 1)
+    n, c, h, w = images.shape
+    ncols = ncols or math.ceil(math.sqrt(n))
+    nrows = math.ceil(n / ncols)
+    canvas = torch.ones(c, nrows * (h + 1) + 1, ncols * (w + 1) + 1)
+    for k in range(n):
+        r, q = divmod(k, ncols)
+        canvas[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = \
+            images[k]
+    size = min(12.0, max(3.0, 0.5 * ncols * max(1.0, w / 8)))
+    fig, ax = plt.subplots(figsize=(size, size * canvas.shape[1] / canvas.shape[2]))
+    if c == 1:
+        ax.imshow(canvas[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def scatter_2d(samples: torch.Tensor, reference: torch.Tensor | None = None, title: str = ""):
+    """Samples over reference data (grey), equal axes."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    if reference is not None:
+        ref = reference.detach().cpu()
+        ax.scatter(ref[:, 0], ref[:, 1], s=2, c="0.7", label="data")
+    pts = samples.detach().cpu()
+    ax.scatter(pts[:, 0], pts[:, 1], s=2, c="tab:blue", label="samples")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", markerscale=4)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def metric_curves(rows: Sequence[dict], names: Sequence[str], title: str = "", log: bool = True):
+    """One panel per metric against step, from metrics.csv rows."""
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.5), squeeze=False)
+    steps = [r["step"] for r in rows]
+    for ax, name in zip(axes[0], names, strict=True):
+        ax.plot(steps, [r.get(name, float("nan")) for r in rows])
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def samples_figure(samples: torch.Tensor, title: str = "", reference: torch.Tensor | None = None):
+    """A grid of the first 100 images, or a scatter plot of 2D points over ``reference``."""
+    if samples.ndim == 4:
+        return image_grid(samples[:100], title=title)
+    if samples.ndim == 2 and samples.shape[1] == 2:
+        return scatter_2d(samples, reference, title=title)
+    raise ValueError(f"no figure for samples of shape {tuple(samples.shape)}")

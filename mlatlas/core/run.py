@@ -1,0 +1,329 @@
+"""Runs: the folder a training job writes, and the loop that checkpoints and resumes it.
+
+A run lives in ``runs/<method>-<timestamp>/``:
+
+- ``config.json``: the method's name and its full config;
+- ``metrics.csv``: one row per logged step (``step``, the method's metrics, ``wall_s``);
+- ``checkpoint.safetensors``: every tensor needed to continue (model, EMA, optimizer moments,
+  generator states), with the step and the remaining JSON state in its metadata;
+  ``checkpoint.json`` is a readable copy of that state (step, optimizer hyper-parameters, RNG);
+- figures as PNG and ``summary.json`` with the final metrics.
+
+:func:`fit` runs a method's step function for ``total_steps`` steps. It restores the latest
+checkpoint first, so a run stopped at step k and resumed ends bitwise equal to an uninterrupted one
+(all randomness flows through checkpointed generators; batch order is a function of seed and epoch).
+A non-finite metric stops the run at once, before anything is saved over the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mlatlas.core.config import config_to_dict
+from mlatlas.core.io import (
+    CheckpointError,
+    atomic_path,
+    load_tensors,
+    read_json,
+    read_metadata,
+    save_tensors,
+    write_json,
+    write_text,
+)
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+class RunError(RuntimeError):
+    """A run folder that cannot be used (missing, not a run, incompatible)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    def __init__(self, run: Run, step: int, name: str, value: float, last_good: int | None):
+        self.step, self.name, self.value, self.last_good = step, name, value, last_good
+        kept = (f"the last good checkpoint (step {last_good}) is kept in {run.dir}"
+                if last_good is not None else "no checkpoint had been written")
+        super().__init__(f"{name} became {value} at step {step}; stopped, {kept}")
+
+
+class InterruptedRun(RuntimeError):
+    def __init__(self, run: Run, step: int):
+        self.step = step
+        super().__init__(f"interrupted at step {step}; checkpoint saved; "
+                         f"continue with: mlatlas train --resume {run.dir}")
+
+
+@dataclass
+class Run:
+    """A run folder and its config; the single place that knows the file layout."""
+
+    dir: Path
+    method: str
+    config: dict[str, Any]
+    _rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def create(cls, method: str, config: Any, root: str | Path = "runs") -> Run:
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        directory = root / f"{method}-{stamp}"
+        suffix = 1
+        while True:
+            try:
+                directory.mkdir()
+                break
+            except FileExistsError:
+                suffix += 1
+                directory = root / f"{method}-{stamp}-{suffix}"
+        run = cls(directory, method, config_to_dict(config))
+        run.write_config()
+        return run
+
+    @classmethod
+    def open(cls, directory: str | Path) -> Run:
+        directory = Path(directory)
+        if not (directory / "config.json").is_file():
+            raise RunError(f"{directory} is not a run folder (no config.json)")
+        meta = read_json(directory / "config.json")
+        run = cls(directory, meta["method"], meta["config"])
+        run._rows = run.read_metrics()
+        return run
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def write_config(self) -> None:
+        import mlatlas
+
+        write_json(self.path("config.json"), {"method": self.method, "config": self.config,
+                                              "mlatlas_version": mlatlas.__version__})
+
+    # metrics -----------------------------------------------------------------------------------
+    def log(self, row: Mapping[str, Any]) -> None:
+        self._rows.append(dict(row))
+        self._write_metrics()
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        path = self.path("metrics.csv")
+        if not path.is_file():
+            return []
+        with path.open(newline="") as f:
+            return [{k: float(v) if k != "step" else int(v) for k, v in row.items()}
+                    for row in csv.DictReader(f)]
+
+    def _write_metrics(self) -> None:
+        columns: list[str] = []
+        for row in self._rows:
+            columns += [k for k in row if k not in columns]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self._rows)
+        write_text(self.path("metrics.csv"), buffer.getvalue())
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop rows logged after ``step`` (they will be logged again by the resumed run)."""
+        self._rows = [r for r in self._rows if r["step"] <= step]
+        self._write_metrics()
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        return list(self._rows)
+
+    # outputs -----------------------------------------------------------------------------------
+    def save_figure(self, fig, name: str) -> Path:
+        import matplotlib.pyplot as plt
+
+        path = self.path(name)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        return path
+
+    def write_summary(self, summary: Mapping[str, Any]) -> Path:
+        path = self.path("summary.json")
+        old = read_json(path) if path.is_file() else {}
+        write_json(path, {**old, **summary})
+        return path
+
+    def summary(self) -> dict[str, Any]:
+        path = self.path("summary.json")
+        return read_json(path) if path.is_file() else {}
+
+    # checkpoints -------------------------------------------------------------------------------
+    def has_checkpoint(self) -> bool:
+        return self.path(CHECKPOINT).is_file()
+
+    def save_checkpoint(self, objects: Mapping[str, Any], state: dict[str, Any]) -> None:
+        tensors, object_state = flatten_state(objects)
+        state = {**state, "objects": object_state}
+        text = json.dumps(state, sort_keys=True)
+        # The safetensors metadata is the authoritative copy (one atomic file); the JSON beside
+        # it is for people to read.
+        save_tensors(self.path(CHECKPOINT), tensors,
+                     metadata={"method": self.method, "state": text})
+        write_json(self.path("checkpoint.json"), state)
+
+    def load_checkpoint(self, objects: Mapping[str, Any]) -> dict[str, Any]:
+        path = self.path(CHECKPOINT)
+        metadata = read_metadata(path)
+        if metadata.get("method") != self.method or "state" not in metadata:
+            raise CheckpointError(f"{path} was not written by a {self.method} run")
+        state = json.loads(metadata["state"])
+        restore_state(objects, load_tensors(path), state.pop("objects"))
+        return state
+
+    def load_weights(self, module: torch.nn.Module, name: str = "model") -> None:
+        """Load only one module's weights (e.g. the EMA model for sampling)."""
+        tensors = load_tensors(self.path(CHECKPOINT))
+        prefix = f"{name}."
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                if k.startswith(prefix)})
+
+
+def flatten_state(objects: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split modules, optimizers and generators into named tensors plus JSON-able state."""
+    tensors: dict[str, torch.Tensor] = {}
+    state: dict[str, Any] = {}
+    for name, obj in objects.items():
+        if isinstance(obj, torch.nn.Module):
+            tensors.update({f"{name}.{k}": v for k, v in obj.state_dict().items()})
+        elif isinstance(obj, torch.optim.Optimizer):
+            sd = obj.state_dict()
+            scalars: dict[str, dict[str, Any]] = {}
+            for idx, slots in sd["state"].items():
+                for key, value in slots.items():
+                    if torch.is_tensor(value):
+                        tensors[f"{name}.state.{idx}.{key}"] = value
+                    else:
+                        scalars.setdefault(str(idx), {})[key] = value
+            state[name] = {"param_groups": sd["param_groups"], "scalars": scalars}
+        elif isinstance(obj, torch.Generator):
+            tensors[name] = obj.get_state()
+        else:
+            raise TypeError(f"cannot checkpoint {name!r} of type {type(obj).__name__}")
+    return tensors, state
+
+
+def restore_state(objects: Mapping[str, Any], tensors: dict[str, torch.Tensor],
+                  state: dict[str, Any]) -> None:
+    for name, obj in objects.items():
+        if isinstance(obj, torch.nn.Module):
+            prefix = f"{name}."
+            try:
+                obj.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                     if k.startswith(prefix)})
+            except RuntimeError as err:
+                raise CheckpointError(f"checkpoint does not fit {name}: "
+                                      f"{str(err).splitlines()[0]}") from None
+        elif isinstance(obj, torch.optim.Optimizer):
+            prefix = f"{name}.state."
+            slots: dict[int, dict[str, Any]] = {}
+            for key, value in tensors.items():
+                if key.startswith(prefix):
+                    idx, slot = key[len(prefix):].split(".", 1)
+                    slots.setdefault(int(idx), {})[slot] = value
+            for idx, scalars in state[name]["scalars"].items():
+                slots.setdefault(int(idx), {}).update(scalars)
+            obj.load_state_dict({"state": slots, "param_groups": state[name]["param_groups"]})
+        elif isinstance(obj, torch.Generator):
+            obj.set_state(tensors[name])
+
+
+StepFn = Callable[[int], Mapping[str, Any]]
+
+
+def fit(run: Run, step_fn: StepFn, *, total_steps: int, objects: Mapping[str, Any],
+        log_every: int, ckpt_every: int, progress: bool | None = None) -> int:
+    """Call ``step_fn(step)`` for steps 1..total_steps, resuming from the run's checkpoint.
+
+    ``step_fn`` does one optimisation step and returns its metrics (floats or 0-d tensors);
+    ``objects`` names everything whose state must survive a restart. Logged rows hold the mean
+    of each metric over the steps since the previous row. Returns the last step done.
+    """
+    # The global torch RNG (dropout, init of lazily built parts) is checkpointed too.
+    objects = {**objects, "rng_torch": _GlobalTorchRng()}
+    start, window, elapsed = 0, {}, 0.0
+    if run.has_checkpoint():
+        state = run.load_checkpoint(objects)
+        start, window, elapsed = state["step"], state["window"], state["elapsed"]
+        run.truncate_metrics(start)
+    last_good = start if run.has_checkpoint() else None
+
+    def save(step: int) -> None:
+        nonlocal last_good
+        run.save_checkpoint(objects, {"step": step, "window": window,
+                                      "elapsed": elapsed + time.perf_counter() - t0})
+        last_good = step
+
+    t0 = time.perf_counter()
+    if last_good is None:
+        save(0)
+    step = start
+    bar = tqdm(total=total_steps, initial=start, desc=run.method, dynamic_ncols=True,
+               disable={None: None, True: False, False: True}[progress])
+    # Ctrl-C sets a flag that is read between steps, so a run never stops halfway through an
+    # optimizer update and the checkpoint it leaves is a consistent one.
+    with _stop_on_sigint() as stop:
+        try:
+            for step in range(start + 1, total_steps + 1):
+                metrics = {k: float(v) for k, v in step_fn(step).items()}
+                for name, value in metrics.items():
+                    if not math.isfinite(value):
+                        raise NonFiniteLossError(run, step, name, value, last_good)
+                    total, count = window.get(name, (0.0, 0))
+                    window[name] = (total + value, count + 1)
+                if step % log_every == 0 or step == total_steps:
+                    row = {"step": step, **{k: t / c for k, (t, c) in window.items()},
+                           "wall_s": round(elapsed + time.perf_counter() - t0, 3)}
+                    run.log(row)
+                    window = {}
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in row.items()
+                                     if k not in ("step", "wall_s")})
+                bar.update(1)
+                if step % ckpt_every == 0 or step == total_steps or stop.is_set():
+                    save(step)
+                if stop.is_set():
+                    raise InterruptedRun(run, step)
+        finally:
+            bar.close()
+    return step
+
+
+@contextlib.contextmanager
+def _stop_on_sigint():
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class _GlobalTorchRng(torch.nn.Module):
+    """Adapter that checkpoints ``torch.get_rng_state()`` like a module buffer."""
+
+    def state_dict(self, *args, **kwargs):  # noqa: D102
+        return {"state": torch.get_rng_state()}
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):  # noqa: D102
+        torch.set_rng_state(state_dict["state"])

@@ -1,0 +1,84 @@
+"""Sample-quality metrics.
+
+- Maximum mean discrepancy with a sum of RBF kernels (Gretton et al. 2012), unbiased estimate:
+  MMD^2 = E[k(x, x')] + E[k(y, y')] - 2 E[k(x, y)],  k(a, b) = sum_h exp(-|a - b|^2 / (2 h^2)),
+  the within-set means taken over distinct pairs.
+- Frechet distance between Gaussians fitted to features (Heusel et al. 2017, "FID"):
+  d^2 = |mu_1 - mu_2|^2 + Tr(S_1 + S_2 - 2 (S_1^{1/2} S_2 S_1^{1/2})^{1/2}).
+- Improved precision and recall (Kynkaanniemi et al. 2019): each set's manifold is the union of
+  balls around its points with radius the distance to the k-th nearest neighbour in the set;
+  precision is the share of generated points inside the real manifold, recall the share of real
+  points inside the generated one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_BANDWIDTHS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+def _check_pair(x: torch.Tensor, y: torch.Tensor, name: str) -> None:
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"{name} needs two (N, D) tensors with the same D, got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    if len(x) < 2 or len(y) < 2:
+        raise ValueError(f"{name} needs at least 2 samples in each set")
+
+
+def mmd_rbf(x: torch.Tensor, y: torch.Tensor,
+            bandwidths: tuple[float, ...] = DEFAULT_BANDWIDTHS) -> float:
+    """Unbiased MMD^2 between samples x (N, D) and y (M, D) under a sum of RBF kernels."""
+    _check_pair(x, y, "mmd_rbf")
+    x, y = x.double(), y.double()
+    h2 = 2 * torch.tensor(bandwidths, dtype=torch.float64) ** 2
+
+    def kernel_mean(a: torch.Tensor, b: torch.Tensor, same: bool) -> torch.Tensor:
+        d2 = torch.cdist(a, b).pow(2)
+        k = torch.exp(-d2[..., None] / h2).sum(-1)
+        if same:
+            n = len(a)
+            return (k.sum() - k.diagonal().sum()) / (n * (n - 1))
+        return k.mean()
+
+    return float(kernel_mean(x, x, True) + kernel_mean(y, y, True) - 2 * kernel_mean(x, y, False))
+
+
+def gaussian_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (unbiased) covariance of (N, D) features, in float64."""
+    f = features.double()
+    return f.mean(0), torch.cov(f.T)
+
+
+def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
+                     sigma2: torch.Tensor) -> float:
+    """Squared Frechet distance between N(mu1, sigma1) and N(mu2, sigma2)."""
+    # Tr((S1^1/2 S2 S1^1/2)^1/2) from the eigenvalues of a symmetric PSD matrix: exact and
+    # free of the complex round-off that a general matrix square root leaves.
+    evals, evecs = torch.linalg.eigh(sigma1)
+    root1 = evecs @ torch.diag(evals.clamp(min=0).sqrt()) @ evecs.T
+    middle = root1 @ sigma2 @ root1
+    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    return float((mu1 - mu2).pow(2).sum() + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt)
+
+
+def frechet_distance_features(real: torch.Tensor, fake: torch.Tensor) -> float:
+    _check_pair(real, fake, "frechet_distance")
+    return frechet_distance(*gaussian_stats(real), *gaussian_stats(fake))
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall of ``fake`` against ``real`` features (N, D)."""
+    _check_pair(real, fake, "precision_recall")
+    if k >= min(len(real), len(fake)):
+        raise ValueError(f"k={k} needs more than k samples in each set")
+    real, fake = real.double(), fake.double()
+
+    def radii(points: torch.Tensor) -> torch.Tensor:
+        # k + 1 because each point is its own nearest neighbour at distance 0.
+        return torch.cdist(points, points).kthvalue(k + 1, dim=1).values
+
+    def coverage(points: torch.Tensor, centres: torch.Tensor, r: torch.Tensor) -> float:
+        return float((torch.cdist(points, centres) <= r[None]).any(dim=1).double().mean())
+
+    return coverage(fake, real, radii(real)), coverage(real, fake, radii(fake))

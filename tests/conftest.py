@@ -1,0 +1,21 @@
+import pytest
+import torch
+
+from mlatlas.core.runtime import set_threads
+
+
+def pytest_configure(config):
+    # One intra-op thread: the models under test are small, and on a 2-core machine the default
+    # of two threads is slower whenever the other core is busy (docs/architecture.md).
+    set_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """A folder for run folders."""
+    return tmp_path / "runs"

@@ -1,0 +1,141 @@
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from mlatlas.core.io import CheckpointError, atomic_path, load_tensors
+from mlatlas.core.run import InterruptedRun, NonFiniteLossError, Run, fit
+from mlatlas.generative.diffusion import ddpm
+
+
+def make_run(runs, steps=40, **kw):
+    cfg = ddpm.Config(dataset="8gaussians", steps=steps, batch_size=64, log_every=5,
+                      ckpt_every=10, eval_samples=0, hidden=32, **kw)
+    return cfg, Run.create("ddpm", cfg, root=runs)
+
+
+def params(run, name="model"):
+    return {k: v for k, v in load_tensors(run.path("checkpoint.safetensors")).items()
+            if k.startswith(name + ".")}
+
+
+def test_run_folder_layout(runs):
+    cfg, run = make_run(runs, steps=20)
+    ddpm.train(cfg, run, progress=False)
+    for name in ("config.json", "metrics.csv", "checkpoint.safetensors", "checkpoint.json",
+                 "loss.png", "summary.json"):
+        assert run.path(name).is_file(), name
+    assert json.loads(run.path("config.json").read_text())["config"]["steps"] == 20
+    state = json.loads(run.path("checkpoint.json").read_text())
+    assert state["step"] == 20 and "optimizer" in state["objects"]
+    assert [r["step"] for r in run.metrics] == [5, 10, 15, 20]
+    assert not [p for p in run.dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_same_seed_same_metrics(runs):
+    rows = []
+    for _ in range(2):
+        cfg, run = make_run(runs, steps=20)
+        ddpm.train(cfg, run, progress=False)
+        rows.append([{k: v for k, v in r.items() if k != "wall_s"} for r in run.metrics])
+    assert rows[0] == rows[1]
+    cfg, run = make_run(runs, steps=20, seed=1)
+    ddpm.train(cfg, run, progress=False)
+    assert [r["loss"] for r in run.metrics] != [r["loss"] for r in rows[0]]
+
+
+def test_resume_is_exact(runs, monkeypatch):
+    cfg, full = make_run(runs, steps=40)
+    ddpm.train(cfg, full, progress=False)
+
+    cfg, part = make_run(runs, steps=40)
+    real_fit = ddpm.fit
+
+    def stop_at_23(run, step_fn, **kw):
+        def step(i):
+            if i == 23:
+                os.kill(os.getpid(), signal.SIGINT)  # as a user's Ctrl-C
+            return step_fn(i)
+        return real_fit(run, step, **kw)
+
+    monkeypatch.setattr(ddpm, "fit", stop_at_23)
+    with pytest.raises(InterruptedRun) as stop:
+        ddpm.train(cfg, part, progress=False)
+    assert stop.value.step == 23
+    assert json.loads(part.path("checkpoint.json").read_text())["step"] == 23
+    monkeypatch.setattr(ddpm, "fit", real_fit)
+    ddpm.train(cfg, Run.open(part.dir), progress=False)
+
+    for name in ("model", "ema", "optimizer"):
+        a, b = params(full, name), params(part, name)
+        assert a.keys() == b.keys() and a
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    strip = [{k: v for k, v in r.items() if k != "wall_s"} for r in full.metrics]
+    assert strip == [{k: v for k, v in r.items() if k != "wall_s"}
+                     for r in Run.open(part.dir).metrics]
+
+
+def test_resume_from_periodic_checkpoint_drops_later_rows(runs):
+    """A hard kill after step 25 leaves the step-20 checkpoint and rows up to 25."""
+    cfg, run = make_run(runs, steps=20)
+    ddpm.train(cfg, run, progress=False)
+    run.log({"step": 25, "loss": 9.0, "wall_s": 0.0})  # a row the crash left behind
+    cfg40 = ddpm.Config(**{**run.config, "steps": 40})
+    ddpm.train(cfg40, Run.open(run.dir), progress=False)
+    steps = [r["step"] for r in Run.open(run.dir).metrics]
+    assert steps == list(range(5, 45, 5))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good(runs):
+    cfg, run = make_run(runs, steps=40)
+    calls = []
+
+    def step_fn(step):
+        calls.append(step)
+        return {"loss": float("nan") if step == 17 else 1.0}
+
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(NonFiniteLossError, match="loss became nan at step 17") as err:
+        fit(run, step_fn, total_steps=40, objects={"model": model}, log_every=5,
+            ckpt_every=10, progress=False)
+    assert err.value.last_good == 10 and calls[-1] == 17
+    assert json.loads(run.path("checkpoint.json").read_text())["step"] == 10
+
+
+def test_atomic_path_leaves_old_file_on_failure(tmp_path):
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError
+    assert target.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_corrupt_checkpoint_is_a_clear_error(runs):
+    cfg, run = make_run(runs, steps=10)
+    ddpm.train(cfg, run, progress=False)
+    run.path("checkpoint.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        ddpm.sample(run, 4)
+
+
+def test_optimizer_and_generator_round_trip(runs):
+    _, run = make_run(runs)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    gen = torch.Generator().manual_seed(5)
+    torch.randn(1, generator=gen)  # advance past the seed state
+    run.save_checkpoint({"model": model, "opt": opt, "rng": gen}, {"step": 1})
+    model2 = torch.nn.Linear(3, 2)
+    opt2 = torch.optim.Adam(model2.parameters(), lr=0.5)
+    gen2 = torch.Generator()
+    assert run.load_checkpoint({"model": model2, "opt": opt2, "rng": gen2})["step"] == 1
+    assert torch.equal(model.weight, model2.weight)
+    assert opt2.param_groups[0]["lr"] == 0.1
+    assert torch.equal(opt.state[model.weight]["exp_avg"], opt2.state[model2.weight]["exp_avg"])
+    assert torch.equal(torch.randn(3, generator=gen), torch.randn(3, generator=gen2))
