@@ -116,6 +116,8 @@ class Schedule:
         self.alphas = 1 - betas
         self.alpha_bar = torch.cumprod(self.alphas, 0)
         self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
+        self.sqrt_alpha_bar = self.alpha_bar.sqrt()
+        self.sqrt_one_minus_alpha_bar = (1 - self.alpha_bar).sqrt()
         self.beta_tilde = (1 - self.alpha_bar_prev) / (1 - self.alpha_bar) * betas
         self.mu_coef_x0 = self.alpha_bar_prev.sqrt() * betas / (1 - self.alpha_bar)
         self.mu_coef_xt = self.alphas.sqrt() * (1 - self.alpha_bar_prev) / (1 - self.alpha_bar)
@@ -127,18 +129,19 @@ class Schedule:
 
 def _at(coef: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """coef[t] shaped (B, 1, ..., 1) to broadcast against x, in x's dtype and device."""
-    return coef.to(x.device)[t.to(x.device)].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    # Index on the CPU table first: only B values then cross to the device and dtype.
+    return coef[t.cpu()].to(x.device, x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def q_mean_var(x0: torch.Tensor, t: torch.Tensor, s: Schedule) -> tuple[torch.Tensor,
                                                                         torch.Tensor]:
     """Mean sqrt(alpha_bar_t) x_0 and variance 1 - alpha_bar_t of q(x_t | x_0)."""
-    return _at(s.alpha_bar.sqrt(), t, x0) * x0, _at(1 - s.alpha_bar, t, x0)
+    return _at(s.sqrt_alpha_bar, t, x0) * x0, _at(1 - s.alpha_bar, t, x0)
 
 
 def q_sample(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, s: Schedule) -> torch.Tensor:
     """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
-    return _at(s.alpha_bar.sqrt(), t, x0) * x0 + _at((1 - s.alpha_bar).sqrt(), t, x0) * eps
+    return _at(s.sqrt_alpha_bar, t, x0) * x0 + _at(s.sqrt_one_minus_alpha_bar, t, x0) * eps
 
 
 def q_posterior(x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
@@ -150,7 +153,7 @@ def q_posterior(x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
 
 def predict_x0(xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, s: Schedule) -> torch.Tensor:
     """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
-    return (xt - _at((1 - s.alpha_bar).sqrt(), t, xt) * eps) / _at(s.alpha_bar.sqrt(), t, xt)
+    return (xt - _at(s.sqrt_one_minus_alpha_bar, t, xt) * eps) / _at(s.sqrt_alpha_bar, t, xt)
 
 
 def simple_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
