@@ -202,7 +202,7 @@ def cmd_demo(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs"))
     _common(parser)
     args = parser.parse(argv)
-    # The demo runs alone, so it takes every core (1.7x faster than one thread on 2 idle
+    # The demo runs alone, so it takes every core (1.4x faster than one thread on 2 idle
     # cores, benchmarks/threads.py); `train` keeps the one-thread default that is safe when
     # other work shares the machine.
     threads = 0 if args.threads is None else args.threads

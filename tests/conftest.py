@@ -5,8 +5,8 @@ from mlatlas.core.runtime import set_threads
 
 
 def pytest_configure(config):
-    # One intra-op thread: the models under test are small, and on a 2-core machine the default
-    # of two threads is slower whenever the other core is busy (docs/architecture.md).
+    # One intra-op thread: the models under test are small, and on a 2-core machine two threads
+    # are 2.5-3x slower whenever the other core is busy (benchmarks/threads.py).
     set_threads(1)
 
 

@@ -27,7 +27,7 @@ def test_flags_follow_fields_and_types():
                               "--variance", "beta"])
     cfg = Config(**vars(args))
     assert (cfg.steps, cfg.beta_T, cfg.clip_x0, cfg.variance) == (7, 0.03, False, "beta")
-    assert "(default: 3000)" in parser.format_help()
+    assert "(default: 2000)" in parser.format_help()
 
 
 def test_suppressed_defaults_leave_only_given_flags():

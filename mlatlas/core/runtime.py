@@ -10,8 +10,9 @@ import torch
 
 from mlatlas.core.config import ConfigError
 
-# Measured on a 2-core machine (docs/architecture.md): the small models here train 1.3-3x faster
-# with one intra-op thread than with two, because the per-op work is too small to split.
+# Measured with benchmarks/threads.py on a 2-core machine (docs/methods/ddpm.md): a second
+# intra-op thread makes the digits UNet 1.4x faster when the other core is idle but 2.5x slower
+# when it is busy, and never helps the 2D MLP. One thread is the safe default.
 DEFAULT_THREADS = 1
 
 

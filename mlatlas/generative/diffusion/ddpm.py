@@ -55,7 +55,7 @@ class Config(BaseConfig):
 
     dataset: str = "digits"
     """Training data: a name from `mlatlas list` or a path to an image folder or .npy file."""
-    steps: int = 3000
+    steps: int = 2000
     """Number of optimisation steps."""
     batch_size: int = 128
     """Examples per optimisation step."""
@@ -77,7 +77,7 @@ class Config(BaseConfig):
     """Reverse-step variance sigma_t^2: the posterior's beta_tilde_t or the forward beta_t."""
     clip_x0: bool = True
     """Clip the predicted x_0 to the data range [-1, 1] when sampling images."""
-    channels: int = 32
+    channels: int = 24
     """UNet base width for images (levels of 1x and 2x this)."""
     hidden: int = 128
     """MLP width for points."""
@@ -127,31 +127,34 @@ class Schedule:
         return cls(linear_betas(T, beta_1, beta_T))
 
 
-def _at(coef: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """coef[t] shaped (B, 1, ..., 1) to broadcast against x, in x's dtype and device."""
+def _at(coef: torch.Tensor, t: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor | float:
+    """coef[t] shaped (B, 1, ..., 1) to broadcast against x, in x's dtype and device; a plain
+    float when t is one int shared by the batch (the sampler's case: scalars cost less)."""
+    if isinstance(t, int):
+        return float(coef[t])
     # Index on the CPU table first: only B values then cross to the device and dtype.
     return coef[t.cpu()].to(x.device, x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
-def q_mean_var(x0: torch.Tensor, t: torch.Tensor, s: Schedule) -> tuple[torch.Tensor,
+def q_mean_var(x0: torch.Tensor, t: torch.Tensor | int, s: Schedule) -> tuple[torch.Tensor,
                                                                         torch.Tensor]:
     """Mean sqrt(alpha_bar_t) x_0 and variance 1 - alpha_bar_t of q(x_t | x_0)."""
     return _at(s.sqrt_alpha_bar, t, x0) * x0, _at(1 - s.alpha_bar, t, x0)
 
 
-def q_sample(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, s: Schedule) -> torch.Tensor:
+def q_sample(x0: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor, s: Schedule) -> torch.Tensor:
     """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
     return _at(s.sqrt_alpha_bar, t, x0) * x0 + _at(s.sqrt_one_minus_alpha_bar, t, x0) * eps
 
 
-def q_posterior(x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+def q_posterior(x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor | int,
                 s: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean mu_tilde_t and variance beta_tilde_t of q(x_{t-1} | x_t, x_0)."""
     mean = _at(s.mu_coef_x0, t, x0) * x0 + _at(s.mu_coef_xt, t, xt) * xt
     return mean, _at(s.beta_tilde, t, x0)
 
 
-def predict_x0(xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, s: Schedule) -> torch.Tensor:
+def predict_x0(xt: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor, s: Schedule) -> torch.Tensor:
     """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
     return (xt - _at(s.sqrt_one_minus_alpha_bar, t, xt) * eps) / _at(s.sqrt_alpha_bar, t, xt)
 
@@ -165,15 +168,14 @@ def simple_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, eps: torch.
 def p_sample_step(model: nn.Module, xt: torch.Tensor, i: int, s: Schedule, z: torch.Tensor,
                   variance: str = "posterior", clip: bool = False) -> torch.Tensor:
     """One ancestral step from x_t to x_{t-1} at 0-based index ``i`` with noise ``z``."""
-    t = torch.full((len(xt),), i, dtype=torch.long, device=xt.device)
-    x0_hat = predict_x0(xt, t, model(xt, t.float()), s)
+    x0_hat = predict_x0(xt, i, model(xt, torch.full((len(xt),), float(i), device=xt.device)), s)
     if clip:
         x0_hat = x0_hat.clamp(-1, 1)
-    mean, beta_tilde = q_posterior(x0_hat, xt, t, s)
+    mean, beta_tilde = q_posterior(x0_hat, xt, i, s)
     if i == 0:
         return mean
-    sigma2 = beta_tilde if variance == "posterior" else _at(s.betas, t, xt)
-    return mean + sigma2.sqrt() * z
+    sigma2 = beta_tilde if variance == "posterior" else float(s.betas[i])
+    return mean + sigma2**0.5 * z
 
 
 @torch.no_grad()
