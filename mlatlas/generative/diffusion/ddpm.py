@@ -101,6 +101,10 @@ class Config(BaseConfig):
 
 # --- the maths ---------------------------------------------------------------------------------
 
+# A (B,) tensor of 0-based step indices, or one int shared by the whole batch.
+Timestep = torch.Tensor | int
+
+
 def linear_betas(T: int = 1000, beta_1: float = 1e-4, beta_T: float = 0.02) -> torch.Tensor:
     """beta_1..beta_T spaced linearly (float64, shape (T,))."""
     return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
@@ -127,7 +131,7 @@ class Schedule:
         return cls(linear_betas(T, beta_1, beta_T))
 
 
-def _at(coef: torch.Tensor, t: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor | float:
+def _at(coef: torch.Tensor, t: Timestep, x: torch.Tensor) -> torch.Tensor | float:
     """coef[t] shaped (B, 1, ..., 1) to broadcast against x, in x's dtype and device; a plain
     float when t is one int shared by the batch (the sampler's case: scalars cost less)."""
     if isinstance(t, int):
@@ -136,25 +140,25 @@ def _at(coef: torch.Tensor, t: torch.Tensor | int, x: torch.Tensor) -> torch.Ten
     return coef[t.cpu()].to(x.device, x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
-def q_mean_var(x0: torch.Tensor, t: torch.Tensor | int, s: Schedule) -> tuple[torch.Tensor,
+def q_mean_var(x0: torch.Tensor, t: Timestep, s: Schedule) -> tuple[torch.Tensor,
                                                                         torch.Tensor]:
     """Mean sqrt(alpha_bar_t) x_0 and variance 1 - alpha_bar_t of q(x_t | x_0)."""
     return _at(s.sqrt_alpha_bar, t, x0) * x0, _at(1 - s.alpha_bar, t, x0)
 
 
-def q_sample(x0: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor, s: Schedule) -> torch.Tensor:
+def q_sample(x0: torch.Tensor, t: Timestep, eps: torch.Tensor, s: Schedule) -> torch.Tensor:
     """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
     return _at(s.sqrt_alpha_bar, t, x0) * x0 + _at(s.sqrt_one_minus_alpha_bar, t, x0) * eps
 
 
-def q_posterior(x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor | int,
+def q_posterior(x0: torch.Tensor, xt: torch.Tensor, t: Timestep,
                 s: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean mu_tilde_t and variance beta_tilde_t of q(x_{t-1} | x_t, x_0)."""
     mean = _at(s.mu_coef_x0, t, x0) * x0 + _at(s.mu_coef_xt, t, xt) * xt
     return mean, _at(s.beta_tilde, t, x0)
 
 
-def predict_x0(xt: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor, s: Schedule) -> torch.Tensor:
+def predict_x0(xt: torch.Tensor, t: Timestep, eps: torch.Tensor, s: Schedule) -> torch.Tensor:
     """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
     return (xt - _at(s.sqrt_one_minus_alpha_bar, t, xt) * eps) / _at(s.sqrt_alpha_bar, t, xt)
 
