@@ -139,3 +139,11 @@ def test_optimizer_and_generator_round_trip(runs):
     assert opt2.param_groups[0]["lr"] == 0.1
     assert torch.equal(opt.state[model.weight]["exp_avg"], opt2.state[model2.weight]["exp_avg"])
     assert torch.equal(torch.randn(3, generator=gen), torch.randn(3, generator=gen2))
+
+
+def test_metrics_with_sparse_columns_round_trip(runs):
+    _, run = make_run(runs)
+    run.log({"step": 1, "loss": 0.5})
+    run.log({"step": 2, "loss": 0.25, "mmd": 0.1})
+    assert Run.open(run.dir).metrics == [{"step": 1, "loss": 0.5},
+                                         {"step": 2, "loss": 0.25, "mmd": 0.1}]

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from mlatlas.core.config import config_to_dict
 from mlatlas.core.io import (
@@ -45,6 +44,7 @@ from mlatlas.core.io import (
     write_json,
     write_text,
 )
+from mlatlas.core.progress import progress_bar
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -124,7 +124,8 @@ class Run:
         if not path.is_file():
             return []
         with path.open(newline="") as f:
-            return [{k: float(v) if k != "step" else int(v) for k, v in row.items()}
+            # A metric logged only on some rows leaves empty cells on the others.
+            return [{k: int(v) if k == "step" else float(v) for k, v in row.items() if v != ""}
                     for row in csv.DictReader(f)]
 
     def _write_metrics(self) -> None:
@@ -276,8 +277,7 @@ def fit(run: Run, step_fn: StepFn, *, total_steps: int, objects: Mapping[str, An
     if last_good is None:
         save(0)
     step = start
-    bar = tqdm(total=total_steps, initial=start, desc=run.method, dynamic_ncols=True,
-               disable={None: None, True: False, False: True}[progress])
+    bar = progress_bar(total=total_steps, initial=start, desc=run.method, progress=progress)
     # Ctrl-C sets a flag that is read between steps, so a run never stops halfway through an
     # optimizer update and the checkpoint it leaves is a consistent one.
     with _stop_on_sigint() as stop:
@@ -312,7 +312,12 @@ def _stop_on_sigint():
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    def request_stop(*_):
+        # The first Ctrl-C asks for a clean stop; a second one interrupts at once.
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, request_stop)
     try:
         yield stop
     finally:
@@ -322,8 +327,8 @@ def _stop_on_sigint():
 class _GlobalTorchRng(torch.nn.Module):
     """Adapter that checkpoints ``torch.get_rng_state()`` like a module buffer."""
 
-    def state_dict(self, *args, **kwargs):  # noqa: D102
+    def state_dict(self, *args, **kwargs):
         return {"state": torch.get_rng_state()}
 
-    def load_state_dict(self, state_dict, strict=True, assign=False):  # noqa: D102
+    def load_state_dict(self, state_dict, strict=True, assign=False):
         torch.set_rng_state(state_dict["state"])

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mlatlas.core.io import load_tensors, read_metadata, save_tensors
+from mlatlas.core.progress import progress_bar
 from mlatlas.data import Dataset, EpochBatches, load_dataset
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -67,8 +67,8 @@ def train_classifier(dataset: Dataset, steps: int, seed: int = 0, batch_size: in
     net = FeatureNet(dataset.sample_shape[0], dataset.num_classes)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     batches = EpochBatches(len(dataset.x_train), batch_size, seed)
-    for step in tqdm(range(1, steps + 1), desc=f"classifier {dataset.name}",
-                     disable={None: None, True: False, False: True}[progress]):
+    for step in progress_bar(range(1, steps + 1), desc=f"classifier {dataset.name}",
+                             progress=progress):
         idx = batches(step)
         x, y = dataset.x_train[idx], dataset.y_train[idx]
         binary = torch.rand(len(x), generator=generator) < 0.5

@@ -38,11 +38,11 @@ from typing import Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mlatlas.core.config import BaseConfig, ConfigError
 from mlatlas.core.nn import TimeMLP, UNet
 from mlatlas.core.plots import metric_curves, samples_figure
+from mlatlas.core.progress import progress_bar
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.data import Dataset, EpochBatches, load_dataset
@@ -190,8 +190,8 @@ def ancestral_sample(model: nn.Module, shape: tuple[int, ...], s: Schedule,
     """Algorithm 2: x_T ~ N(0, I), then T ancestral steps. Noise is drawn on the CPU from
     ``generator`` so that a seed gives the same samples on any device."""
     x = torch.randn(shape, generator=generator).to(device)
-    for i in tqdm(range(s.T - 1, -1, -1), desc="sampling", leave=False,
-                  disable={None: None, True: False, False: True}[progress]):
+    for i in progress_bar(range(s.T - 1, -1, -1), desc="sampling", leave=False,
+                          progress=progress):
         z = torch.randn(shape, generator=generator).to(device) if i > 0 else None
         x = p_sample_step(model, x, i, s, z, variance, clip)
     return x
