@@ -140,3 +140,9 @@ def test_epoch_batches_cover_each_epoch_once():
     assert not torch.equal(batches(4), batches(1))
     with pytest.raises(DatasetError, match="batch size 11"):
         EpochBatches(10, 11, seed=0)
+
+
+def test_user_data_is_named_by_its_path(tmp_path):
+    path = tmp_path / "digits.npy"  # a user file that happens to share a built-in name
+    np.save(path, np.random.default_rng(0).random((20, 8, 8)).astype("float32"))
+    assert load_dataset(str(path)).name == str(path)

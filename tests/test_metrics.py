@@ -65,3 +65,20 @@ def test_precision_recall_by_construction():
 def test_shape_errors_are_clear(fn):
     with pytest.raises(ValueError, match="same D"):
         fn(torch.randn(10, 2), torch.randn(10, 3))
+
+
+def test_score_samples_picks_the_metric_for_the_data(tmp_path):
+    import numpy as np
+
+    from mlatlas.data import load_dataset
+    from mlatlas.eval.samples import score_samples
+
+    digits = load_dataset("digits")
+    scores = score_samples(digits.x_train[:100], digits)
+    assert {"frechet_distance", "precision", "recall"} <= scores.keys()
+    path = tmp_path / "mine.npy"
+    np.save(path, np.zeros((30, 8, 8), dtype=np.uint8))
+    mine = load_dataset(str(path))
+    assert "no feature network ships" in score_samples(mine.x_train, mine)["note"]
+    toy = load_dataset("two-moons")
+    assert score_samples(toy.x_train[:100], toy)["mmd"] > 0

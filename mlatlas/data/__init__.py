@@ -17,7 +17,8 @@ a folder path          images (png/jpg/bmp/gif), one class per sub-folder if the
 a ``.npy`` path        an array of points (N, D) or images (N, H, W), (N, H, W, C), (N, C, H, W)
 =====================  =====================================================================
 
-User data is split deterministically: a seeded permutation holds out 10% as the test set.
+User data is split deterministically: a seeded permutation holds out 10% as the test set. Its
+``Dataset.name`` is the path, so it never collides with a built-in name.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def load_npy(path: str | Path) -> Dataset:
         if not torch.isfinite(x).all():
             raise DatasetError(f"{path} contains NaN or infinite values")
         x_tr, x_te, _, _ = _holdout(x, None)
-        return Dataset(path.stem, "points", x_tr, x_te)
+        return Dataset(str(path), "points", x_tr, x_te)
     if array.ndim == 3:
         array = array[:, None]
     elif array.ndim == 4 and array.shape[-1] in (1, 3, 4) and array.shape[1] not in (1, 3, 4):
@@ -183,7 +184,7 @@ def load_npy(path: str | Path) -> Dataset:
         raise DatasetError(f"{path}: image values must lie in [0, 1] or be uint8 0-255, "
                            f"found [{array.min():.3g}, {array.max():.3g}]")
     x_tr, x_te, _, _ = _holdout(torch.as_tensor(array, dtype=torch.float32), None)
-    return Dataset(path.stem, "image", x_tr, x_te)
+    return Dataset(str(path), "image", x_tr, x_te)
 
 
 def load_image_folder(path: str | Path, size: int | None = None) -> Dataset:
@@ -218,7 +219,7 @@ def load_image_folder(path: str | Path, size: int | None = None) -> Dataset:
         labels = torch.tensor([class_names.index(f.parent.relative_to(path).as_posix())
                                for f in files])
     x_tr, x_te, y_tr, y_te = _holdout(torch.from_numpy(array), labels)
-    return Dataset(path.name, "image", x_tr, x_te, y_tr, y_te, classes)
+    return Dataset(str(path), "image", x_tr, x_te, y_tr, y_te, classes)
 
 
 _BUILTIN = {"digits": load_digits, "mnist": load_mnist, "fashion-mnist": load_fashion_mnist}

@@ -39,14 +39,14 @@ from typing import Literal
 import torch
 from torch import nn
 
-from mlatlas.core.config import BaseConfig, ConfigError
+from mlatlas.core.config import BaseConfig, ConfigError, config_from_dict
 from mlatlas.core.nn import TimeMLP, UNet
 from mlatlas.core.plots import metric_curves, samples_figure
 from mlatlas.core.progress import progress_bar
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.data import Dataset, EpochBatches, load_dataset
-from mlatlas.eval.metrics import frechet_distance_features, mmd_rbf, precision_recall
+from mlatlas.eval.samples import score_samples
 
 
 @dataclass
@@ -258,8 +258,6 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
 
 
 def load_config(run: Run) -> Config:
-    from mlatlas.core.config import config_from_dict
-
     return config_from_dict(Config, run.config)
 
 
@@ -287,24 +285,4 @@ def evaluate(run: Run, n: int = 500, seed: int = 0, progress: bool | None = None
     run.save_figure(samples_figure(x, f"DDPM samples, {cfg.dataset}, step {cfg.steps}",
                                    data.x_test), "samples.png")
     run.write_summary({"eval": metrics})
-    return metrics
-
-
-def score_samples(x: torch.Tensor, data: Dataset) -> dict:
-    """MMD to the test split for points; Frechet distance and precision/recall on the shipped
-    classifier's features for images (absent for user image data, which has no classifier)."""
-    metrics: dict = {"n_samples": len(x)}
-    if data.kind == "points":
-        metrics["mmd"] = mmd_rbf(x, data.x_test)
-        return metrics
-    from mlatlas.eval.classifier import image_features, load_feature_net
-
-    try:
-        net = load_feature_net(data.name)
-    except FileNotFoundError as err:
-        metrics["note"] = str(err)
-        return metrics
-    real, fake = image_features(net, data.x_test), image_features(net, x)
-    metrics["frechet_distance"] = frechet_distance_features(real, fake)
-    metrics["precision"], metrics["recall"] = precision_recall(real, fake)
     return metrics

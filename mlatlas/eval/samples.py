@@ -1,0 +1,27 @@
+"""Scoring generated samples against a dataset's held-out test split, whatever made them."""
+
+from __future__ import annotations
+
+import torch
+
+from mlatlas.data import Dataset
+from mlatlas.eval.classifier import image_features, load_feature_net
+from mlatlas.eval.metrics import frechet_distance_features, mmd_rbf, precision_recall
+
+
+def score_samples(x: torch.Tensor, data: Dataset) -> dict:
+    """MMD to the test split for points; Frechet distance and precision/recall on the shipped
+    classifier's features for images (absent for user image data, which has no classifier)."""
+    metrics: dict = {"n_samples": len(x)}
+    if data.kind == "points":
+        metrics["mmd"] = mmd_rbf(x, data.x_test)
+        return metrics
+    try:
+        net = load_feature_net(data.name)
+    except FileNotFoundError as err:
+        metrics["note"] = str(err)
+        return metrics
+    real, fake = image_features(net, data.x_test), image_features(net, x)
+    metrics["frechet_distance"] = frechet_distance_features(real, fake)
+    metrics["precision"], metrics["recall"] = precision_recall(real, fake)
+    return metrics
