@@ -257,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     except InterruptedRun as err:
         print(f"mlatlas {command}: {err}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # outside a training loop, e.g. while sampling
+        print(f"mlatlas {command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as err:  # a folder that cannot be written, a full disk
+        print(f"mlatlas {command}: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -85,3 +85,11 @@ def test_nan_loss_exits_nonzero_naming_the_step(runs, capsys):
     assert "the last good checkpoint (step" in err
     state = json.loads((run_dir(runs) / "checkpoint.json").read_text())
     assert state["step"] % 10 == 0
+
+
+def test_unwritable_output_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["train", "ddpm", "--steps", "2", "--out", str(blocker / "runs"), *FAST]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Not a directory" in err

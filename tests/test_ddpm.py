@@ -160,7 +160,7 @@ def test_trains_and_samples_on_every_dataset(dataset, runs, tmp_path):
 
 @pytest.mark.slow
 def test_digits_reaches_the_real_data_floor(runs):
-    """Behaviour on images, default config (about 6 minutes on one thread). Measured:
+    """Behaviour on images, default config (7 minutes on one thread). Measured:
     the trained model's Frechet distance 12.5 against 10.7 for 500 real training images and
     658 for an untrained model (docs/methods/ddpm.md)."""
     cfg = ddpm.Config(dataset="digits")
