@@ -26,6 +26,7 @@ from mlatlas.core.config import (
     closest,
     config_from_dict,
     config_to_dict,
+    flag,
 )
 
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
@@ -119,10 +120,14 @@ def cmd_train(argv: list[str]) -> int:
         changed = {k for k, v in overrides.items() if resume.config.get(k) != v}
         if changed - RESUMABLE_OVERRIDES:
             name = sorted(changed - RESUMABLE_OVERRIDES)[0]
-            raise UsageError(f"--{name.replace('_', '-')} cannot change when resuming (the run "
+            raise UsageError(f"--{flag(name)} cannot change when resuming (the run "
                              f"used {resume.config[name]!r}); only "
                              f"{', '.join(sorted(RESUMABLE_OVERRIDES))} can")
         cfg = config_from_dict(cls, {**resume.config, **overrides})
+        done = resume.checkpoint_step()
+        if done is not None and cfg.steps < done:
+            raise UsageError(f"--steps {cfg.steps} is below the step {done} that "
+                             f"{resume.dir} has reached")
         resume.config = config_to_dict(cfg)
         resume.write_config()
         run = resume

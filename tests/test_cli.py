@@ -66,6 +66,9 @@ def test_train_sample_eval_resume(runs, capsys):
 
     assert main(["train", "--resume", str(path), "--lr", "0.5"]) == 2
     assert "--lr cannot change when resuming" in capsys.readouterr().err
+    assert main(["train", "--resume", str(path), "--steps", "10"]) == 2
+    assert "--steps 10 is below the step 30" in capsys.readouterr().err
+    assert json.loads((path / "config.json").read_text())["config"]["steps"] == 30
 
     assert main(["sample", str(path), "--n", "16", "--no-progress"]) == 0
     assert (path / "samples-n16-seed0.npy").is_file()

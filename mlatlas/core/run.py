@@ -181,13 +181,19 @@ class Run:
                      metadata={"method": self.method, "state": text})
         write_json(self.path("checkpoint.json"), state)
 
-    def load_checkpoint(self, objects: Mapping[str, Any]) -> dict[str, Any]:
+    def _checkpoint_state(self) -> dict[str, Any]:
         path = self.path(CHECKPOINT)
         metadata = read_metadata(path)
         if metadata.get("method") != self.method or "state" not in metadata:
             raise CheckpointError(f"{path} was not written by a {self.method} run")
-        state = json.loads(metadata["state"])
-        restore_state(objects, load_tensors(path), state.pop("objects"))
+        return json.loads(metadata["state"])
+
+    def checkpoint_step(self) -> int | None:
+        return self._checkpoint_state()["step"] if self.has_checkpoint() else None
+
+    def load_checkpoint(self, objects: Mapping[str, Any]) -> dict[str, Any]:
+        state = self._checkpoint_state()
+        restore_state(objects, load_tensors(self.path(CHECKPOINT)), state.pop("objects"))
         return state
 
     def load_weights(self, module: torch.nn.Module, name: str = "model") -> None:
@@ -264,6 +270,8 @@ def fit(run: Run, step_fn: StepFn, *, total_steps: int, objects: Mapping[str, An
     if run.has_checkpoint():
         state = run.load_checkpoint(objects)
         start, window, elapsed = state["step"], state["window"], state["elapsed"]
+        if start > total_steps:
+            raise RunError(f"{run.dir} is already at step {start}, past {total_steps} steps")
         run.truncate_metrics(start)
     last_good = start if run.has_checkpoint() else None
 

@@ -39,7 +39,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from mlatlas.core.config import BaseConfig, ConfigError, config_from_dict
+from mlatlas.core.config import BaseConfig, ConfigError, config_from_dict, flag
 from mlatlas.core.nn import TimeMLP, UNet
 from mlatlas.core.plots import metric_curves, samples_figure
 from mlatlas.core.progress import progress_bar
@@ -94,7 +94,7 @@ class Config(BaseConfig):
             raise ConfigError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}")
         for name in ("batch_size", "lr", "channels", "hidden"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+                raise ConfigError(f"--{flag(name)} must be positive")
         if self.eval_samples < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
             raise ConfigError("--eval-samples, --warmup-steps and --grad-clip cannot be negative")
 
