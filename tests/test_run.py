@@ -147,3 +147,11 @@ def test_metrics_with_sparse_columns_round_trip(runs):
     run.log({"step": 2, "loss": 0.25, "mmd": 0.1})
     assert Run.open(run.dir).metrics == [{"step": 1, "loss": 0.5},
                                          {"step": 2, "loss": 0.25, "mmd": 0.1}]
+
+
+def test_checkpoint_that_does_not_fit_the_model_is_a_clear_error(runs):
+    cfg, run = make_run(runs, steps=5)
+    ddpm.train(cfg, run, progress=False)
+    run.config["hidden"] = 64  # as if config.json had been edited by hand
+    with pytest.raises(CheckpointError, match="checkpoint does not fit ema"):
+        ddpm.sample(run, 4)

@@ -198,10 +198,7 @@ class Run:
 
     def load_weights(self, module: torch.nn.Module, name: str = "model") -> None:
         """Load only one module's weights (e.g. the EMA model for sampling)."""
-        tensors = load_tensors(self.path(CHECKPOINT))
-        prefix = f"{name}."
-        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
-                                if k.startswith(prefix)})
+        restore_state({name: module}, load_tensors(self.path(CHECKPOINT)), {})
 
 
 def flatten_state(objects: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
