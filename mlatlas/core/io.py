@@ -20,6 +20,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
+def _file_mode() -> int:
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+# mkstemp makes files private (0600); renamed into place they get what open() would have given.
+# Read once: os.umask is process-wide and not safe to flip from several threads.
+_FILE_MODE = _file_mode()
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt or inconsistent with its run."""
 
@@ -30,10 +41,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    # mkstemp makes the file private (0600); give it the permissions open() would have.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, _FILE_MODE)
     try:
         yield Path(tmp)
         os.replace(tmp, path)

@@ -178,7 +178,7 @@ def p_sample_step(model: nn.Module, xt: torch.Tensor, i: int, s: Schedule, z: to
     mean, beta_tilde = q_posterior(x0_hat, xt, i, s)
     if i == 0:
         return mean
-    sigma2 = beta_tilde if variance == "posterior" else float(s.betas[i])
+    sigma2 = beta_tilde if variance == "posterior" else _at(s.betas, i, xt)
     return mean + sigma2**0.5 * z
 
 
