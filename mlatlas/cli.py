@@ -68,7 +68,7 @@ def cmd_list(argv: list[str]) -> int:
     from mlatlas.data import DATASETS
     from mlatlas.registry import METHODS
 
-    rows = [(m.name, m.family, m.default_dataset, m.summary) for m in METHODS.values()]
+    rows = [(m.name, m.family, m.default_data, m.summary) for m in METHODS.values()]
     header = ("method", "family", "default data", "summary")
     widths = [max(len(r[i]) for r in [*rows, header]) for i in range(3)]
     for row in [header, *rows]:
@@ -143,14 +143,14 @@ def cmd_train(argv: list[str]) -> int:
             load_dataset(cfg.dataset)
         run = Run.create(method.name, cfg, root=args.out)
     print(f"run folder: {run.dir}", file=sys.stderr)
-    method.module.train(cfg, run, progress=args.progress)
+    method.train_fn(cfg, run, progress=args.progress)
     _report(run)
     return 0
 
 
 def _report(run) -> None:
-    files = [p for p in ("samples.png", "loss.png", "metrics.csv", "summary.json")
-             if run.path(p).exists()]
+    files = sorted(p.name for p in run.dir.iterdir()
+                   if p.suffix in (".png", ".csv") or p.name == "summary.json")
     print(f"run: {run.dir}")
     for name in files:
         print(f"  {name:14s} {run.path(name)}")
@@ -175,7 +175,7 @@ def _open_run(argv: list[str], prog: str, n_default: int):
     run = Run.open(args.run_dir)
     if not run.has_checkpoint():
         raise UsageError(f"{run.dir} has no checkpoint yet")
-    return run, get_method(run.method).module, args
+    return run, get_method(run.method), args
 
 
 def cmd_sample(argv: list[str]) -> int:
@@ -184,8 +184,8 @@ def cmd_sample(argv: list[str]) -> int:
     from mlatlas.core.io import atomic_path
     from mlatlas.core.plots import samples_figure
 
-    run, module, args = _open_run(argv, "mlatlas sample", 64)
-    x = module.sample(run, args.n, args.seed, progress=args.progress)
+    run, method, args = _open_run(argv, "mlatlas sample", 64)
+    x = method.function("sample")(run, args.n, args.seed, progress=args.progress)
     stem = f"samples-n{args.n}-seed{args.seed}"
     with atomic_path(run.path(f"{stem}.npy")) as tmp, open(tmp, "wb") as f:
         np.save(f, x.numpy())
@@ -195,8 +195,8 @@ def cmd_sample(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    run, module, args = _open_run(argv, "mlatlas eval", 500)
-    metrics = module.evaluate(run, args.n, args.seed, progress=args.progress)
+    run, method, args = _open_run(argv, "mlatlas eval", 500)
+    metrics = method.function("evaluate")(run, args.n, args.seed, progress=args.progress)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
 

@@ -1,14 +1,16 @@
 """Every method of the library: its name, family, one-line summary and module.
 
-A method module provides ``Config`` (a :class:`mlatlas.core.config.BaseConfig` dataclass),
-``train(cfg, run=None, progress=None) -> Run``, ``sample(run, n, seed, progress) -> Tensor`` and
-``evaluate(run, n, seed, progress) -> dict``. Modules are imported only when a method is used,
-so ``mlatlas list`` stays quick.
+A method names a config class (a :class:`mlatlas.core.config.BaseConfig` dataclass), a
+``train(cfg, run=None, progress=None) -> Run`` function and, where they make sense,
+``sample(run, n, seed, progress) -> Tensor`` and ``evaluate(run, n, seed, progress) -> dict``.
+A module may hold several related methods (the three dynamic-programming solvers). Modules are
+imported only when a method is used.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from types import ModuleType
 
@@ -17,23 +19,54 @@ from mlatlas.core.config import ConfigError, closest
 
 @dataclass(frozen=True)
 class Method:
+    """A method: ``config`` and ``train`` name attributes of ``module_path``; ``sample`` and
+    ``evaluate`` too, or ``"module:attr"`` for a function shared by a family, or None."""
+
     name: str
     family: str
     summary: str
     module_path: str
+    config: str = "Config"
+    train: str = "train"
+    sample: str | None = "sample"
+    evaluate: str | None = "evaluate"
 
     @property
     def module(self) -> ModuleType:
         return importlib.import_module(self.module_path)
 
+    def _resolve(self, ref: str):
+        module_path, _, attr = ref.rpartition(":")
+        return getattr(importlib.import_module(module_path) if module_path else self.module, attr)
+
     @property
     def config_cls(self) -> type:
-        return self.module.Config
+        return self._resolve(self.config)
 
     @property
-    def default_dataset(self) -> str:
-        return next((f.default for f in fields(self.config_cls) if f.name == "dataset"), "-")
+    def train_fn(self) -> Callable:
+        return self._resolve(self.train)
 
+    def function(self, kind: str) -> Callable:
+        """The ``sample`` or ``evaluate`` function; a ConfigError if the method has none."""
+        ref = getattr(self, kind)
+        if ref is None:
+            raise ConfigError(f"{self.name} runs cannot {kind}")
+        return self._resolve(ref)
+
+    @property
+    def default_data(self) -> str:
+        """The default dataset, environment or grid, for ``mlatlas list``."""
+        defaults = {f.name: f.default for f in fields(self.config_cls)}
+        return str(next((defaults[k] for k in ("dataset", "env", "grid") if k in defaults), "-"))
+
+
+def _tabular(name: str, module: str, summary: str, *, config: str, train: str) -> Method:
+    return Method(name, "rl/tabular", summary, f"mlatlas.rl.tabular.{module}", config=config,
+                  train=train, sample=None, evaluate=TABULAR_EVALUATE)
+
+
+TABULAR_EVALUATE = "mlatlas.rl.tabular.common:evaluate"
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -41,6 +74,72 @@ METHODS: dict[str, Method] = {
         Method("ddpm", "generative/diffusion",
                "Denoising diffusion (Ho et al. 2020): linear betas, eps-prediction, ancestral "
                "sampling", "mlatlas.generative.diffusion.ddpm"),
+        _tabular("bellman", "bellman", "Policy evaluation: closed form (I - gamma P_pi)^-1 r_pi "
+                 "and iteration (Zhao ch. 2)", config="Config", train="train"),
+        _tabular("value_iteration", "dp", "Value iteration on the Bellman optimality equation "
+                 "(Zhao Alg. 4.1)", config="ValueIterationConfig",
+                 train="train_value_iteration"),
+        _tabular("policy_iteration", "dp", "Policy iteration: exact evaluation + greedy "
+                 "improvement (Zhao Alg. 4.2)", config="PolicyIterationConfig",
+                 train="train_policy_iteration"),
+        _tabular("truncated_policy_iteration", "dp", "Truncated policy iteration, j sweeps per "
+                 "evaluation (Zhao Alg. 4.3)", config="TruncatedPolicyIterationConfig",
+                 train="train_truncated_policy_iteration"),
+        _tabular("mc_basic", "monte_carlo", "MC Basic: q from episodes of every (s, a), greedy "
+                 "improvement (Zhao Alg. 5.1)", config="MCBasicConfig", train="train_mc_basic"),
+        _tabular("mc_exploring_starts", "monte_carlo", "MC Exploring Starts, every-visit "
+                 "returns (Zhao Alg. 5.2)", config="MCExploringStartsConfig",
+                 train="train_mc_exploring_starts"),
+        _tabular("mc_epsilon_greedy", "monte_carlo", "MC epsilon-greedy, no exploring starts "
+                 "(Zhao Alg. 5.3)", config="MCEpsilonGreedyConfig",
+                 train="train_mc_epsilon_greedy"),
+        Method("robbins_monro", "rl/stochastic-approx", "Robbins-Monro root finding, e.g. "
+               "g(w) = tanh(w - 1) (Zhao ch. 6)", "mlatlas.rl.tabular.stochastic_approx",
+               config="RobbinsMonroConfig", train="train_robbins_monro", sample=None,
+               evaluate=None),
+        Method("mean_estimation", "rl/stochastic-approx", "Incremental mean estimation "
+               "w_{k+1} = w_k - a_k (w_k - x_k) (Zhao ch. 6)",
+               "mlatlas.rl.tabular.stochastic_approx", config="MeanEstimationConfig",
+               train="train_mean_estimation", sample=None, evaluate=None),
+        Method("sgd_comparison", "rl/stochastic-approx", "SGD versus BGD versus mini-batch GD "
+               "on mean estimation (Zhao ch. 6)", "mlatlas.rl.tabular.stochastic_approx",
+               config="SGDComparisonConfig", train="train_sgd_comparison", sample=None,
+               evaluate=None),
+        _tabular("td0", "td", "TD(0) learning of state values v_pi (Zhao Alg. 7.1 / eq. 7.1)",
+                 config="TD0Config", train="train_td0"),
+        _tabular("sarsa", "td", "Sarsa with epsilon-greedy policy improvement (Zhao Alg. 7.1)",
+                 config="SarsaConfig", train="train_sarsa"),
+        _tabular("expected_sarsa", "td", "Expected Sarsa (Zhao Section 7.3.1)",
+                 config="ExpectedSarsaConfig", train="train_expected_sarsa"),
+        _tabular("n_step_sarsa", "td", "n-step Sarsa (Zhao Section 7.3.2)",
+                 config="NStepSarsaConfig", train="train_n_step_sarsa"),
+        _tabular("q_learning", "td", "Q-learning, on-policy version (Zhao Alg. 7.2)",
+                 config="QLearningConfig", train="train_q_learning"),
+        _tabular("q_learning_off_policy", "td", "Q-learning off-policy from a behaviour "
+                 "policy's episode (Zhao Alg. 7.3)", config="QLearningOffPolicyConfig",
+                 train="train_q_learning_off_policy"),
+        _tabular("td_linear", "vfa", "TD-linear value estimation with polynomial or Fourier "
+                 "features (Zhao Section 8.2)", config="TDLinearConfig",
+                 train="train_td_linear"),
+        _tabular("sarsa_linear", "vfa", "Sarsa with linear function approximation (Zhao "
+                 "Section 8.3)", config="SarsaLinearConfig", train="train_sarsa_linear"),
+        _tabular("q_learning_linear", "vfa", "Q-learning with linear function approximation "
+                 "(Zhao Section 8.3)", config="QLearningLinearConfig",
+                 train="train_q_learning_linear"),
+        _tabular("dqn_tabular", "vfa", "Deep Q-learning with replay and a target network "
+                 "(Zhao Section 8.4)", config="DQNConfig", train="train_dqn_tabular"),
+        _tabular("reinforce_tabular", "policy_gradient", "REINFORCE, softmax policy on the "
+                 "grid (Zhao Alg. 9.1)", config="ReinforceConfig",
+                 train="train_reinforce_tabular"),
+        _tabular("qac_tabular", "actor_critic", "Q actor-critic (Zhao Alg. 10.1)",
+                 config="QACConfig", train="train_qac_tabular"),
+        _tabular("a2c_tabular", "actor_critic", "Advantage (TD) actor-critic (Zhao Alg. 10.2)",
+                 config="A2CConfig", train="train_a2c_tabular"),
+        _tabular("off_policy_ac_tabular", "actor_critic", "Off-policy actor-critic with "
+                 "importance sampling (Zhao Alg. 10.3)", config="OffPolicyACConfig",
+                 train="train_off_policy_ac_tabular"),
+        _tabular("deterministic_ac", "actor_critic", "Deterministic actor-critic (Zhao Alg. "
+                 "10.4)", config="DeterministicACConfig", train="train_deterministic_ac"),
     ]
 }
 

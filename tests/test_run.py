@@ -5,6 +5,7 @@ import signal
 import pytest
 import torch
 
+from mlatlas.core.config import BaseConfig
 from mlatlas.core.io import CheckpointError, atomic_path, load_tensors
 from mlatlas.core.run import InterruptedRun, NonFiniteLossError, Run, fit
 from mlatlas.generative.diffusion import ddpm
@@ -155,3 +156,22 @@ def test_checkpoint_that_does_not_fit_the_model_is_a_clear_error(runs):
     run.config["hidden"] = 64  # as if config.json had been edited by hand
     with pytest.raises(CheckpointError, match="checkpoint does not fit ema"):
         ddpm.sample(run, 4)
+
+
+def test_tensor_dicts_round_trip_and_until_stops_early(runs):
+    run = Run.create("toy", BaseConfig(), root=runs)
+    tables = {"v": torch.zeros(3)}
+
+    def step(k):
+        tables["v"] = tables["v"] + 1
+        return {"left": 5 - k}
+
+    last = fit(run, step, total_steps=100, objects={"tables": tables}, log_every=10,
+               ckpt_every=50, until=lambda m: m["left"] <= 0)
+    assert last == 5 and tables["v"].tolist() == [5.0, 5.0, 5.0]
+    assert run.checkpoint_step() == 5 and run.metrics[-1]["step"] == 5
+    restored = {"v": torch.empty(3)}
+    run.load_checkpoint({"tables": restored})
+    assert restored["v"].tolist() == [5.0, 5.0, 5.0]
+    with pytest.raises(CheckpointError, match="no tables.w"):
+        run.load_checkpoint({"tables": {"w": torch.zeros(1)}})

@@ -220,6 +220,8 @@ def flatten_state(objects: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], 
             state[name] = {"param_groups": sd["param_groups"], "scalars": scalars}
         elif isinstance(obj, torch.Generator):
             tensors[name] = obj.get_state()
+        elif isinstance(obj, dict):
+            tensors.update({f"{name}.{k}": v for k, v in obj.items()})
         else:
             raise TypeError(f"cannot checkpoint {name!r} of type {type(obj).__name__}")
     return tensors, state
@@ -248,18 +250,28 @@ def restore_state(objects: Mapping[str, Any], tensors: dict[str, torch.Tensor],
             obj.load_state_dict({"state": slots, "param_groups": state[name]["param_groups"]})
         elif isinstance(obj, torch.Generator):
             obj.set_state(tensors[name])
+        elif isinstance(obj, dict):
+            # Tables (e.g. q[s, a]) are replaced in place, so the caller's dict sees them.
+            missing = set(obj) - {k[len(name) + 1:] for k in tensors if k.startswith(f"{name}.")}
+            if missing:
+                raise CheckpointError(f"checkpoint has no {name}.{sorted(missing)[0]}")
+            obj.update({k: tensors[f"{name}.{k}"] for k in obj})
 
 
 StepFn = Callable[[int], Mapping[str, Any]]
 
 
 def fit(run: Run, step_fn: StepFn, *, total_steps: int, objects: Mapping[str, Any],
-        log_every: int, ckpt_every: int, progress: bool | None = None) -> int:
+        log_every: int, ckpt_every: int, progress: bool | None = None,
+        until: Callable[[Mapping[str, float]], bool] | None = None) -> int:
     """Call ``step_fn(step)`` for steps 1..total_steps, resuming from the run's checkpoint.
 
     ``step_fn`` does one optimisation step and returns its metrics (floats or 0-d tensors);
-    ``objects`` names everything whose state must survive a restart. Logged rows hold the mean
-    of each metric over the steps since the previous row. Returns the last step done.
+    ``objects`` names everything whose state must survive a restart: modules, optimizers,
+    generators, and dicts of tensors (updated in place on restore). Logged rows hold the mean
+    of each metric over the steps since the previous row. ``until(metrics)`` returning True ends
+    the run early after that step (an iterative solver that has converged). Returns the last
+    step done.
     """
     # The global torch RNG (dropout, init of lazily built parts) is checkpointed too.
     objects = {**objects, "rng_torch": _GlobalTorchRng()}
@@ -294,7 +306,8 @@ def fit(run: Run, step_fn: StepFn, *, total_steps: int, objects: Mapping[str, An
                         raise NonFiniteLossError(run, step, name, value, last_good)
                     total, count = window.get(name, (0.0, 0))
                     window[name] = (total + value, count + 1)
-                if step % log_every == 0 or step == total_steps:
+                done = until is not None and until(metrics)
+                if step % log_every == 0 or step == total_steps or done:
                     row = {"step": step, **{k: t / c for k, (t, c) in window.items()},
                            "wall_s": round(elapsed + time.perf_counter() - t0, 3)}
                     run.log(row)
@@ -302,10 +315,12 @@ def fit(run: Run, step_fn: StepFn, *, total_steps: int, objects: Mapping[str, An
                     bar.set_postfix({k: f"{v:.4g}" for k, v in row.items()
                                      if k not in ("step", "wall_s")})
                 bar.update(1)
-                if step % ckpt_every == 0 or step == total_steps or stop.is_set():
+                if step % ckpt_every == 0 or step == total_steps or stop.is_set() or done:
                     save(step)
                 if stop.is_set():
                     raise InterruptedRun(run, step)
+                if done:
+                    break
         finally:
             bar.close()
     return step
