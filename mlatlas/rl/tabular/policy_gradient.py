@@ -1,0 +1,255 @@
+"""REINFORCE: Monte Carlo policy gradient with a tabular softmax policy (Zhao, Chapter 9).
+
+The policy is a softmax over preferences h(s, a, theta) = theta[s, a] (eq. 9.12):
+
+    pi(a|s, theta) = exp(h(s, a, theta)) / sum_b exp(h(s, b, theta)),
+
+so pi(a|s, theta) > 0 everywhere and ln pi is defined. Its score is zero outside row s of theta:
+
+    d ln pi(a|s, theta) / d theta[s', b] = 1[s' = s] (1[b = a] - pi(b|s, theta)).
+
+The metric is the average state value v_bar = sum_s d0(s) v_pi(s) (Section 9.2) with d0 the
+distribution of the episodes' first states (uniform here, so every state is covered). Its gradient
+(Theorem 9.2) is
+
+    grad v_bar = sum_s rho(s) sum_a grad pi(a|s, theta) q_pi(s, a)
+               = E_{S ~ rho, A ~ pi}[grad ln pi(A|S, theta) q_pi(S, A)],
+    rho(s) = sum_s' d0(s') [(I - gamma P_pi)^{-1}]_{s' s}                              (eq. 9.19)
+
+which for tabular softmax is d v_bar / d theta[s, b] = rho(s) pi(b|s) (q_pi(s, b) - v_pi(s)).
+
+REINFORCE (Algorithm 9.1, eq. 9.32) replaces q_pi by the Monte Carlo return of an episode,
+q_t(s_t, a_t) = sum_{k=t+1}^T gamma^{k-t-1} r_k, and ascends:
+
+    theta <- theta + alpha grad ln pi(a_t|s_t, theta) q_t(s_t, a_t).
+
+Here ``episodes_per_step`` = B episodes of length T, from states drawn from d0, run side by side
+and one update uses all of them:
+
+    theta <- theta + alpha (1/B) sum_b sum_t gamma^t grad ln pi(a_t^b|s_t^b) (q_t^b - b_t).
+
+The factor gamma^t (``discount_weight``, on by default) makes the estimate unbiased for
+grad v_bar (up to the truncation at T): the states then enter with the weights rho of
+Theorem 9.2. Algorithm 9.1 leaves it out (``--no-discount-weight``), which weights states by their
+undiscounted visits instead; on the book's world that version ended further from optimal in the
+seeds measured (docs/methods/rl-tabular-policy_gradient.md). The optional baseline b_t is the
+batch's mean return at time t; a baseline that does not depend on the action leaves the
+expectation unchanged, since sum_a pi(a|s) grad ln pi(a|s) = 0.
+
+Softmax policy gradients slow down where pi(b|s) -> 0 for an action b that later turns out to be
+the best: the gradient carries the factor pi(b|s). On the book's world this can leave a state on
+its second-best action for a long time, and exact gradient ascent on v_bar does the same
+(``tests/test_rl_policy_gradient.py::test_exact_gradient_ascent_stalls_on_the_book_world``).
+
+The episodes never end on the book's world (the target is not absorbing), so returns are
+truncated at T; with gamma = 0.9 and T = 50 the neglected tail is at most gamma^(T-t) times the
+value of the state reached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mlatlas.core.config import ConfigError
+from mlatlas.core.run import Run, fit
+from mlatlas.core.runtime import seed_everything
+from mlatlas.rl.returns import discounted_returns
+from mlatlas.rl.tabular.bellman import action_values, evaluate_closed_form, transition_pi
+from mlatlas.rl.tabular.common import (
+    GridConfig,
+    exact_values,
+    finish,
+    make_world,
+    optimal_values,
+    policy_score,
+)
+from mlatlas.rl.tabular.episodes import rollout
+from mlatlas.rl.tabular.gridworld import GridWorld, TabularModel, greedy_policy
+from mlatlas.rl.tabular.plots import trajectory_figure
+
+
+def softmax_policy(theta: torch.Tensor) -> torch.Tensor:
+    """pi(a|s, theta) = exp(theta[s, a]) / sum_b exp(theta[s, b]) (eq. 9.12), (S, A)."""
+    return torch.softmax(theta, dim=1)
+
+
+def log_policy_gradient(pi: torch.Tensor, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Row s of grad_theta ln pi(a|s, theta): onehot(a) - pi(.|s), shape (..., A) for states and
+    actions of shape (...); every other row of the gradient is zero."""
+    return torch.nn.functional.one_hot(a, pi.shape[1]).to(pi.dtype) - pi[s]
+
+
+def reinforce_gradient(pi: torch.Tensor, states: torch.Tensor, actions: torch.Tensor,
+                       q: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(1/B) sum_b sum_t w_t^b grad ln pi(a_t^b|s_t^b) q_t^b as an (S, A) tensor.
+
+    ``states``, ``actions``, ``q`` and ``weights`` are (T, B); the weights mask finished steps
+    and may hold gamma^t. One scatter-add over all samples, no loop over states or episodes.
+    """
+    coefficient = q if weights is None else q * weights
+    terms = log_policy_gradient(pi, states, actions) * coefficient[..., None]
+    grad = torch.zeros_like(pi)
+    grad.index_add_(0, states.reshape(-1), terms.reshape(-1, pi.shape[1]))
+    return grad / states.shape[1]
+
+
+def reinforce_objective(theta: torch.Tensor, states: torch.Tensor, actions: torch.Tensor,
+                        q: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(1/B) sum_b sum_t w_t^b ln pi(a_t^b|s_t^b, theta) q_t^b, whose autograd gradient is
+    :func:`reinforce_gradient` (q and the weights are constants)."""
+    log_pi = torch.log_softmax(theta, dim=1)[states, actions]
+    coefficient = q if weights is None else q * weights
+    return (log_pi * coefficient.detach()).sum() / states.shape[1]
+
+
+def mean_return_baseline(returns: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """b_t: the mean return at time t over the episodes still running, (T, 1)."""
+    alive = alive.to(returns.dtype)
+    return ((returns * alive).sum(dim=1, keepdim=True)
+            / alive.sum(dim=1, keepdim=True).clamp(min=1))
+
+
+def average_value(model: TabularModel, theta: torch.Tensor, gamma: float,
+                  d0: torch.Tensor) -> torch.Tensor:
+    """v_bar = d0^T v_pi with v_pi = (I - gamma P_pi)^{-1} r_pi; differentiable in theta."""
+    return d0 @ evaluate_closed_form(model, softmax_policy(theta), gamma)
+
+
+def discounted_visits(model: TabularModel, pi: torch.Tensor, gamma: float,
+                      d0: torch.Tensor) -> torch.Tensor:
+    """rho(s) = sum_s' d0(s') [(I - gamma P_pi)^{-1}]_{s' s} (eq. 9.19)."""
+    identity = torch.eye(model.n_states, dtype=pi.dtype)
+    return torch.linalg.solve((identity - gamma * transition_pi(model, pi)).T, d0)
+
+
+def exact_policy_gradient(model: TabularModel, theta: torch.Tensor, gamma: float,
+                          d0: torch.Tensor) -> torch.Tensor:
+    """grad_theta v_bar by Theorem 9.2: rho(s) pi(b|s) (q_pi(s, b) - v_pi(s)), (S, A)."""
+    pi = softmax_policy(theta)
+    v = evaluate_closed_form(model, pi, gamma)
+    q = action_values(model, v, gamma)
+    return discounted_visits(model, pi, gamma, d0)[:, None] * pi * (q - v[:, None])
+
+
+def reinforce_step(theta: torch.Tensor, model: TabularModel, s0: torch.Tensor, length: int,
+                   gamma: float, alpha: float, generator: torch.Generator, *,
+                   baseline: bool = True, discount_weight: bool = True):
+    """One update from B = len(s0) episodes of ``length`` steps following pi(theta).
+
+    Returns (theta_next, episodes, returns G_t (T, B)).
+    """
+    pi = softmax_policy(theta)
+    episodes = rollout(model, pi, s0, length, generator)
+    returns = discounted_returns(episodes.rewards, gamma, dones=None)
+    weights = episodes.alive.to(theta.dtype)
+    if discount_weight:
+        weights = weights * gamma ** torch.arange(length, dtype=theta.dtype)[:, None]
+    q = returns - mean_return_baseline(returns, episodes.alive) if baseline else returns
+    grad = reinforce_gradient(pi, episodes.states[:-1], episodes.actions, q, weights)
+    return theta + alpha * grad, episodes, returns
+
+
+# Command-line method -------------------------------------------------------------------------
+
+
+@dataclass
+class ReinforceConfig(GridConfig):
+    alpha: float = 0.3
+    """Learning rate alpha of the gradient ascent on theta."""
+    episodes_per_step: int = 64
+    """B: episodes run side by side for each update of theta."""
+    episode_length: int = 50
+    """T: steps per episode (returns are truncated there unless the episode ends first)."""
+    baseline: bool = True
+    """Subtract the batch's mean return at each time t from the returns."""
+    discount_weight: bool = True
+    """Weight the t-th term by gamma^t, which makes the estimate unbiased for grad v_bar
+    (Theorem 9.2); --no-discount-weight is Algorithm 9.1 as printed."""
+    start: str = "random"
+    """First state of every episode: 'random' (uniform d0, so every state is covered) or a
+    1-based cell 'row,col'."""
+    steps: int = 1000
+    """Updates of theta (each from episodes_per_step episodes)."""
+    log_every: int = 10
+    """Write a row of metrics.csv every this many updates."""
+    ckpt_every: int = 100
+    """Write checkpoint.safetensors every this many updates (and always at the end)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.alpha <= 0:
+            raise ConfigError(f"--alpha must be positive, got {self.alpha}")
+        if self.episodes_per_step < 1:
+            raise ConfigError(f"--episodes-per-step must be at least 1, got "
+                              f"{self.episodes_per_step}")
+        if self.episode_length < 1:
+            raise ConfigError(f"--episode-length must be at least 1, got {self.episode_length}")
+        start_distribution(self, make_world(self))
+
+
+def start_distribution(cfg: ReinforceConfig, world: GridWorld) -> torch.Tensor:
+    """d0 over states: uniform, or all mass on the cell given by ``cfg.start``."""
+    if cfg.start == "random":
+        return torch.full((world.n_states,), 1.0 / world.n_states, dtype=torch.float64)
+    try:
+        row, col = (int(x) for x in cfg.start.split(","))
+    except ValueError:
+        raise ConfigError(f"--start must be 'random' or a cell 'row,col', got "
+                          f"{cfg.start!r}") from None
+    n_rows, n_cols = world.shape
+    if not (1 <= row <= n_rows and 1 <= col <= n_cols):
+        raise ConfigError(f"--start {cfg.start}: outside the {n_rows}x{n_cols} grid")
+    d0 = torch.zeros(world.n_states, dtype=torch.float64)
+    d0[world.state(row, col)] = 1.0
+    return d0
+
+
+def train_reinforce_tabular(cfg: ReinforceConfig, run: Run | None = None,
+                            progress: bool | None = None) -> Run:
+    run = run or Run.create("reinforce_tabular", cfg)
+    generator = seed_everything(cfg.seed)
+    world = make_world(cfg)
+    model = world.model
+    d0 = start_distribution(cfg, world)
+    v_star = optimal_values(model, cfg.gamma)
+    tables = {"theta": torch.zeros(model.n_states, model.n_actions, dtype=torch.float64)}
+
+    def step(k: int) -> dict[str, float]:
+        s0 = torch.multinomial(d0, cfg.episodes_per_step, replacement=True, generator=generator)
+        theta, _, returns = reinforce_step(
+            tables["theta"], model, s0, cfg.episode_length, cfg.gamma, cfg.alpha, generator,
+            baseline=cfg.baseline, discount_weight=cfg.discount_weight)
+        tables["theta"] = theta
+        pi = softmax_policy(theta)
+        # Exact scores of the new policy: a linear solve on 25 states costs less than a rollout.
+        v = exact_values(model, pi, cfg.gamma)
+        v_greedy = exact_values(model, greedy_policy(pi), cfg.gamma)
+        entropy = -(pi * pi.log()).sum(dim=1).mean()
+        return {"return": returns[0].mean(), "average_value": d0 @ v,
+                "greedy_value_gap": (v_star - v_greedy).max().clamp(min=0),
+                "entropy": entropy}
+
+    fit(run, step, total_steps=cfg.steps, objects={"tables": tables, "generator": generator},
+        log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
+    pi = softmax_policy(tables["theta"])
+    v = exact_values(model, pi, cfg.gamma)
+    uniform = softmax_policy(torch.zeros_like(tables["theta"]))
+    # Episodes of the learned (stochastic) policy from the four corners.
+    n_rows, n_cols = world.shape
+    corners = torch.tensor([world.state(1, 1), world.state(1, n_cols), world.state(n_rows, 1),
+                            world.state(n_rows, n_cols)])
+    paths = rollout(model, pi, corners, 2 * (n_rows + n_cols), torch.Generator().manual_seed(0))
+    run.save_figure(trajectory_figure(world, paths.states.T.tolist(),
+                                      "episodes of the learned policy"), "trajectories.png")
+    finish(run, cfg, world, values=v, policy=pi,
+           title=f"REINFORCE, {cfg.steps} updates x {cfg.episodes_per_step} episodes: "
+           f"pi(a|s) and exact v_pi",
+           extra={"average_value": (d0 @ v).item(),
+                  "optimal_average_value": (d0 @ v_star).item(),
+                  "uniform_policy_greedy_value_gap":
+                      policy_score(world, uniform, cfg.gamma)["greedy_value_gap"],
+                  "updates": cfg.steps, "episodes": cfg.steps * cfg.episodes_per_step,
+                  "mean_entropy": -(pi * pi.log()).sum(dim=1).mean().item()})
+    return run
