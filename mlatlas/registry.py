@@ -138,8 +138,10 @@ METHODS: dict[str, Method] = {
         _tabular("off_policy_ac_tabular", "actor_critic", "Off-policy actor-critic with "
                  "importance sampling (Zhao Alg. 10.3)", config="OffPolicyACConfig",
                  train="train_off_policy_ac_tabular"),
-        _tabular("deterministic_ac", "actor_critic", "Deterministic actor-critic (Zhao Alg. "
-                 "10.4)", config="DeterministicACConfig", train="train_deterministic_ac"),
+        Method("deterministic_ac", "rl/actor-critic", "Deterministic actor-critic (Zhao Alg. "
+               "10.4) on a linear-quadratic regulator with a known optimum",
+               "mlatlas.rl.tabular.actor_critic", config="DeterministicACConfig",
+               train="train_deterministic_ac", sample=None, evaluate="evaluate_deterministic_ac"),
     ]
 }
 

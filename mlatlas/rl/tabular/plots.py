@@ -1,7 +1,7 @@
 """Grid-world pictures as the book draws them: policy arrows, state values, trajectories.
 
 Forbidden cells are orange and the target blue (the book's colours); a policy is drawn as one
-arrow per action with pi(a|s) > 0, its length growing with the probability, and a circle for
+arrow per action with pi(a|s) >= 0.01, its length growing with the probability, and a circle for
 "stay". Values are a heat map with the number written in each cell, to one decimal.
 """
 
@@ -45,7 +45,8 @@ def _draw_cells(ax, world: GridWorld, fill: bool = True) -> None:
 def draw_policy(ax, world: GridWorld, pi: torch.Tensor) -> None:
     _draw_cells(ax, world)
     n_cols = world.shape[1]
-    s, a = torch.nonzero(pi > 1e-8, as_tuple=True)
+    # Actions below 1% are left out, or every cell of a soft policy would show every arrow.
+    s, a = torch.nonzero(pi >= 0.01, as_tuple=True)
     p = pi[s, a].double().numpy()
     row, col = (s // n_cols).numpy(), (s % n_cols).numpy()
     moves = np.array(MOVES)[a.numpy()]
