@@ -146,8 +146,14 @@ def test_metrics_with_sparse_columns_round_trip(runs):
     _, run = make_run(runs)
     run.log({"step": 1, "loss": 0.5})
     run.log({"step": 2, "loss": 0.25, "mmd": 0.1})
+    run.log({"step": 3, "loss": 0.125, "mmd": 0.05})  # appended
     assert Run.open(run.dir).metrics == [{"step": 1, "loss": 0.5},
-                                         {"step": 2, "loss": 0.25, "mmd": 0.1}]
+                                         {"step": 2, "loss": 0.25, "mmd": 0.1},
+                                         {"step": 3, "loss": 0.125, "mmd": 0.05}]
+    reopened = Run.open(run.dir)
+    reopened.log({"step": 4, "loss": 0.0625, "mmd": 0.025})
+    assert (run.dir / "metrics.csv").read_text().splitlines() == [
+        "step,loss,mmd", "1,0.5,", "2,0.25,0.1", "3,0.125,0.05", "4,0.0625,0.025"]
 
 
 def test_checkpoint_that_does_not_fit_the_model_is_a_clear_error(runs):

@@ -76,6 +76,7 @@ class Run:
     method: str
     config: dict[str, Any]
     _rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    _columns: list[str] = field(default_factory=list, repr=False)
 
     @classmethod
     def create(cls, method: str, config: Any, root: str | Path = "runs") -> Run:
@@ -117,7 +118,16 @@ class Run:
     # metrics -----------------------------------------------------------------------------------
     def log(self, row: Mapping[str, Any]) -> None:
         self._rows.append(dict(row))
-        self._write_metrics()
+        path = self.path("metrics.csv")
+        if self._columns and list(row) == self._columns and path.is_file():
+            # Same columns as the file: append one line (a single write) instead of rewriting
+            # the whole file, which made long runs logged often quadratic in their length.
+            buffer = io.StringIO()
+            csv.DictWriter(buffer, fieldnames=self._columns).writerow(row)
+            with path.open("a", newline="") as f:
+                f.write(buffer.getvalue())
+        else:
+            self._write_metrics()
 
     def read_metrics(self) -> list[dict[str, Any]]:
         path = self.path("metrics.csv")
@@ -137,6 +147,7 @@ class Run:
         writer.writeheader()
         writer.writerows(self._rows)
         write_text(self.path("metrics.csv"), buffer.getvalue())
+        self._columns = columns
 
     def truncate_metrics(self, step: int) -> None:
         """Drop rows logged after ``step`` (they will be logged again by the resumed run)."""
