@@ -1,0 +1,31 @@
+"""The README's reinforcement-learning tour runs as written (with the run folder under tmp)."""
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+from mlatlas.cli import main
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def tour_commands() -> list[list[str]]:
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    block = next(b for b in blocks if "value_iteration" in b)
+    return [shlex.split(line.split("#")[0])[1:] for line in block.splitlines()
+            if line.startswith("mlatlas ")]
+
+
+def test_readme_rl_tour(runs, capsys):
+    commands = tour_commands()
+    assert len(commands) >= 4
+    for argv in commands:
+        if argv[0] == "train":
+            assert main([*argv, "--out", str(runs), "--no-progress"]) == 0, argv
+        else:  # eval runs/<method>-<stamp>: the run this tour just made
+            method = Path(argv[1]).name.rsplit("-", 2)[0]
+            (run_dir,) = runs.glob(f"{method}-*")
+            capsys.readouterr()
+            assert main([argv[0], str(run_dir), *argv[2:]]) == 0, argv
+            assert json.loads(capsys.readouterr().out)["policy_optimal"]
