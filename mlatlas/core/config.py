@@ -53,6 +53,23 @@ def flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+def require_at_least(cfg: Any, minimum: int, *names: str) -> None:
+    """ConfigError naming the first field among ``names`` below ``minimum``."""
+    for name in names:
+        if getattr(cfg, name) < minimum:
+            raise ConfigError(f"--{flag(name)} must be at least {minimum}, "
+                              f"got {getattr(cfg, name)}")
+
+
+def require_unit(cfg: Any, *names: str, low_open: bool = False) -> None:
+    """ConfigError naming the first field among ``names`` outside [0, 1] (or (0, 1])."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0):
+            raise ConfigError(f"--{flag(name)} must be in {'(0, 1]' if low_open else '[0, 1]'}, "
+                              f"got {value}")
+
+
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """Map each field of a dataclass (and its bases) to the docstring written below it."""

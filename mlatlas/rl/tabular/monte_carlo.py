@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mlatlas.core.config import ConfigError
+from mlatlas.core.config import ConfigError, require_at_least, require_unit
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import seed_everything
 from mlatlas.rl.returns import discounted_returns
@@ -241,14 +241,8 @@ def _start_state(spec: str, world: GridWorld) -> int | None:
 
 
 def _check(cfg: GridConfig, positive: tuple[str, ...], unit: tuple[str, ...]) -> GridWorld:
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, "
-                              f"got {getattr(cfg, name)}")
-    for name in unit:
-        if not 0.0 <= getattr(cfg, name) <= 1.0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], "
-                              f"got {getattr(cfg, name)}")
+    require_at_least(cfg, 1, *positive)
+    require_unit(cfg, *unit)
     world = make_world(cfg)
     _initial_policy(cfg.initial_policy, world)
     return world

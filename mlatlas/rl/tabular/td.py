@@ -48,7 +48,7 @@ from functools import partial
 
 import torch
 
-from mlatlas.core.config import ConfigError
+from mlatlas.core.config import ConfigError, require_at_least, require_unit
 from mlatlas.core.plots import metric_curves
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import seed_everything
@@ -145,19 +145,6 @@ def step_sizes(alpha: float, visits: torch.Tensor, exponent: float) -> torch.Ten
 # Shared configuration ------------------------------------------------------------------------
 
 
-def _check_probability(name: str, value: float, low_open: bool = False) -> None:
-    if not (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0):
-        interval = "(0, 1]" if low_open else "[0, 1]"
-        raise ConfigError(f"--{name.replace('_', '-')} must be in {interval}, got {value}")
-
-
-def _check_positive(cfg, *names: str) -> None:
-    for name in names:
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, "
-                              f"got {getattr(cfg, name)}")
-
-
 def _start_state(cfg, world: GridWorld) -> int:
     n_rows, n_cols = world.shape
     if not (1 <= cfg.start_row <= n_rows and 1 <= cfg.start_col <= n_cols):
@@ -218,10 +205,10 @@ class TD0Config(GridConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         parse_policy(self.policy, make_world(self))
-        _check_probability("alpha", self.alpha, low_open=True)
+        require_unit(self, "alpha", low_open=True)
         if self.alpha_exponent < 0:
             raise ConfigError(f"--alpha-exponent must be >= 0, got {self.alpha_exponent}")
-        _check_positive(self, "num_envs", "episode_length")
+        require_at_least(self, 1, "num_envs", "episode_length")
 
 
 def train_td0(cfg: TD0Config, run: Run | None = None, progress: bool | None = None) -> Run:
@@ -331,10 +318,10 @@ class TDControlConfig(GridConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_probability("alpha", self.alpha, low_open=True)
-        _check_probability("epsilon", self.epsilon)
-        _check_probability("epsilon_decay", self.epsilon_decay, low_open=True)
-        _check_positive(self, "num_envs", "max_episode_length")
+        require_unit(self, "alpha", low_open=True)
+        require_unit(self, "epsilon")
+        require_unit(self, "epsilon_decay", low_open=True)
+        require_at_least(self, 1, "num_envs", "max_episode_length")
         _start_state(self, make_world(self))
 
 
@@ -362,7 +349,7 @@ class NStepSarsaConfig(TDControlConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive(self, "n")
+        require_at_least(self, 1, "n")
 
 
 def _one_step_episodes(model: TabularModel, tables: dict, s0: int, generator: torch.Generator,
@@ -560,9 +547,9 @@ class QLearningOffPolicyConfig(GridConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         parse_policy(self.behavior_policy, make_world(self))
-        _check_probability("behavior_epsilon", self.behavior_epsilon)
-        _check_probability("alpha", self.alpha, low_open=True)
-        _check_positive(self, "num_envs", "segment_length")
+        require_unit(self, "behavior_epsilon")
+        require_unit(self, "alpha", low_open=True)
+        require_at_least(self, 1, "num_envs", "segment_length")
         _start_state(self, make_world(self))
 
 
