@@ -2,8 +2,8 @@
 
 Every grid-world run writes ``values.csv`` (state values, one grid row per line, rows top to
 bottom), ``policy.csv`` (the greedy action per cell), ``values.png`` (policy arrows beside a value
-heat map) and ``summary.json``. The summary always scores the method's policy against the optimal
-one computed by value iteration on the same world:
+heat map) and ``summary.json``. The summary of a control method scores its policy against the
+optimal one computed by value iteration on the same world:
 
 - ``greedy_value_gap``: max_s v*(s) - v_greedy(s), where v_greedy is the exact value of the greedy
   policy derived from the method's result; 0 means the greedy policy is optimal;
@@ -101,11 +101,14 @@ def grid_csv(world: GridWorld, cells: list[Any]) -> str:
 
 
 def finish(run: Run, cfg: GridConfig, world: GridWorld, *, values: torch.Tensor,
-           policy: torch.Tensor, title: str, extra: dict[str, Any] | None = None) -> None:
+           policy: torch.Tensor, title: str, extra: dict[str, Any] | None = None,
+           score: bool = True) -> None:
     """Write values.csv, policy.csv, values.png and summary.json for a grid-world run.
 
     ``values`` are the method's state-value estimates; ``policy`` its pi(a|s) (the greedy action
-    of each row goes to policy.csv).
+    of each row goes to policy.csv). Prediction methods, which evaluate a given policy rather
+    than improve one, pass ``score=False``: the greedy version of, say, the uniform policy says
+    nothing about them.
     """
     values = values.detach().double().cpu()
     policy = policy.detach().double().cpu()
@@ -113,7 +116,8 @@ def finish(run: Run, cfg: GridConfig, world: GridWorld, *, values: torch.Tensor,
     actions = [ACTIONS[a] for a in policy.argmax(dim=1).tolist()]
     write_text(run.path("policy.csv"), grid_csv(world, actions))
     run.save_figure(grid_figure(world, values, policy, title), "values.png")
-    run.write_summary({**policy_score(world, policy, cfg.gamma), **(extra or {})})
+    run.write_summary({**(policy_score(world, policy, cfg.gamma) if score else {}),
+                       **(extra or {})})
 
 
 def read_policy(run: Run, world: GridWorld) -> torch.Tensor:

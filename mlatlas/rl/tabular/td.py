@@ -256,7 +256,7 @@ def train_td0(cfg: TD0Config, run: Run | None = None, progress: bool | None = No
     finish(run, cfg, world, values=v, policy=pi, title=f"TD(0) estimate of v_pi, {cfg.policy!r}",
            extra={"value_error_max": error.abs().max().item(),
                   "value_error_rms": error.square().mean().sqrt().item(),
-                  "transitions": int(tables["transitions"])})
+                  "transitions": int(tables["transitions"])}, score=False)
     return run
 
 

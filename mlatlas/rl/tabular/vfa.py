@@ -567,7 +567,7 @@ def train_td_linear(cfg: TDLinearConfig, run: Run | None = None,
                      rmse_vs_fixed_point=rmse(v_hat, Phi @ w_star).item())
     name = f"{cfg.features}" + ("" if cfg.features == "tabular" else f" order {cfg.order}")
     finish(run, cfg, world, values=v_hat, policy=pi,
-           title=f"TD-Linear, {name} features, policy {cfg.policy!r}", extra=extra)
+           title=f"TD-Linear, {name} features, policy {cfg.policy!r}", extra=extra, score=False)
     run.save_figure(surface_figure(world, v_pi, v_hat, f"TD-Linear ({name}, m={Phi.shape[1]})"),
                     "surfaces.png")
     run.save_figure(curves_figure(run.metrics, ["rmse"], "episodes", "TD-Linear"), "curves.png")
