@@ -34,6 +34,7 @@ lint: dev
 
 bench: dev
 	$(BIN)/python benchmarks/ddpm_vs_diffusers.py
+	$(BIN)/python benchmarks/value_iteration_bandwidth.py
 
 classifiers: install
 	$(BIN)/mlatlas classifier digits mnist fashion-mnist
