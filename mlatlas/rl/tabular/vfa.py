@@ -64,7 +64,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from mlatlas.core.config import ConfigError
+from mlatlas.core.config import ConfigError, require_at_least, require_unit
 from mlatlas.core.plots import plt
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import seed_everything
@@ -409,8 +409,7 @@ class TDLinearConfig(GridConfig):
         super().__post_init__()
         parse_policy(self.policy, make_world(self))
         _check_common(self)
-        _check(self.episode_length >= 1,
-               f"--episode-length must be at least 1, got {self.episode_length}")
+        require_at_least(self, 1, "episode_length")
         _check(self.w0_std >= 0, f"--w0-std must be non-negative, got {self.w0_std}")
 
 
@@ -419,7 +418,7 @@ def _check_common(cfg) -> None:
            f"--features must be one of {', '.join(FEATURES)}, got {cfg.features!r}")
     _check(cfg.order >= 0, f"--order must be non-negative, got {cfg.order}")
     _check(cfg.alpha > 0, f"--alpha must be positive, got {cfg.alpha}")
-    _check(cfg.num_envs >= 1, f"--num-envs must be at least 1, got {cfg.num_envs}")
+    require_at_least(cfg, 1, "num_envs")
 
 
 @dataclass
@@ -458,9 +457,8 @@ class SarsaLinearConfig(GridConfig):
         super().__post_init__()
         parse_start(self.start, make_world(self))
         _check_common(self)
-        _check(self.max_episode_length >= 1,
-               f"--max-episode-length must be at least 1, got {self.max_episode_length}")
-        _check(0.0 <= self.epsilon <= 1.0, f"--epsilon must be in [0, 1], got {self.epsilon}")
+        require_at_least(self, 1, "max_episode_length")
+        require_unit(self, "epsilon")
 
 
 @dataclass
@@ -512,10 +510,8 @@ class DQNConfig(GridConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         parse_start(self.start, make_world(self))
-        for name in ("episode_length", "num_envs", "batch_size", "hidden", "layers",
-                     "target_every"):
-            _check(getattr(self, name) >= 1,
-                   f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        require_at_least(self, 1, "episode_length", "num_envs", "batch_size", "hidden", "layers",
+                         "target_every")
         _check(self.lr > 0 and self.lr_final > 0,
                f"--lr and --lr-final must be positive, got {self.lr} and {self.lr_final}")
         _check(self.decay_start >= 0 and self.decay_steps >= 0,
