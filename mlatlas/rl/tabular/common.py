@@ -14,6 +14,7 @@ optimal one computed by value iteration on the same world:
 from __future__ import annotations
 
 import csv
+import functools
 import io
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +79,13 @@ def exact_values(model: TabularModel, pi: torch.Tensor, gamma: float) -> torch.T
 
 
 def optimal_values(model: TabularModel, gamma: float) -> torch.Tensor:
+    """v* by value iteration to 1e-12; a copy, so callers may change it."""
+    return _optimal_values(model, gamma).clone()
+
+
+@functools.lru_cache(maxsize=8)
+def _optimal_values(model: TabularModel, gamma: float) -> torch.Tensor:
+    # A run asks for v* when it starts (to log its error) and again when it scores its policy.
     from mlatlas.rl.tabular.dp import value_iteration
 
     return value_iteration(model, gamma, tol=1e-12)[0]
