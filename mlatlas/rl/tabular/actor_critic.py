@@ -78,26 +78,15 @@ from mlatlas.rl.tabular.gridworld import (
     uniform_policy,
 )
 from mlatlas.rl.tabular.plots import trajectory_figure
+from mlatlas.rl.tabular.policy_gradient import grad_log_softmax, softmax_policy
+from mlatlas.rl.tabular.td import td_target
 
 # The softmax actor and the tabular critic -----------------------------------------------------
-
-
-def softmax_policy(theta: torch.Tensor) -> torch.Tensor:
-    """pi(a|s, theta) = exp(theta[s, a]) / sum_a' exp(theta[s, a']) (eq. 9.12), (S, A)."""
-    return torch.softmax(theta, dim=-1)
 
 
 def log_softmax_policy(theta: torch.Tensor, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """ln pi(a|s, theta) for a batch of states s and actions a, (B,)."""
     return torch.log_softmax(theta[s], dim=-1).gather(1, a[:, None]).squeeze(1)
-
-
-def grad_log_softmax(pi_s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """grad_{theta[s, :]} ln pi(a|s, theta) = e_a - pi(.|s) for rows pi_s = pi(.|s), (B, A).
-
-    The gradient with respect to every other row of theta is zero.
-    """
-    return torch.nn.functional.one_hot(a, pi_s.shape[-1]).to(pi_s.dtype) - pi_s
 
 
 def td_error(r: torch.Tensor, value_next: torch.Tensor, value: torch.Tensor, gamma: float,
@@ -107,9 +96,7 @@ def td_error(r: torch.Tensor, value_next: torch.Tensor, value: torch.Tensor, gam
     ``value`` is v(s, w) (A2C, Algorithms 10.2-10.3) or q(s, a, w) (QAC's Sarsa critic, where
     ``value_next`` is q(s', a', w)).
     """
-    if terminated is not None:
-        value_next = torch.where(terminated, torch.zeros_like(value_next), value_next)
-    return r + gamma * value_next - value
+    return td_target(r, value_next, gamma, terminated) - value
 
 
 def importance_weight(pi_a: torch.Tensor, beta_a: torch.Tensor) -> torch.Tensor:

@@ -215,6 +215,21 @@ def parse_policy(spec: str, world: GridWorld) -> torch.Tensor:
     return deterministic_policy(torch.tensor([POLICY_LETTERS[c] for c in letters]))
 
 
+def parse_start(spec: str, world: GridWorld) -> int | None:
+    """The state named by ``--start``: None for 'random', else the 1-based cell 'row,col'."""
+    if spec == "random":
+        return None
+    try:
+        row, col = (int(part) for part in spec.split(","))
+    except ValueError:
+        raise GridError(f"--start must be 'random' or 'row,col' (1-based), got {spec!r}") \
+            from None
+    n_rows, n_cols = world.shape
+    if not (1 <= row <= n_rows and 1 <= col <= n_cols):
+        raise GridError(f"--start {spec}: outside the {n_rows}x{n_cols} grid")
+    return world.state(row, col)
+
+
 def sample_actions(pi: torch.Tensor, s: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """a ~ pi(.|s) for every state of a batch."""
     return torch.multinomial(pi[s], 1, generator=generator).squeeze(1)

@@ -76,6 +76,7 @@ from mlatlas.rl.tabular.gridworld import (
     epsilon_greedy_policy,
     greedy_policy,
     parse_policy,
+    parse_start,
 )
 from mlatlas.rl.tabular.plots import trajectory_figure
 
@@ -224,20 +225,6 @@ def _initial_policy(spec: str, world: GridWorld) -> torch.Tensor:
     if spec == "stay":
         return deterministic_policy(torch.full((world.n_states,), STAY))
     return parse_policy(spec, world)
-
-
-def _start_state(spec: str, world: GridWorld) -> int | None:
-    """None for 'random', else the state of the 1-based cell 'row,col'."""
-    if spec == "random":
-        return None
-    try:
-        row, col = (int(x) for x in spec.split(","))
-    except ValueError:
-        raise ConfigError(f"--start must be 'random' or a cell 'row,col', got {spec!r}") from None
-    n_rows, n_cols = world.shape
-    if not (1 <= row <= n_rows and 1 <= col <= n_cols):
-        raise ConfigError(f"--start cell ({row},{col}) is outside the {n_rows}x{n_cols} grid")
-    return world.state(row, col)
 
 
 def _check(cfg: GridConfig, positive: tuple[str, ...], unit: tuple[str, ...]) -> GridWorld:
@@ -432,7 +419,7 @@ class MCEpsilonGreedyConfig(GridConfig):
         if self.epsilon_decay_steps < 0:
             raise ConfigError(f"--epsilon-decay-steps must be >= 0, "
                               f"got {self.epsilon_decay_steps}")
-        _start_state(self.start, world)
+        parse_start(self.start, world)
 
 
 def train_mc_epsilon_greedy(cfg: MCEpsilonGreedyConfig, run: Run | None = None,
@@ -443,7 +430,7 @@ def train_mc_epsilon_greedy(cfg: MCEpsilonGreedyConfig, run: Run | None = None,
     model = world.model
     v_star = optimal_values(model, cfg.gamma)
     tables = _empty_tables(model, _initial_policy(cfg.initial_policy, world))
-    start = _start_state(cfg.start, world)
+    start = parse_start(cfg.start, world)
     batch = cfg.episodes_per_step
 
     def step(k: int) -> dict[str, float]:

@@ -66,7 +66,7 @@ from mlatlas.rl.tabular.common import (
     policy_score,
 )
 from mlatlas.rl.tabular.episodes import rollout
-from mlatlas.rl.tabular.gridworld import GridWorld, TabularModel, greedy_policy
+from mlatlas.rl.tabular.gridworld import GridWorld, TabularModel, greedy_policy, parse_start
 from mlatlas.rl.tabular.plots import trajectory_figure
 
 
@@ -75,10 +75,10 @@ def softmax_policy(theta: torch.Tensor) -> torch.Tensor:
     return torch.softmax(theta, dim=1)
 
 
-def log_policy_gradient(pi: torch.Tensor, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Row s of grad_theta ln pi(a|s, theta): onehot(a) - pi(.|s), shape (..., A) for states and
-    actions of shape (...); every other row of the gradient is zero."""
-    return torch.nn.functional.one_hot(a, pi.shape[1]).to(pi.dtype) - pi[s]
+def grad_log_softmax(pi_s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Row s of grad_theta ln pi(a|s, theta): e_a - pi(.|s), for rows pi_s = pi(.|s) of shape
+    (..., A) and actions of shape (...); every other row of the gradient is zero."""
+    return torch.nn.functional.one_hot(a, pi_s.shape[-1]).to(pi_s.dtype) - pi_s
 
 
 def reinforce_gradient(pi: torch.Tensor, states: torch.Tensor, actions: torch.Tensor,
@@ -89,7 +89,7 @@ def reinforce_gradient(pi: torch.Tensor, states: torch.Tensor, actions: torch.Te
     and may hold gamma^t. One scatter-add over all samples, no loop over states or episodes.
     """
     coefficient = q if weights is None else q * weights
-    terms = log_policy_gradient(pi, states, actions) * coefficient[..., None]
+    terms = grad_log_softmax(pi[states], actions) * coefficient[..., None]
     grad = torch.zeros_like(pi)
     grad.index_add_(0, states.reshape(-1), terms.reshape(-1, pi.shape[1]))
     return grad / states.shape[1]
@@ -191,18 +191,11 @@ class ReinforceConfig(GridConfig):
 
 def start_distribution(cfg: ReinforceConfig, world: GridWorld) -> torch.Tensor:
     """d0 over states: uniform, or all mass on the cell given by ``cfg.start``."""
-    if cfg.start == "random":
+    start = parse_start(cfg.start, world)
+    if start is None:
         return torch.full((world.n_states,), 1.0 / world.n_states, dtype=torch.float64)
-    try:
-        row, col = (int(x) for x in cfg.start.split(","))
-    except ValueError:
-        raise ConfigError(f"--start must be 'random' or a cell 'row,col', got "
-                          f"{cfg.start!r}") from None
-    n_rows, n_cols = world.shape
-    if not (1 <= row <= n_rows and 1 <= col <= n_cols):
-        raise ConfigError(f"--start {cfg.start}: outside the {n_rows}x{n_cols} grid")
     d0 = torch.zeros(world.n_states, dtype=torch.float64)
-    d0[world.state(row, col)] = 1.0
+    d0[start] = 1.0
     return d0
 
 

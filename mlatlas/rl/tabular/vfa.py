@@ -82,6 +82,7 @@ from mlatlas.rl.tabular.gridworld import (
     GridWorld,
     greedy_policy,
     parse_policy,
+    parse_start,
     uniform_policy,
 )
 from mlatlas.rl.tabular.plots import trajectory_figure
@@ -350,21 +351,6 @@ def dqn_loss(net: nn.Module, target_net: nn.Module, batch: dict, gamma: float) -
 
 
 # Configs -------------------------------------------------------------------------------------
-
-
-def parse_start(spec: str, world: GridWorld) -> int | None:
-    """None for 'random', else the state of a 1-based 'row,col' cell."""
-    if spec == "random":
-        return None
-    try:
-        row, col = (int(part) for part in spec.split(","))
-    except ValueError:
-        raise ConfigError(f"--start must be 'random' or 'row,col' (1-based), got {spec!r}") \
-            from None
-    n_rows, n_cols = world.shape
-    if not (1 <= row <= n_rows and 1 <= col <= n_cols):
-        raise ConfigError(f"--start {spec}: outside the {n_rows}x{n_cols} grid")
-    return world.state(row, col)
 
 
 def start_states(start: int | None, n: int, n_states: int,
