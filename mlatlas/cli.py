@@ -3,7 +3,8 @@
     mlatlas list                               methods and datasets
     mlatlas train METHOD [--flag VALUE ...]    flags come from the method's Config dataclass
     mlatlas train --resume RUN_DIR [--steps N] continue a run where it stopped
-    mlatlas sample RUN_DIR [--n N]             draw samples, write a figure and a .npy
+    mlatlas sample RUN_DIR [--n N] [--sampler heun --steps 18 --guidance 3 --label 7]
+                                               draw samples, write a figure and a .npy
     mlatlas eval RUN_DIR [--n N]               score samples against the test split
     mlatlas demo                               DDPM on the 8x8 digits, end to end
     mlatlas classifier DATASET ...             retrain the shipped feature networks
@@ -160,13 +161,25 @@ def _report(run) -> None:
 
 
 def _open_run(argv: list[str], prog: str, n_default: int):
+    """The run, its method, the parsed flags and the keyword arguments of the method's sampling
+    options (``--sampler``, ``--steps``, ... for methods that declare a sample config)."""
+    import dataclasses
+
     from mlatlas.core.run import Run
     from mlatlas.registry import get_method
 
+    probe = Parser(prog=prog, add_help=False)
+    probe.add_argument("run_dir", type=Path, nargs="?")
+    known, _ = probe.parse_known_args(argv)
+    options_cls = None
+    if known.run_dir is not None:
+        options_cls = get_method(Run.open(known.run_dir).method).sample_config_cls
     parser = Parser(prog=prog)
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     parser.add_argument("--n", type=int, default=n_default, help=f"samples (default {n_default})")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    if options_cls is not None:
+        add_config_arguments(parser, options_cls)
     _common(parser)
     args = parser.parse(argv)
     if args.n < 1:
@@ -175,7 +188,22 @@ def _open_run(argv: list[str], prog: str, n_default: int):
     run = Run.open(args.run_dir)
     if not run.has_checkpoint():
         raise UsageError(f"{run.dir} has no checkpoint yet")
-    return run, get_method(run.method), args
+    extra = {}
+    if options_cls is not None:
+        extra["options"] = options_cls(**{f.name: getattr(args, f.name)
+                                          for f in dataclasses.fields(options_cls)})
+    return run, get_method(run.method), args, extra
+
+
+def _options_suffix(extra: dict) -> str:
+    """'-sampler-heun-steps-18' for the sampling options that differ from their defaults."""
+    import dataclasses
+
+    if "options" not in extra:
+        return ""
+    options = extra["options"]
+    return "".join(f"-{flag(f.name)}-{getattr(options, f.name)}"
+                   for f in dataclasses.fields(options) if getattr(options, f.name) != f.default)
 
 
 def cmd_sample(argv: list[str]) -> int:
@@ -184,9 +212,9 @@ def cmd_sample(argv: list[str]) -> int:
     from mlatlas.core.io import atomic_path
     from mlatlas.core.plots import samples_figure
 
-    run, method, args = _open_run(argv, "mlatlas sample", 64)
-    x = method.function("sample")(run, args.n, args.seed, progress=args.progress)
-    stem = f"samples-n{args.n}-seed{args.seed}"
+    run, method, args, extra = _open_run(argv, "mlatlas sample", 64)
+    x = method.function("sample")(run, args.n, args.seed, progress=args.progress, **extra)
+    stem = f"samples-n{args.n}-seed{args.seed}{_options_suffix(extra)}"
     with atomic_path(run.path(f"{stem}.npy")) as tmp, open(tmp, "wb") as f:
         np.save(f, x.numpy())
     figure = run.save_figure(samples_figure(x, f"{run.method}: {args.n} samples"), f"{stem}.png")
@@ -195,8 +223,8 @@ def cmd_sample(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    run, method, args = _open_run(argv, "mlatlas eval", 500)
-    metrics = method.function("evaluate")(run, args.n, args.seed, progress=args.progress)
+    run, method, args, extra = _open_run(argv, "mlatlas eval", 500)
+    metrics = method.function("evaluate")(run, args.n, args.seed, progress=args.progress, **extra)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
 

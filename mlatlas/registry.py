@@ -30,6 +30,7 @@ class Method:
     train: str = "train"
     sample: str | None = "sample"
     evaluate: str | None = "evaluate"
+    sample_config: str | None = None
 
     @property
     def module(self) -> ModuleType:
@@ -46,6 +47,11 @@ class Method:
     @property
     def train_fn(self) -> Callable:
         return self._resolve(self.train)
+
+    @property
+    def sample_config_cls(self) -> type | None:
+        """The dataclass of sampling options (flags of ``sample`` and ``eval``), if any."""
+        return self._resolve(self.sample_config) if self.sample_config else None
 
     def function(self, kind: str) -> Callable:
         """The ``sample`` or ``evaluate`` function; a ConfigError if the method has none."""
@@ -67,13 +73,29 @@ def _tabular(name: str, module: str, summary: str, *, config: str, train: str) -
 
 
 TABULAR_EVALUATE = "mlatlas.rl.tabular.common:evaluate"
+DIFFUSION = "mlatlas.generative.diffusion.framework"
+
+
+def _diffusion(name: str, config: str, summary: str, module: str = DIFFUSION) -> Method:
+    return Method(name, "generative/diffusion", summary, module, config=config,
+                  train=f"{DIFFUSION}:train", sample=f"{DIFFUSION}:sample",
+                  evaluate=f"{DIFFUSION}:evaluate", sample_config=f"{DIFFUSION}:SampleConfig")
+
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("ddpm", "generative/diffusion",
-               "Denoising diffusion (Ho et al. 2020): linear betas, eps-prediction, ancestral "
-               "sampling", "mlatlas.generative.diffusion.ddpm"),
+        _diffusion("ddpm", "DDPMConfig", "Denoising diffusion (Ho et al. 2020): linear betas, "
+                   "eps-prediction, ancestral sampling"),
+        _diffusion("vp", "VPConfig", "Variance-preserving diffusion: eps, x0 or v prediction, "
+                   "linear or cosine betas, DDIM/Euler/Heun sampling"),
+        _diffusion("ve", "VEConfig", "Variance-exploding score matching (Song et al. 2021) in "
+                   "EDM's preconditioned form"),
+        _diffusion("edm", "EDMConfig", "EDM (Karras et al. 2022): preconditioning, log-normal "
+                   "noise levels, Heun sampling"),
+        _diffusion("flow_matching", "Config", "Flow matching on the straight path (Lipman et al. "
+                   "2023): velocity regression, Euler/Heun ODE sampling",
+                   "mlatlas.generative.flow_matching.flow_matching"),
         _tabular("bellman", "bellman", "Policy evaluation: closed form (I - gamma P_pi)^-1 r_pi "
                  "and iteration (Zhao ch. 2)", config="Config", train="train"),
         _tabular("value_iteration", "dp", "Value iteration on the Bellman optimality equation "

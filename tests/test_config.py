@@ -10,14 +10,14 @@ from mlatlas.core.config import (
     config_from_dict,
     field_docs,
 )
-from mlatlas.generative.diffusion.ddpm import Config
+from mlatlas.generative.diffusion.framework import DDPMConfig as Config
 
 
 def test_every_field_is_documented():
     docs = field_docs(Config)
     assert {f.name for f in dataclasses.fields(Config)} == set(docs)
     assert docs["seed"].startswith("Seed for initialisation")
-    assert docs["beta_T"] == "Last forward-process variance beta_T."
+    assert docs["beta_T"] == "Last forward-process variance beta_T (linear schedule)."
 
 
 def test_flags_follow_fields_and_types():

@@ -1,7 +1,11 @@
 """Network blocks shared by the methods: time embeddings, an MLP for points, a small UNet.
 
-The networks take ``(x, t)`` with ``t`` a float tensor of shape (B,) (a timestep index, a noise
-level or a time in [0, 1]; the method decides) and return a tensor shaped like ``x``.
+The networks take ``(x, t, y=None)`` with ``t`` a float tensor of shape (B,) (a timestep index,
+a noise level or a time in [0, 1]; the method decides, and ``time_scale`` stretches it to the
+range of timestep indices that the sinusoidal embedding was made for) and, when built with
+``num_classes > 0``, class labels ``y`` of shape (B,); label ``num_classes`` (or ``y=None``)
+is the null label that classifier-free guidance trains with. They return a tensor shaped like
+``x``.
 """
 
 from __future__ import annotations
@@ -20,12 +24,29 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
-class TimeMLP(nn.Module):
-    """MLP on (x, embedding(t)) for low-dimensional data such as 2D points."""
+class LabelEmbedding(nn.Module):
+    """One learned vector per class plus one for the null label (index ``num_classes``)."""
 
-    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, time_dim: int = 64):
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        if y is None:
+            y = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        return self.table(y)
+
+
+class TimeMLP(nn.Module):
+    """MLP on (x, embedding(t) [+ embedding(y)]) for low-dimensional data such as 2D points."""
+
+    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, time_dim: int = 64,
+                 num_classes: int = 0, time_scale: float = 1.0):
         super().__init__()
         self.time_dim = time_dim
+        self.time_scale = time_scale
+        self.labels = LabelEmbedding(num_classes, time_dim) if num_classes else None
         layers: list[nn.Module] = []
         width = dim + time_dim
         for _ in range(depth):
@@ -34,8 +55,12 @@ class TimeMLP(nn.Module):
         layers.append(nn.Linear(width, dim))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([x, timestep_embedding(t, self.time_dim)], dim=1))
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        emb = timestep_embedding(t * self.time_scale, self.time_dim)
+        if self.labels is not None:
+            emb = emb + self.labels(y, len(x), x.device)
+        return self.net(torch.cat([x, emb], dim=1))
 
 
 def _groups(channels: int) -> int:
@@ -82,12 +107,15 @@ class UNet(nn.Module):
     """
 
     def __init__(self, in_channels: int, base: int = 32, channel_mults: tuple[int, ...] = (1, 2, 2),
-                 dropout: float = 0.0, attention: bool = True):
+                 dropout: float = 0.0, attention: bool = True, num_classes: int = 0,
+                 time_scale: float = 1.0):
         super().__init__()
         self.base = base
+        self.time_scale = time_scale
         emb_dim = 4 * base
         self.time_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(),
                                       nn.Linear(emb_dim, emb_dim))
+        self.labels = LabelEmbedding(num_classes, emb_dim) if num_classes else None
         self.stem = nn.Conv2d(in_channels, base, 3, padding=1)
         widths = [base * m for m in channel_mults]
         self.down = nn.ModuleList()
@@ -115,8 +143,11 @@ class UNet(nn.Module):
                                  nn.Conv2d(c, in_channels, 3, padding=1))
         self.levels = len(widths)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = self.time_mlp(timestep_embedding(t, self.base))
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.time_mlp(timestep_embedding(t * self.time_scale, self.base))
+        if self.labels is not None:
+            emb = emb + self.labels(y, len(x), x.device)
         h = self.stem(x)
         skips = []
         for block, down in zip(self.down, self.downsample, strict=True):

@@ -28,76 +28,27 @@ and ancestral sampling (Algorithm 2) runs t = T, ..., 1 with z ~ N(0, I) (z = 0 
 Without clipping the mean equals the paper's 1/sqrt(alpha_t) (x_t - beta_t/sqrt(1-alpha_bar_t)
 eps_theta). In code the timestep is 0-based: index i holds the paper's t = i + 1, so
 ``alpha_bar[0] = alpha_1`` and ``alpha_bar_prev[0] = 1``.
+
+Besides the linear betas, the cosine schedule of Nichol & Dhariwal (2021) sets
+alpha_bar_t = f(t) / f(0), f(t) = cos^2((t/T + s)/(1 + s) pi/2), s = 0.008, with
+beta_t = min(1 - alpha_bar_t / alpha_bar_{t-1}, 0.999).
+
+In the unified view of Karras et al. (2022, Table 1) the discrete VP process is
+x_t = s_t (x_0 + sigma_t eps) with s_t = sqrt(alpha_bar_t) and sigma_t = sqrt((1 - alpha_bar_t) /
+alpha_bar_t); ``Schedule.sigmas`` holds that table and ``sigma_to_t`` / ``t_to_sigma`` extend it to
+fractional steps by linear interpolation in log sigma, so that samplers in sigma
+(``samplers.py``) can drive a network trained on step indices. Training, sampling and the CLI for
+DDPM live in ``framework.py`` with the other diffusion models.
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
-from typing import Literal
+import math
 
 import torch
 from torch import nn
 
-from mlatlas.core.config import BaseConfig, ConfigError, config_from_dict, flag
-from mlatlas.core.nn import TimeMLP, UNet
-from mlatlas.core.plots import metric_curves, samples_figure
 from mlatlas.core.progress import progress_bar
-from mlatlas.core.run import Run, fit
-from mlatlas.core.runtime import resolve_device, seed_everything
-from mlatlas.data import Dataset, EpochBatches, load_dataset
-from mlatlas.eval.samples import score_samples
-
-
-@dataclass
-class Config(BaseConfig):
-    """DDPM with epsilon prediction, the simple loss and the ancestral sampler."""
-
-    dataset: str = "digits"
-    """Training data: a name from `mlatlas list` or a path to an image folder or .npy file."""
-    steps: int = 2000
-    """Number of optimisation steps."""
-    batch_size: int = 128
-    """Examples per optimisation step."""
-    lr: float = 1e-3
-    """Adam learning rate after warm-up."""
-    warmup_steps: int = 100
-    """Linear learning-rate warm-up from 0."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value (0 disables)."""
-    ema_decay: float = 0.995
-    """Decay of the exponential moving average of the weights used for sampling."""
-    T: int = 1000
-    """Number of diffusion steps."""
-    beta_1: float = 1e-4
-    """First forward-process variance beta_1."""
-    beta_T: float = 0.02
-    """Last forward-process variance beta_T."""
-    variance: Literal["posterior", "beta"] = "posterior"
-    """Reverse-step variance sigma_t^2: the posterior's beta_tilde_t or the forward beta_t."""
-    clip_x0: bool = True
-    """Clip the predicted x_0 to the data range [-1, 1] when sampling images."""
-    channels: int = 24
-    """UNet base width for images (levels of 1x and 2x this)."""
-    hidden: int = 128
-    """MLP width for points."""
-    eval_samples: int = 500
-    """Samples drawn at the end of training for the figures and metrics (0 skips)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0 < self.beta_1 < self.beta_T < 1:
-            raise ConfigError(f"need 0 < beta_1 < beta_T < 1, got {self.beta_1}, {self.beta_T}")
-        if self.T < 2:
-            raise ConfigError(f"--T must be at least 2, got {self.T}")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}")
-        for name in ("batch_size", "lr", "channels", "hidden"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{flag(name)} must be positive")
-        if self.eval_samples < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ConfigError("--eval-samples, --warmup-steps and --grad-clip cannot be negative")
-
 
 # --- the maths ---------------------------------------------------------------------------------
 
@@ -108,6 +59,13 @@ Timestep = torch.Tensor | int
 def linear_betas(T: int = 1000, beta_1: float = 1e-4, beta_T: float = 0.02) -> torch.Tensor:
     """beta_1..beta_T spaced linearly (float64, shape (T,))."""
     return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
+
+
+def cosine_betas(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """beta_t from the cosine alpha_bar of Nichol & Dhariwal (float64, shape (T,))."""
+    steps = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
 
 
 class Schedule:
@@ -125,10 +83,30 @@ class Schedule:
         self.beta_tilde = (1 - self.alpha_bar_prev) / (1 - self.alpha_bar) * betas
         self.mu_coef_x0 = self.alpha_bar_prev.sqrt() * betas / (1 - self.alpha_bar)
         self.mu_coef_xt = self.alphas.sqrt() * (1 - self.alpha_bar_prev) / (1 - self.alpha_bar)
+        self.sigmas = ((1 - self.alpha_bar) / self.alpha_bar).sqrt()
+        self.log_sigmas = self.sigmas.log()
 
     @classmethod
     def linear(cls, T: int = 1000, beta_1: float = 1e-4, beta_T: float = 0.02) -> Schedule:
         return cls(linear_betas(T, beta_1, beta_T))
+
+    @classmethod
+    def cosine(cls, T: int = 1000) -> Schedule:
+        return cls(cosine_betas(T))
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma at fractional 0-based steps t in [0, T - 1], log-linear between the table's."""
+        t = t.double().clamp(0, self.T - 1)
+        low = t.floor().long().clamp(max=self.T - 2)
+        w = t - low
+        return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[low + 1]).exp()
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``t_to_sigma`` (sigma is increasing in t), clamped to [0, T - 1]."""
+        log_sigma = sigma.double().cpu().log().clamp(self.log_sigmas[0], self.log_sigmas[-1])
+        high = torch.searchsorted(self.log_sigmas, log_sigma).clamp(1, self.T - 1)
+        lo, hi = self.log_sigmas[high - 1], self.log_sigmas[high]
+        return (high - 1) + (log_sigma - lo) / (hi - lo)
 
 
 def _at(coef: torch.Tensor, t: Timestep, x: torch.Tensor) -> torch.Tensor | float:
@@ -195,94 +173,3 @@ def ancestral_sample(model: nn.Module, shape: tuple[int, ...], s: Schedule,
         z = torch.randn(shape, generator=generator).to(device) if i > 0 else None
         x = p_sample_step(model, x, i, s, z, variance, clip)
     return x
-
-
-# --- model, training, sampling -----------------------------------------------------------------
-
-def build_model(cfg: Config, data: Dataset) -> nn.Module:
-    if data.kind == "points":
-        return TimeMLP(data.sample_shape[0], hidden=cfg.hidden)
-    side = data.sample_shape[-1]
-    mults = (1, 2) if side % 2 == 0 else (1,)
-    return UNet(data.sample_shape[0], base=cfg.channels, channel_mults=mults, attention=False)
-
-
-def to_model_space(x: torch.Tensor, data: Dataset) -> torch.Tensor:
-    """Images in [0, 1] become [-1, 1]; points are used as they are."""
-    return x * 2 - 1 if data.kind == "image" else x
-
-
-def from_model_space(x: torch.Tensor, data: Dataset) -> torch.Tensor:
-    return ((x + 1) / 2).clamp(0, 1) if data.kind == "image" else x
-
-
-def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
-    """Train (or, given a run with a checkpoint, resume) DDPM; returns the run."""
-    run = run or Run.create("ddpm", cfg)
-    device = resolve_device(cfg.device)
-    data = load_dataset(cfg.dataset)
-    generator = seed_everything(cfg.seed)
-    model = build_model(cfg, data).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    s = Schedule.linear(cfg.T, cfg.beta_1, cfg.beta_T)
-    x_train = to_model_space(data.x_train, data).to(device)
-    batches = EpochBatches(len(x_train), cfg.batch_size, cfg.seed)
-
-    def step_fn(step: int) -> dict[str, torch.Tensor]:
-        x0 = x_train[batches(step).to(device)]
-        t = torch.randint(0, s.T, (len(x0),), generator=generator).to(device)
-        eps = torch.randn(x0.shape, generator=generator).to(device)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps))
-        loss = simple_loss(model, x0, t, eps, s)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        # EMA with the usual warm-up of the decay so early averages are not stuck at init.
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-        return {"loss": loss.detach()}
-
-    fit(run, step_fn, total_steps=cfg.steps, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
-        objects={"model": model, "ema": ema, "optimizer": opt, "rng": generator},
-        progress=progress)
-    run.save_figure(metric_curves(run.metrics, ["loss"], title="DDPM simple loss"), "loss.png")
-    run.write_summary({"steps": cfg.steps, "final_loss": run.metrics[-1]["loss"]})
-    if cfg.eval_samples:
-        evaluate(run, n=cfg.eval_samples, progress=progress)
-    return run
-
-
-def load_config(run: Run) -> Config:
-    return config_from_dict(Config, run.config)
-
-
-def sample(run: Run, n: int = 64, seed: int = 0, progress: bool | None = None) -> torch.Tensor:
-    """n samples from the run's EMA model, in data space (images in [0, 1])."""
-    cfg = load_config(run)
-    device = resolve_device(cfg.device)
-    data = load_dataset(cfg.dataset)
-    model = build_model(cfg, data)
-    run.load_weights(model, "ema")
-    s = Schedule.linear(cfg.T, cfg.beta_1, cfg.beta_T)
-    x = ancestral_sample(model.to(device).eval(), (n, *data.sample_shape), s,
-                         torch.Generator().manual_seed(seed), cfg.variance,
-                         clip=cfg.clip_x0 and data.kind == "image", device=device,
-                         progress=progress)
-    return from_model_space(x.cpu(), data)
-
-
-def evaluate(run: Run, n: int = 500, seed: int = 0, progress: bool | None = None) -> dict:
-    """Draw n samples, write the figure, and score them against the held-out test split."""
-    cfg = load_config(run)
-    data = load_dataset(cfg.dataset)
-    x = sample(run, n, seed, progress)
-    metrics = score_samples(x, data)
-    run.save_figure(samples_figure(x, f"DDPM samples, {cfg.dataset}, step {cfg.steps}",
-                                   data.x_test), "samples.png")
-    run.write_summary({"eval": metrics})
-    return metrics
