@@ -41,8 +41,8 @@ def trajectory_figure(frames: Frames, data: Dataset, title: str = "", columns: i
 @torch.no_grad()
 def vector_field_figure(formulation, model: torch.nn.Module, data: Dataset,
                         sigmas: tuple[float, ...] = (2.0, 1.0, 0.5, 0.1), grid: int = 21):
-    """For 2D data: at each noise level, arrows from a grid of noisy points x to the model's
-    denoised estimate D(x; sigma), i.e. sigma^2 times the learned score."""
+    """For 2D data: at each noise level, arrows along D(x; sigma) - x on a grid of noisy points x,
+    i.e. sigma^2 times the learned score, coloured by length and drawn at a common scale."""
     denoiser = formulation.denoiser(model)
     low, high = data.x_test.min(0).values * 1.2, data.x_test.max(0).values * 1.2
     gx, gy = torch.meshgrid(torch.linspace(float(low[0]), float(high[0]), grid),
@@ -51,11 +51,13 @@ def vector_field_figure(formulation, model: torch.nn.Module, data: Dataset,
     device = next(model.parameters()).device
     fig, axes = plt.subplots(1, len(sigmas), figsize=(4 * len(sigmas), 4))
     for ax, sigma in zip(axes, sigmas, strict=True):
-        arrow = (denoiser(points.to(device), sigma).cpu() - points)
+        arrow = denoiser(points.to(device), sigma).cpu() - points
+        length = arrow.norm(dim=1)
         ax.scatter(data.x_test[:2000, 0], data.x_test[:2000, 1], s=1, c="0.8")
-        ax.quiver(points[:, 0], points[:, 1], arrow[:, 0], arrow[:, 1], angles="xy",
-                  scale_units="xy", scale=1, width=0.003, color="tab:blue")
+        ax.quiver(points[:, 0], points[:, 1], arrow[:, 0], arrow[:, 1], length, angles="xy",
+                  width=0.004, cmap="viridis")
         ax.set_aspect("equal")
-        ax.set_title(f"D(x; sigma) - x at sigma = {sigma:g}", fontsize=9)
+        ax.set_title(f"D(x; sigma) - x at sigma = {sigma:g} (longest {float(length.max()):.2g})",
+                     fontsize=9)
     fig.tight_layout()
     return fig
