@@ -76,8 +76,9 @@ TABULAR_EVALUATE = "mlatlas.rl.tabular.common:evaluate"
 DIFFUSION = "mlatlas.generative.diffusion.framework"
 
 
-def _diffusion(name: str, config: str, summary: str, module: str = DIFFUSION) -> Method:
-    return Method(name, "generative/diffusion", summary, module, config=config,
+def _diffusion(name: str, config: str, summary: str, module: str = DIFFUSION,
+               family: str = "generative/diffusion") -> Method:
+    return Method(name, family, summary, module, config=config,
                   train=f"{DIFFUSION}:train", sample=f"{DIFFUSION}:sample",
                   evaluate=f"{DIFFUSION}:evaluate", sample_config=f"{DIFFUSION}:SampleConfig")
 
@@ -95,7 +96,7 @@ METHODS: dict[str, Method] = {
                    "noise levels, Heun sampling"),
         _diffusion("flow_matching", "Config", "Flow matching on the straight path (Lipman et al. "
                    "2023): velocity regression, Euler/Heun ODE sampling",
-                   "mlatlas.generative.flow_matching.flow_matching"),
+                   "mlatlas.generative.flow_matching.flow_matching", "generative/flow_matching"),
         _tabular("bellman", "bellman", "Policy evaluation: closed form (I - gamma P_pi)^-1 r_pi "
                  "and iteration (Zhao ch. 2)", config="Config", train="train"),
         _tabular("value_iteration", "dp", "Value iteration on the Bellman optimality equation "

@@ -44,6 +44,19 @@ def test_learns_a_2d_toy(name, runs):
     assert after < before / factor, (before, after)
 
 
+@pytest.mark.parametrize("name", ["edm", "flow_matching", "vp-eps"])
+def test_likelihood_of_held_out_points_rises(name, runs):
+    """The probability-flow ODE's exact log-likelihood of 300 test points: a trained model's
+    beats an untrained one's by over a nat per point."""
+    cls, kw, _ = CONFIGS[name]
+    x = load_dataset("8gaussians").x_test[:300]
+    nll = []
+    for steps, lr in ((1, 1e-12), (600, 1e-3)):
+        cfg, _, model = framework.load_model(trained(cls, runs, steps, lr=lr, **kw))
+        nll.append(-framework.log_likelihood(cfg.formulation(), model, x, 32).mean().item())
+    assert nll[1] < nll[0] - 1, nll
+
+
 def test_every_sampler_applies_to_a_vp_run(runs):
     run = trained(framework.VPConfig, runs, 400)
     test_points = load_dataset("8gaussians").x_test
@@ -56,6 +69,16 @@ def test_every_sampler_applies_to_a_vp_run(runs):
     assert metrics["sampler"] == "heun" and metrics["function_evaluations"] == 35
     scores["heun"] = metrics["mmd"]
     assert max(scores.values()) < 0.3, scores
+    # The true density is known: 8 Gaussians of std 0.5 / sqrt 2 on a circle of radius 4 / sqrt 2.
+    angles = torch.arange(8) * torch.pi / 4
+    centres = 4 / 2**0.5 * torch.stack([angles.cos(), angles.sin()], 1)
+    x, var = load_dataset("8gaussians").x_test[:500].double(), 0.125
+    log_p = torch.logsumexp(-(x[:, None] - centres).pow(2).sum(2) / (2 * var), 1) \
+        - torch.log(torch.tensor(8 * 2 * torch.pi * var))
+    true_nll = -log_p.mean().item()
+    # 400 steps measured 4.06 nats against the true 2.89 (an untrained network: 12.0).
+    assert true_nll - 0.1 < metrics["test_nll_nats"] < true_nll + 1.5, (metrics["test_nll_nats"],
+                                                                         true_nll)
     for name in ("samples.png", "trajectory.png", "vector_field.png", "loss.png"):
         assert (run.dir / name).is_file()
 

@@ -31,7 +31,12 @@ from typing import ClassVar
 import torch
 
 from mlatlas.core.progress import progress_bar
-from mlatlas.generative.diffusion.framework import DiffusionConfig, Formulation, batch_view
+from mlatlas.generative.diffusion.framework import (
+    DiffusionConfig,
+    Formulation,
+    Sampler,
+    batch_view,
+)
 from mlatlas.generative.diffusion.samplers import Callback
 
 
@@ -144,7 +149,7 @@ class Config(DiffusionConfig):
 
     METHOD: ClassVar[str] = "flow_matching"
 
-    sampler: str = "heun"
+    sampler: Sampler = "heun"
     """Sampler for the samples drawn at the end of training and the default of `mlatlas sample`."""
     sample_steps: int = 18
     """ODE steps (Heun makes 2 x steps - 1 network evaluations)."""
