@@ -29,3 +29,21 @@ def test_readme_rl_tour(runs, capsys):
             capsys.readouterr()
             assert main([argv[0], str(run_dir), *argv[2:]]) == 0, argv
             assert json.loads(capsys.readouterr().out)["policy_optimal"]
+
+
+def test_readme_diffusion_tour(runs, capsys):
+    """The diffusion tour with tiny budgets: every command parses and runs."""
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    block = next(b for b in blocks if "mlatlas train edm" in b)
+    commands = [shlex.split(line.split("#")[0])[1:] for line in block.splitlines()
+                if line.startswith("mlatlas ")]
+    assert len(commands) == 4
+    for argv in commands:
+        if argv[0] == "train":
+            argv = [*argv, "--steps", "2", "--batch-size", "16", "--channels", "8",
+                    "--eval-samples", "10", "--out", str(runs), "--no-progress"]
+        else:
+            method = Path(argv[1]).name.rsplit("-", 2)[0]
+            (run_dir,) = runs.glob(f"{method}-*")
+            argv = [argv[0], str(run_dir), *argv[2:], "--n", "4", "--no-progress"]
+        assert main(argv) == 0, argv
