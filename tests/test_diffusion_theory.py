@@ -57,7 +57,9 @@ def test_vp_sigmas_and_fractional_steps(schedule):
     # x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps is s (x_0 + sigma eps) with s = 1/sqrt(1 + sigma^2)
     assert torch.allclose(1 / (1 + schedule.sigmas**2), ab)
     t = torch.tensor([0.0, 0.3, 1.0, 17.25, 500.5, 998.9, 999.0])
-    assert torch.allclose(schedule.sigma_to_t(schedule.t_to_sigma(t)), t, atol=1e-9)
+    back = [schedule.sigma_to_t(sigma) for sigma in schedule.t_to_sigma(t).tolist()]
+    assert torch.allclose(torch.tensor(back), t, atol=1e-9)
+    assert schedule.sigma_to_t(1e-9) == 0 and schedule.sigma_to_t(1e9) == 999
     steps = torch.arange(1000.0)
     assert torch.allclose(schedule.t_to_sigma(steps), schedule.sigmas, rtol=1e-12)
 

@@ -43,6 +43,7 @@ DDPM live in ``framework.py`` with the other diffusion models.
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
@@ -85,6 +86,7 @@ class Schedule:
         self.mu_coef_xt = self.alphas.sqrt() * (1 - self.alpha_bar_prev) / (1 - self.alpha_bar)
         self.sigmas = ((1 - self.alpha_bar) / self.alpha_bar).sqrt()
         self.log_sigmas = self.sigmas.log()
+        self._log_sigma_list = self.log_sigmas.tolist()
 
     @classmethod
     def linear(cls, T: int = 1000, beta_1: float = 1e-4, beta_T: float = 0.02) -> Schedule:
@@ -101,11 +103,14 @@ class Schedule:
         w = t - low
         return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[low + 1]).exp()
 
-    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        """The inverse of ``t_to_sigma`` (sigma is increasing in t), clamped to [0, T - 1]."""
-        log_sigma = sigma.double().cpu().log().clamp(self.log_sigmas[0], self.log_sigmas[-1])
-        high = torch.searchsorted(self.log_sigmas, log_sigma).clamp(1, self.T - 1)
-        lo, hi = self.log_sigmas[high - 1], self.log_sigmas[high]
+    def sigma_to_t(self, sigma: float) -> float:
+        """The inverse of ``t_to_sigma`` (sigma is increasing in t), clamped to [0, T - 1]. In
+        plain floats: samplers ask once per step, and a dozen 0-d tensor operations would cost
+        more than the step itself."""
+        table = self._log_sigma_list
+        log_sigma = min(max(math.log(sigma), table[0]), table[-1])
+        high = min(max(bisect.bisect_left(table, log_sigma), 1), self.T - 1)
+        lo, hi = table[high - 1], table[high]
         return (high - 1) + (log_sigma - lo) / (hi - lo)
 
 

@@ -71,18 +71,27 @@ def geometric_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
-def edm_preconditioning(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(c_skip, c_out, c_in, c_noise) of EDM at noise levels ``sigma`` (any shape)."""
+Level = torch.Tensor | float
+
+
+def _log(sigma: Level) -> Level:
+    # A sampler's one float per step costs less in math than as a 0-d tensor.
+    return sigma.log() if isinstance(sigma, torch.Tensor) else math.log(sigma)
+
+
+def edm_preconditioning(sigma: Level, sigma_data: float = SIGMA_DATA
+                        ) -> tuple[Level, Level, Level, Level]:
+    """(c_skip, c_out, c_in, c_noise) of EDM at noise levels ``sigma`` (a tensor of any shape,
+    or a float)."""
     total = sigma**2 + sigma_data**2
-    return (sigma_data**2 / total, sigma * sigma_data / total.sqrt(), 1 / total.sqrt(),
-            sigma.log() / 4)
+    return (sigma_data**2 / total, sigma * sigma_data / total**0.5, 1 / total**0.5,
+            _log(sigma) / 4)
 
 
-def ve_preconditioning(sigma: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def ve_preconditioning(sigma: Level) -> tuple[Level, Level, Level, Level]:
     """(c_skip, c_out, c_in, c_noise) of VE (Karras et al. Table 1): F predicts -eps."""
-    return torch.ones_like(sigma), sigma, torch.ones_like(sigma), (sigma / 2).log()
+    one = torch.ones_like(sigma) if isinstance(sigma, torch.Tensor) else 1.0
+    return one, sigma, one, _log(sigma / 2)
 
 
 def edm_loss_weight(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:

@@ -117,10 +117,13 @@ class VP(Formulation):
     def denoiser(self, net, clip=False):
         def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
             scale = 1 / math.sqrt(1 + sigma**2)
-            t = float(self.schedule.sigma_to_t(torch.tensor(sigma)))
+            t = self.schedule.sigma_to_t(sigma)
             x_t = x * scale
             out = net(x_t, torch.full((len(x),), t, device=x.device, dtype=x.dtype))
-            x0 = to_x0_eps(out, self.prediction, x_t, scale, sigma * scale)[0]
+            if self.prediction == "eps":  # x_0 = x - sigma eps in x's scale: one op, not three
+                x0 = torch.add(x, out, alpha=-sigma)
+            else:
+                x0 = to_x0_eps(out, self.prediction, x_t, scale, sigma * scale)[0]
             return x0.clamp(-1, 1) if clip else x0
 
         return denoise
@@ -177,10 +180,9 @@ class Preconditioned(Formulation):
 
     def denoiser(self, net, clip=False):
         def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            c_skip, c_out, c_in, c_noise = map(float, self.coefficients(
-                torch.tensor(sigma, dtype=torch.float64)))
+            c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
             out = net(c_in * x, torch.full((len(x),), c_noise, device=x.device, dtype=x.dtype))
-            x0 = c_skip * x + c_out * out
+            x0 = torch.add(c_out * out, x, alpha=c_skip)
             return x0.clamp(-1, 1) if clip else x0
 
         return denoise

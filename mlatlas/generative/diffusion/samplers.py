@@ -86,11 +86,13 @@ def _karras(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, second_or
         denoised = denoiser(x, sigma_hat)
         if callback is not None:
             callback(i, sigma_hat, x, denoised)
-        d = (x - denoised) / sigma_hat
-        x_next = x + (sigma_next - sigma_hat) * d
+        # x + (sigma_next - sigma_hat) d with d = (x - D) / sigma_hat, as one op
+        x_next = torch.lerp(denoised, x, sigma_next / sigma_hat)
         if second_order and sigma_next > 0:
-            d_next = (x_next - denoiser(x_next, sigma_next)) / sigma_next
-            x_next = x + (sigma_next - sigma_hat) * (d + d_next) / 2
+            # x + h (d + d') / 2 with h = sigma_next - sigma_hat, d's half folded into one lerp
+            h = sigma_next - sigma_hat
+            x_next = torch.lerp(denoised, x, 1 + h / (2 * sigma_hat)).add_(
+                x_next - denoiser(x_next, sigma_next), alpha=h / (2 * sigma_next))
         x = x_next
     return x
 
@@ -131,11 +133,11 @@ def ddim(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, eta: floa
         denoised = denoiser(x, sigma)
         if callback is not None:
             callback(i, sigma, x, denoised)
-        eps_hat = (x - denoised) / sigma
         sigma_up = eta * sigma_next * math.sqrt(max(sigma**2 - sigma_next**2, 0.0)) / sigma
-        x = denoised + math.sqrt(sigma_next**2 - sigma_up**2) * eps_hat
+        # D + sqrt(sigma_next^2 - sigma_up^2) eps_hat with eps_hat = (x - D) / sigma, as one op
+        x = torch.lerp(denoised, x, math.sqrt(sigma_next**2 - sigma_up**2) / sigma)
         if sigma_up > 0:
-            x = x + sigma_up * _noise(x, generator)
+            x = torch.add(x, _noise(x, generator), alpha=sigma_up)
     return x
 
 
@@ -154,12 +156,12 @@ def ddpm(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
         denoised = denoiser(x, sigma)
         if callback is not None:
             callback(i, sigma, x, denoised)
-        x = denoised + (sigma_next / sigma) ** 2 * (x - denoised)
+        x = torch.lerp(denoised, x, (sigma_next / sigma) ** 2)
         if sigma_next > 0:
             gap = sigma**2 - sigma_next**2
             var = (sigma_next**2 * gap / sigma**2 if variance == "posterior"
                    else gap * (1 + sigma_next**2) / (1 + sigma**2))
-            x = x + math.sqrt(var) * _noise(x, generator)
+            x = torch.add(x, _noise(x, generator), alpha=math.sqrt(var))
     return x
 
 

@@ -81,9 +81,9 @@ def _integrate(velocity, x: torch.Tensor, ts: torch.Tensor, second_order: bool,
         v = velocity(x, t)
         if callback is not None:
             callback(i, t, x, x - t * v)
-        x_next = x + (t_next - t) * v
+        x_next = torch.add(x, v, alpha=t_next - t)
         if second_order and t_next > 0:
-            x_next = x + (t_next - t) * (v + velocity(x_next, t_next)) / 2
+            x_next = torch.add(x, v + velocity(x_next, t_next), alpha=(t_next - t) / 2)
         x = x_next
     return x
 

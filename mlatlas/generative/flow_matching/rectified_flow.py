@@ -1,0 +1,374 @@
+r"""Rectified flow and reflow (Liu, Gong & Liu, "Flow Straight and Fast: Learning to Generate
+and Transfer Data with Rectified Flow", ICLR 2023), built on ``flow_matching.py``.
+
+Time runs as in flow matching: t = 1 is the noise z ~ N(0, I), t = 0 the data (the paper's time
+is 1 - t). Given a coupling (x_0, z), the rectified flow of it is the ODE dZ_t/dt = v(Z_t, t),
+Z_1 = z, whose velocity minimises
+
+    L(v) = int_0^1 E || (z - x_0) - v(x_t, t) ||^2 dt,    x_t = (1 - t) x_0 + t z.
+
+1-rectified flow: the independent coupling x_0 ~ data, z ~ N(0, I); L is flow matching's L_CFM
+exactly, so the first stage of a run is a flow-matching run step for step.
+
+Reflow: with Phi^1(z) = Z_0 the end of the 1-rectified flow started at z (integrated by Heun or
+Euler), the 2-rectified flow minimises the same L on the deterministic pairs
+
+    (x_0_hat, z) = (Phi^1(z), z),    z ~ N(0, I)   (N of them, drawn once),
+
+starting from the 1-rectified flow's weights. It transports N(0, I) to the same distribution
+(the marginals of Phi^1 are kept), at no larger transport cost for any convex cost, and its
+paths are straighter. The paper measures the straightness of a flow Z by
+
+    S(Z) = int_0^1 E || (Z_1 - Z_0) - dZ_t/dt ||^2 dt   (squared norm over all dimensions),
+
+zero exactly when every path is a straight line travelled at constant speed; then one Euler
+step x_0 = z - v(z, 1) is exact. On a simulated path at times t_0 > t_1 > ... > t_N, with v_i the
+velocity where the sampler evaluated it, the estimate is the left Riemann sum
+
+    S_hat = sum_i (t_i - t_{i+1}) E || c - v_i ||^2 / (t_0 - t_N),
+    c = (Z_{t_0} - Z_{t_N}) / (t_0 - t_N)   (the chord's velocity).
+
+Along Euler's path c is the time-weighted mean of the v_i, so S_hat is their variance. For data
+x_0 ~ N(m, s^2) in one dimension the 1-rectified flow is known: Z_t = (1 - t) m + sigma_t z with
+sigma_t^2 = (1 - t)^2 s^2 + t^2, and since sigma_t'^2 = 1 + s^2 - s^2 / sigma_t^2 and
+int_0^1 s^2 / sigma_t^2 dt = s (arctan(1 / s) + arctan(s)) = pi s / 2,
+
+    S = int_0^1 (1 - s - sigma_t')^2 dt = int_0^1 sigma_t'^2 dt - (1 - s)^2 = (2 - pi / 2) s.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from mlatlas.core.config import ConfigError, require_at_least
+from mlatlas.core.plots import metric_curves, plt, samples_figure
+from mlatlas.core.run import Run, fit
+from mlatlas.core.runtime import resolve_device, seed_everything
+from mlatlas.data import Dataset, EpochBatches
+from mlatlas.eval.samples import score_samples
+from mlatlas.generative.diffusion import framework
+from mlatlas.generative.diffusion.framework import SampleConfig
+from mlatlas.generative.diffusion.samplers import function_evaluations
+from mlatlas.generative.flow_matching import flow_matching
+from mlatlas.generative.flow_matching.flow_matching import FM_SAMPLERS, cfm_loss, times
+
+# --- the maths ---------------------------------------------------------------------------------
+
+
+def reflow_pairs(velocity, z: torch.Tensor, ts: torch.Tensor, sampler: str = "heun",
+                 chunk: int = 1000, progress: bool | None = None) -> torch.Tensor:
+    """x_0_hat = Phi(z): the end of dx/dt = velocity(x, t) started at z (B, ...) and integrated
+    along the decreasing times ``ts`` by ``sampler`` ('euler' or 'heun'), ``chunk`` samples at
+    a time. (x_0_hat, z) are the reflow pairs."""
+    if sampler not in FM_SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(FM_SAMPLERS)}, got {sampler!r}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    return torch.cat([FM_SAMPLERS[sampler](velocity, part, ts, progress=progress)
+                      for part in z.split(chunk)])
+
+
+def reflow_loss(net, x0_hat: torch.Tensor, z: torch.Tensor,
+                generator: torch.Generator) -> torch.Tensor:
+    """L on coupled pairs: t ~ U(0, 1) per pair and || v(x_t, t) - (z - x_0_hat) ||^2, averaged;
+    unlike flow matching's loss, z is the pair's own noise, not a fresh draw."""
+    if x0_hat.shape != z.shape:
+        raise ValueError(f"x0_hat {tuple(x0_hat.shape)} and z {tuple(z.shape)} must match")
+    t = torch.rand(len(x0_hat), generator=generator).to(x0_hat.device)
+    return cfm_loss(net, x0_hat, z, t)
+
+
+def path_straightness(ts: torch.Tensor, velocities: torch.Tensor, x_start: torch.Tensor,
+                      x_end: torch.Tensor) -> torch.Tensor:
+    """S_hat of a simulated path: ``ts`` (N + 1,) decreasing times, ``velocities`` (N, B, ...)
+    the velocity v_i at x(t_i) for i < N, ``x_start`` = x(t_0) and ``x_end`` = x(t_N), (B, ...).
+    Returns a float64 scalar."""
+    ts = torch.as_tensor(ts, dtype=torch.float64).cpu()
+    if ts.ndim != 1 or len(ts) < 2 or not bool((ts.diff() < 0).all()):
+        raise ValueError("ts must be a strictly decreasing 1-D sequence of at least two times")
+    if velocities.shape != (len(ts) - 1, *x_start.shape) or x_end.shape != x_start.shape:
+        raise ValueError(f"need velocities of shape {(len(ts) - 1, *x_start.shape)} and x_end "
+                         f"like x_start, got {tuple(velocities.shape)}, {tuple(x_end.shape)}")
+    span = ts[0] - ts[-1]
+    chord = (x_start - x_end).double() / span
+    deviation = (chord - velocities.double()).pow(2).flatten(2).sum(-1).mean(-1).cpu()
+    return ((ts[:-1] - ts[1:]) * deviation).sum() / span
+
+
+def straightness(velocity, z: torch.Tensor, ts: torch.Tensor,
+                 sampler: str = "heun") -> torch.Tensor:
+    """S_hat of the flow dx/dt = velocity(x, t) from z (B, ...) along ``ts`` (integrated by
+    'euler' or 'heun'; the velocities are those of each step's first evaluation)."""
+    if sampler not in FM_SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(FM_SAMPLERS)}, got {sampler!r}")
+    velocities = []
+
+    def record(i: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> None:
+        velocities.append((x - x0) / t)  # the sampler reports x0 = x - t v
+
+    x_end = FM_SAMPLERS[sampler](velocity, z, ts, callback=record)
+    return path_straightness(ts, torch.stack(velocities), z, x_end)
+
+
+# --- config ------------------------------------------------------------------------------------
+
+@dataclass
+class Config(flow_matching.Config):
+    """1-rectified flow (flow matching), then one reflow: the 2-rectified flow."""
+
+    METHOD: ClassVar[str] = "rectified_flow"
+
+    steps: int = 3000
+    """Optimisation steps of both stages: 1..reflow_after train the 1-rectified flow, the
+    rest the 2-rectified flow on the reflow pairs (a resumed run may raise it)."""
+    reflow_after: int = 2000
+    """Steps of the 1-rectified flow before the reflow (equal to --steps: no reflow)."""
+    reflow_pairs: int = 2000
+    """Noise samples z turned by the 1-rectified flow into the pairs (Phi(z), z)."""
+    reflow_sampler: Literal["euler", "heun"] = "heun"
+    """ODE solver that makes the reflow pairs."""
+    reflow_ode_steps: int = 32
+    """Solver steps that make each pair (Heun makes 2 x steps - 1 network evaluations)."""
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 1, "reflow_after", "reflow_ode_steps")
+        if self.reflow_sampler not in FM_SAMPLERS:
+            raise ConfigError(f"--reflow-sampler must be one of {', '.join(FM_SAMPLERS)}, "
+                              f"got {self.reflow_sampler!r}")
+        if self.reflow_after > self.steps:
+            raise ConfigError(f"--reflow-after {self.reflow_after} exceeds --steps {self.steps}")
+        if self.reflow_pairs < self.batch_size:
+            raise ConfigError(f"--reflow-pairs {self.reflow_pairs} must be at least "
+                              f"--batch-size {self.batch_size}")
+        if self.conditional:
+            raise ConfigError("rectified_flow does not take --conditional (the reflow pairs "
+                              "would need one coupling per label)")
+        super().__post_init__()
+
+
+# --- training ----------------------------------------------------------------------------------
+
+def _update(cfg: Config, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
+            loss: torch.Tensor, step: int) -> None:
+    """framework.train's optimiser step: warm-up, clipping, Adam, EMA (``step`` counts from 1
+    in the current stage)."""
+    for group in opt.param_groups:
+        group["lr"] = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
+    """Train the 1-rectified flow for ``reflow_after`` steps, make the reflow pairs with its EMA
+    weights and fine-tune those weights into the 2-rectified flow for the remaining steps. A run
+    resumed from any checkpoint, before or after the reflow, continues exactly."""
+    run = run or Run.create(cfg.METHOD, cfg)
+    device = resolve_device(cfg.device)
+    data = framework.load_data(cfg)
+    formulation = cfg.formulation()
+    # The same objects in the same order as framework.train: stage 1 is a flow-matching run.
+    generator = seed_everything(cfg.seed)
+    model = framework.build_model(cfg, data).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    x_train = framework.to_model_space(data.x_train, data).to(device)
+    batches = EpochBatches(len(x_train), cfg.batch_size, cfg.seed)
+    # Stage 2 state, checkpointed from the start so that every checkpoint has the same layout.
+    ema_rf1 = copy.deepcopy(ema).eval()
+    shape = (cfg.reflow_pairs, *data.sample_shape)
+    pairs = {"x0": torch.zeros(shape, device=device), "z": torch.zeros(shape, device=device)}
+    pair_batches = EpochBatches(cfg.reflow_pairs, cfg.batch_size, cfg.seed)
+
+    def start_reflow() -> None:
+        ema_rf1.load_state_dict(ema.state_dict())
+        model.load_state_dict(ema.state_dict())
+        opt.state.clear()  # Adam's moments belong to the old objective and the raw weights
+        z = torch.randn(shape, generator=generator).to(device)
+        pairs["x0"] = reflow_pairs(formulation.velocity(ema_rf1), z,
+                                   times(cfg.reflow_ode_steps), cfg.reflow_sampler,
+                                   progress=progress)
+        pairs["z"] = z
+
+    def step_fn(step: int) -> dict[str, torch.Tensor]:
+        if step <= cfg.reflow_after:
+            index = batches(step).to(device)
+            loss = formulation.loss(model, x_train[index], None, generator)
+            _update(cfg, model, ema, opt, loss, step)
+            return {"loss": loss.detach()}
+        stage_step = step - cfg.reflow_after
+        if stage_step == 1:
+            start_reflow()
+        elif pairs["z"].device != device:  # restored from a checkpoint, which loads on the CPU
+            pairs.update({k: v.to(device) for k, v in pairs.items()})
+        index = pair_batches(stage_step).to(device)
+        loss = reflow_loss(model, pairs["x0"][index], pairs["z"][index], generator)
+        _update(cfg, model, ema, opt, loss, stage_step)
+        return {"reflow_loss": loss.detach()}
+
+    fit(run, step_fn, total_steps=cfg.steps, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
+        objects={"model": model, "ema": ema, "optimizer": opt, "rng": generator,
+                 "ema_rf1": ema_rf1, "pairs": pairs},
+        progress=progress)
+    names = [k for k in ("loss", "reflow_loss") if any(k in r for r in run.metrics)]
+    run.save_figure(metric_curves(run.metrics, names, title=f"{cfg.METHOD} training loss"),
+                    "loss.png")
+    last = run.metrics[-1]
+    run.write_summary({"steps": cfg.steps, "reflow_after": cfg.reflow_after,
+                       "final_loss": last.get("reflow_loss", last.get("loss"))})
+    if cfg.eval_samples:
+        evaluate(run, n=cfg.eval_samples, progress=progress)
+    return run
+
+
+# --- sampling and evaluation -------------------------------------------------------------------
+
+def sample(run: Run, n: int = 64, seed: int = 0, progress: bool | None = None,
+           options: SampleConfig | None = None) -> torch.Tensor:
+    """n samples of the run's latest flow (the 2-rectified flow once reflowed), in data space."""
+    _check_deterministic(options)
+    return framework.sample(run, n, seed, progress, options)
+
+
+def _check_deterministic(options: SampleConfig | None) -> None:
+    if options is not None and options.churn:
+        raise ConfigError("rectified_flow samples with the deterministic euler or heun ODE "
+                          "solver only (no --churn)")
+
+
+def load_flows(run: Run) -> tuple[Config, Dataset, dict[str, nn.Module]]:
+    """The run's config, data and EMA networks: {'rf1': 1-rectified flow, 'rf2': 2-rectified
+    flow} once the reflow has begun, else {'rf1': the flow trained so far}."""
+    cfg, data, model = framework.load_model(run)
+    if (run.checkpoint_step() or 0) <= cfg.reflow_after:
+        return cfg, data, {"rf1": model}
+    rf1 = framework.build_model(cfg, data)
+    run.load_weights(rf1, "ema_rf1")
+    return cfg, data, {"rf1": rf1.to(next(model.parameters()).device).eval(), "rf2": model}
+
+
+@dataclass
+class Draw:
+    """Samples of one flow: by the run's sampler (``x``, with the path's straightness and the
+    first few samples' frames for figures) and by one Euler step (``x_one``), in data space."""
+
+    x: torch.Tensor
+    x_one: torch.Tensor
+    straightness: float
+    frames: list
+
+
+def draw_flow(cfg: Config, data: Dataset, model: nn.Module, n: int, seed: int,
+              options: SampleConfig, progress: bool | None = None) -> Draw:
+    """Both draws start from the same noise (the same seed)."""
+    keep = 8 if data.kind == "image" else 200
+    velocities, frames, start = [], [], []
+
+    def record(i: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> None:
+        if i == 0:
+            start.append(x.cpu())
+        velocities.append(((x - x0) / t).cpu())  # x0 = x - t v
+        frames.append((t, x[:keep].cpu(), x0[:keep].cpu()))
+
+    x, _ = framework.draw(cfg, data, model, n, seed, options, progress, callback=record)
+    one = SampleConfig(sampler="euler", steps=1).resolve(cfg, data)
+    x_one, _ = framework.draw(cfg, data, model, n, seed, one, progress)
+    s = path_straightness(times(options.steps), torch.stack(velocities), start[0], x.cpu())
+    return Draw(framework.from_model_space(x.cpu(), data),
+                framework.from_model_space(x_one.cpu(), data), float(s), frames)
+
+
+def evaluate(run: Run, n: int = 500, seed: int = 0, progress: bool | None = None,
+             options: SampleConfig | None = None) -> dict:
+    """Score the latest flow by the run's sampler (unprefixed keys, as every diffusion run) and
+    by one Euler step (``one_step_*``), with its straightness; the 1-rectified flow's numbers
+    carry the prefix ``rf1_`` once the run has reflowed. Writes samples.png, trajectory.png,
+    reflow.png (1-RF against 2-RF) and, for points, vector_field.png."""
+    from mlatlas.generative.diffusion.plots import trajectory_figure, vector_field_figure
+
+    _check_deterministic(options)
+    cfg, data, flows = load_flows(run)
+    options = (options or SampleConfig()).resolve(cfg, data)
+    draws = {name: draw_flow(cfg, data, net, n, seed, options, progress)
+             for name, net in flows.items()}
+    metrics: dict = {"n_samples": n}
+    for name, d in draws.items():
+        prefix = "" if name == list(draws)[-1] else f"{name}_"
+        for label, x in (("", d.x), ("one_step_", d.x_one)):
+            for key, value in score_samples(x, data).items():
+                if key not in ("n_samples", "note"):
+                    metrics[f"{prefix}{label}{key}"] = value
+                elif key == "note":
+                    metrics["note"] = value
+        metrics[f"{prefix}straightness"] = d.straightness
+    metrics.update(sampler=options.sampler, sampler_steps=options.steps,
+                   function_evaluations=function_evaluations(options.sampler, options.steps))
+    final = draws[list(draws)[-1]]
+    title = (f"{cfg.METHOD} ({'2-RF' if len(draws) == 2 else '1-RF'}), {cfg.dataset}, "
+             f"{options.describe()}")
+    run.save_figure(samples_figure(final.x, title, data.x_test), "samples.png")
+    run.save_figure(trajectory_figure(final.frames, data, title=f"{title}: the sampling path"),
+                    "trajectory.png")
+    if data.kind == "points":
+        run.save_figure(vector_field_figure(cfg.formulation(), flows[list(flows)[-1]], data),
+                        "vector_field.png")
+    run.save_figure(reflow_figure(draws, data, options.describe()), "reflow.png")
+    run.write_summary({"eval": metrics})
+    return metrics
+
+
+# --- figures -----------------------------------------------------------------------------------
+
+def _tile(images: torch.Tensor, ncols: int) -> torch.Tensor:
+    """(N, C, H, W) images in [0, 1] as one (rows * (H + 1), ncols * (W + 1), C) canvas."""
+    n, c, h, w = images.shape
+    rows = math.ceil(n / ncols)
+    canvas = torch.ones(rows * ncols, c, h + 1, w + 1)
+    canvas[:n, :, :h, :w] = images.clamp(0, 1)
+    canvas = canvas.reshape(rows, ncols, c, h + 1, w + 1).permute(0, 3, 1, 4, 2)
+    return canvas.reshape(rows * (h + 1), ncols * (w + 1), c)
+
+
+NAMES = {"rf1": "1-rectified flow", "rf2": "2-rectified flow (reflow)"}
+
+
+def reflow_figure(draws: dict[str, Draw], data: Dataset, describe: str):
+    """One row per flow: (points only) the sampling paths, then one Euler step's samples and the
+    run's sampler's, from the same noise."""
+    columns = (["paths"] if data.kind == "points" else []) + ["one Euler step", describe]
+    fig, axes = plt.subplots(len(draws), len(columns), squeeze=False,
+                             figsize=(4 * len(columns), 4 * len(draws)))
+    for row, (name, d) in zip(axes, draws.items(), strict=True):
+        panels = [d.x_one, d.x]
+        if data.kind == "points":
+            ref = data.x_test[:2000].numpy()
+            paths = torch.stack([x for _, x, _ in d.frames] + [d.frames[-1][2]]).numpy()
+            row[0].plot(paths[:, :100, 0], paths[:, :100, 1], lw=0.5, c="tab:blue", alpha=0.5)
+            row[0].scatter(paths[0, :100, 0], paths[0, :100, 1], s=4, c="tab:red")
+            for ax, x in zip(row[1:], panels, strict=True):
+                ax.scatter(ref[:, 0], ref[:, 1], s=1, c="0.75")
+                ax.scatter(x[:1000, 0].numpy(), x[:1000, 1].numpy(), s=1, c="tab:blue")
+        else:
+            for ax, x in zip(row, panels, strict=True):
+                canvas = _tile(x[:64], 8)
+                ax.imshow((canvas.squeeze(-1) if canvas.shape[-1] == 1 else canvas).numpy(),
+                          cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+                ax.set_axis_off()
+        for ax, column in zip(row, columns, strict=True):
+            if data.kind == "points":
+                ax.set_aspect("equal")
+            ax.set_title(f"{NAMES[name]}: {column}\nstraightness {d.straightness:.3g}"
+                         if column == "paths" else f"{NAMES[name]}: {column}", fontsize=9)
+    fig.tight_layout()
+    return fig
