@@ -166,3 +166,23 @@ def test_mnist_frechet_distance(runs):
     fd_before = before.summary()["eval"]["frechet_distance"]
     fd_after = run.summary()["eval"]["frechet_distance"]
     assert fd_after < fd_before / 4, (fd_before, fd_after)
+
+
+def test_classifier_guidance_wiring(runs):
+    """--classifier-steps trains the noisy classifier into the run folder; --classifier-scale
+    guides sampling with it (and names the label), on an unconditional run."""
+    cfg = framework.EDMConfig(dataset="digits", steps=2, batch_size=16, channels=8,
+                              classifier_steps=3, eval_samples=0)
+    run = framework.train(cfg, Run.create("edm", cfg, root=runs), progress=False)
+    assert run.path(framework.CLASSIFIER).is_file()
+    plain = framework.sample(run, 4, options=SampleConfig(steps=3))
+    guided = framework.sample(run, 4, options=SampleConfig(steps=3, classifier_scale=5, label=3))
+    assert guided.shape == plain.shape and not torch.allclose(plain, guided)
+    metrics = framework.evaluate(run, n=20, options=SampleConfig(steps=3, classifier_scale=2))
+    assert metrics["classifier_scale"] == 2 and "label_accuracy" in metrics
+    bare = framework.EDMConfig(dataset="digits", steps=1, batch_size=16, channels=8,
+                               eval_samples=0)
+    with pytest.raises(ConfigError, match="--classifier-steps"):
+        SampleConfig(classifier_scale=1).resolve(bare, framework.load_data(bare))
+    with pytest.raises(ConfigError, match="--label needs"):
+        SampleConfig(label=1).resolve(bare, framework.load_data(bare))

@@ -17,13 +17,17 @@ matching (``mlatlas.generative.flow_matching``) plugs its own formulation into t
 
 Class conditioning (``--conditional``) adds a label embedding to the network and, with
 probability ``label_dropout``, trains on the null label instead, so one network is both
-p(x | y) and p(x) for classifier-free guidance (``guidance.py``).
+p(x | y) and p(x) for classifier-free guidance (``guidance.py``). ``--classifier-steps`` trains
+a noisy classifier p(y | x; sigma) after the model, saved beside it, for classifier guidance
+(``mlatlas sample RUN --classifier-scale s``), which works on conditional and unconditional runs
+alike.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -39,12 +43,22 @@ from mlatlas.data import Dataset, EpochBatches, load_dataset
 from mlatlas.eval.samples import score_samples
 from mlatlas.generative.diffusion import edm, samplers
 from mlatlas.generative.diffusion.ddpm import Schedule, q_sample
-from mlatlas.generative.diffusion.guidance import classifier_free
+from mlatlas.generative.diffusion.guidance import (
+    classifier_free,
+    classifier_guided,
+    diversity,
+    label_accuracy,
+    load_noisy_classifier,
+    save_noisy_classifier,
+    train_noisy_classifier,
+)
 from mlatlas.generative.diffusion.parameterization import from_x0_eps, to_x0_eps
 from mlatlas.generative.diffusion.samplers import SAMPLERS, Callback, Denoiser, function_evaluations
 
 # A network call with labels bound or guided: net(x, t) -> output shaped like x.
 Network = Any
+# The noisy classifier of classifier guidance, in the run folder beside the checkpoint.
+CLASSIFIER = "noisy_classifier.safetensors"
 
 
 # --- formulations ------------------------------------------------------------------------------
@@ -81,14 +95,19 @@ class Formulation:
     def sample(self, net: Network, shape: tuple[int, ...], sampler: str, steps: int,
                generator: torch.Generator, device: torch.device, *, clip: bool = False,
                progress: bool | None = None, callback: Callback = None,
+               guide: Callable[[Denoiser], Denoiser] | None = None,
                **options: Any) -> torch.Tensor:
-        """Draw x at sigmas[0] and run ``sampler``; returns x_0 samples in model space."""
+        """Draw x at sigmas[0] and run ``sampler``; returns x_0 samples in model space.
+        ``guide`` wraps the denoiser (classifier guidance)."""
         if sampler not in self.samplers:
             raise ConfigError(f"sampler {sampler!r} does not apply here; choose from "
                               f"{', '.join(self.samplers)}")
         sigmas = self.sigmas(steps, sampler)
         x = torch.randn(shape, generator=generator).to(device) * self.prior_std(float(sigmas[0]))
-        return SAMPLERS[sampler](self.denoiser(net, clip), x, sigmas, generator=generator,
+        denoiser = self.denoiser(net, clip)
+        if guide is not None:
+            denoiser = guide(denoiser)
+        return SAMPLERS[sampler](denoiser, x, sigmas, generator=generator,
                                  progress=progress, callback=callback, **options)
 
 
@@ -241,6 +260,9 @@ class DiffusionConfig(BaseConfig):
     """Condition on the class label (for classifier-free guidance; needs a labelled dataset)."""
     label_dropout: float = 0.1
     """With --conditional, the share of examples trained with the null label."""
+    classifier_steps: int = 0
+    """After the model, train a noisy classifier p(y | x; sigma) this many steps for classifier
+    guidance (`mlatlas sample --classifier-scale`); 0 trains none. Needs labelled data."""
     sampler: Sampler = "heun"
     """Sampler for the samples drawn at the end of training and the default of `mlatlas sample`."""
     sample_steps: int = 18
@@ -255,8 +277,10 @@ class DiffusionConfig(BaseConfig):
         for name in ("batch_size", "lr", "channels", "hidden", "sample_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{flag(name)} must be positive")
-        if self.eval_samples < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ConfigError("--eval-samples, --warmup-steps and --grad-clip cannot be negative")
+        if (self.eval_samples < 0 or self.warmup_steps < 0 or self.grad_clip < 0
+                or self.classifier_steps < 0):
+            raise ConfigError("--eval-samples, --warmup-steps, --grad-clip and --classifier-steps "
+                              "cannot be negative")
         require_unit(self, "label_dropout")
         if self.sampler not in self.formulation().samplers:
             raise ConfigError(f"--sampler {self.sampler} does not apply to {self.METHOD}; choose "
@@ -392,6 +416,9 @@ class SampleConfig:
     """Euler/Heun: S_churn of EDM's stochastic sampler (0 deterministic)."""
     guidance: float = 0.0
     """Classifier-free guidance weight w: (1 + w) D(x | y) - w D(x) (0: conditional only)."""
+    classifier_scale: float = 0.0
+    """Classifier guidance scale s: D(x) + s sigma^2 grad log p(y | x; sigma), with the noisy
+    classifier of a run trained with --classifier-steps (0: none)."""
     label: int = -1
     """Class to sample for a conditional run; -1 cycles through the classes."""
 
@@ -411,8 +438,15 @@ class SampleConfig:
             raise ConfigError("--churn applies to the euler and heun samplers only")
         if not 0 <= out.eta <= 1 or out.churn < 0:
             raise ConfigError("--eta must lie in [0, 1] and --churn cannot be negative")
-        if (out.guidance or out.label >= 0) and not cfg.conditional:
-            raise ConfigError("--guidance and --label need a run trained with --conditional")
+        if out.guidance and not cfg.conditional:
+            raise ConfigError("--guidance needs a run trained with --conditional")
+        if out.classifier_scale and not cfg.classifier_steps:
+            raise ConfigError("--classifier-scale needs a run trained with --classifier-steps")
+        if not math.isfinite(out.classifier_scale):
+            raise ConfigError("--classifier-scale must be a finite number")
+        if out.label >= 0 and not (cfg.conditional or out.classifier_scale):
+            raise ConfigError("--label needs a run trained with --conditional or a "
+                              "--classifier-scale")
         if out.label >= max(data.num_classes, 1) or out.label < -1:
             raise ConfigError(f"--label must be -1 or a class in 0..{data.num_classes - 1}, "
                               f"got {out.label}")
@@ -428,7 +462,13 @@ class SampleConfig:
     def describe(self) -> str:
         extra = "".join(f", {k} {v}" for k, v in self.sampler_options().items())
         guidance = f", guidance {self.guidance}" if self.guidance else ""
+        if self.classifier_scale:
+            guidance += f", classifier scale {self.classifier_scale}"
         return f"{self.sampler}, {self.steps} steps{extra}{guidance}"
+
+    def labelled(self, cfg: DiffusionConfig) -> bool:
+        """Whether samples are drawn for given labels (conditioning or classifier guidance)."""
+        return cfg.conditional or bool(self.classifier_scale)
 
 
 # --- model, training, sampling -----------------------------------------------------------------
@@ -456,8 +496,9 @@ def from_model_space(x: torch.Tensor, data: Dataset) -> torch.Tensor:
 
 def load_data(cfg: DiffusionConfig) -> Dataset:
     data = load_dataset(cfg.dataset)
-    if cfg.conditional and not data.num_classes:
-        raise ConfigError(f"--conditional needs class labels and {cfg.dataset} has none")
+    if (cfg.conditional or cfg.classifier_steps) and not data.num_classes:
+        raise ConfigError(f"--conditional and --classifier-steps need class labels and "
+                          f"{cfg.dataset} has none")
     return data
 
 
@@ -502,9 +543,32 @@ def train(cfg: DiffusionConfig, run: Run | None = None, progress: bool | None = 
     run.save_figure(metric_curves(run.metrics, ["loss"], title=f"{cfg.METHOD} training loss"),
                     "loss.png")
     run.write_summary({"steps": cfg.steps, "final_loss": run.metrics[-1]["loss"]})
+    if cfg.classifier_steps and not run.path(CLASSIFIER).is_file():
+        save_noisy_classifier(train_classifier(cfg, data, x_train, device, progress),
+                              run.path(CLASSIFIER))
     if cfg.eval_samples:
         evaluate(run, n=cfg.eval_samples, progress=progress)
     return run
+
+
+def train_classifier(cfg: DiffusionConfig, data: Dataset, x_train: torch.Tensor,
+                     device: torch.device, progress: bool | None = None) -> nn.Module:
+    """The noisy classifier of classifier guidance, on the noise levels the sampler visits."""
+    try:  # VP's samplers start near sigma = 157, VE's at 100
+        start = float(cfg.formulation().sigmas(cfg.sample_steps, cfg.sampler)[0])
+    except NotImplementedError:  # flow matching steps in t; its sigma = t / (1 - t) is smaller
+        start = 0.0
+    sigma_max = max(edm.SIGMA_MAX, start)
+    return train_noisy_classifier(x_train, data.y_train, data.num_classes, cfg.classifier_steps,
+                                  batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+                                  device=device, sigma_max=sigma_max, progress=progress)
+
+
+def load_classifier(run: Run, options: SampleConfig, device: torch.device) -> nn.Module | None:
+    """The run's noisy classifier when ``options`` ask for classifier guidance."""
+    if not options.classifier_scale:
+        return None
+    return load_noisy_classifier(run.path(CLASSIFIER), device)
 
 
 def load_config(run: Run) -> DiffusionConfig:
@@ -530,19 +594,25 @@ def sample_labels(n: int, options: SampleConfig, data: Dataset) -> torch.Tensor:
 
 
 def draw(cfg: DiffusionConfig, data: Dataset, model: nn.Module, n: int, seed: int,
-         options: SampleConfig, progress: bool | None = None,
-         callback: Callback = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """n samples in model space with their labels (None for an unconditional run)."""
+         options: SampleConfig, progress: bool | None = None, callback: Callback = None,
+         classifier: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """n samples in model space with their labels (None for an unlabelled draw: an
+    unconditional run without classifier guidance)."""
     device = next(model.parameters()).device
-    labels = sample_labels(n, options, data) if cfg.conditional else None
-    net = classifier_free(model, labels.to(device) if labels is not None else None,
-                          options.guidance)
+    labels = sample_labels(n, options, data).to(device) if options.labelled(cfg) else None
+    net = classifier_free(model, labels if cfg.conditional else None, options.guidance)
+    guide = None
+    if options.classifier_scale:
+        if classifier is None:
+            raise ConfigError("--classifier-scale needs the run's noisy classifier")
+        def guide(denoiser: Denoiser) -> Denoiser:
+            return classifier_guided(denoiser, classifier, labels, options.classifier_scale)
     x = cfg.formulation().sample(
         net, (n, *data.sample_shape), options.sampler, options.steps,
         torch.Generator().manual_seed(seed), device,
         clip=getattr(cfg, "clip_x0", False) and data.kind == "image", progress=progress,
-        callback=callback, **options.sampler_options())
-    return x, labels
+        callback=callback, guide=guide, **options.sampler_options())
+    return x, labels.cpu() if labels is not None else None
 
 
 def sample(run: Run, n: int = 64, seed: int = 0, progress: bool | None = None,
@@ -550,7 +620,9 @@ def sample(run: Run, n: int = 64, seed: int = 0, progress: bool | None = None,
     """n samples from the run's EMA model, in data space (images in [0, 1])."""
     cfg, data, model = load_model(run)
     options = (options or SampleConfig()).resolve(cfg, data)
-    return from_model_space(draw(cfg, data, model, n, seed, options, progress)[0].cpu(), data)
+    classifier = load_classifier(run, options, next(model.parameters()).device)
+    x = draw(cfg, data, model, n, seed, options, progress, classifier=classifier)[0]
+    return from_model_space(x.cpu(), data)
 
 
 def evaluate(run: Run, n: int = 500, seed: int = 0, progress: bool | None = None,
@@ -566,16 +638,17 @@ def evaluate(run: Run, n: int = 500, seed: int = 0, progress: bool | None = None
     def record(i: int, level: float, x_i: torch.Tensor, x0_i: torch.Tensor) -> None:
         frames.append((level, formulation.display(x_i[:keep], level).cpu(), x0_i[:keep].cpu()))
 
-    x, labels = draw(cfg, data, model, n, seed, options, progress, callback=record)
+    classifier = load_classifier(run, options, next(model.parameters()).device)
+    x, labels = draw(cfg, data, model, n, seed, options, progress, callback=record,
+                     classifier=classifier)
     x = from_model_space(x.cpu(), data)
     metrics = score_samples(x, data)
     if labels is not None:
-        from mlatlas.generative.diffusion.guidance import label_accuracy
-
         metrics.update(label_accuracy(x, labels, data))
+        metrics.update(diversity(x, labels, data))
     metrics.update(sampler=options.sampler, sampler_steps=options.steps,
                    function_evaluations=function_evaluations(options.sampler, options.steps),
-                   guidance=options.guidance)
+                   guidance=options.guidance, classifier_scale=options.classifier_scale)
     title = f"{cfg.METHOD} samples, {cfg.dataset}, {options.describe()}"
     run.save_figure(samples_figure(x, title, data.x_test), "samples.png")
     run.save_figure(trajectory_figure(frames, data, title=f"{cfg.METHOD}: the sampling "

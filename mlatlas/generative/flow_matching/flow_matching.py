@@ -136,10 +136,24 @@ class FlowMatching(Formulation):
     def display(self, x, level):
         return x
 
+    def guided_velocity(self, net, guide):
+        """The velocity of a guided denoiser D~ (classifier guidance): with sigma = t / (1 - t),
+        v(x_t, t) = (x_t - D~(x_t / (1 - t); sigma)) / t, which is v itself when D~ = D. At
+        t = 1 (sigma infinite) and t = 0 it stays the network's velocity."""
+        velocity, guided = self.velocity(net), guide(self.denoiser(net))
+
+        def v(x_t: torch.Tensor, t: float) -> torch.Tensor:
+            if not 0 < t < 1:
+                return velocity(x_t, t)
+            return (x_t - guided(x_t / (1 - t), t / (1 - t))) / t
+
+        return v
+
     def sample(self, net, shape, sampler, steps, generator, device, *, clip=False,
-               progress=None, callback=None, **options):
+               progress=None, callback=None, guide=None, **options):
         x = torch.randn(shape, generator=generator).to(device)
-        return FM_SAMPLERS[sampler](self.velocity(net), x, times(steps), progress=progress,
+        velocity = self.velocity(net) if guide is None else self.guided_velocity(net, guide)
+        return FM_SAMPLERS[sampler](velocity, x, times(steps), progress=progress,
                                     callback=callback, **options)
 
 
