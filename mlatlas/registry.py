@@ -97,6 +97,10 @@ METHODS: dict[str, Method] = {
         _diffusion("flow_matching", "Config", "Flow matching on the straight path (Lipman et al. "
                    "2023): velocity regression, Euler/Heun ODE sampling",
                    "mlatlas.generative.flow_matching.flow_matching", "generative/flow_matching"),
+        Method("rectified_flow", "generative/flow_matching", "Rectified flow (Liu et al. 2023): "
+               "1-RF by flow matching, reflow on its own pairs, one-step 2-RF sampling",
+               "mlatlas.generative.flow_matching.rectified_flow",
+               sample_config=f"{DIFFUSION}:SampleConfig"),
         _tabular("bellman", "bellman", "Policy evaluation: closed form (I - gamma P_pi)^-1 r_pi "
                  "and iteration (Zhao ch. 2)", config="Config", train="train"),
         _tabular("value_iteration", "dp", "Value iteration on the Bellman optimality equation "

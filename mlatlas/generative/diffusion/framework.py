@@ -523,18 +523,8 @@ def train(cfg: DiffusionConfig, run: Run | None = None, progress: bool | None = 
         if y_train is not None:
             drop = torch.rand(len(index), generator=generator).to(device) < cfg.label_dropout
             y = torch.where(drop, data.num_classes, y_train[index])
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps))
         loss = formulation.loss(model, x_train[index], y, generator)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        # EMA with the usual warm-up of the decay so early averages are not stuck at init.
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+        optimise(cfg, model, ema, opt, loss, step)
         return {"loss": loss.detach()}
 
     fit(run, step_fn, total_steps=cfg.steps, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
@@ -549,6 +539,23 @@ def train(cfg: DiffusionConfig, run: Run | None = None, progress: bool | None = 
     if cfg.eval_samples:
         evaluate(run, n=cfg.eval_samples, progress=progress)
     return run
+
+
+def optimise(cfg: DiffusionConfig, model: nn.Module, ema: nn.Module,
+             opt: torch.optim.Optimizer, loss: torch.Tensor, step: int) -> None:
+    """One Adam step on ``loss``: learning-rate warm-up, gradient clipping, then the EMA update
+    (``step`` counts from 1; a method with stages may restart it)."""
+    for group in opt.param_groups:
+        group["lr"] = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    # EMA with the usual warm-up of the decay so early averages are not stuck at init.
+    decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
 def train_classifier(cfg: DiffusionConfig, data: Dataset, x_train: torch.Tensor,

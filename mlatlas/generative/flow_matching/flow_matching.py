@@ -30,6 +30,7 @@ from typing import ClassVar
 
 import torch
 
+from mlatlas.core.config import ConfigError
 from mlatlas.core.progress import progress_bar
 from mlatlas.generative.diffusion.framework import (
     DiffusionConfig,
@@ -151,6 +152,9 @@ class FlowMatching(Formulation):
 
     def sample(self, net, shape, sampler, steps, generator, device, *, clip=False,
                progress=None, callback=None, guide=None, **options):
+        if options:
+            raise ConfigError(f"flow matching's ODE samplers take no {', '.join(options)} "
+                              "(--churn and --eta apply to the diffusion samplers)")
         x = torch.randn(shape, generator=generator).to(device)
         velocity = self.velocity(net) if guide is None else self.guided_velocity(net, guide)
         return FM_SAMPLERS[sampler](velocity, x, times(steps), progress=progress,

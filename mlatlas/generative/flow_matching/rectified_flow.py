@@ -146,29 +146,13 @@ class Config(flow_matching.Config):
         if self.reflow_pairs < self.batch_size:
             raise ConfigError(f"--reflow-pairs {self.reflow_pairs} must be at least "
                               f"--batch-size {self.batch_size}")
-        if self.conditional:
-            raise ConfigError("rectified_flow does not take --conditional (the reflow pairs "
-                              "would need one coupling per label)")
+        if self.conditional or self.classifier_steps:
+            raise ConfigError("rectified_flow takes neither --conditional nor --classifier-steps "
+                              "(the reflow pairs would need one coupling per label)")
         super().__post_init__()
 
 
 # --- training ----------------------------------------------------------------------------------
-
-def _update(cfg: Config, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
-            loss: torch.Tensor, step: int) -> None:
-    """framework.train's optimiser step: warm-up, clipping, Adam, EMA (``step`` counts from 1
-    in the current stage)."""
-    for group in opt.param_groups:
-        group["lr"] = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps))
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.grad_clip > 0:
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    opt.step()
-    decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-    with torch.no_grad():
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-
 
 def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
     """Train the 1-rectified flow for ``reflow_after`` steps, make the reflow pairs with its EMA
@@ -205,7 +189,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
         if step <= cfg.reflow_after:
             index = batches(step).to(device)
             loss = formulation.loss(model, x_train[index], None, generator)
-            _update(cfg, model, ema, opt, loss, step)
+            framework.optimise(cfg, model, ema, opt, loss, step)
             return {"loss": loss.detach()}
         stage_step = step - cfg.reflow_after
         if stage_step == 1:
@@ -214,7 +198,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
             pairs.update({k: v.to(device) for k, v in pairs.items()})
         index = pair_batches(stage_step).to(device)
         loss = reflow_loss(model, pairs["x0"][index], pairs["z"][index], generator)
-        _update(cfg, model, ema, opt, loss, stage_step)
+        framework.optimise(cfg, model, ema, opt, loss, stage_step)
         return {"reflow_loss": loss.detach()}
 
     fit(run, step_fn, total_steps=cfg.steps, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
@@ -312,6 +296,12 @@ def evaluate(run: Run, n: int = 500, seed: int = 0, progress: bool | None = None
                 elif key == "note":
                     metrics["note"] = value
         metrics[f"{prefix}straightness"] = d.straightness
+        if data.kind == "points":  # as every diffusion run: exact, by the probability-flow ODE
+            net = flows[name]
+            test = framework.to_model_space(data.x_test[:500], data).to(
+                next(net.parameters()).device)
+            nll = -framework.log_likelihood(cfg.formulation(), net, test, 64).mean()
+            metrics[f"{prefix}test_nll_nats"] = float(nll)
     metrics.update(sampler=options.sampler, sampler_steps=options.steps,
                    function_evaluations=function_evaluations(options.sampler, options.steps))
     final = draws[list(draws)[-1]]
@@ -354,8 +344,11 @@ def reflow_figure(draws: dict[str, Draw], data: Dataset, describe: str):
         if data.kind == "points":
             ref = data.x_test[:2000].numpy()
             paths = torch.stack([x for _, x, _ in d.frames] + [d.frames[-1][2]]).numpy()
+            row[0].scatter(ref[:, 0], ref[:, 1], s=1, c="0.85")
             row[0].plot(paths[:, :100, 0], paths[:, :100, 1], lw=0.5, c="tab:blue", alpha=0.5)
-            row[0].scatter(paths[0, :100, 0], paths[0, :100, 1], s=4, c="tab:red")
+            row[0].scatter(paths[0, :100, 0], paths[0, :100, 1], s=4, c="tab:red", label="z")
+            row[0].scatter(paths[-1, :100, 0], paths[-1, :100, 1], s=4, c="k", label="sample")
+            row[0].legend(loc="upper right", fontsize=8, markerscale=2)
             for ax, x in zip(row[1:], panels, strict=True):
                 ax.scatter(ref[:, 0], ref[:, 1], s=1, c="0.75")
                 ax.scatter(x[:1000, 0].numpy(), x[:1000, 1].numpy(), s=1, c="tab:blue")
