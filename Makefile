@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: install dev demo test test-slow lint bench classifiers clean
+.PHONY: install dev demo test test-slow lint bench bench-diffusion classifiers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,14 @@ lint: dev
 
 bench: dev
 	$(BIN)/python benchmarks/ddpm_vs_diffusers.py
+	$(BIN)/python benchmarks/samplers_vs_diffusers.py --no-unet
 	$(BIN)/python benchmarks/value_iteration_bandwidth.py
+
+# The diffusion family's quality benchmarks train models first: about 40 minutes on 2 cores.
+bench-diffusion: dev
+	$(BIN)/python benchmarks/diffusion_nfe.py
+	$(BIN)/python benchmarks/guidance.py
+	$(BIN)/python benchmarks/rectified_flow_reflow.py
 
 classifiers: install
 	$(BIN)/mlatlas classifier digits mnist fashion-mnist
