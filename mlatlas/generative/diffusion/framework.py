@@ -561,11 +561,8 @@ def optimise(cfg: DiffusionConfig, model: nn.Module, ema: nn.Module,
 def train_classifier(cfg: DiffusionConfig, data: Dataset, x_train: torch.Tensor,
                      device: torch.device, progress: bool | None = None) -> nn.Module:
     """The noisy classifier of classifier guidance, on the noise levels the sampler visits."""
-    try:  # VP's samplers start near sigma = 157, VE's at 100
-        start = float(cfg.formulation().sigmas(cfg.sample_steps, cfg.sampler)[0])
-    except NotImplementedError:  # flow matching steps in t; its sigma = t / (1 - t) is smaller
-        start = 0.0
-    sigma_max = max(edm.SIGMA_MAX, start)
+    # The samplers start at the top of the model's range: sigma = 157 for VP, 100 for VE.
+    sigma_max = max(edm.SIGMA_MAX, cfg.formulation().sigma_range()[1])
     return train_noisy_classifier(x_train, data.y_train, data.num_classes, cfg.classifier_steps,
                                   batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                                   device=device, sigma_max=sigma_max, progress=progress)
