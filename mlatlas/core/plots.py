@@ -12,24 +12,37 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 
-def image_grid(images: torch.Tensor, title: str = "", ncols: int | None = None):
-    """A figure tiling (N, C, H, W) images with values in [0, 1]."""
+def tile(images: torch.Tensor, ncols: int) -> torch.Tensor:
+    """(N, C, H, W) images with values in [0, 1] tiled ``ncols`` to a row on a white canvas of
+    shape (C, rows (H + 1) + 1, ncols (W + 1) + 1), one pixel of white around each image."""
     images = images.detach().cpu().clamp(0, 1)
     n, c, h, w = images.shape
-    ncols = ncols or math.ceil(math.sqrt(n))
-    nrows = math.ceil(n / ncols)
-    canvas = torch.ones(c, nrows * (h + 1) + 1, ncols * (w + 1) + 1)
-    for k in range(n):
-        r, q = divmod(k, ncols)
-        canvas[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = \
-            images[k]
-    size = min(12.0, max(3.0, 0.5 * ncols * max(1.0, w / 8)))
-    fig, ax = plt.subplots(figsize=(size, size * canvas.shape[1] / canvas.shape[2]))
-    if c == 1:
+    rows = math.ceil(n / ncols)
+    cells = torch.ones(rows * ncols, c, h + 1, w + 1)
+    cells[:n, :, 1:, 1:] = images
+    canvas = cells.reshape(rows, ncols, c, h + 1, w + 1).permute(2, 0, 3, 1, 4)
+    return torch.nn.functional.pad(canvas.reshape(c, rows * (h + 1), ncols * (w + 1)),
+                                   (0, 1, 0, 1), value=1.0)
+
+
+def show_images(ax, images: torch.Tensor, ncols: int) -> None:
+    """Draw ``tile(images, ncols)`` on ``ax`` (grey for one channel), without axes."""
+    canvas = tile(images, ncols)
+    if canvas.shape[0] == 1:
         ax.imshow(canvas[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     else:
         ax.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest")
     ax.set_axis_off()
+
+
+def image_grid(images: torch.Tensor, title: str = "", ncols: int | None = None):
+    """A figure tiling (N, C, H, W) images with values in [0, 1]."""
+    n, _, h, w = images.shape
+    ncols = ncols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / ncols)
+    size = min(12.0, max(3.0, 0.5 * ncols * max(1.0, w / 8)))
+    fig, ax = plt.subplots(figsize=(size, size * (rows * (h + 1) + 1) / (ncols * (w + 1) + 1)))
+    show_images(ax, images, ncols)
     if title:
         ax.set_title(title)
     return fig

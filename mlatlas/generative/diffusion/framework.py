@@ -42,7 +42,7 @@ from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.data import Dataset, EpochBatches, load_dataset
 from mlatlas.eval.samples import score_samples
 from mlatlas.generative.diffusion import edm, samplers
-from mlatlas.generative.diffusion.ddpm import Schedule, q_sample
+from mlatlas.generative.diffusion.ddpm import Schedule
 from mlatlas.generative.diffusion.guidance import (
     classifier_free,
     classifier_guided,
@@ -130,8 +130,9 @@ class VP(Formulation):
         eps = torch.randn(x0.shape, generator=generator).to(x0.device)
         alpha = batch_view(s.sqrt_alpha_bar[t.cpu()], x0)
         sigma = batch_view(s.sqrt_one_minus_alpha_bar[t.cpu()], x0)
+        x_t = alpha * x0 + sigma * eps  # q_sample, with the coefficients the target needs too
         target = from_x0_eps(x0, eps, self.prediction, alpha, sigma)
-        return (net(q_sample(x0, t, eps, s), t.float(), y) - target).pow(2).mean()
+        return (net(x_t, t.float(), y) - target).pow(2).mean()
 
     def denoiser(self, net, clip=False):
         def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -227,6 +228,14 @@ def log_likelihood(formulation: Formulation, net: Network, x0: torch.Tensor, ste
                                    generator=generator, progress=False)
 
 
+def held_out_nll(formulation: Formulation, net: Network, data: Dataset, n: int = 500,
+             steps: int = 64) -> float:
+    """Mean negative log-likelihood in nats of the first n held-out points of 2D ``data``, with
+    the exact divergence (2 backward passes a step in 2D)."""
+    test = to_model_space(data.x_test[:n], data).to(next(net.parameters()).device)
+    return -float(log_likelihood(formulation, net, test, steps).mean())
+
+
 # --- configs -----------------------------------------------------------------------------------
 
 Sampler = Literal["ddpm", "ddim", "euler", "heun"]
@@ -282,12 +291,17 @@ class DiffusionConfig(BaseConfig):
             raise ConfigError("--eval-samples, --warmup-steps, --grad-clip and --classifier-steps "
                               "cannot be negative")
         require_unit(self, "label_dropout")
-        if self.sampler not in self.formulation().samplers:
-            raise ConfigError(f"--sampler {self.sampler} does not apply to {self.METHOD}; choose "
-                              f"from {', '.join(self.formulation().samplers)}")
+        self.check_sampler(self.sampler)
 
     def formulation(self) -> Formulation:
         raise NotImplementedError
+
+    def check_sampler(self, sampler: str) -> None:
+        """A ConfigError unless ``sampler`` applies to this model."""
+        choices = self.formulation().samplers
+        if sampler not in choices:
+            raise ConfigError(f"--sampler {sampler} does not apply to {self.METHOD}; choose from "
+                              f"{', '.join(choices)}")
 
 
 @dataclass
@@ -427,9 +441,7 @@ class SampleConfig:
         out = copy.copy(self)
         out.sampler = self.sampler or cfg.sampler
         out.steps = self.steps or cfg.sample_steps
-        if out.sampler not in cfg.formulation().samplers:
-            raise ConfigError(f"sampler {out.sampler!r} does not apply to {cfg.METHOD}; choose "
-                              f"from {', '.join(cfg.formulation().samplers)}")
+        cfg.check_sampler(out.sampler)
         if out.steps < 1:
             raise ConfigError(f"--steps must be positive, got {out.steps}")
         if out.eta and out.sampler != "ddim":
@@ -659,8 +671,7 @@ def evaluate(run: Run, n: int = 500, seed: int = 0, progress: bool | None = None
                                       f"trajectory ({options.describe()})"), "trajectory.png")
     if data.kind == "points":
         run.save_figure(vector_field_figure(formulation, model, data), "vector_field.png")
-        if labels is None:  # exact divergence: 2 backward passes a step in 2D
-            test = to_model_space(data.x_test[:500], data).to(next(model.parameters()).device)
-            metrics["test_nll_nats"] = -float(log_likelihood(formulation, model, test, 64).mean())
+        if labels is None:
+            metrics["test_nll_nats"] = held_out_nll(formulation, model, data)
     run.write_summary({"eval": metrics})
     return metrics

@@ -39,7 +39,6 @@ int_0^1 s^2 / sigma_t^2 dt = s (arctan(1 / s) + arctan(s)) = pi s / 2,
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -47,7 +46,7 @@ import torch
 from torch import nn
 
 from mlatlas.core.config import ConfigError, require_at_least
-from mlatlas.core.plots import metric_curves, plt, samples_figure
+from mlatlas.core.plots import metric_curves, plt, samples_figure, show_images
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.data import Dataset, EpochBatches
@@ -296,12 +295,9 @@ def evaluate(run: Run, n: int = 500, seed: int = 0, progress: bool | None = None
                 elif key == "note":
                     metrics["note"] = value
         metrics[f"{prefix}straightness"] = d.straightness
-        if data.kind == "points":  # as every diffusion run: exact, by the probability-flow ODE
-            net = flows[name]
-            test = framework.to_model_space(data.x_test[:500], data).to(
-                next(net.parameters()).device)
-            nll = -framework.log_likelihood(cfg.formulation(), net, test, 64).mean()
-            metrics[f"{prefix}test_nll_nats"] = float(nll)
+        if data.kind == "points":
+            metrics[f"{prefix}test_nll_nats"] = framework.held_out_nll(cfg.formulation(),
+                                                                  flows[name], data)
     metrics.update(sampler=options.sampler, sampler_steps=options.steps,
                    function_evaluations=function_evaluations(options.sampler, options.steps))
     final = draws[list(draws)[-1]]
@@ -319,16 +315,6 @@ def evaluate(run: Run, n: int = 500, seed: int = 0, progress: bool | None = None
 
 
 # --- figures -----------------------------------------------------------------------------------
-
-def _tile(images: torch.Tensor, ncols: int) -> torch.Tensor:
-    """(N, C, H, W) images in [0, 1] as one (rows * (H + 1), ncols * (W + 1), C) canvas."""
-    n, c, h, w = images.shape
-    rows = math.ceil(n / ncols)
-    canvas = torch.ones(rows * ncols, c, h + 1, w + 1)
-    canvas[:n, :, :h, :w] = images.clamp(0, 1)
-    canvas = canvas.reshape(rows, ncols, c, h + 1, w + 1).permute(0, 3, 1, 4, 2)
-    return canvas.reshape(rows * (h + 1), ncols * (w + 1), c)
-
 
 NAMES = {"rf1": "1-rectified flow", "rf2": "2-rectified flow (reflow)"}
 
@@ -354,10 +340,7 @@ def reflow_figure(draws: dict[str, Draw], data: Dataset, describe: str):
                 ax.scatter(x[:1000, 0].numpy(), x[:1000, 1].numpy(), s=1, c="tab:blue")
         else:
             for ax, x in zip(row, panels, strict=True):
-                canvas = _tile(x[:64], 8)
-                ax.imshow((canvas.squeeze(-1) if canvas.shape[-1] == 1 else canvas).numpy(),
-                          cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-                ax.set_axis_off()
+                show_images(ax, x[:64], 8)
         for ax, column in zip(row, columns, strict=True):
             if data.kind == "points":
                 ax.set_aspect("equal")
