@@ -74,6 +74,12 @@ def _tabular(name: str, module: str, summary: str, *, config: str, train: str) -
 
 TABULAR_EVALUATE = "mlatlas.rl.tabular.common:evaluate"
 DIFFUSION = "mlatlas.generative.diffusion.framework"
+DEEP_RL = "mlatlas.rl.deep.common"
+
+
+def _deep(name: str, summary: str) -> Method:
+    return Method(name, "rl/deep", summary, f"mlatlas.rl.deep.{name}", sample=None,
+                  evaluate=f"{DEEP_RL}:evaluate", sample_config=f"{DEEP_RL}:EvalOptions")
 
 
 def _diffusion(name: str, config: str, summary: str, module: str = DIFFUSION,
@@ -169,6 +175,18 @@ METHODS: dict[str, Method] = {
                "10.4) on a linear-quadratic regulator with a known optimum",
                "mlatlas.rl.tabular.actor_critic", config="DeterministicACConfig",
                train="train_deterministic_ac", sample=None, evaluate="evaluate_deterministic_ac"),
+        _deep("ppo", "Proximal policy optimisation (Schulman et al. 2017): clipped surrogate, "
+              "GAE, value clipping, entropy bonus"),
+        _deep("reinforce", "REINFORCE (Williams 1992): Monte Carlo policy gradient, with or "
+              "without a learned baseline"),
+        _deep("a2c", "Advantage actor-critic (Mnih et al. 2016), synchronous: n-step GAE "
+              "advantages, shared optimiser"),
+        _deep("trpo", "Trust-region policy optimisation (Schulman et al. 2015): conjugate "
+              "gradient on Fisher-vector products, KL line search"),
+        _deep("ddpg", "Deep deterministic policy gradient (Lillicrap et al. 2016): replay, "
+              "target networks, Gaussian or OU noise"),
+        _deep("td3", "TD3 (Fujimoto et al. 2018): clipped double Q, target policy smoothing, "
+              "delayed actor updates"),
     ]
 }
 

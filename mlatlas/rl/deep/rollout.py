@@ -1,0 +1,61 @@
+"""On-policy rollouts: T steps of B parallel environments under the current policy, stored
+time-major, with the values an advantage estimate needs (REINFORCE, A2C, PPO and TRPO share it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from mlatlas.rl.deep.common import Interaction, Policy
+from mlatlas.rl.returns import gae
+
+
+@dataclass
+class Rollout:
+    obs: torch.Tensor          # (T, B, obs_dim) s_t, normalised as the policy saw them
+    actions: torch.Tensor      # (T, B) or (T, B, act_dim)
+    log_probs: torch.Tensor    # (T, B) log pi_old(a_t | s_t)
+    values: torch.Tensor       # (T, B) v(s_t), zeros without a critic
+    next_values: torch.Tensor  # (T, B) v(s_{t+1}) of the state really reached (see gae)
+    rewards: torch.Tensor      # (T, B) r_{t+1}
+    terminated: torch.Tensor   # (T, B) bool
+    dones: torch.Tensor        # (T, B) bool
+
+    def advantages(self, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """GAE(lambda) advantages A_t and the value targets A_t + v(s_t)."""
+        advantages = gae(self.rewards, self.values, self.next_values, self.terminated,
+                         self.dones, gamma, lam)
+        return advantages, advantages + self.values
+
+
+@torch.no_grad()
+def collect(interaction: Interaction, policy: Policy,
+            value_fn: Callable[[torch.Tensor], torch.Tensor] | None, n_steps: int,
+            generator: torch.Generator) -> Rollout:
+    """Act for ``n_steps`` steps in every environment of ``interaction``."""
+    steps = []
+    for _ in range(n_steps):
+        obs = interaction.obs
+        dist = policy.distribution(obs)
+        actions = policy.sample(dist, generator)
+        steps.append((policy.log_prob(dist, actions), interaction.step(actions)))
+    log_probs = torch.stack([s[0] for s in steps])
+    ts = [s[1] for s in steps]
+    obs = torch.stack([t.obs for t in ts])
+    dones = torch.stack([t.dones for t in ts])
+    if value_fn is None:
+        values = next_values = torch.zeros(dones.shape)
+    else:
+        values = value_fn(obs)
+        # v(s_{t+1}) is v of the next row's observation except where an episode ended (its
+        # final observation) and after the last row: one batched call for those.
+        next_values = torch.cat([values[1:], values[:1]])
+        cut = dones.clone()
+        cut[-1] = True
+        next_values[cut] = value_fn(torch.stack([t.next_obs for t in ts])[cut])
+    return Rollout(obs, torch.stack([t.actions for t in ts]), log_probs, values, next_values,
+                   torch.stack([t.rewards for t in ts]), torch.stack([t.terminated for t in ts]),
+                   dones)
