@@ -6,6 +6,7 @@
     mlatlas sample RUN_DIR [--n N] [--sampler heun --steps 18 --guidance 3 --label 7]
                                                draw samples, write a figure and a .npy
     mlatlas eval RUN_DIR [--n N]               score samples against the test split
+    mlatlas eval RUN_DIR --episodes 20 --video score an RL policy, record an episode
     mlatlas demo                               DDPM on the 8x8 digits, end to end
     mlatlas classifier DATASET ...             retrain the shipped feature networks
 
@@ -33,7 +34,8 @@ from mlatlas.core.config import (
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 COMMANDS = ("list", "train", "sample", "eval", "demo", "classifier")
 # Fields a resumed run may change: they do not alter the trajectory of the parameters.
-RESUMABLE_OVERRIDES = {"steps", "device", "log_every", "ckpt_every", "eval_samples"}
+RESUMABLE_OVERRIDES = {"steps", "device", "log_every", "ckpt_every", "eval_samples",
+                       "eval_episodes", "target_return"}
 
 
 class UsageError(Exception):
@@ -41,7 +43,11 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports errors as one line and suggests the closest flag."""
+    """argparse that reports errors as one line and suggests the closest flag; no abbreviated
+    flags, so a flag one method lacks is never read as a prefix of another."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
@@ -133,7 +139,8 @@ def cmd_train(argv: list[str]) -> int:
         resume.write_config()
         run = resume
     else:
-        cfg = cls(**overrides)
+        # RL configs put their environment's tuned defaults under the flags given.
+        cfg = getattr(cls, "create", cls)(**overrides)
         # Check the device and data before a run folder is made, so a typo leaves nothing.
         from mlatlas.core.runtime import resolve_device
 
@@ -142,6 +149,10 @@ def cmd_train(argv: list[str]) -> int:
             from mlatlas.data import load_dataset
 
             load_dataset(cfg.dataset)
+        if hasattr(cfg, "env"):
+            from mlatlas.rl.deep.common import check_env_id
+
+            check_env_id(cfg.env)
         run = Run.create(method.name, cfg, root=args.out)
     print(f"run folder: {run.dir}", file=sys.stderr)
     method.train_fn(cfg, run, progress=args.progress)
@@ -171,18 +182,23 @@ def _open_run(argv: list[str], prog: str, n_default: int):
     probe = Parser(prog=prog, add_help=False)
     probe.add_argument("run_dir", type=Path, nargs="?")
     known, _ = probe.parse_known_args(argv)
-    options_cls = None
+    options_cls, samples = None, True
     if known.run_dir is not None:
-        options_cls = get_method(Run.open(known.run_dir).method).sample_config_cls
+        method = get_method(Run.open(known.run_dir).method)
+        options_cls, samples = method.sample_config_cls, method.sample is not None
     parser = Parser(prog=prog)
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    parser.add_argument("--n", type=int, default=n_default, help=f"samples (default {n_default})")
+    # Only methods that draw samples have a sample count (RL runs count --episodes).
+    if samples:
+        parser.add_argument("--n", type=int, default=n_default,
+                            help=f"samples (default {n_default})")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     if options_cls is not None:
         add_config_arguments(parser, options_cls)
     _common(parser)
     args = parser.parse(argv)
-    if args.n < 1:
+    args.n = getattr(args, "n", None)
+    if args.n is not None and args.n < 1:
         raise UsageError(f"--n must be at least 1, got {args.n}")
     _set_threads(args.threads)
     run = Run.open(args.run_dir)

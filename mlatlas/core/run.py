@@ -25,7 +25,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -274,13 +274,16 @@ StepFn = Callable[[int], Mapping[str, Any]]
 
 def fit(run: Run, step_fn: StepFn, *, total_steps: int, objects: Mapping[str, Any],
         log_every: int, ckpt_every: int, progress: bool | None = None,
-        until: Callable[[Mapping[str, float]], bool] | None = None) -> int:
+        until: Callable[[Mapping[str, float]], bool] | None = None,
+        latest: Collection[str] = ()) -> int:
     """Call ``step_fn(step)`` for steps 1..total_steps, resuming from the run's checkpoint.
 
     ``step_fn`` does one optimisation step and returns its metrics (floats or 0-d tensors);
     ``objects`` names everything whose state must survive a restart: modules, optimizers,
     generators, and dicts of tensors (updated in place on restore). Logged rows hold the mean
-    of each metric over the steps since the previous row. ``until(metrics)`` returning True ends
+    of each metric over the steps since the previous row, except those named in ``latest``
+    (counters, running averages), which are logged as their last value. ``until(metrics)``
+    returning True ends
     the run early after that step (an iterative solver that has converged). Returns the last
     step done.
     """
@@ -315,7 +318,7 @@ def fit(run: Run, step_fn: StepFn, *, total_steps: int, objects: Mapping[str, An
                 for name, value in metrics.items():
                     if not math.isfinite(value):
                         raise NonFiniteLossError(run, step, name, value, last_good)
-                    total, count = window.get(name, (0.0, 0))
+                    total, count = (0.0, 0) if name in latest else window.get(name, (0.0, 0))
                     window[name] = (total + value, count + 1)
                 done = until is not None and until(metrics)
                 if step % log_every == 0 or step == total_steps or done:

@@ -22,6 +22,7 @@ undiscounted return of the last ``RETURN_WINDOW`` finished training episodes, wh
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -443,7 +444,8 @@ def train_agent(cfg: DeepRLConfig, run: Run, agent: Agent, progress: bool | None
 
     try:
         fit(run, step_fn, total_steps=total, objects=objects, log_every=cfg.log_every,
-            ckpt_every=cfg.ckpt_every, progress=progress, until=until)
+            ckpt_every=cfg.ckpt_every, progress=progress, until=until,
+            latest=("env_steps", "episode_return"))
     finally:
         interaction.close()
     rows = run.metrics
@@ -563,9 +565,15 @@ def record_video(env_id: str, policy: Callable[[torch.Tensor], torch.Tensor], sp
                  path: Path, seed: int, obs_norm: ObsNormalizer | None = None,
                  max_frames: int = 1000) -> Path:
     """Play one episode with rgb_array rendering and write it as a GIF or MP4."""
+    # pygame (classic control's renderer) needs no display for rgb_array frames; without this
+    # SDL prints an error about a missing display on headless machines.
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     env = gym.make(env_id, render_mode="rgb_array")
     obs, _ = env.reset(seed=seed)
-    frames = [env.render()]
+    try:
+        frames = [env.render()]
+    except gym.error.DependencyNotInstalled as err:
+        raise ConfigError(f"{env_id} cannot render here: {err}") from None
     done = False
     while not done and len(frames) < max_frames:
         x = obs_tensor(np.asarray(obs)[None], spaces)

@@ -34,7 +34,7 @@ from mlatlas.rl.deep.common import (
     train_agent,
     value_net,
 )
-from mlatlas.rl.deep.rollout import collect
+from mlatlas.rl.deep.rollout import collect, standardize
 
 __all__ = ["Config", "evaluate", "ppo_loss", "train"]
 
@@ -126,10 +126,6 @@ def ppo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: t
     return loss, parts
 
 
-def normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    return (x - x.mean()) / (x.std() + eps) if x.numel() > 1 else x - x.mean()
-
-
 def make_actor(cfg: Config, spaces: Spaces) -> Policy:
     return Policy(spaces, cfg.hidden_sizes, cfg.log_std_init)
 
@@ -167,7 +163,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
                 dist = actor.distribution(mb["obs"])
                 loss, parts = ppo_loss(
                     actor.log_prob(dist, mb["actions"]), mb["old_log_probs"],
-                    normalize(mb["advantages"]), critic(mb["obs"]), mb["old_values"],
+                    standardize(mb["advantages"]), critic(mb["obs"]), mb["old_values"],
                     mb["returns"], actor.entropy(dist), max(clip_range, 1e-8),
                     cfg.clip_range_vf, cfg.vf_coef, cfg.ent_coef)
                 optimizer.zero_grad(set_to_none=True)

@@ -31,6 +31,11 @@ class Rollout:
         return advantages, advantages + self.values
 
 
+def standardize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std, as advantages are normalised per batch (a single value is centred)."""
+    return (x - x.mean()) / (x.std() + eps) if x.numel() > 1 else x - x.mean()
+
+
 @torch.no_grad()
 def collect(interaction: Interaction, policy: Policy,
             value_fn: Callable[[torch.Tensor], torch.Tensor] | None, n_steps: int,

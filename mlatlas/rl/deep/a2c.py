@@ -1,0 +1,131 @@
+"""Advantage actor-critic, the synchronous form of A3C (Mnih et al. 2016).
+
+B environments each take n steps with pi_theta; the advantages A_t are GAE(lambda) estimates
+(lambda = 1 gives A3C's n-step return minus v(s_t)), the returns R_t = A_t + v(s_t), and one
+gradient step on
+
+    L(theta, w) = -E_t[ A_t log pi_theta(a_t | s_t) ] + c_1 E_t[ (v_w(s_t) - R_t)^2 ]
+                  - c_2 E_t[ H(pi_theta(. | s_t)) ]
+
+follows each rollout (RMSprop, as in the paper). This is the deep form of the notes' advantage
+actor-critic (Zhao Alg. 10.2), with a batch of n-step advantages in place of one TD error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from mlatlas.core.config import ConfigError
+from mlatlas.core.run import Run
+from mlatlas.rl.deep.common import (
+    Agent,
+    DeepRLConfig,
+    Policy,
+    Spaces,
+    evaluate,
+    linear_schedule,
+    prepare,
+    train_agent,
+    value_net,
+)
+from mlatlas.rl.deep.rollout import collect, standardize
+
+__all__ = ["Config", "a2c_loss", "evaluate", "train"]
+
+
+@dataclass
+class Config(DeepRLConfig):
+    lr: float = 7e-4
+    """Learning rate (RMSprop)."""
+    n_steps: int = 5
+    """Steps per environment between updates."""
+    lam: float = 1.0
+    """GAE lambda; 1 is A3C's n-step return."""
+    ent_coef: float = 0.0
+    """c_2, weight of the entropy bonus."""
+    vf_coef: float = 0.5
+    """c_1, weight of the value loss."""
+    max_grad_norm: float = 0.5
+    """Clip the global gradient norm to this."""
+    normalize_advantages: bool = False
+    """Normalise the advantages of each rollout to zero mean and unit std."""
+    anneal: bool = False
+    """Decay the learning rate linearly to 0 over the run."""
+    log_std_init: float = 0.0
+    """Initial log sigma of a Gaussian policy (continuous actions)."""
+
+    # After rl-baselines3-zoo's hyperparams/a2c.yml; changed where measured to solve faster
+    # here (docs/methods/rl-deep.md).
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "CartPole-v1": dict(num_envs=8, steps=500_000),
+        "Acrobot-v1": dict(num_envs=16, normalize_obs=True, steps=500_000),
+        "Pendulum-v1": dict(num_envs=8, n_steps=8, gamma=0.9, lam=0.9, lr=7e-4,
+                            normalize_obs=True, normalize_reward=True, anneal=True,
+                            log_std_init=-2.0, steps=1_000_000),
+        "MountainCarContinuous-v0": dict(num_envs=4, normalize_obs=True, steps=100_000),
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_steps < 1:
+            raise ConfigError(f"--n-steps must be at least 1, got {self.n_steps}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ConfigError(f"--lam must be in [0, 1], got {self.lam}")
+
+
+def a2c_loss(log_probs: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor,
+             returns: torch.Tensor, entropy: torch.Tensor, vf_coef: float = 0.5,
+             ent_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L(theta, w) of the module docstring for (N,) tensors, and its three parts."""
+    shapes = {t.shape for t in (log_probs, advantages, values, returns, entropy)}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        raise ValueError(f"a2c_loss needs (N,) tensors of one shape, got {sorted(shapes)}")
+    policy_loss = -(advantages.detach() * log_probs).mean()
+    value_loss = (values - returns.detach()).square().mean()
+    entropy_mean = entropy.mean()
+    loss = policy_loss + vf_coef * value_loss - ent_coef * entropy_mean
+    return loss, {"policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(),
+                  "entropy": entropy_mean.detach()}
+
+
+def make_actor(cfg: Config, spaces: Spaces) -> Policy:
+    return Policy(spaces, cfg.hidden_sizes, cfg.log_std_init)
+
+
+def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
+    run, generator, interaction = prepare(cfg, run, "a2c")
+    actor = make_actor(cfg, interaction.spaces)
+    critic = value_net(interaction.spaces, cfg.hidden_sizes)
+    params = [*actor.parameters(), *critic.parameters()]
+    optimizer = torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.99, eps=1e-5)
+    batch = cfg.n_steps * cfg.num_envs
+    total_updates = max(1, cfg.steps // batch)
+
+    def update(step: int) -> dict[str, Any]:
+        if cfg.anneal:
+            for group in optimizer.param_groups:
+                group["lr"] = linear_schedule(cfg.lr, (step - 1) / total_updates)
+        rollout = collect(interaction, actor, critic, cfg.n_steps, generator)
+        advantages, returns = rollout.advantages(cfg.gamma, cfg.lam)
+        advantages, returns = advantages.flatten(0, 1), returns.flatten(0, 1)
+        if cfg.normalize_advantages:
+            advantages = standardize(advantages)
+        obs = rollout.obs.flatten(0, 1)
+        # The rollout's values were computed without a graph; the critic is run again for one.
+        dist = actor.distribution(obs)
+        loss, parts = a2c_loss(actor.log_prob(dist, rollout.actions.flatten(0, 1)), advantages,
+                               critic(obs), returns, actor.entropy(dist), cfg.vf_coef,
+                               cfg.ent_coef)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
+        optimizer.step()
+        return parts
+
+    agent = Agent(interaction, update, {"actor": actor, "critic": critic,
+                                        "optimizer": optimizer, "generator": generator},
+                  actor.act, batch)
+    return train_agent(cfg, run, agent, progress)
