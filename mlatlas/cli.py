@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -155,7 +156,14 @@ def cmd_train(argv: list[str]) -> int:
             check_env_id(cfg.env)
         run = Run.create(method.name, cfg, root=args.out)
     print(f"run folder: {run.dir}", file=sys.stderr)
-    method.train_fn(cfg, run, progress=args.progress)
+    try:
+        method.train_fn(cfg, run, progress=args.progress)
+    except ConfigError:
+        # A problem found once the method looks at its data or environment (e.g. DDPG given
+        # discrete actions): a new run that never reached its first checkpoint leaves nothing.
+        if resume is None and not run.has_checkpoint():
+            shutil.rmtree(run.dir)
+        raise
     _report(run)
     return 0
 

@@ -47,3 +47,24 @@ def test_readme_diffusion_tour(runs, capsys):
             (run_dir,) = runs.glob(f"{method}-*")
             argv = [argv[0], str(run_dir), *argv[2:], "--n", "4", "--no-progress"]
         assert main(argv) == 0, argv
+
+
+def test_readme_deep_rl_tour(runs, capsys):
+    """The deep RL tour with tiny budgets: every command parses and runs."""
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    block = next(b for b in blocks if "mlatlas train ppo" in b)
+    commands = [shlex.split(line.split("#")[0])[1:] for line in block.splitlines()
+                if line.startswith("mlatlas ")]
+    assert len(commands) == 4
+    for argv in commands:
+        if argv[0] == "train":
+            argv = [*argv, "--steps", "600", "--eval-episodes", "1", "--out", str(runs),
+                    "--no-progress"]
+        else:
+            method = Path(argv[1]).name.rsplit("-", 2)[0]
+            (run_dir,) = runs.glob(f"{method}-*")
+            argv = [argv[0], str(run_dir), *argv[2:], "--no-progress"]
+            if "--episodes" in argv:
+                argv[argv.index("--episodes") + 1] = "2"
+        assert main(argv) == 0, argv
+    assert next(runs.glob("ppo-*/episode-seed0.gif")).is_file()

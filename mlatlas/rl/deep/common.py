@@ -35,7 +35,7 @@ from torch import nn
 
 from mlatlas.core.config import BaseConfig, ConfigError, closest, config_from_dict, flag
 from mlatlas.core.run import Run, fit
-from mlatlas.core.runtime import resolve_device, seed_everything
+from mlatlas.core.runtime import seed_everything
 
 RETURN_WINDOW = 10
 
@@ -90,6 +90,10 @@ class DeepRLConfig(BaseConfig):
             raise ConfigError(f"--gamma must be in [0, 1], got {self.gamma}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.device != "cpu":
+            # Networks of a few thousand weights called once per environment step: transfers
+            # to a GPU would cost more than the arithmetic they move.
+            raise ConfigError(f"--device {self.device}: the deep RL agents run on the CPU only")
 
     @property
     def hidden_sizes(self) -> tuple[int, ...]:
@@ -468,7 +472,6 @@ def train_agent(cfg: DeepRLConfig, run: Run, agent: Agent, progress: bool | None
 def prepare(cfg: DeepRLConfig, run: Run | None, method: str) -> tuple[Run, torch.Generator,
                                                                       Interaction]:
     """The run folder, the run's generator and its environments, all from ``cfg.seed``."""
-    resolve_device(cfg.device)
     check_env_id(cfg.env)
     run = run or Run.create(method, cfg)
     generator = seed_everything(cfg.seed)
