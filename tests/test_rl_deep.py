@@ -180,22 +180,39 @@ def test_reward_scaler_divides_by_the_std_of_the_discounted_return():
     assert scaler.returns.item() == 0.0
 
 
-def test_policy_log_prob_entropy_and_sampling():
-    spaces = common.Spaces(obs_dim=3, discrete_obs=False, discrete=False, act_dim=2,
-                           low=-torch.ones(2), high=torch.ones(2))
-    policy = common.Policy(spaces, (8,), log_std_init=-0.5)
-    obs = torch.randn(4, 3)
-    dist = policy.distribution(obs)
-    a = policy.sample(dist, torch.Generator().manual_seed(0))
-    normal = torch.distributions.Normal(dist.mean, torch.full_like(dist.mean, math.exp(-0.5)))
-    torch.testing.assert_close(policy.log_prob(dist, a), normal.log_prob(a).sum(-1))
-    torch.testing.assert_close(policy.entropy(dist), normal.entropy().sum(-1))
-    b = policy.sample(policy.distribution(obs), torch.Generator().manual_seed(0))
-    assert torch.equal(a, b)
-    assert torch.equal(policy.act(obs), dist.mean.detach())
+def test_policy_closed_forms_match_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    obs = torch.randn(5, 3, generator=g)
+    gaussian = common.Policy(gaussian_spaces(), (8,), log_std_init=-0.5)
+    categorical = common.Policy(common.Spaces(3, False, True, 4), (8,))
+    for policy in (gaussian, categorical):
+        torch.nn.init.normal_(policy.net[-1].weight, generator=g)  # not a near-uniform start
+        if policy is gaussian:
+            torch.nn.init.normal_(policy.log_std, std=0.3, generator=g)
+        dist = policy.distribution(obs)
+        old = dist.detach() + 0.1 * torch.randn(dist.shape, generator=g)
+        if policy is gaussian:
+            to_torch = lambda d: torch.distributions.Independent(  # noqa: E731
+                torch.distributions.Normal(d.chunk(2, -1)[0], d.chunk(2, -1)[1].exp()), 1)
+        else:
+            old = old.log_softmax(-1)
+            to_torch = lambda d: torch.distributions.Categorical(logits=d)  # noqa: E731
+        a = policy.sample(dist, torch.Generator().manual_seed(1))
+        reference = to_torch(dist)
+        torch.testing.assert_close(policy.log_prob(dist, a), reference.log_prob(a))
+        torch.testing.assert_close(policy.entropy(dist), reference.entropy())
+        torch.testing.assert_close(policy.kl(old, dist),
+                                   torch.distributions.kl_divergence(to_torch(old), reference))
+        assert torch.equal(a, policy.sample(dist, torch.Generator().manual_seed(1)))
+    assert torch.equal(gaussian.act(obs), gaussian.distribution(obs).chunk(2, -1)[0])
+    assert torch.equal(categorical.act(obs), categorical.distribution(obs).argmax(-1))
     # Gaussian actions are clipped to the box only when handed to the environment.
-    np.testing.assert_array_equal(common.env_actions(torch.tensor([[3.0, -0.5]]), spaces),
-                                  [[1.0, -0.5]])
+    np.testing.assert_array_equal(
+        common.env_actions(torch.tensor([[3.0, -0.5]]), gaussian_spaces()), [[1.0, -0.5]])
+
+
+def gaussian_spaces():
+    return common.Spaces(3, False, False, 2, -torch.ones(2), torch.ones(2))
 
 
 class CountingEnv(gym.Env):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import seed_everything
 
 RETURN_WINDOW = 10
+LOG_2PI = math.log(2 * math.pi)
 
 
 # Configs ---------------------------------------------------------------------------------------
@@ -239,7 +241,13 @@ def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, activation: type[nn.
 
 class Policy(nn.Module):
     """pi(a | s): categorical over logits for discrete actions; for continuous actions a diagonal
-    Gaussian N(mu(s), diag(sigma^2)) with a learned state-independent log sigma."""
+    Gaussian N(mu(s), diag(sigma^2)) with a learned state-independent log sigma.
+
+    ``distribution(obs)`` returns the distribution's parameters as one tensor: the normalised
+    log-probabilities log pi(. | s) (N, n), or [mu, log sigma] (N, 2 d). The closed forms below
+    act on it directly; torch.distributions objects cost more to build than a small network
+    costs to run, once per environment step.
+    """
 
     def __init__(self, spaces: Spaces, hidden: tuple[int, ...], log_std_init: float = 0.0,
                  activation: type[nn.Module] = nn.Tanh):
@@ -249,35 +257,39 @@ class Policy(nn.Module):
         if not self.discrete:
             self.log_std = nn.Parameter(torch.full((spaces.act_dim,), log_std_init))
 
-    def distribution(self, obs: torch.Tensor) -> torch.distributions.Distribution:
+    def distribution(self, obs: torch.Tensor) -> torch.Tensor:
         out = self.net(obs)
         if self.discrete:
-            return torch.distributions.Categorical(logits=out, validate_args=False)
-        return torch.distributions.Normal(out, self.log_std.exp().expand_as(out),
-                                          validate_args=False)
+            return out.log_softmax(-1)
+        return torch.cat([out, self.log_std.expand_as(out)], -1)
 
-    def log_prob(self, dist: torch.distributions.Distribution,
-                 actions: torch.Tensor) -> torch.Tensor:
+    def log_prob(self, dist: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """log pi(a | s), summed over the action's dimensions."""
-        logp = dist.log_prob(actions)
-        return logp if self.discrete else logp.sum(-1)
-
-    def entropy(self, dist: torch.distributions.Distribution) -> torch.Tensor:
-        h = dist.entropy()
-        return h if self.discrete else h.sum(-1)
-
-    def kl(self, old: torch.distributions.Distribution,
-           new: torch.distributions.Distribution) -> torch.Tensor:
-        """KL(old || new) per state."""
-        d = torch.distributions.kl_divergence(old, new)
-        return d if self.discrete else d.sum(-1)
-
-    def sample(self, dist: torch.distributions.Distribution,
-               generator: torch.Generator) -> torch.Tensor:
         if self.discrete:
-            return torch.multinomial(dist.probs, 1, generator=generator).squeeze(-1)
-        noise = torch.randn(dist.mean.shape, generator=generator)
-        return dist.mean + dist.stddev * noise
+            return dist.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+        mu, log_std = dist.chunk(2, -1)
+        z = (actions - mu) * torch.exp(-log_std)
+        return (-0.5 * z.square() - log_std).sum(-1) - 0.5 * LOG_2PI * mu.shape[-1]
+
+    def entropy(self, dist: torch.Tensor) -> torch.Tensor:
+        if self.discrete:
+            return -(dist.exp() * dist).sum(-1)
+        log_std = dist.chunk(2, -1)[1]
+        return (log_std + 0.5 * (1.0 + LOG_2PI)).sum(-1)
+
+    def kl(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """KL(old || new) per state."""
+        if self.discrete:
+            return (old.exp() * (old - new)).sum(-1)
+        (mu0, log_std0), (mu1, log_std1) = old.chunk(2, -1), new.chunk(2, -1)
+        ratio = (torch.exp(2 * log_std0) + (mu0 - mu1).square()) * torch.exp(-2 * log_std1)
+        return (log_std1 - log_std0 + 0.5 * ratio - 0.5).sum(-1)
+
+    def sample(self, dist: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.discrete:
+            return torch.multinomial(dist.exp(), 1, generator=generator).squeeze(-1)
+        mu, log_std = dist.chunk(2, -1)
+        return mu + log_std.exp() * torch.randn(mu.shape, generator=generator)
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -285,7 +297,7 @@ class Policy(nn.Module):
         dist = self.distribution(obs)
         if generator is not None:
             return self.sample(dist, generator)
-        return dist.probs.argmax(-1) if self.discrete else dist.mean
+        return dist.argmax(-1) if self.discrete else dist.chunk(2, -1)[0]
 
 
 def value_net(spaces: Spaces, hidden: tuple[int, ...],
@@ -452,6 +464,7 @@ def train_agent(cfg: DeepRLConfig, run: Run, agent: Agent, progress: bool | None
             latest=("env_steps", "episode_return"))
     finally:
         interaction.close()
+    evaluation_start = time.perf_counter()
     rows = run.metrics
     summary: dict[str, Any] = {"env_steps": interaction.episodes.env_steps,
                                "wall_s": rows[-1]["wall_s"] if rows else 0.0}
@@ -466,6 +479,8 @@ def train_agent(cfg: DeepRLConfig, run: Run, agent: Agent, progress: bool | None
 
     if rows:
         run.save_figure(return_curves(rows, run.method, cfg.env, cfg.target_return), "returns.png")
+    # Benchmarks subtract this to time training alone.
+    run.write_summary({"final_eval_s": round(time.perf_counter() - evaluation_start, 3)})
     return run
 
 

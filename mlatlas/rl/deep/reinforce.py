@@ -87,7 +87,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
         baseline = value_net(interaction.spaces, cfg.hidden_sizes)
         objects["baseline"] = baseline
         params += list(baseline.parameters())
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=True)
     objects["optimizer"] = optimizer
 
     def update(step: int) -> dict[str, Any]:

@@ -276,7 +276,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     run, generator, interaction = prepare(cfg, run, "trpo")
     actor = make_actor(cfg, interaction.spaces)
     critic = value_net(interaction.spaces, cfg.hidden_sizes)
-    optimizer = torch.optim.Adam(critic.parameters(), lr=cfg.lr, eps=1e-5)
+    optimizer = torch.optim.Adam(critic.parameters(), lr=cfg.lr, eps=1e-5, fused=True)
     params = list(actor.parameters())
 
     def update(step: int) -> dict[str, Any]:
