@@ -99,6 +99,16 @@ class Linear:
 # the algorithm's gamma; ``noise_type``/``noise_std`` become Normal or Ornstein-Uhlenbeck action
 # noise with sigma = noise_std per action dimension; n_envs defaults to 1; ``policy`` is
 # MlpPolicy everywhere here. Keys not listed take SB3's defaults.
+DDPG_TD3: dict[str, dict[str, Any]] = {
+    "Pendulum-v1": dict(n_timesteps=20_000, gamma=0.98, buffer_size=200_000,
+                        learning_starts=10_000, noise_type="normal", noise_std=0.1,
+                        gradient_steps=1, train_freq=1, learning_rate=1e-3,
+                        policy_kwargs=dict(net_arch=[400, 300])),
+    "MountainCarContinuous-v0": dict(n_timesteps=300_000, noise_type="ornstein-uhlenbeck",
+                                     noise_std=0.5, gradient_steps=1, train_freq=1,
+                                     learning_rate=1e-3, batch_size=256,
+                                     policy_kwargs=dict(net_arch=[400, 300])),
+}
 ZOO: dict[str, dict[str, dict[str, Any]]] = {
     "ppo": {
         "CartPole-v1": dict(n_envs=8, n_timesteps=100_000, n_steps=32, batch_size=256,
@@ -138,26 +148,9 @@ ZOO: dict[str, dict[str, dict[str, Any]]] = {
         "MountainCarContinuous-v0": dict(normalize=True, n_envs=2, n_timesteps=50_000,
                                          use_sde=True, sde_sample_freq=4),
     },
-    "ddpg": {
-        "Pendulum-v1": dict(n_timesteps=20_000, gamma=0.98, buffer_size=200_000,
-                            learning_starts=10_000, noise_type="normal", noise_std=0.1,
-                            gradient_steps=1, train_freq=1, learning_rate=1e-3,
-                            policy_kwargs=dict(net_arch=[400, 300])),
-        "MountainCarContinuous-v0": dict(n_timesteps=300_000, noise_type="ornstein-uhlenbeck",
-                                         noise_std=0.5, gradient_steps=1, train_freq=1,
-                                         learning_rate=1e-3, batch_size=256,
-                                         policy_kwargs=dict(net_arch=[400, 300])),
-    },
-    "td3": {
-        "Pendulum-v1": dict(n_timesteps=20_000, gamma=0.98, buffer_size=200_000,
-                            learning_starts=10_000, noise_type="normal", noise_std=0.1,
-                            gradient_steps=1, train_freq=1, learning_rate=1e-3,
-                            policy_kwargs=dict(net_arch=[400, 300])),
-        "MountainCarContinuous-v0": dict(n_timesteps=300_000, noise_type="ornstein-uhlenbeck",
-                                         noise_std=0.5, gradient_steps=1, train_freq=1,
-                                         learning_rate=1e-3, batch_size=256,
-                                         policy_kwargs=dict(net_arch=[400, 300])),
-    },
+    # ddpg.yml and td3.yml tune these two environments identically.
+    "ddpg": DDPG_TD3,
+    "td3": DDPG_TD3,
 }
 
 # CleanRL's single-file PPO scripts and the total_timesteps each defaults to.

@@ -18,44 +18,35 @@ from typing import Any, ClassVar
 
 import torch
 
-from mlatlas.core.config import ConfigError
 from mlatlas.core.run import Run
 from mlatlas.rl.deep.common import (
     Agent,
-    DeepRLConfig,
-    Policy,
-    Spaces,
     evaluate,
     linear_schedule,
     prepare,
     train_agent,
-    value_net,
 )
-from mlatlas.rl.deep.rollout import collect, standardize
+from mlatlas.rl.deep.rollout import (
+    ActorCriticConfig,
+    actor_and_critic,
+    collect,
+    make_actor,
+    standardize,
+)
 
-__all__ = ["Config", "a2c_loss", "evaluate", "train"]
+__all__ = ["Config", "a2c_loss", "evaluate", "make_actor", "train"]
 
 
 @dataclass
-class Config(DeepRLConfig):
+class Config(ActorCriticConfig):
     lr: float = 7e-4
     """Learning rate (RMSprop)."""
     n_steps: int = 5
     """Steps per environment between updates."""
     lam: float = 1.0
     """GAE lambda; 1 is A3C's n-step return."""
-    ent_coef: float = 0.0
-    """c_2, weight of the entropy bonus."""
-    vf_coef: float = 0.5
-    """c_1, weight of the value loss."""
-    max_grad_norm: float = 0.5
-    """Clip the global gradient norm to this."""
     normalize_advantages: bool = False
     """Normalise the advantages of each rollout to zero mean and unit std."""
-    anneal: bool = False
-    """Decay the learning rate linearly to 0 over the run."""
-    log_std_init: float = 0.0
-    """Initial log sigma of a Gaussian policy (continuous actions)."""
 
     # After rl-baselines3-zoo's hyperparams/a2c.yml; changed where measured to solve faster
     # here (docs/methods/rl-deep.md).
@@ -69,13 +60,6 @@ class Config(DeepRLConfig):
                             log_std_init=-2.0, steps=1_000_000),
         "MountainCarContinuous-v0": dict(num_envs=4, normalize_obs=True, steps=100_000),
     }
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.n_steps < 1:
-            raise ConfigError(f"--n-steps must be at least 1, got {self.n_steps}")
-        if not 0.0 <= self.lam <= 1.0:
-            raise ConfigError(f"--lam must be in [0, 1], got {self.lam}")
 
 
 def a2c_loss(log_probs: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor,
@@ -93,14 +77,9 @@ def a2c_loss(log_probs: torch.Tensor, advantages: torch.Tensor, values: torch.Te
                   "entropy": entropy_mean.detach()}
 
 
-def make_actor(cfg: Config, spaces: Spaces) -> Policy:
-    return Policy(spaces, cfg.hidden_sizes, cfg.log_std_init)
-
-
 def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
     run, generator, interaction = prepare(cfg, run, "a2c")
-    actor = make_actor(cfg, interaction.spaces)
-    critic = value_net(interaction.spaces, cfg.hidden_sizes)
+    actor, critic = actor_and_critic(cfg, interaction.spaces)
     params = [*actor.parameters(), *critic.parameters()]
     optimizer = torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.99, eps=1e-5, foreach=True)
     batch = cfg.n_steps * cfg.num_envs

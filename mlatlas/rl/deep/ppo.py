@@ -21,48 +21,38 @@ from typing import Any, ClassVar
 
 import torch
 
-from mlatlas.core.config import ConfigError
+from mlatlas.core.config import ConfigError, require_at_least
 from mlatlas.core.run import Run
 from mlatlas.rl.deep.common import (
     Agent,
-    DeepRLConfig,
-    Policy,
-    Spaces,
     evaluate,
     linear_schedule,
     prepare,
     train_agent,
-    value_net,
 )
-from mlatlas.rl.deep.rollout import collect, standardize
+from mlatlas.rl.deep.rollout import (
+    ActorCriticConfig,
+    actor_and_critic,
+    collect,
+    make_actor,
+    standardize,
+)
 
-__all__ = ["Config", "evaluate", "ppo_loss", "train"]
+__all__ = ["Config", "evaluate", "make_actor", "ppo_loss", "train"]
 
 
 @dataclass
-class Config(DeepRLConfig):
-    n_steps: int = 128
-    """Rollout length per environment; a rollout has n_steps x num_envs transitions."""
+class Config(ActorCriticConfig):
     batch_size: int = 256
     """Minibatch size of the optimisation epochs."""
     epochs: int = 10
     """Passes over each rollout."""
-    lam: float = 0.95
-    """GAE lambda."""
     clip_range: float = 0.2
     """eps of the clipped ratio."""
     clip_range_vf: float = 0.0
     """eps_v of the value clipping; 0 turns it off."""
-    ent_coef: float = 0.0
-    """c_2, weight of the entropy bonus."""
-    vf_coef: float = 0.5
-    """c_1, weight of the value loss."""
-    max_grad_norm: float = 0.5
-    """Clip the global gradient norm to this."""
     anneal: bool = True
     """Decay the learning rate and eps linearly to 0 over the run."""
-    log_std_init: float = 0.0
-    """Initial log sigma of a Gaussian policy (continuous actions)."""
 
     # Tuned per environment after rl-baselines3-zoo's hyperparams/ppo.yml; changed where
     # measured to solve faster here (docs/methods/rl-deep.md).
@@ -82,11 +72,7 @@ class Config(DeepRLConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("n_steps", "batch_size", "epochs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        if not 0.0 <= self.lam <= 1.0:
-            raise ConfigError(f"--lam must be in [0, 1], got {self.lam}")
+        require_at_least(self, 1, "batch_size", "epochs")
         if self.clip_range <= 0 or self.clip_range_vf < 0:
             raise ConfigError("--clip-range must be positive and --clip-range-vf non-negative")
 
@@ -126,14 +112,9 @@ def ppo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: t
     return loss, parts
 
 
-def make_actor(cfg: Config, spaces: Spaces) -> Policy:
-    return Policy(spaces, cfg.hidden_sizes, cfg.log_std_init)
-
-
 def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
     run, generator, interaction = prepare(cfg, run, "ppo")
-    actor = make_actor(cfg, interaction.spaces)
-    critic = value_net(interaction.spaces, cfg.hidden_sizes)
+    actor, critic = actor_and_critic(cfg, interaction.spaces)
     params = [*actor.parameters(), *critic.parameters()]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5, fused=True)
     batch = cfg.n_steps * cfg.num_envs

@@ -23,7 +23,6 @@ As in DDPG the networks work in the unit box, so sigma~ and c are fractions of t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
 
 import torch
 
@@ -49,18 +48,8 @@ class Config(ddpg.Config):
     n_critics: int = 2
     """Critics whose minimum forms the target (2, the twin, in the paper)."""
 
-    # Started from rl-baselines3-zoo's hyperparams/td3.yml. Pendulum-v1: 4 environments, 2
-    # gradient steps per vector step, tau 0.01, 64-unit networks and 1000 random steps instead
-    # of 10000 solved in fewer gradient steps, every one of them cheaper (measured on seeds 0-3,
-    # docs/methods/rl-deep.md). MountainCarContinuous-v0 keeps the zoo's OU noise and has not
-    # been measured to solve yet.
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        "Pendulum-v1": dict(num_envs=4, gradient_steps=2, tau=0.01, gamma=0.98, lr=1e-3,
-                            hidden=64, learning_starts=1000, noise="gaussian", noise_std=0.1,
-                            steps=20_000),
-        "MountainCarContinuous-v0": dict(lr=1e-3, hidden=64, noise="ou", noise_std=0.5,
-                                         steps=300_000),
-    }
+    # PRESETS: DDPG's (rl-zoo's td3.yml and ddpg.yml tune these tasks alike, and so did the
+    # measurements here).
 
     def __post_init__(self) -> None:
         super().__post_init__()

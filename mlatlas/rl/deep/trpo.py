@@ -38,26 +38,28 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mlatlas.core.config import ConfigError, require_at_least, require_unit
+from mlatlas.core.config import ConfigError, require_at_least
 from mlatlas.core.run import Run
 from mlatlas.rl.deep.common import (
     Agent,
-    DeepRLConfig,
-    Policy,
-    Spaces,
     evaluate,
     prepare,
     train_agent,
-    value_net,
 )
-from mlatlas.rl.deep.rollout import collect, standardize
+from mlatlas.rl.deep.rollout import (
+    OnPolicyConfig,
+    actor_and_critic,
+    collect,
+    make_actor,
+    standardize,
+)
 
-__all__ = ["Config", "conjugate_gradient", "evaluate", "fisher_vector_product", "train",
-           "trpo_step"]
+__all__ = ["Config", "conjugate_gradient", "evaluate", "fisher_vector_product", "make_actor",
+           "train", "trpo_step"]
 
 
 @dataclass
-class Config(DeepRLConfig):
+class Config(OnPolicyConfig):
     lr: float = 1e-3
     """Learning rate of the critic's Adam (the policy moves by the trust-region step)."""
     n_steps: int = 256
@@ -66,8 +68,6 @@ class Config(DeepRLConfig):
     """Minibatch size of the critic's regression."""
     n_critic_updates: int = 10
     """Passes of the critic's regression over each rollout."""
-    lam: float = 0.95
-    """GAE lambda."""
     max_kl: float = 0.01
     """delta, the bound on the mean KL(pi_old || pi_new) of one policy step."""
     cg_iters: int = 15
@@ -78,8 +78,6 @@ class Config(DeepRLConfig):
     """alpha, the factor shrinking the step at each backtrack of the line search."""
     line_search_steps: int = 10
     """J, the steps the line search tries before it keeps the old policy."""
-    log_std_init: float = 0.0
-    """Initial log sigma of a Gaussian policy (continuous actions)."""
 
     # After rl-baselines3-zoo's hyperparams/trpo.yml for sb3-contrib's TRPO (its "normalize"
     # is both normalisations here; Pendulum and MountainCarContinuous there use gSDE, which
@@ -101,9 +99,8 @@ class Config(DeepRLConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_at_least(self, 1, "n_steps", "batch_size", "n_critic_updates", "cg_iters",
+        require_at_least(self, 1, "batch_size", "n_critic_updates", "cg_iters",
                          "line_search_steps")
-        require_unit(self, "lam")
         if self.max_kl <= 0:
             raise ConfigError(f"--max-kl must be positive, got {self.max_kl}")
         if self.cg_damping < 0:
@@ -268,14 +265,9 @@ def fit_critic(critic: nn.Module, optimizer: torch.optim.Optimizer, obs: torch.T
 
 
 # The agent -------------------------------------------------------------------------------------
-def make_actor(cfg: Config, spaces: Spaces) -> Policy:
-    return Policy(spaces, cfg.hidden_sizes, cfg.log_std_init)
-
-
 def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
     run, generator, interaction = prepare(cfg, run, "trpo")
-    actor = make_actor(cfg, interaction.spaces)
-    critic = value_net(interaction.spaces, cfg.hidden_sizes)
+    actor, critic = actor_and_critic(cfg, interaction.spaces)
     optimizer = torch.optim.Adam(critic.parameters(), lr=cfg.lr, eps=1e-5, fused=True)
     params = list(actor.parameters())
 
