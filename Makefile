@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: install dev demo test test-slow lint bench bench-diffusion classifiers clean
+.PHONY: install dev demo test test-slow lint bench bench-diffusion bench-rl classifiers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,13 @@ bench-diffusion: dev
 	$(BIN)/python benchmarks/diffusion_nfe.py
 	$(BIN)/python benchmarks/guidance.py
 	$(BIN)/python benchmarks/rectified_flow_reflow.py
+
+# Deep RL time to threshold against Stable-Baselines3 (rl-zoo settings), 3 seeds: about 40
+# minutes on 2 cores. CleanRL's ppo.py joins with --cleanrl-dir (see the script's docstring).
+bench-rl: dev
+	$(BIN)/python benchmarks/rl_vs_sb3.py --algos ppo,a2c,trpo --envs CartPole-v1 --libs ours,sb3
+	$(BIN)/python benchmarks/rl_vs_sb3.py --algos ddpg,td3,trpo,ppo --envs Pendulum-v1 --libs ours,sb3
+	$(BIN)/python benchmarks/rl_vs_sb3.py --algos ppo,a2c --envs Acrobot-v1 --libs ours,sb3
 
 classifiers: install
 	$(BIN)/mlatlas classifier digits mnist fashion-mnist
