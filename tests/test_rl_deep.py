@@ -380,3 +380,13 @@ def test_agent_solves_cartpole(name, runs):
     cfg = module.Config.create(env="CartPole-v1", target_return=490.0)
     run = module.train(cfg, Run.create(name, cfg, root=runs), progress=False)
     assert run.summary()["eval_return_mean"] >= 475.0
+
+
+def test_mujoco_tasks_name_the_extra_they_need():
+    try:
+        import mujoco  # noqa: F401
+    except ImportError:
+        with pytest.raises(common.ConfigError, match=r"mlatlas\[mujoco\]"):
+            common.check_env_id("HalfCheetah-v5")
+    else:
+        common.check_env_id("HalfCheetah-v5")
