@@ -61,7 +61,9 @@ class Config(ActorCriticConfig):
                             epochs=20, lr=2e-3, steps=100_000),
         "Acrobot-v1": dict(num_envs=8, n_steps=128, batch_size=256, lam=0.94, gamma=0.99,
                            epochs=10, lr=1e-3, normalize_obs=True, steps=200_000),
-        "Pendulum-v1": dict(num_envs=8, n_steps=256, batch_size=256, lam=0.95, gamma=0.95,
+        # rl-zoo's Pendulum PPO explores with gSDE, which mlatlas lacks; without it PPO needs
+        # ~120k steps, done fastest in large rollouts (16 x 128) with full-batch epochs.
+        "Pendulum-v1": dict(num_envs=16, n_steps=128, batch_size=512, lam=0.95, gamma=0.95,
                             epochs=10, lr=1e-3, log_std_init=-1.0, normalize_obs=True,
                             normalize_reward=True, steps=300_000),
         "MountainCarContinuous-v0": dict(num_envs=1, n_steps=8, batch_size=256, lam=0.9,
