@@ -59,8 +59,9 @@ class Config(ActorCriticConfig):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "CartPole-v1": dict(num_envs=16, n_steps=32, batch_size=512, lam=0.8, gamma=0.98,
                             epochs=20, lr=2e-3, steps=100_000),
-        "Acrobot-v1": dict(num_envs=8, n_steps=128, batch_size=256, lam=0.94, gamma=0.99,
-                           epochs=10, lr=1e-3, normalize_obs=True, steps=200_000),
+        "Acrobot-v1": dict(num_envs=16, n_steps=128, batch_size=512, lam=0.94, gamma=0.99,
+                           epochs=10, lr=1e-3, normalize_obs=True, normalize_reward=True,
+                           steps=200_000),
         # rl-zoo's Pendulum PPO explores with gSDE, which mlatlas lacks; without it PPO needs
         # ~120k steps, done fastest in large rollouts (16 x 128) with full-batch epochs.
         "Pendulum-v1": dict(num_envs=16, n_steps=128, batch_size=512, lam=0.95, gamma=0.95,
