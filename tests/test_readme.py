@@ -10,60 +10,56 @@ from mlatlas.cli import main
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def tour_commands() -> list[list[str]]:
+def tour_commands(marker: str) -> list[list[str]]:
+    """The mlatlas commands (without "mlatlas") of the README's bash block holding ``marker``."""
     blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
-    block = next(b for b in blocks if "value_iteration" in b)
+    block = next(b for b in blocks if marker in b)
     return [shlex.split(line.split("#")[0])[1:] for line in block.splitlines()
             if line.startswith("mlatlas ")]
 
 
+def run_dir_of(runs: Path, readme_path: str) -> Path:
+    """The run this tour just made for the README's runs/<method>-<stamp>."""
+    method = Path(readme_path).name.rsplit("-", 2)[0]
+    (run_dir,) = runs.glob(f"{method}-*")
+    return run_dir
+
+
 def test_readme_rl_tour(runs, capsys):
-    commands = tour_commands()
+    commands = tour_commands("value_iteration")
     assert len(commands) >= 4
     for argv in commands:
         if argv[0] == "train":
             assert main([*argv, "--out", str(runs), "--no-progress"]) == 0, argv
-        else:  # eval runs/<method>-<stamp>: the run this tour just made
-            method = Path(argv[1]).name.rsplit("-", 2)[0]
-            (run_dir,) = runs.glob(f"{method}-*")
+        else:
             capsys.readouterr()
-            assert main([argv[0], str(run_dir), *argv[2:]]) == 0, argv
+            assert main([argv[0], str(run_dir_of(runs, argv[1])), *argv[2:]]) == 0, argv
             assert json.loads(capsys.readouterr().out)["policy_optimal"]
 
 
 def test_readme_diffusion_tour(runs, capsys):
     """The diffusion tour with tiny budgets: every command parses and runs."""
-    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
-    block = next(b for b in blocks if "mlatlas train edm" in b)
-    commands = [shlex.split(line.split("#")[0])[1:] for line in block.splitlines()
-                if line.startswith("mlatlas ")]
+    commands = tour_commands("mlatlas train edm")
     assert len(commands) == 4
     for argv in commands:
         if argv[0] == "train":
             argv = [*argv, "--steps", "2", "--batch-size", "16", "--channels", "8",
                     "--eval-samples", "10", "--out", str(runs), "--no-progress"]
         else:
-            method = Path(argv[1]).name.rsplit("-", 2)[0]
-            (run_dir,) = runs.glob(f"{method}-*")
-            argv = [argv[0], str(run_dir), *argv[2:], "--n", "4", "--no-progress"]
+            argv = [argv[0], str(run_dir_of(runs, argv[1])), *argv[2:], "--n", "4", "--no-progress"]
         assert main(argv) == 0, argv
 
 
 def test_readme_deep_rl_tour(runs, capsys):
     """The deep RL tour with tiny budgets: every command parses and runs."""
-    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
-    block = next(b for b in blocks if "mlatlas train ppo" in b)
-    commands = [shlex.split(line.split("#")[0])[1:] for line in block.splitlines()
-                if line.startswith("mlatlas ")]
+    commands = tour_commands("mlatlas train ppo")
     assert len(commands) == 4
     for argv in commands:
         if argv[0] == "train":
             argv = [*argv, "--steps", "600", "--eval-episodes", "1", "--out", str(runs),
                     "--no-progress"]
         else:
-            method = Path(argv[1]).name.rsplit("-", 2)[0]
-            (run_dir,) = runs.glob(f"{method}-*")
-            argv = [argv[0], str(run_dir), *argv[2:], "--no-progress"]
+            argv = [argv[0], str(run_dir_of(runs, argv[1])), *argv[2:], "--no-progress"]
             if "--episodes" in argv:
                 argv[argv.index("--episodes") + 1] = "2"
         assert main(argv) == 0, argv
