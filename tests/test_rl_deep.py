@@ -235,10 +235,7 @@ def test_interaction_hands_over_the_final_observation_at_a_time_limit():
     if "test/Counting-v0" not in gym.registry:
         gym.register("test/Counting-v0", entry_point=CountingEnv, max_episode_steps=3)
     cfg = ppo.Config(env="test/Counting-v0", num_envs=2)
-    envs = common.make_envs(cfg.env, 1, 0)
-    spaces = common.spaces_of(envs)
-    envs.close()
-    interaction = common.Interaction(cfg, spaces)
+    interaction = common.Interaction(cfg)
     seen = [interaction.step(torch.zeros(2, dtype=torch.long)) for _ in range(3)]
     last = seen[-1]
     assert last.dones.all() and not last.terminated.any()

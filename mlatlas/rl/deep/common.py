@@ -34,7 +34,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlatlas.core.config import BaseConfig, ConfigError, closest, config_from_dict, flag
+from mlatlas.core.config import (
+    BaseConfig,
+    ConfigError,
+    closest,
+    config_from_dict,
+    require_at_least,
+    require_unit,
+)
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import seed_everything
 
@@ -84,12 +91,9 @@ class DeepRLConfig(BaseConfig):
         return cls(**{**cls.PRESETS.get(env, {}), **overrides})
 
     def __post_init__(self) -> None:
-        for name in ("steps", "num_envs", "hidden", "layers", "eval_episodes", "log_every",
-                     "ckpt_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{flag(name)} must be at least 1, got {getattr(self, name)}")
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ConfigError(f"--gamma must be in [0, 1], got {self.gamma}")
+        require_at_least(self, 1, "steps", "num_envs", "hidden", "layers", "eval_episodes",
+                         "log_every", "ckpt_every")
+        require_unit(self, "gamma")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if self.device != "cpu":
@@ -130,13 +134,22 @@ def check_env_id(env_id: str) -> None:
 
 
 def make_envs(env_id: str, num_envs: int, seed: int, **kwargs: Any) -> gym.vector.VectorEnv:
-    """``num_envs`` copies of ``env_id``, reset with seeds seed, seed + 1, ..."""
+    """``num_envs`` copies of ``env_id``, not yet reset (``reset(seed=s)`` seeds copy i with
+    s + i)."""
     check_env_id(env_id)
     envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync",
                         vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
                         **kwargs)
-    envs.reset(seed=[seed + i for i in range(num_envs)])
     return envs
+
+
+def env_spaces(env_id: str) -> Spaces:
+    """The spaces of ``env_id``, read from one throwaway copy."""
+    envs = make_envs(env_id, 1, 0)
+    try:
+        return spaces_of(envs)
+    finally:
+        envs.close()
 
 
 def spaces_of(envs: gym.vector.VectorEnv) -> Spaces:
@@ -320,18 +333,15 @@ class Episodes:
 
     def __init__(self, num_envs: int):
         self.running = np.zeros(num_envs)
-        self.lengths = np.zeros(num_envs, dtype=np.int64)
         self.recent: list[float] = []
         self.env_steps = 0
 
     def record(self, rewards: np.ndarray, dones: np.ndarray) -> None:
         self.running += rewards
-        self.lengths += 1
         self.env_steps += len(rewards)
         if dones.any():
             self.recent = (self.recent + self.running[dones].tolist())[-RETURN_WINDOW:]
             self.running[dones] = 0.0
-            self.lengths[dones] = 0
 
     def metrics(self) -> dict[str, float]:
         out = {"env_steps": float(self.env_steps)}
@@ -353,23 +363,23 @@ class Interaction:
     consistent: the current (normalised) observation, rewards (scaled), episode statistics, and
     the last observation of each episode that ended, normalised like the others."""
 
-    def __init__(self, cfg: DeepRLConfig, spaces: Spaces):
+    def __init__(self, cfg: DeepRLConfig):
         self.envs = make_envs(cfg.env, cfg.num_envs, cfg.seed)
-        self.spaces = spaces
+        self.spaces = spaces = spaces_of(self.envs)
         self.obs_norm = ObsNormalizer(spaces.obs_dim) if cfg.normalize_obs else None
         self.reward_scaler = (RewardScaler(cfg.num_envs, cfg.gamma)
                               if cfg.normalize_reward else None)
         self.episodes = Episodes(cfg.num_envs)
-        self._raw_obs = obs_tensor(self.envs.reset(seed=cfg.seed)[0], spaces)
-        self.obs = self._normalize(self._raw_obs, update=True)
+        self.obs = self._normalize(obs_tensor(self.envs.reset(seed=cfg.seed)[0], spaces),
+                                   update=True)
 
     def _normalize(self, raw: torch.Tensor, update: bool) -> torch.Tensor:
         return raw if self.obs_norm is None else self.obs_norm(raw, update=update)
 
     def reseed(self, seed: int) -> None:
         """Start fresh episodes (after a resume: gymnasium cannot restore an env's state)."""
-        self._raw_obs = obs_tensor(self.envs.reset(seed=seed)[0], self.spaces)
-        self.obs = self._normalize(self._raw_obs, update=False)
+        self.obs = self._normalize(obs_tensor(self.envs.reset(seed=seed)[0], self.spaces),
+                                   update=False)
         if self.reward_scaler is not None:
             self.reward_scaler.returns.zero_()
 
@@ -378,15 +388,16 @@ class Interaction:
             env_actions(actions, self.spaces))
         dones = terminated | truncated
         self.episodes.record(rewards, dones)
-        raw_next = obs_tensor(obs, self.spaces)
+        # Statistics are updated with the new observations only.
+        normalized = self._normalize(obs_tensor(obs, self.spaces), update=True)
         # next_obs is where each transition really led: the final observation at an episode's
-        # end, the new obs otherwise. Statistics are updated with the new observations only.
-        next_raw = raw_next.clone()
+        # end, the new obs otherwise.
+        next_obs = normalized
         if dones.any():
             ended = np.flatnonzero(dones)
-            next_raw[ended] = obs_tensor(np.stack(info["final_obs"][ended]), self.spaces)
-        normalized = self._normalize(raw_next, update=True)
-        next_obs = self._normalize(next_raw, update=False)
+            next_obs = normalized.clone()
+            next_obs[ended] = self._normalize(
+                obs_tensor(np.stack(info["final_obs"][ended]), self.spaces), update=False)
         dones_t = torch.as_tensor(dones)
         r = torch.as_tensor(rewards, dtype=torch.float32)
         if self.reward_scaler is not None:
@@ -492,13 +503,17 @@ def prepare(cfg: DeepRLConfig, run: Run | None, method: str) -> tuple[Run, torch
     check_env_id(cfg.env)
     run = run or Run.create(method, cfg)
     generator = seed_everything(cfg.seed)
-    envs = make_envs(cfg.env, 1, cfg.seed)
-    spaces = spaces_of(envs)
-    envs.close()
-    return run, generator, Interaction(cfg, spaces)
+    return run, generator, Interaction(cfg)
 
 
 # Evaluation ------------------------------------------------------------------------------------
+def policy_actions(policy: Callable[[torch.Tensor], torch.Tensor], obs: np.ndarray,
+                   spaces: Spaces, obs_norm: ObsNormalizer | None) -> np.ndarray:
+    """The environment actions of ``policy`` for a batch of raw observations."""
+    x = obs_tensor(obs, spaces)
+    return env_actions(policy(x if obs_norm is None else obs_norm(x)), spaces)
+
+
 @torch.no_grad()
 def evaluate_policy(env_id: str, policy: Callable[[torch.Tensor], torch.Tensor], spaces: Spaces,
                     episodes: int, seed: int, obs_norm: ObsNormalizer | None = None
@@ -510,10 +525,8 @@ def evaluate_policy(env_id: str, policy: Callable[[torch.Tensor], torch.Tensor],
     returns = np.zeros(episodes)
     finished = np.zeros(episodes, dtype=bool)
     while not finished.all():
-        x = obs_tensor(obs, spaces)
-        if obs_norm is not None:
-            x = obs_norm(x)
-        obs, rewards, terminated, truncated, _ = envs.step(env_actions(policy(x), spaces))
+        obs, rewards, terminated, truncated, _ = envs.step(
+            policy_actions(policy, obs, spaces, obs_norm))
         returns += np.where(finished, 0.0, rewards)
         finished |= terminated | truncated
     envs.close()
@@ -546,9 +559,7 @@ def load_policy(run: Run) -> tuple[DeepRLConfig, Spaces, Policy | nn.Module,
 
     method = get_method(run.method)
     cfg = config_from_dict(method.config_cls, run.config)
-    envs = make_envs(cfg.env, 1, cfg.seed)
-    spaces = spaces_of(envs)
-    envs.close()
+    spaces = env_spaces(cfg.env)
     actor = method.module.make_actor(cfg, spaces)
     run.load_weights(actor, "actor")
     actor.eval()
@@ -596,10 +607,8 @@ def record_video(env_id: str, policy: Callable[[torch.Tensor], torch.Tensor], sp
         raise ConfigError(f"{env_id} cannot render here: {err}") from None
     done = False
     while not done and len(frames) < max_frames:
-        x = obs_tensor(np.asarray(obs)[None], spaces)
-        if obs_norm is not None:
-            x = obs_norm(x)
-        obs, _, terminated, truncated, _ = env.step(env_actions(policy(x), spaces)[0])
+        action = policy_actions(policy, np.asarray(obs)[None], spaces, obs_norm)[0]
+        obs, _, terminated, truncated, _ = env.step(action)
         frames.append(env.render())
         done = terminated or truncated
     fps = env.metadata.get("render_fps", 30)

@@ -49,19 +49,18 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from mlatlas.core.config import ConfigError, flag
+from mlatlas.core.config import ConfigError, require_at_least
 from mlatlas.core.run import Run
 from mlatlas.rl.deep.common import (
     Agent,
     DeepRLConfig,
     Spaces,
     check_env_id,
+    env_spaces,
     evaluate,
-    make_envs,
     mlp,
     polyak_update,
     prepare,
-    spaces_of,
     train_agent,
 )
 from mlatlas.rl.deep.replay import Batch, ReplayBuffer
@@ -123,9 +122,7 @@ class Config(DeepRLConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("buffer_size", "batch_size", "train_freq", "gradient_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{flag(name)} must be at least 1, got {getattr(self, name)}")
+        require_at_least(self, 1, "buffer_size", "batch_size", "train_freq", "gradient_steps")
         if self.learning_starts < 0:
             raise ConfigError(f"--learning-starts must be >= 0, got {self.learning_starts}")
         if not 0.0 <= self.tau <= 1.0:
@@ -264,9 +261,7 @@ def make_actor(cfg: Config, spaces: Spaces) -> Actor:
 def box_spaces(cfg: Config, method: str) -> Spaces:
     """The env's spaces, or a ConfigError when its actions are not a bounded 1-d Box."""
     check_env_id(cfg.env)
-    envs = make_envs(cfg.env, 1, cfg.seed)
-    spaces = spaces_of(envs)
-    envs.close()
+    spaces = env_spaces(cfg.env)
     if spaces.discrete:
         raise ConfigError(f"{method} needs continuous (Box) actions; {cfg.env} has discrete ones")
     assert spaces.low is not None and spaces.high is not None
