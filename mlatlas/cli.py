@@ -146,7 +146,9 @@ def cmd_train(argv: list[str]) -> int:
         from mlatlas.core.runtime import resolve_device
 
         resolve_device(cfg.device)
-        if hasattr(cfg, "dataset"):
+        if hasattr(cfg, "check_data"):
+            cfg.check_data()
+        elif hasattr(cfg, "dataset"):
             from mlatlas.data import load_dataset
 
             load_dataset(cfg.dataset)

@@ -75,6 +75,7 @@ def _tabular(name: str, module: str, summary: str, *, config: str, train: str) -
 TABULAR_EVALUATE = "mlatlas.rl.tabular.common:evaluate"
 DIFFUSION = "mlatlas.generative.diffusion.framework"
 DEEP_RL = "mlatlas.rl.deep.common"
+CLIP = "mlatlas.contrastive.clip"
 
 
 def _deep(name: str, summary: str) -> Method:
@@ -175,6 +176,11 @@ METHODS: dict[str, Method] = {
                "10.4) on a linear-quadratic regulator with a known optimum",
                "mlatlas.rl.tabular.actor_critic", config="DeterministicACConfig",
                train="train_deterministic_ac", sample=None, evaluate="evaluate_deterministic_ac"),
+        Method("clip", "contrastive", "CLIP (Radford et al. 2021): symmetric softmax contrastive "
+               "loss, learnable scale, zero-shot prompt ensembles", CLIP, sample=None),
+        Method("siglip", "contrastive", "SigLIP (Zhai et al. 2023): pairwise sigmoid loss with "
+               "learnable temperature and bias, dense or chunked", CLIP, config="SigLIPConfig",
+               sample=None),
         _deep("ppo", "Proximal policy optimisation (Schulman et al. 2017): clipped surrogate, "
               "GAE, value clipping, entropy bonus"),
         _deep("reinforce", "REINFORCE (Williams 1992): Monte Carlo policy gradient, with or "

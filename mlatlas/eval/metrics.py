@@ -9,6 +9,11 @@
   balls around its points with radius the distance to the k-th nearest neighbour in the set;
   precision is the share of generated points inside the real manifold, recall the share of real
   points inside the generated one.
+- Retrieval recall@K: the share of queries with at least one positive among their K most
+  similar items (ties broken against the query: an item scored equal to the best positive ranks
+  above it).
+- Linear-probe accuracy: a multinomial logistic regression fitted on frozen training features
+  and scored on test features (the representation-learning yardstick of CPC and SimCLR).
 """
 
 from __future__ import annotations
@@ -82,3 +87,35 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tupl
         return float((torch.cdist(points, centres) <= r[None]).any(dim=1).double().mean())
 
     return coverage(fake, real, radii(real)), coverage(real, fake, radii(fake))
+
+
+def recall_at_k(similarity: torch.Tensor, positives: torch.Tensor,
+                ks: tuple[int, ...] = (1, 5, 10)) -> dict[int, float]:
+    """Recall@K of (Q, M) query-item similarities, ``positives`` (Q, M) bool marking the right
+    items of each query (every query needs one)."""
+    if similarity.dim() != 2 or positives.shape != similarity.shape:
+        raise ValueError(f"recall_at_k needs (Q, M) similarities and positives of the same "
+                         f"shape, got {tuple(similarity.shape)} and {tuple(positives.shape)}")
+    if not positives.any(dim=1).all():
+        raise ValueError("recall_at_k: every query needs at least one positive item")
+    best_positive = similarity.masked_fill(~positives, float("-inf")).max(dim=1).values
+    # The rank of the best positive: how many negatives score at least as high.
+    rank = ((similarity >= best_positive[:, None]) & ~positives).sum(dim=1)
+    return {k: float((rank < k).double().mean()) for k in ks}
+
+
+def linear_probe_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
+                          test_features: torch.Tensor, test_labels: torch.Tensor,
+                          c: float = 1.0) -> float:
+    """Test accuracy of a logistic regression (inverse L2 strength ``c``) on standardised
+    frozen features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if train_features.dim() != 2 or test_features.shape[1:] != train_features.shape[1:]:
+        raise ValueError(f"linear probe needs (N, D) features of one width, got "
+                         f"{tuple(train_features.shape)} and {tuple(test_features.shape)}")
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+    probe.fit(train_features.double().numpy(), train_labels.numpy())
+    return float(probe.score(test_features.double().numpy(), test_labels.numpy()))

@@ -1,0 +1,79 @@
+"""What the contrastive methods share: the config fields, the learning-rate schedule, the
+run's tokenizer and batched encoding without gradients.
+
+The learning rate warms up linearly for ``warmup_steps`` and then follows a cosine to zero,
+lr(k) = lr * min(1, k / warmup) * (1 + cos(pi * k / K)) / 2, as CLIP and SimCLR train; it is a
+function of the step alone, so a resumed run needs no scheduler state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from mlatlas.contrastive.data import check_captioned
+from mlatlas.contrastive.text import Tokenizer
+from mlatlas.core.config import BaseConfig, ConfigError, require_at_least
+from mlatlas.core.run import Run
+
+TOKENIZER = "tokenizer.json"
+
+
+@dataclass
+class ContrastiveConfig(BaseConfig):
+    dataset: str = "shapes"
+    """Captioned dataset: shapes, digits or mnist."""
+    n_train: int = 10000
+    """Training pairs generated for shapes (the digit sets have fixed sizes)."""
+    batch_size: int = 128
+    """Pairs per step: the number of negatives each positive is contrasted with, plus one."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay."""
+    warmup_steps: int = 100
+    """Linear warm-up steps before the cosine decay."""
+    log_every: int = 25
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_at_least(self, 2, "batch_size", "n_train")
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ConfigError("--lr must be positive, --weight-decay and --warmup-steps "
+                              "non-negative")
+
+    def check_data(self) -> None:
+        """The command line's check of the dataset name before it makes a run folder."""
+        check_captioned(self.dataset)
+
+
+def warmup_cosine_lr(lr: float, step: int, total_steps: int, warmup_steps: int) -> float:
+    warm = min(1.0, step / warmup_steps) if warmup_steps else 1.0
+    return lr * warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def run_tokenizer(run: Run, captions: list[str], vocab_size: int, max_len: int) -> Tokenizer:
+    """The run's tokenizer: trained on ``captions`` and saved on the first call, read back from
+    the run folder afterwards (a resumed run and ``eval`` use the very same vocabulary)."""
+    path = run.path(TOKENIZER)
+    if path.is_file():
+        return Tokenizer.load(path)
+    tokenizer = Tokenizer.train(captions, vocab_size, max_len)
+    tokenizer.save(path)
+    return tokenizer
+
+
+@torch.no_grad()
+def encode_batched(encode: Callable[..., torch.Tensor], *inputs: torch.Tensor,
+                   batch_size: int = 500) -> torch.Tensor:
+    """``encode(*inputs)`` over batches of rows, without gradients, concatenated."""
+    return torch.cat([encode(*(x[i:i + batch_size] for x in inputs))
+                      for i in range(0, len(inputs[0]), batch_size)])

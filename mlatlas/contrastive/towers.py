@@ -1,0 +1,140 @@
+"""Image towers and the two-tower (dual-encoder) model of CLIP, SigLIP and LiT.
+
+Image towers map (N, C, H, W) images to a pooled feature (N, width) with ``forward`` and to a
+sequence of tokens (N, T, width) with ``tokens`` (what BLIP's text side cross-attends to):
+
+- ``ConvTower``: three 3x3 conv stages (the last two stride 2) with GroupNorm and SiLU; tokens
+  are the positions of the last feature map, the pooled feature their mean.
+- ``ViTTower`` (Dosovitskiy et al. 2021): p x p patches linearly embedded, a learned [CLS]
+  token and position embeddings, a Transformer; the pooled feature is the [CLS] output.
+
+``DualEncoder`` projects both towers' features into one d-dimensional space,
+
+    x_i = W_img f(image_i) / |.|,   y_j = W_txt g(text_j) / |.|,
+
+and holds the loss's learnable scalars: CLIP's log-scale t (s = exp t, init log 1/0.07), or
+SigLIP's t' and b (init log 10 and -10).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlatlas.contrastive.losses import (
+    CLIP_LOGIT_SCALE_INIT,
+    SIGLIP_BIAS_INIT,
+    SIGLIP_T_PRIME_INIT,
+    clip_loss,
+    siglip_loss,
+    siglip_loss_chunked,
+)
+from mlatlas.contrastive.transformer import Transformer
+
+
+def _check_images(images: torch.Tensor, channels: int) -> None:
+    if images.dim() != 4 or images.shape[1] != channels:
+        raise ValueError(f"image tower needs (N, {channels}, H, W) images, "
+                         f"got {tuple(images.shape)}")
+
+
+class ConvTower(nn.Module):
+    def __init__(self, in_channels: int = 3, width: int = 128):
+        super().__init__()
+        self.in_channels, self.width = in_channels, width
+        c = width // 4
+
+        def stage(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, stride, 1), nn.GroupNorm(8, c_out), nn.SiLU()]
+
+        self.net = nn.Sequential(*stage(in_channels, c, 1), *stage(c, 2 * c, 2),
+                                 *stage(2 * c, width, 2))
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        _check_images(images, self.in_channels)
+        return self.net(images).flatten(2).transpose(1, 2)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.tokens(images).mean(1)
+
+
+class ViTTower(nn.Module):
+    def __init__(self, in_channels: int = 3, image_size: int = 32, patch_size: int = 4,
+                 width: int = 128, depth: int = 4, heads: int = 4):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image size {image_size} is not divisible by patch size "
+                             f"{patch_size}")
+        self.in_channels, self.image_size, self.width = in_channels, image_size, width
+        self.patch_embedding = nn.Conv2d(in_channels, width, patch_size, patch_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, width))
+        self.position_embedding = nn.Parameter(
+            torch.randn(1, 1 + (image_size // patch_size) ** 2, width) * 0.02)
+        self.transformer = Transformer(width, depth, heads)
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        _check_images(images, self.in_channels)
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"ViT tower was built for {self.image_size}x{self.image_size} "
+                             f"images, got {tuple(images.shape[-2:])}")
+        patches = self.patch_embedding(images).flatten(2).transpose(1, 2)
+        h = torch.cat([self.cls.expand(len(images), -1, -1), patches], dim=1)
+        return self.transformer(h + self.position_embedding)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.tokens(images)[:, 0]
+
+
+def image_tower(kind: Literal["cnn", "vit"], in_channels: int, image_size: int,
+                width: int) -> nn.Module:
+    if kind == "cnn":
+        return ConvTower(in_channels, width)
+    # 4x4 patches on 32x32 shapes (64 tokens), 2x2 on 8x8 digits (16 tokens).
+    return ViTTower(in_channels, image_size, patch_size=max(1, image_size // 8), width=width)
+
+
+class DualEncoder(nn.Module):
+    """Two towers, two projections and the loss's learnable scalars."""
+
+    def __init__(self, image_tower: nn.Module, text_tower: nn.Module, embed_dim: int = 64,
+                 loss: Literal["clip", "siglip"] = "clip", chunk: int = 0):
+        super().__init__()
+        if loss not in ("clip", "siglip"):
+            raise ValueError(f"loss must be clip or siglip, got {loss!r}")
+        self.image_tower, self.text_tower = image_tower, text_tower
+        self.image_projection = nn.Linear(image_tower.width, embed_dim, bias=False)
+        self.text_projection = nn.Linear(text_tower.width, embed_dim, bias=False)
+        self.loss_name, self.chunk = loss, chunk
+        if loss == "clip":
+            self.logit_scale = nn.Parameter(torch.tensor(CLIP_LOGIT_SCALE_INIT))
+        else:
+            self.t_prime = nn.Parameter(torch.tensor(SIGLIP_T_PRIME_INIT))
+            self.bias = nn.Parameter(torch.tensor(SIGLIP_BIAS_INIT))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_projection(self.image_tower(images)), dim=-1)
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return F.normalize(self.text_projection(self.text_tower(ids, mask)), dim=-1)
+
+    def contrastive_loss(self, image_features: torch.Tensor,
+                         text_features: torch.Tensor) -> torch.Tensor:
+        if self.loss_name == "clip":
+            return clip_loss(image_features, text_features, self.logit_scale)
+        if self.chunk:
+            return siglip_loss_chunked(image_features, text_features, self.t_prime, self.bias,
+                                       self.chunk)
+        return siglip_loss(image_features, text_features, self.t_prime, self.bias)
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.contrastive_loss(self.encode_image(images), self.encode_text(ids, mask))
+
+    def temperature_metrics(self) -> dict[str, torch.Tensor]:
+        """The loss's scalars for logging: CLIP's scale s, or SigLIP's t and b."""
+        if self.loss_name == "clip":
+            return {"logit_scale": self.logit_scale.detach().exp()}
+        return {"t": self.t_prime.detach().exp(), "b": self.bias.detach()}
