@@ -33,6 +33,7 @@ from mlatlas.contrastive.losses import (
     siglip_loss_chunked,
 )
 from mlatlas.contrastive.transformer import Transformer
+from mlatlas.core.nn import norm_groups
 
 
 def _check_images(images: torch.Tensor, channels: int) -> None:
@@ -48,7 +49,8 @@ class ConvTower(nn.Module):
         c = width // 4
 
         def stage(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
-            return [nn.Conv2d(c_in, c_out, 3, stride, 1), nn.GroupNorm(8, c_out), nn.SiLU()]
+            return [nn.Conv2d(c_in, c_out, 3, stride, 1), nn.GroupNorm(norm_groups(c_out), c_out),
+                    nn.SiLU()]
 
         self.net = nn.Sequential(*stage(in_channels, c, 1), *stage(c, 2 * c, 2),
                                  *stage(2 * c, width, 2))

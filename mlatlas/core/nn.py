@@ -63,7 +63,8 @@ class TimeMLP(nn.Module):
         return self.net(torch.cat([x, emb], dim=1))
 
 
-def _groups(channels: int) -> int:
+def norm_groups(channels: int) -> int:
+    """GroupNorm groups for ``channels``: 8, or fewer when 8 does not divide them."""
     return math.gcd(channels, 8)
 
 
@@ -72,10 +73,10 @@ class ResBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float = 0.0):
         super().__init__()
-        self.norm1 = nn.GroupNorm(_groups(c_in), c_in)
+        self.norm1 = nn.GroupNorm(norm_groups(c_in), c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(emb_dim, c_out)
-        self.norm2 = nn.GroupNorm(_groups(c_out), c_out)
+        self.norm2 = nn.GroupNorm(norm_groups(c_out), c_out)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
@@ -90,7 +91,7 @@ class ResBlock(nn.Module):
 class SelfAttention(nn.Module):
     def __init__(self, channels: int, heads: int = 4):
         super().__init__()
-        self.norm = nn.GroupNorm(_groups(channels), channels)
+        self.norm = nn.GroupNorm(norm_groups(channels), channels)
         self.attn = nn.MultiheadAttention(channels, heads, batch_first=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +140,7 @@ class UNet(nn.Module):
                 nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, widths[i - 1], 3, 1, 1)))
             if not first:
                 c = widths[i - 1]
-        self.out = nn.Sequential(nn.GroupNorm(_groups(c), c), nn.SiLU(),
+        self.out = nn.Sequential(nn.GroupNorm(norm_groups(c), c), nn.SiLU(),
                                  nn.Conv2d(c, in_channels, 3, padding=1))
         self.levels = len(widths)
 
