@@ -94,15 +94,16 @@ def test_bad_config_is_a_config_error(kwargs, match):
 # --- behaviour ---------------------------------------------------------------------------------
 
 def zero_shot(cls, runs, **overrides):
-    cfg = cls(n_train=6000, width=64, embed_dim=32, batch_size=64, steps=400, **overrides)
+    cfg = cls(n_train=6000, width=64, embed_dim=32, batch_size=64, steps=800, **overrides)
     return clip.train(cfg, Run.create(cfg.METHOD, cfg, runs), progress=False).summary()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cls", [clip.Config, clip.SigLIPConfig])
 def test_zero_shot_on_held_out_colour_shape_pairs_is_far_above_chance(runs, cls):
-    """400 steps at batch 64. Measured: CLIP ..., SigLIP ... zero-shot accuracy over 24 classes
-    (chance 4.2%) on the 7 held-out pairs."""
+    """800 steps at batch 64 (about a minute each). Measured: zero-shot accuracy over the 24
+    (colour, shape) classes (chance 4.2%) on the 7 held-out pairs 36.7% for CLIP, 31.3% for
+    SigLIP; text-to-image recall@10 1.0 and 0.998."""
     summary = zero_shot(cls, runs)
-    assert summary["zero_shot_accuracy"] > 6 * summary["zero_shot_chance"]
-    assert summary["t2i_recall@10"] > 0.8
+    assert summary["zero_shot_accuracy"] > 4 * summary["zero_shot_chance"]
+    assert summary["t2i_recall@10"] > 0.9
