@@ -6,6 +6,8 @@ import torch
 from mlatlas.eval.metrics import (
     frechet_distance,
     frechet_distance_features,
+    linear_probe_accuracy,
+    logistic_regression,
     mmd_rbf,
     precision_recall,
 )
@@ -82,3 +84,20 @@ def test_score_samples_picks_the_metric_for_the_data(tmp_path):
     assert "no feature network ships" in score_samples(mine.x_train, mine)["note"]
     toy = load_dataset("two-moons")
     assert score_samples(toy.x_train[:100], toy)["mmd"] > 0
+
+
+def test_logistic_regression_matches_sklearn_and_probe_scores_held_out_points():
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = (torch.tensor(a) for a in load_iris(return_X_y=True))
+    x = (x - x.mean(0)) / x.std(0, correction=0)
+    theirs = LogisticRegression(C=0.5, tol=1e-12, max_iter=10000).fit(x.numpy(), y.numpy())
+    weight, bias = logistic_regression(x, y, c=0.5)
+    # One strictly convex objective: the same minimiser, up to softmax's shift of the bias.
+    assert torch.allclose(weight, torch.tensor(theirs.coef_).T, atol=1e-4)
+    assert torch.allclose(bias - bias.mean(), torch.tensor(theirs.intercept_), atol=1e-4)
+    # Labels need not be 0..K-1: a probe maps them back.
+    accuracy = linear_probe_accuracy(x[::2], y[::2] + 10, x[1::2], y[1::2] + 10)
+    assert 0.9 < accuracy <= 1.0
+    assert linear_probe_accuracy(x[::2], y[::2], x[1::2], (y[1::2] + 1) % 3) < 0.1
