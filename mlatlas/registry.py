@@ -181,6 +181,12 @@ METHODS: dict[str, Method] = {
         Method("siglip", "contrastive", "SigLIP (Zhai et al. 2023): pairwise sigmoid loss with "
                "learnable temperature and bias, dense or chunked", CLIP, config="SigLIPConfig",
                sample=None),
+        Method("simclr", "contrastive", "SimCLR (Chen et al. 2020): two augmented views, "
+               "NT-Xent, linear probe of the encoder against its initialisation",
+               "mlatlas.contrastive.simclr", sample=None),
+        Method("lit", "contrastive", "LiT (Zhai et al. 2022): CLIP with a pre-trained, locked "
+               "image tower (a SimCLR or CLIP run, or pre-trained in the run)",
+               "mlatlas.contrastive.lit", sample=None),
         _deep("ppo", "Proximal policy optimisation (Schulman et al. 2017): clipped surrogate, "
               "GAE, value clipping, entropy bonus"),
         _deep("reinforce", "REINFORCE (Williams 1992): Monte Carlo policy gradient, with or "

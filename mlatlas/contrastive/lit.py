@@ -1,0 +1,187 @@
+"""LiT (Zhai et al. 2022): locked-image text tuning of a CLIP-style dual encoder.
+
+The image tower f is pre-trained and locked ("Lu" in the paper's notation: locked weights,
+unlocked head): its weights get no gradient and it stays in eval mode. Only the text tower g,
+the two linear projections and the logit scale learn, under CLIP's loss
+
+    x_i = W_img f(image_i) / |.|,   y_j = W_txt g(text_j) / |.|,
+    L = (CE(s X Y^T, diag) + CE(s Y X^T, diag)) / 2,   s = exp(t) <= 100,
+
+so the text side learns to read out a fixed image representation: the tower's knowledge
+survives the (small, noisy) image-text data and only the text side has to be learnt.
+
+The tower comes from ``image_run``, a finished SimCLR, CLIP, SigLIP or LiT run; with no
+``image_run``, LiT first pre-trains a SimCLR tower for ``pretrain_steps`` steps in a run folder
+nested inside its own (``<run>/image_tower/``), so a resumed LiT run resumes whichever stage was
+interrupted. The summary holds CLIP's scores: zero-shot accuracy on held-out (colour, shape)
+pairs, retrieval recall@K, and the linear probe of the (unchanged) tower.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from mlatlas.contrastive import clip, simclr
+from mlatlas.contrastive.common import TOKENIZER, run_tokenizer
+from mlatlas.contrastive.data import CaptionedData
+from mlatlas.contrastive.text import Tokenizer, load_tokenizer
+from mlatlas.contrastive.towers import DualEncoder, image_tower
+from mlatlas.core.config import (
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    require_at_least,
+)
+from mlatlas.core.run import Run, RunError
+from mlatlas.core.runtime import seed_everything
+
+PRETRAIN_DIR = "image_tower"
+
+
+@dataclass
+class Config(clip.Config):
+    METHOD: ClassVar[str] = "lit"
+
+    image_run: str = ""
+    """Run folder (simclr, clip, siglip or lit) whose image tower is loaded and locked; empty:
+    pre-train a SimCLR tower first, in <run>/image_tower/."""
+    pretrain_steps: int = 1000
+    """SimCLR steps of the image tower when no --image-run is given."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_at_least(self, 1, "pretrain_steps")
+        if self.text_tower != "transformer":
+            # A locked image tower and a frozen MiniLM would leave only two projections to learn.
+            raise ConfigError("lit trains its text tower: --text-tower must be transformer")
+
+
+class LockedTower(nn.Module):
+    """An image tower that never trains: no gradients, and eval mode whatever ``train()`` asks."""
+
+    def __init__(self, tower: nn.Module):
+        super().__init__()
+        self.tower = tower.requires_grad_(False).eval()
+        self.width = tower.width
+
+    def train(self, mode: bool = True) -> LockedTower:
+        return self
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.tower(images)
+
+    @torch.no_grad()
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        return self.tower.tokens(images)
+
+
+def pretrain_config(cfg: Config) -> simclr.Config:
+    """The SimCLR run LiT makes when it has no ``image_run``: the same data, seed, tower and
+    batch size, SimCLR's own defaults otherwise."""
+    return simclr.Config(dataset=cfg.dataset, n_train=cfg.n_train, seed=cfg.seed,
+                         device=cfg.device, image_tower=cfg.image_tower, width=cfg.width,
+                         batch_size=cfg.batch_size, steps=cfg.pretrain_steps,
+                         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every)
+
+
+def pretrain(run: Run, cfg: Config, progress: bool | None = None) -> Run:
+    """Train (or resume, or reuse) the nested SimCLR run ``<run>/image_tower/``."""
+    path = run.path(PRETRAIN_DIR)
+    if (path / "config.json").is_file():
+        nested = Run.open(path)
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        nested = Run(path, "simclr", config_to_dict(pretrain_config(cfg)))
+        nested.write_config()
+    if nested.checkpoint_step() != cfg.pretrain_steps or not nested.summary():
+        simclr.train(config_from_dict(simclr.Config, nested.config), nested, progress)
+    return nested
+
+
+def load_image_tower(directory: str | Path) -> tuple[str, int, nn.Module]:
+    """(kind, width, tower) of the image tower of the run in ``directory``."""
+    try:
+        source = Run.open(directory)
+    except RunError as err:
+        raise ConfigError(f"--image-run: {err}") from None
+    if not source.has_checkpoint():
+        raise ConfigError(f"--image-run: {directory} has no checkpoint")
+    if source.method == "simclr":
+        tower_cfg, tower = simclr.load_encoder(source)
+    elif source.method in ("clip", "siglip", "lit"):
+        tower_cfg, model, _, _ = load_model(source) if source.method == "lit" else \
+            clip.load_model(source)
+        tower = model.image_tower
+        tower = tower.tower if isinstance(tower, LockedTower) else tower
+    else:
+        raise ConfigError(f"--image-run: {directory} is a {source.method} run; LiT needs the "
+                          f"image tower of a simclr, clip, siglip or lit run")
+    return tower_cfg.image_tower, tower_cfg.width, tower
+
+
+def check_tower(cfg: Config, kind: str, width: int, tower: nn.Module,
+                data: CaptionedData) -> None:
+    """ConfigError unless the loaded tower is the one ``cfg`` describes and reads ``data``."""
+    if kind != cfg.image_tower or width != cfg.width:
+        raise ConfigError(f"--image-run {cfg.image_run} holds a {kind} tower of width {width}; "
+                          f"this LiT run asks for --image-tower {cfg.image_tower} --width "
+                          f"{cfg.width}")
+    channels, size, _ = data.image_shape
+    if tower.in_channels != channels or getattr(tower, "image_size", size) != size:
+        raise ConfigError(f"--image-run {cfg.image_run} holds a tower for {tower.in_channels}-"
+                          f"channel images; {cfg.dataset} has {channels} channels of {size}x{size}")
+
+
+def locked_image_tower(run: Run, cfg: Config, data: CaptionedData,
+                       progress: bool | None = None) -> nn.Module:
+    if cfg.image_run:
+        kind, width, tower = load_image_tower(cfg.image_run)
+        check_tower(cfg, kind, width, tower, data)
+    else:
+        _, tower = simclr.load_encoder(pretrain(run, cfg, progress))
+    return LockedTower(tower)
+
+
+def build_model(cfg: Config, data: CaptionedData, tokenizer: Tokenizer,
+                tower: nn.Module) -> DualEncoder:
+    """CLIP's dual encoder around a locked image tower (the text side is initialised from the
+    run's seed, whatever the tower's origin)."""
+    seed_everything(cfg.seed)
+    model = clip.build_model(cfg, data, tokenizer)
+    model.image_tower = tower
+    return model
+
+
+def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
+    run = run or Run.create(cfg.METHOD, cfg)
+    data = clip.load_data(cfg)
+    tower = locked_image_tower(run, cfg, data, progress)
+    tokenizer = run_tokenizer(run, data.train.captions, cfg.vocab_size, cfg.max_len)
+    model = build_model(cfg, data, tokenizer, tower)
+    clip.train_pairs(run, cfg, model, data, tokenizer, progress)
+    clip.report(run, model, tokenizer, data)
+    return run
+
+
+def load_model(run: Run) -> tuple[Config, DualEncoder, Tokenizer, CaptionedData]:
+    cfg = config_from_dict(Config, run.config)
+    data = clip.load_data(cfg)
+    tokenizer = load_tokenizer(run.path(TOKENIZER))
+    channels, size, _ = data.image_shape
+    tower = LockedTower(image_tower(cfg.image_tower, channels, size, cfg.width))
+    model = build_model(cfg, data, tokenizer, tower)
+    run.load_weights(model)
+    return cfg, model, tokenizer, data
+
+
+def evaluate(run: Run, n: int | None = None, seed: int = 0,
+             progress: bool | None = None) -> dict[str, float]:
+    """Recompute the run's zero-shot, retrieval and linear-probe scores from its checkpoint."""
+    _, model, tokenizer, data = load_model(run)
+    return clip.report(run, model, tokenizer, data)

@@ -1,0 +1,298 @@
+"""SimCLR (Chen et al. 2020): learn an image encoder by matching two random views of each image.
+
+Each image x of a batch of N is augmented twice by transformations t, t' ~ T drawn
+independently, x~_i = t(x), x~_j = t'(x). The base encoder f and the projection head g give
+
+    h_i = f(x~_i),   z_i = g(h_i) = W2 ReLU(W1 h_i),
+
+and the NT-Xent loss scores each view against the 2N - 1 others, its partner being the positive,
+
+    l(i, j) = -log exp(sim(z_i, z_j) / tau) / sum_{k != i} exp(sim(z_i, z_k) / tau),
+    L = 1 / (2N) sum_k [l(2k-1, 2k) + l(2k, 2k-1)],   sim(u, v) = u . v / (|u| |v|).
+
+T (the paper's section 3) is a random resized crop (area share s ~ U(crop_scale, 1), aspect
+ratio r ~ log-U(3/4, 4/3)) with a horizontal flip, then with probability 0.8 a colour jitter of
+strength s_c (brightness, contrast and saturation factors in 1 +- 0.8 s_c, hue shifted by up to
+0.2 s_c of a turn), then grayscale with probability 0.2. One-channel digits are not mirror
+images of themselves, so they get a small rotation and pixel noise instead of the flip and the
+colours. Every view of a batch is one ``affine_grid`` + ``grid_sample`` call whose per-image
+parameters come from the run's generator, so runs are deterministic and resume exactly.
+
+The representation kept is h (f's output), not z: the paper finds a linear classifier on h
+far better than on z, since g learns to discard what the augmentations change. ``summary.json``
+holds the linear-probe accuracy of h, of z, and of h from the same encoder at initialisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlatlas.contrastive.common import (
+    ContrastiveConfig,
+    encode_batched,
+    set_lr,
+    warmup_cosine_lr,
+)
+from mlatlas.contrastive.data import CaptionedData, load_captioned
+from mlatlas.contrastive.evaluation import PROBE_TRAIN
+from mlatlas.contrastive.losses import nt_xent
+from mlatlas.contrastive.towers import image_tower
+from mlatlas.core.config import ConfigError, config_from_dict, require_at_least, require_unit
+from mlatlas.core.plots import image_grid, metric_curves
+from mlatlas.core.run import Run, fit
+from mlatlas.core.runtime import resolve_device, seed_everything
+from mlatlas.data import EpochBatches
+from mlatlas.eval.metrics import linear_probe_accuracy
+
+# ITU-R BT.601 luma, as torchvision's grayscale.
+LUMA = (0.299, 0.587, 0.114)
+
+
+@dataclass
+class Config(ContrastiveConfig):
+    METHOD: ClassVar[str] = "simclr"
+
+    image_tower: str = "cnn"
+    """Base encoder f: cnn (three conv stages) or vit (patch Transformer)."""
+    width: int = 128
+    """Width of f, i.e. the dimension of the representation h."""
+    projection_dim: int = 64
+    """Dimension of z = g(h), where the loss is computed."""
+    temperature: float = 0.5
+    """NT-Xent temperature tau."""
+    crop_scale: float = 0.3
+    """Smallest area share of the random resized crop."""
+    jitter: float = 0.5
+    """Colour-jitter strength s (brightness, contrast, saturation 0.8 s; hue 0.2 s)."""
+    grayscale: float = 0.2
+    """Probability that an RGB view is turned to grayscale."""
+    rotation: float = 15.0
+    """Largest rotation (degrees) of one-channel views (RGB views are flipped instead)."""
+    noise: float = 0.05
+    """Standard deviation of the pixel noise added to one-channel views."""
+    steps: int = 1000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.image_tower not in ("cnn", "vit"):
+            raise ConfigError(f"--image-tower must be cnn or vit, got {self.image_tower!r}")
+        require_at_least(self, 8, "width", "projection_dim")
+        if self.width % 8:
+            raise ConfigError(f"--width must be a multiple of 8, got {self.width}")
+        if self.temperature <= 0:
+            raise ConfigError(f"--temperature must be positive, got {self.temperature}")
+        require_unit(self, "crop_scale", low_open=True)
+        require_unit(self, "grayscale")
+        if self.jitter < 0 or self.rotation < 0 or self.noise < 0:
+            raise ConfigError("--jitter, --rotation and --noise must be non-negative")
+
+
+# --- augmentations ------------------------------------------------------------------------------
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=generator)
+
+
+def crop_affine(n: int, crop_scale: float, flip: bool, rotation: float,
+                generator: torch.Generator) -> torch.Tensor:
+    """(n, 2, 3) matrices for ``F.affine_grid``: a random resized crop (area share
+    s ~ U(crop_scale, 1), aspect r ~ log-U(3/4, 4/3)), mirrored with probability 1/2 if ``flip``,
+    rotated by up to ``rotation`` degrees. They map output coordinates in [-1, 1] to input ones."""
+    s = _uniform(n, crop_scale, 1.0, generator)
+    log_r = _uniform(n, math.log(3 / 4), math.log(4 / 3), generator)
+    # Crop sides as shares of the image side; clamped so that the crop stays inside the image.
+    w = (s * log_r.exp()).sqrt().clamp(max=1.0)
+    h = (s / log_r.exp()).sqrt().clamp(max=1.0)
+    cx = (1 - w) * _uniform(n, -1.0, 1.0, generator)
+    cy = (1 - h) * _uniform(n, -1.0, 1.0, generator)
+    mirror = torch.rand(n, generator=generator) < 0.5
+    sx = torch.where(mirror & flip, -w, w)
+    angle = torch.deg2rad(_uniform(n, -rotation, rotation, generator))
+    cos, sin = angle.cos(), angle.sin()
+    return torch.stack([torch.stack([cos * sx, -sin * h, cx], 1),
+                        torch.stack([sin * sx, cos * h, cy], 1)], 1)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    luma = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * luma).sum(1, keepdim=True)
+
+
+def _rotate_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """Shift each image's hue by ``turns`` of a full turn: a rotation of the chroma plane of
+    YIQ, which keeps the luma Y (a linear stand-in for HSV's hue shift)."""
+    rgb_to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
+                               [0.211, -0.523, 0.312]], dtype=x.dtype, device=x.device)
+    theta = 2 * math.pi * turns
+    cos, sin, one, zero = theta.cos(), theta.sin(), torch.ones_like(theta), torch.zeros_like(theta)
+    rotation = torch.stack([torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1),
+                            torch.stack([zero, sin, cos], 1)], 1)
+    m = torch.linalg.inv(rgb_to_yiq) @ rotation @ rgb_to_yiq
+    return torch.einsum("nij,njhw->nihw", m, x)
+
+
+def colour_jitter(x: torch.Tensor, strength: float, generator: torch.Generator,
+                  p: float = 0.8) -> torch.Tensor:
+    """SimCLR's colour distortion, applied to each image with probability ``p``: brightness,
+    contrast and saturation factors ~ U(1 - 0.8 s, 1 + 0.8 s) and a hue shift ~ U(-0.2 s, 0.2 s)
+    turns (the last two only for RGB), clamped to [0, 1] after each."""
+    n, c = x.shape[:2]
+    spread = 0.8 * strength
+    brightness, contrast, saturation = (
+        _uniform(n, max(0.0, 1 - spread), 1 + spread, generator).view(n, 1, 1, 1).to(x)
+        for _ in range(3))
+    hue = _uniform(n, -0.2 * strength, 0.2 * strength, generator).to(x)
+    apply = (torch.rand(n, generator=generator) < p).view(n, 1, 1, 1).to(x.device)
+    y = (x * brightness).clamp(0, 1)
+    mean = (_gray(y) if c == 3 else y).mean((1, 2, 3), keepdim=True)
+    y = ((y - mean) * contrast + mean).clamp(0, 1)
+    if c == 3:
+        gray = _gray(y)
+        y = ((y - gray) * saturation + gray).clamp(0, 1)
+        y = _rotate_hue(y, hue).clamp(0, 1)
+    return torch.where(apply, y, x)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, *, crop_scale: float = 0.3,
+            jitter: float = 0.5, grayscale: float = 0.2, rotation: float = 15.0,
+            noise: float = 0.05) -> torch.Tensor:
+    """One random view t(x) of every image of a (N, C, H, W) batch in [0, 1], all drawn from
+    ``generator`` (on the CPU, whatever the images' device): crop + flip + colour jitter +
+    grayscale for RGB, crop + rotation + brightness/contrast + noise for one channel."""
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"augment needs (N, 1 or 3, H, W) images, got {tuple(x.shape)}")
+    n, c = x.shape[:2]
+    rgb = c == 3
+    theta = crop_affine(n, crop_scale, flip=rgb, rotation=0.0 if rgb else rotation,
+                        generator=generator).to(x)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    view = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    view = colour_jitter(view, jitter, generator)
+    if rgb:
+        to_gray = (torch.rand(n, generator=generator) < grayscale).view(n, 1, 1, 1)
+        view = torch.where(to_gray.to(x.device), _gray(view).expand_as(view), view)
+    else:
+        view = (view + noise * torch.randn(view.shape, generator=generator).to(x)).clamp(0, 1)
+    return view
+
+
+def views(cfg: Config, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return augment(x, generator, crop_scale=cfg.crop_scale, jitter=cfg.jitter,
+                   grayscale=cfg.grayscale, rotation=cfg.rotation, noise=cfg.noise)
+
+
+# --- model ----------------------------------------------------------------------------------
+
+class SimCLR(nn.Module):
+    """Base encoder f (an image tower) and projection head g (a one-hidden-layer MLP)."""
+
+    def __init__(self, encoder: nn.Module, projection_dim: int):
+        super().__init__()
+        self.encoder = encoder
+        width = encoder.width
+        self.projection = nn.Sequential(nn.Linear(width, width), nn.ReLU(),
+                                        nn.Linear(width, projection_dim))
+
+    def forward(self, x_i: torch.Tensor, x_j: torch.Tensor, temperature: float) -> torch.Tensor:
+        """NT-Xent of the projections of two views of the same images."""
+        z = self.projection(self.encoder(torch.cat([x_i, x_j])))
+        z_i, z_j = z.chunk(2)
+        return nt_xent(z_i, z_j, temperature)
+
+
+def build_model(cfg: Config, image_shape: tuple[int, int, int]) -> SimCLR:
+    channels, size, _ = image_shape
+    return SimCLR(image_tower(cfg.image_tower, channels, size, cfg.width), cfg.projection_dim)
+
+
+def load_data(cfg: Config) -> CaptionedData:
+    return load_captioned(cfg.dataset, n_train=cfg.n_train, seed=cfg.seed)
+
+
+def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
+    run = run or Run.create(cfg.METHOD, cfg)
+    device = resolve_device(cfg.device)
+    data = load_data(cfg)
+    generator = seed_everything(cfg.seed)
+    model = build_model(cfg, data.image_shape).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    images = data.train.images.to(device)
+    batches = EpochBatches(len(images), cfg.batch_size, cfg.seed)
+
+    def step_fn(step: int) -> dict[str, torch.Tensor]:
+        set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup_steps))
+        x = images[batches(step).to(device)]
+        loss = model(views(cfg, x, generator), views(cfg, x, generator), cfg.temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.detach()}
+
+    fit(run, step_fn, total_steps=cfg.steps, objects={"model": model, "optimizer": optimizer,
+                                                       "rng": generator},
+        log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
+    run.save_figure(metric_curves(run.metrics, ["loss"], title="simclr NT-Xent loss"), "loss.png")
+    report(run, cfg, model.cpu(), data)
+    return run
+
+
+def probe(encode, data: CaptionedData) -> float:
+    """Linear-probe test accuracy of frozen features ``encode(images)`` on the class labels."""
+    train = data.train.images[:PROBE_TRAIN]
+    return linear_probe_accuracy(encode_batched(encode, train), data.train.labels[:PROBE_TRAIN],
+                                 encode_batched(encode, data.test.images), data.test.labels)
+
+
+def report(run: Run, cfg: Config, model: SimCLR, data: CaptionedData) -> dict[str, float]:
+    """Probe h = f(x), z = g(f(x)) and h of the same encoder at initialisation; write
+    ``summary.json`` and ``views.png``; return the scores."""
+    model.eval()
+    seed_everything(cfg.seed)
+    # The encoder as the run started: the same seed builds the same initial weights.
+    initial = build_model(cfg, data.image_shape).eval()
+    scores = {"linear_probe_accuracy": probe(model.encoder, data),
+              "projection_probe_accuracy": probe(lambda x: model.projection(model.encoder(x)),
+                                                 data),
+              "random_encoder_probe_accuracy": probe(initial.encoder, data)}
+    run.write_summary({"dataset": data.name, "final_loss": run.metrics[-1]["loss"], **scores})
+    run.save_figure(views_figure(cfg, data.test.images[:8]), "views.png")
+    model.train()
+    return scores
+
+
+def views_figure(cfg: Config, images: torch.Tensor, seed: int = 0):
+    """The images (top row) and two random views of each (rows 2 and 3)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = [images, views(cfg, images, generator), views(cfg, images, generator)]
+    return image_grid(torch.cat(rows), ncols=len(images),
+                      title="simclr: images (top) and two augmented views")
+
+
+def load_model(run: Run) -> tuple[Config, SimCLR, CaptionedData]:
+    cfg = config_from_dict(Config, run.config)
+    data = load_data(cfg)
+    model = build_model(cfg, data.image_shape)
+    run.load_weights(model)
+    return cfg, model.eval(), data
+
+
+def load_encoder(run: Run) -> tuple[Config, nn.Module]:
+    """The trained base encoder f of a SimCLR run (what LiT locks as its image tower)."""
+    cfg = config_from_dict(Config, run.config)
+    data = load_data(cfg)
+    encoder = build_model(cfg, data.image_shape).encoder
+    run.load_weights(encoder, name="model.encoder")
+    return cfg, encoder.eval()
+
+
+def evaluate(run: Run, n: int | None = None, seed: int = 0,
+             progress: bool | None = None) -> dict[str, float]:
+    """Recompute the run's linear-probe scores from its checkpoint."""
+    cfg, model, data = load_model(run)
+    return report(run, cfg, model, data)
