@@ -86,19 +86,77 @@ def test_siglip_loss_of_identity_features_at_its_initial_temperature_and_bias():
     assert loss.item() == pytest.approx(expected, rel=1e-12)
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 13, 20])
+def siglip_inputs(n: int, dim: int, seed: int, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g, dtype=dtype, requires_grad=True)
+    y = torch.randn(n, dim, generator=g, dtype=dtype, requires_grad=True)
+    t_prime = torch.tensor(1.3, dtype=dtype, requires_grad=True)
+    b = torch.tensor(-2.0, dtype=dtype, requires_grad=True)
+    return x, y, t_prime, b
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 5, 13, 20])
 def test_chunked_siglip_equals_the_dense_loss_and_its_gradients(chunk):
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(13, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(13, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    t_prime = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
-    b = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
+    x, y, t_prime, b = siglip_inputs(13, 5, seed=3)
     dense = siglip_loss(x, y, t_prime, b)
     grads = torch.autograd.grad(dense, (x, y, t_prime, b))
     chunked = siglip_loss_chunked(x, y, t_prime, b, chunk)
     torch.testing.assert_close(chunked, dense)
     for a, c in zip(torch.autograd.grad(chunked, (x, y, t_prime, b)), grads, strict=True):
         torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("trainable", ["features", "image", "text", "scalars"])
+def test_chunked_siglip_gradients_when_only_some_inputs_train_and_scaled_upstream(trainable):
+    x, y, t_prime, b = siglip_inputs(11, 4, seed=4)
+    keep = {"features": (x, y), "image": (x,), "text": (y,), "scalars": (t_prime, b)}[trainable]
+    for a in (x, y, t_prime, b):
+        a.requires_grad_(any(a is k for k in keep))
+    # An upstream factor other than 1 checks that the backward pass scales the stored gradients.
+    dense = torch.autograd.grad(2.5 * siglip_loss(x, y, t_prime, b), keep)
+    chunked = torch.autograd.grad(2.5 * siglip_loss_chunked(x, y, t_prime, b, 3), keep)
+    for a, c in zip(chunked, dense, strict=True):
+        torch.testing.assert_close(a, c)
+
+
+def test_chunked_siglip_passes_gradcheck_and_works_without_gradients():
+    x, y, t_prime, b = siglip_inputs(6, 3, seed=5)
+    assert torch.autograd.gradcheck(lambda *a: siglip_loss_chunked(*a, 4), (x, y, t_prime, b))
+    with torch.no_grad():
+        value = siglip_loss_chunked(x, y, t_prime, b, 4)
+    assert not value.requires_grad
+    torch.testing.assert_close(value, siglip_loss(x, y, t_prime, b).detach())
+
+
+def test_chunked_siglip_in_float32_at_the_initial_temperature_and_bias():
+    x, y, _, _ = siglip_inputs(300, 16, seed=6, dtype=torch.float32)
+    t_prime = torch.tensor(SIGLIP_T_PRIME_INIT, requires_grad=True)
+    b = torch.tensor(SIGLIP_BIAS_INIT, requires_grad=True)
+    inputs = (x, y, t_prime, b)
+    dense = siglip_loss(*inputs)
+    chunked = siglip_loss_chunked(*inputs, 64)
+    torch.testing.assert_close(chunked, dense)
+    for a, c in zip(torch.autograd.grad(chunked, inputs), torch.autograd.grad(dense, inputs),
+                    strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_siglip_keeps_no_n_by_n_tensor_for_the_backward_pass():
+    n, dim = 64, 8
+    inputs = siglip_inputs(n, dim, seed=7)
+    saved: list[int] = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        siglip_loss(*inputs)
+    assert max(saved) >= n * n  # the dense loss keeps its logits
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        siglip_loss_chunked(*inputs, 16)
+    assert max(saved) <= n * dim
 
 
 def test_bad_shapes_are_value_errors():

@@ -25,8 +25,19 @@ elsewhere, t = exp(t'), and bias b (t' = log 10, b = -10 at the start),
     L = -1/N sum_i sum_j log sigma(z_ij (t x_i . y_j + b)).
 
 It needs no softmax over the batch, so it can be summed block by block: ``siglip_loss_chunked``
-visits the texts ``chunk`` at a time and recomputes each block in the backward pass, so its
-memory grows with N x chunk rather than N^2.
+visits the texts ``chunk`` at a time, so its memory grows with N x chunk rather than N^2. With
+logits l_ij = t x_i . y_j + b, each term is softplus(-z_ij l_ij), whose derivative is
+
+    g_ij = dL_ij / dl_ij = -z_ij sigma(-z_ij l_ij) = sigma(l_ij) - [i == j],
+
+so one pass over a block yields its loss and, by the chain rule through l_ij (x, y being the
+normalised features; autograd carries the gradients back through the normalisation),
+
+    dL/dx_i = t sum_j g_ij y_j,   dL/dy_j = t sum_i g_ij x_i,
+    dL/dt' = t sum_ij g_ij x_i . y_j,   dL/db = sum_ij g_ij.
+
+The chunked loss accumulates these (N, D) gradients in its forward pass and only scales them by
+the incoming gradient in the backward pass: no block is kept or recomputed.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 CLIP_LOGIT_SCALE_INIT = math.log(1 / 0.07)
 CLIP_LOGIT_SCALE_MAX = 100.0
@@ -112,16 +123,66 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     return _siglip_block(x, y, t_prime, bias, 0) / len(x)
 
 
+class _SigLIPChunked(torch.autograd.Function):
+    """Sum over blocks of texts of the SigLIP loss of normalised x, y, and its gradients.
+
+    Normalisation stays outside, under autograd, so this Function only sees x . y logits."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, t_prime: torch.Tensor,
+                bias: torch.Tensor, chunk: int) -> torch.Tensor:
+        need_x, need_y, need_t, need_b = ctx.needs_input_grad[:4]
+        t = t_prime.exp()
+        alpha = t.item()  # addmm wants a number; fusing t and b into the matmul saves two passes
+        # Sums of N^2 terms accumulate in at least float32 even for half-precision features.
+        accumulate = torch.promote_types(x.dtype, torch.float32)
+        loss = x.new_zeros((), dtype=accumulate)
+        # sum_j g_ij y_j without the factor t; also gives dL/dt' = t sum_i x_i . (g y)_i.
+        g_y = x.new_zeros(x.shape) if (need_x or need_t) else None
+        g_x = y.new_empty(y.shape) if need_y else None
+        g_sum = x.new_zeros((), dtype=accumulate)
+        for start in range(0, len(y), chunk):
+            y_block = y[start:start + chunk]
+            logits = torch.addmm(bias, x, y_block.T, alpha=alpha)
+            # Every pair as a negative (z = -1) costs softplus(l); a positive costs
+            # softplus(-l) = softplus(l) - l, so the diagonal's logits are subtracted once.
+            # The positives of this block are the pairs (start + k, k): diagonal -start.
+            # (softplus returns l itself past l = 20, off by log1p(e^-l) < 2.1e-9 a term.)
+            loss += F.softplus(logits).sum() - logits.diagonal(-start).sum()
+            if g_y is None and g_x is None and not need_b:
+                continue
+            g = logits.sigmoid_()  # reuses the block's buffer: g = sigma(l) - [i == j]
+            g.diagonal(-start).sub_(1.0)
+            if need_b:
+                g_sum += g.sum()
+            if g_y is not None:
+                g_y.addmm_(g, y_block)
+            if g_x is not None:
+                torch.mm(g.T, x, out=g_x[start:start + chunk])
+        grad_t = t * (x * g_y).sum() if need_t else None
+        ctx.save_for_backward(
+            *(a if a is not None else x.new_empty(0)
+              for a in (t * g_y if need_x else None, t * g_x if need_y else None,
+                        grad_t, g_sum.to(x.dtype) if need_b else None)))
+        return loss.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        grads = [g * grad_output if needed else None
+                 for g, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[:4], strict=True)]
+        return (*grads, None)
+
+
 def siglip_loss_chunked(image_features: torch.Tensor, text_features: torch.Tensor,
                         t_prime: torch.Tensor, bias: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``siglip_loss`` summed over blocks of ``chunk`` texts; each block's N x chunk logits are
-    recomputed in the backward pass instead of kept, so peak memory is O(N chunk)."""
+    """``siglip_loss`` summed over blocks of ``chunk`` texts. Each block's N x chunk logits give
+    its loss and its gradients in one pass and are then dropped, so peak memory is O(N chunk)
+    beyond the (N, D) features and gradients, and no block is recomputed in the backward pass."""
     _check_pairs("siglip", image_features, text_features)
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, got {chunk}")
     x, y = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
-    total = x.new_zeros(())
-    for start in range(0, len(y), chunk):
-        total = total + checkpoint(_siglip_block, x, y[start:start + chunk], t_prime, bias,
-                                   start, use_reentrant=False)
-    return total / len(x)
+    t_prime = torch.as_tensor(t_prime, dtype=x.dtype, device=x.device)
+    bias = torch.as_tensor(bias, dtype=x.dtype, device=x.device)
+    return _SigLIPChunked.apply(x, y, t_prime, bias, chunk) / len(x)
