@@ -187,6 +187,9 @@ METHODS: dict[str, Method] = {
         Method("lit", "contrastive", "LiT (Zhai et al. 2022): CLIP with a pre-trained, locked "
                "image tower (a SimCLR or CLIP run, or pre-trained in the run)",
                "mlatlas.contrastive.lit", sample=None),
+        Method("blip", "contrastive", "BLIP (Li et al. 2022): ITC, ITM with hard negatives and "
+               "a captioning decoder sharing one text Transformer; CapFilt bootstrapping",
+               "mlatlas.contrastive.blip", sample=None),
         _deep("ppo", "Proximal policy optimisation (Schulman et al. 2017): clipped surrogate, "
               "GAE, value clipping, entropy bonus"),
         _deep("reinforce", "REINFORCE (Williams 1992): Monte Carlo policy gradient, with or "

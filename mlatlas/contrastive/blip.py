@@ -1,0 +1,535 @@
+"""BLIP (Li et al. 2022): one text Transformer in three modes, three losses, and CapFilt.
+
+An image I gives tokens v = (v_1 .. v_T) (``image_tower.tokens``) and a pooled feature v_cls.
+A caption T = (w_1 .. w_n) is read three ways by one set of weights:
+
+- unimodal text encoder: [BOS] w_1 .. w_n, bidirectional self-attention, no cross-attention;
+  its [BOS] output t_cls. Image-text contrastive loss on g_v(v_cls), g_w(t_cls), normalised:
+
+      L_itc = (CE(s V W^T, diag) + CE(s W V^T, diag)) / 2          (CLIP's loss, s = exp t)
+
+- image-grounded text encoder: [ENC] w_1 .. w_n, bidirectional self-attention and
+  cross-attention to v; a linear head on the [ENC] output gives p_itm(I, T) = P(match). For each
+  image a negative text is drawn from the batch with probability softmax_j(s v_i . w_j) (the
+  positive excluded), and likewise a negative image for each text (ALBEF's hard negatives):
+
+      L_itm = CE over the B positive pairs (label 1) and the 2B negative pairs (label 0)
+
+- image-grounded text decoder: [BOS] w_1 .. w_n [EOS], causal self-attention and
+  cross-attention to v; a language-modelling head gives
+
+      L_lm = -1/|w| sum_t log P(w_t | w_<t, I)        (padding ignored)
+
+and L = L_itc + L_itm + L_lm. As in BLIP, encoder and decoder share every parameter (token and
+position embeddings, cross-attention, MLPs, norms) but the self-attention layers (and the
+LayerNorm in front of each), which the decoder has its own of: the three modes run the blocks of
+one ``TextTower`` part by part, with the decoder's self-attention swapped in.
+
+Left out of BLIP: momentum distillation and the momentum queues of ITC (the batch is the only
+source of negatives), and label smoothing of L_lm. Negatives whose caption is identical to the
+positive's (same token ids) are never drawn, since they are not mismatches; paraphrases of the
+same content can still be drawn, a small share of false negatives.
+
+CapFilt (``capfilt``): with ``capfilt`` on, the model trained on the noisy captions
+(``corrupt`` of them describe another image) writes a caption per training image, its ITM head
+removes the original and synthetic captions with p_itm < ``filter_threshold`` (default 1/3,
+ITM's prior, not BLIP's 0.5: a small ITM stays near its prior), and a fresh model
+trains on what is kept for the same number of steps, in the nested run folder ``<run>/stage2``.
+The run's ``summary.json`` holds the final model's scores and, for CapFilt, the noisy model's
+as ``noisy_*`` and the filter's precision and recall against the known corrupted captions.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlatlas.contrastive.capfilt import (
+    CapFiltResult,
+    bootstrap,
+    capfilt,
+    capfilt_figure,
+    filter_scores,
+)
+from mlatlas.contrastive.common import (
+    TOKENIZER,
+    ContrastiveConfig,
+    encode_batched,
+    run_tokenizer,
+    set_lr,
+    warmup_cosine_lr,
+)
+from mlatlas.contrastive.data import NUMBER_WORDS, CaptionedData, load_captioned
+from mlatlas.contrastive.evaluation import (
+    evaluate_joint_space,
+    retrieval_figure,
+    zero_shot_figure,
+)
+from mlatlas.contrastive.losses import CLIP_LOGIT_SCALE_INIT, CLIP_LOGIT_SCALE_MAX, clip_loss
+from mlatlas.contrastive.text import BOS, ENC, EOS, PAD, TextTower, Tokenizer, load_tokenizer
+from mlatlas.contrastive.towers import ViTTower, image_tower
+from mlatlas.contrastive.transformer import Attention
+from mlatlas.core.config import ConfigError, config_from_dict, require_at_least
+from mlatlas.core.io import read_json, write_json
+from mlatlas.core.plots import metric_curves, plt, show_images
+from mlatlas.core.run import Run, fit
+from mlatlas.core.runtime import resolve_device, seed_everything
+from mlatlas.data import EpochBatches
+
+STAGE2 = "stage2"
+CAPFILT = "capfilt.json"
+CAPTION_EVAL = 500
+
+
+@dataclass
+class Config(ContrastiveConfig):
+    METHOD: ClassVar[str] = "blip"
+
+    image_tower: str = "cnn"
+    """Image tower: cnn (three conv stages) or vit (patch Transformer)."""
+    width: int = 128
+    """Width of the image tower and of the text Transformer."""
+    text_depth: int = 2
+    """Transformer blocks of the text encoder / decoder."""
+    heads: int = 4
+    """Attention heads of the text Transformer."""
+    embed_dim: int = 64
+    """Dimension d of the contrastive (ITC) embedding space."""
+    vocab_size: int = 256
+    """BPE vocabulary learnt from the training captions."""
+    max_len: int = 24
+    """Tokens per caption, [BOS] and [EOS] included (also the longest generated caption)."""
+    corrupt: float = 0.0
+    """Share of training captions replaced by another image's caption (noisy web text)."""
+    capfilt: bool = False
+    """After training, caption and filter the training set and train a fresh model on it."""
+    filter_threshold: float = 1 / 3
+    """CapFilt keeps a caption when the ITM head's match probability is at least this. ITM
+    trains on one positive per two negatives, so 1/3 is its prior: a kept pair has evidence of a
+    match. BLIP's 0.5 suits an ITM trained long enough to be confident."""
+    top_p: float = 0.0
+    """Synthetic captions: 0 for greedy decoding, else nucleus sampling with this mass."""
+    steps: int = 1500
+    """Optimisation steps of each stage (the noisy model, then the CapFilt model)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.image_tower not in ("cnn", "vit"):
+            raise ConfigError(f"--image-tower must be cnn or vit, got {self.image_tower!r}")
+        require_at_least(self, 8, "width", "embed_dim", "vocab_size")
+        require_at_least(self, 1, "text_depth", "heads")
+        require_at_least(self, 4, "max_len")
+        if self.width % 8 or self.width % self.heads:
+            raise ConfigError(f"--width must be a multiple of 8 and of --heads, got {self.width}")
+        if not 0.0 <= self.corrupt < 1.0:
+            raise ConfigError(f"--corrupt must be in [0, 1), got {self.corrupt}")
+        if not 0.0 < self.filter_threshold < 1.0:
+            raise ConfigError(f"--filter-threshold must be in (0, 1), got {self.filter_threshold}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ConfigError(f"--top-p must be in [0, 1], got {self.top_p}")
+
+
+# --- losses and hard negatives (pure functions) ------------------------------------------------
+
+def itm_loss(positive_logits: torch.Tensor, negative_logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of (no-match, match) logits (M, 2): label 1 for the positive pairs, 0 for
+    the negatives, averaged over all pairs."""
+    for name, x in (("positive", positive_logits), ("negative", negative_logits)):
+        if x.dim() != 2 or x.shape[1] != 2:
+            raise ValueError(f"ITM {name} logits must be (M, 2), got {tuple(x.shape)}")
+    logits = torch.cat([positive_logits, negative_logits])
+    labels = torch.cat([torch.ones(len(positive_logits), dtype=torch.long),
+                        torch.zeros(len(negative_logits), dtype=torch.long)]).to(logits.device)
+    return F.cross_entropy(logits, labels)
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: logits (B, L, V) at position t predict ids[:, t + 1]; targets
+    that are padding (``mask`` False) are ignored."""
+    if logits.dim() != 3 or logits.shape[:2] != ids.shape or mask.shape != ids.shape:
+        raise ValueError(f"lm_loss needs logits (B, L, V) and ids, mask (B, L), got "
+                         f"{tuple(logits.shape)}, {tuple(ids.shape)}, {tuple(mask.shape)}")
+    targets = ids[:, 1:].masked_fill(~mask[:, 1:].bool(), -100)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=-100)
+
+
+def sample_hard_negatives(similarity: torch.Tensor, exclude: torch.Tensor | None = None,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """For each row i of a (B, B) similarity, a column j != i drawn with probability
+    softmax_j(similarity_ij) over the columns not in ``exclude`` (B, B) bool. A row whose every
+    other column is excluded draws among all j != i."""
+    if similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1]:
+        raise ValueError(f"hard negatives need a square (B, B) similarity, got "
+                         f"{tuple(similarity.shape)}")
+    if len(similarity) < 2:
+        raise ValueError("hard negatives need a batch of at least 2 pairs")
+    eye = torch.eye(len(similarity), dtype=torch.bool, device=similarity.device)
+    blocked = eye if exclude is None else eye | exclude.bool()
+    blocked = torch.where(blocked.all(1, keepdim=True), eye, blocked)
+    weights = similarity.detach().float().masked_fill(blocked, float("-inf")).softmax(dim=1)
+    if generator is not None and generator.device != weights.device:
+        return torch.multinomial(weights.cpu(), 1, generator=generator).squeeze(1).to(
+            similarity.device)
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+# --- the model --------------------------------------------------------------------------------
+
+class SelfAttention(nn.Module):
+    """LN then self-attention: the decoder's own part of each block."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        return self.attn(self.norm(h), mask=mask, causal=causal)
+
+
+class BLIP(nn.Module):
+    """Image tower, one text Transformer with cross-attention read in three modes, the
+    decoder's own self-attention, and the ITC projections, ITM head and LM head."""
+
+    def __init__(self, image_tower: nn.Module, vocab_size: int, max_len: int, width: int = 128,
+                 depth: int = 2, heads: int = 4, embed_dim: int = 64, image_size: int = 32):
+        super().__init__()
+        if image_tower.width != width:
+            raise ValueError(f"image tower width {image_tower.width} != text width {width}")
+        self.max_len = max_len
+        self.image_tower = image_tower
+        self.text = TextTower(vocab_size, max_len, width, depth, heads, cross=True)
+        self.decoder_attention = nn.ModuleList(SelfAttention(width, heads) for _ in range(depth))
+        with torch.no_grad():
+            n_tokens = image_tower.tokens(
+                torch.zeros(1, image_tower.in_channels, image_size, image_size)).shape[1]
+        # Conv feature maps carry no absolute position ("on the left"); ViT tokens already do.
+        self.image_position = nn.Parameter(torch.randn(n_tokens, width) * 0.02)
+        self.image_projection = nn.Linear(width, embed_dim, bias=False)
+        self.text_projection = nn.Linear(width, embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(CLIP_LOGIT_SCALE_INIT))
+        self.itm_head = nn.Linear(width, 2)
+        self.lm_head = nn.Linear(width, vocab_size)
+
+    # image side
+    def image_context(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, T, width) image tokens that the grounded modes cross-attend to."""
+        tokens = self.image_tower.tokens(images)
+        return tokens if isinstance(self.image_tower, ViTTower) else tokens + self.image_position
+
+    def image_feature(self, tokens: torch.Tensor) -> torch.Tensor:
+        """v_cls from ``image_tower.tokens``, as ``image_tower.forward`` pools them."""
+        return tokens[:, 0] if isinstance(self.image_tower, ViTTower) else tokens.mean(1)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_projection(self.image_tower(images)), dim=-1)
+
+    # text side: the blocks of ``self.text`` run part by part so that a mode can skip the
+    # cross-attention (unimodal) or swap in the decoder's self-attention.
+    def text_states(self, ids: torch.Tensor, mask: torch.Tensor | None = None,
+                    context: torch.Tensor | None = None, decoder: bool = False) -> torch.Tensor:
+        if ids.dim() != 2 or ids.shape[1] > self.max_len:
+            raise ValueError(f"BLIP needs (N, L <= {self.max_len}) token ids, got "
+                             f"{tuple(ids.shape)}")
+        if context is not None and len(context) != len(ids):
+            raise ValueError(f"{len(ids)} captions but {len(context)} images")
+        h = self.text.token_embedding(ids) + self.text.position_embedding[:ids.shape[1]]
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        transformer = self.text.transformer
+        for i, block in enumerate(transformer.blocks):
+            if decoder:
+                h = h + self.decoder_attention[i](h, attn_mask, causal=True)
+            else:
+                h = h + block.attn(block.norm1(h), mask=attn_mask)
+            if context is not None:
+                h = h + block.cross(block.norm_cross(h), context)
+            h = h + block.mlp(block.norm2(h))
+        return transformer.norm(h)
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Unimodal encoder: the normalised projection of the [BOS] output."""
+        return F.normalize(self.text_projection(self.text_states(ids, mask)[:, 0]), dim=-1)
+
+    def itm_logits(self, ids: torch.Tensor, mask: torch.Tensor | None,
+                   context: torch.Tensor) -> torch.Tensor:
+        """(N, 2) no-match / match logits of the grounded encoder, [ENC] in place of [BOS]."""
+        ids = torch.cat([torch.full_like(ids[:, :1], ENC), ids[:, 1:]], dim=1)
+        return self.itm_head(self.text_states(ids, mask, context)[:, 0])
+
+    def lm_logits(self, ids: torch.Tensor, mask: torch.Tensor | None,
+                  context: torch.Tensor) -> torch.Tensor:
+        """(N, L, V) next-token logits of the grounded causal decoder."""
+        return self.lm_head(self.text_states(ids, mask, context, decoder=True))
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The three losses of a batch of (image, caption) pairs and their sum ``loss``."""
+        v = self.image_context(images)
+        x = F.normalize(self.image_projection(self.image_feature(v)), dim=-1)
+        y = self.encode_text(ids, mask)
+        itc = clip_loss(x, y, self.logit_scale)
+        with torch.no_grad():
+            similarity = self.logit_scale.exp().clamp(max=CLIP_LOGIT_SCALE_MAX) * x @ y.T
+            same_text = (ids[:, None, :] == ids[None, :, :]).all(-1)
+            negative_text = sample_hard_negatives(similarity, same_text, generator)
+            negative_image = sample_hard_negatives(similarity.T, same_text, generator)
+        positive = self.itm_logits(ids, mask, v)
+        negative = self.itm_logits(torch.cat([ids[negative_text], ids]),
+                                   torch.cat([mask[negative_text], mask]),
+                                   torch.cat([v, v[negative_image]]))
+        itm = itm_loss(positive, negative)
+        lm = lm_loss(self.lm_logits(ids, mask, v), ids, mask)
+        return {"loss": itc + itm + lm, "itc_loss": itc, "itm_loss": itm, "lm_loss": lm}
+
+    @torch.no_grad()
+    def match_probability(self, images: torch.Tensor, ids: torch.Tensor,
+                          mask: torch.Tensor) -> torch.Tensor:
+        """p_itm(I, T) of each (image, caption) pair."""
+        return self.itm_logits(ids, mask, self.image_context(images)).softmax(-1)[:, 1]
+
+
+# --- generation (the captioner) ---------------------------------------------------------------
+
+def nucleus(logits: torch.Tensor, top_p: float, generator: torch.Generator | None = None,
+            ) -> torch.Tensor:
+    """Sample from the smallest set of tokens whose probability reaches ``top_p`` (Holtzman et
+    al. 2020); the most likely token is always in it."""
+    probs, order = logits.softmax(-1).sort(dim=-1, descending=True)
+    outside = probs.cumsum(-1) - probs >= top_p
+    probs = probs.masked_fill(outside, 0.0)
+    pick = torch.multinomial(probs.cpu() if generator is not None else probs, 1,
+                             generator=generator).to(logits.device)
+    return order.gather(-1, pick).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: BLIP, images: torch.Tensor, max_len: int | None = None, top_p: float = 0.0,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Captions as (N, L) ids: [BOS] w_1 .. [EOS] then [PAD], decoded greedily (``top_p`` = 0)
+    or by nucleus sampling. A caption that reaches ``max_len`` ends with a forced [EOS]."""
+    max_len = max_len or model.max_len
+    if not 2 <= max_len <= model.max_len:
+        raise ValueError(f"max_len must be in [2, {model.max_len}], got {max_len}")
+    v = model.image_context(images)
+    ids = torch.full((len(images), max_len), PAD, dtype=torch.long, device=v.device)
+    ids[:, 0] = BOS
+    done = torch.zeros(len(images), dtype=torch.bool, device=v.device)
+    for t in range(1, max_len):
+        logits = model.lm_logits(ids[:, :t], None, v)[:, -1].float()
+        logits[:, [PAD, BOS, ENC]] = float("-inf")
+        if t == max_len - 1:
+            logits[:, torch.arange(logits.shape[1]) != EOS] = float("-inf")
+        token = logits.argmax(-1) if top_p == 0 else nucleus(logits, top_p, generator)
+        ids[:, t] = torch.where(done, PAD, token)
+        done |= token == EOS
+        if done.all():
+            break
+    return ids
+
+
+def generate_captions(model: BLIP, tokenizer: Tokenizer, images: torch.Tensor,
+                      top_p: float = 0.0, generator: torch.Generator | None = None,
+                      batch_size: int = 500) -> list[str]:
+    ids = encode_batched(lambda x: generate(model, x, top_p=top_p, generator=generator), images,
+                         batch_size=batch_size)
+    return tokenizer.decode(ids)
+
+
+def caption_accuracy(captions: list[str], labels: torch.Tensor,
+                     class_names: tuple[str, ...]) -> float:
+    """Share of captions naming their image's class: every word of the class name begins a
+    word of the caption ("red circle" in "two big red circles"); a digit may also be written
+    as its numeral."""
+    numbers = tuple(class_names) == NUMBER_WORDS
+    hits = 0
+    for text, c in zip(captions, labels.tolist(), strict=True):
+        words = re.findall(r"[a-z0-9]+", text.lower())
+        named = all(any(w.startswith(x) for w in words) for x in class_names[c].split())
+        hits += named or (numbers and str(c) in words)
+    return hits / max(1, len(captions))
+
+
+# --- training ---------------------------------------------------------------------------------
+
+def build_model(cfg: Config, data: CaptionedData, tokenizer: Tokenizer) -> BLIP:
+    channels, size, _ = data.image_shape
+    return BLIP(image_tower(cfg.image_tower, channels, size, cfg.width), tokenizer.vocab_size,
+                cfg.max_len, cfg.width, cfg.text_depth, cfg.heads, cfg.embed_dim, size)
+
+
+def load_data(cfg: Config) -> CaptionedData:
+    return load_captioned(cfg.dataset, n_train=cfg.n_train, seed=cfg.seed, corrupt=cfg.corrupt)
+
+
+def train_blip(run: Run, cfg: Config, model: BLIP, images: torch.Tensor, captions: list[str],
+               tokenizer: Tokenizer, progress: bool | None = None) -> None:
+    """Minimise L_itc + L_itm + L_lm over batches of the (image, caption) pairs."""
+    device = resolve_device(cfg.device)
+    generator = seed_everything(cfg.seed)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    images = images.to(device)
+    ids, mask = (t.to(device) for t in tokenizer.encode(captions))
+    batches = EpochBatches(len(images), cfg.batch_size, cfg.seed)
+
+    def step_fn(step: int) -> dict[str, torch.Tensor]:
+        set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup_steps))
+        index = batches(step).to(device)
+        losses = model(images[index], ids[index], mask[index], generator)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        return {**{k: v.detach() for k, v in losses.items()},
+                "logit_scale": model.logit_scale.detach().exp()}
+
+    fit(run, step_fn, total_steps=cfg.steps, objects={"model": model, "optimizer": optimizer,
+                                                       "rng": generator},
+        log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress,
+        latest=("logit_scale",))
+    run.save_figure(metric_curves(run.metrics, ["itc_loss", "itm_loss", "lm_loss"],
+                                  title=f"{run.method} training losses", log=False),
+                   "loss.png")
+
+
+def stage2_run(run: Run) -> Run:
+    """The nested run folder of the model trained on the CapFilt data."""
+    directory = run.path(STAGE2)
+    if (directory / "config.json").is_file():
+        return Run.open(directory)
+    directory.mkdir(exist_ok=True)
+    stage = Run(directory, run.method, run.config)
+    stage.write_config()
+    return stage
+
+
+def run_capfilt(run: Run, cfg: Config, model: BLIP, tokenizer: Tokenizer,
+                data: CaptionedData) -> CapFiltResult:
+    """Caption and filter the training set once; the result is kept in the run folder so a
+    resumed run bootstraps the same data."""
+    if run.path(CAPFILT).is_file():
+        return CapFiltResult.from_dict(read_json(run.path(CAPFILT)))
+    model.cpu().eval()
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    def match(images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        return encode_batched(model.match_probability, images, *tokenizer.encode(captions))
+
+    result = capfilt(data.train.images, data.train.captions,
+                     lambda x: generate_captions(model, tokenizer, x, cfg.top_p, generator),
+                     match, cfg.filter_threshold)
+    model.train()
+    write_json(run.path(CAPFILT), result.to_dict())
+    return result
+
+
+def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
+    run = run or Run.create(cfg.METHOD, cfg)
+    data = load_data(cfg)
+    tokenizer = run_tokenizer(run, data.train.captions, cfg.vocab_size, cfg.max_len)
+    seed_everything(cfg.seed)
+    model = build_model(cfg, data, tokenizer)
+    train_blip(run, cfg, model, data.train.images, data.train.captions, tokenizer, progress)
+    if not cfg.capfilt:
+        report(run, model, tokenizer, data)
+        return run
+    result = run_capfilt(run, cfg, model, tokenizer, data)
+    images, captions = bootstrap(data.train.images, data.train.captions, result)
+    if len(captions) < cfg.batch_size:
+        raise ConfigError(f"CapFilt kept {len(captions)} pairs, fewer than a batch of "
+                          f"{cfg.batch_size}; lower --filter-threshold")
+    seed_everything(cfg.seed)
+    fresh = build_model(cfg, data, tokenizer)
+    train_blip(stage2_run(run), cfg, fresh, images, captions, tokenizer, progress)
+    report(run, fresh, tokenizer, data, noisy=model, result=result)
+    return run
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+def captions_figure(images: torch.Tensor, references: list[str], generated: list[str],
+                    n: int = 8, title: str = ""):
+    fig, axes = plt.subplots(n, 2, figsize=(7, 1.0 * n), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 6]})
+    for i, ax in enumerate(axes):
+        show_images(ax[0], images[i:i + 1], ncols=1)
+        ax[1].axis("off")
+        ax[1].text(0, 0.6, f"generated: {generated[i]}", fontsize=8, transform=ax[1].transAxes)
+        ax[1].text(0, 0.15, f"reference: {references[i]}", fontsize=8, color="grey",
+                   transform=ax[1].transAxes)
+    fig.suptitle(title or "captions of test images (greedy)")
+    return fig
+
+
+def caption_scores(model: BLIP, tokenizer: Tokenizer, data: CaptionedData,
+                   ) -> tuple[dict[str, float], list[str]]:
+    """Greedy captions of the first test images: the share naming the right class, and the
+    chance level (the same captions scored against the classes of shuffled images)."""
+    split = data.test
+    n = min(CAPTION_EVAL, len(split))
+    generated = generate_captions(model, tokenizer, split.images[:n])
+    shuffled = split.labels[:n][torch.randperm(n, generator=torch.Generator().manual_seed(0))]
+    return {"caption_accuracy": caption_accuracy(generated, split.labels[:n], data.class_names),
+            "caption_chance": caption_accuracy(generated, shuffled, data.class_names)}, generated
+
+
+def report(run: Run, model: BLIP, tokenizer: Tokenizer, data: CaptionedData,
+           noisy: BLIP | None = None, result: CapFiltResult | None = None) -> dict[str, float]:
+    """Score the final model (ITC joint space, captions), and for CapFilt the noisy model and
+    the filter; write ``summary.json`` and the figures; return the scores."""
+    model.cpu().eval()
+    scores, tensors = evaluate_joint_space(model, tokenizer, data)
+    captioning, generated = caption_scores(model, tokenizer, data)
+    scores.update(captioning)
+    final_run = stage2_run(run) if noisy is not None else run
+    scores["final_loss"] = final_run.metrics[-1]["loss"] if final_run.metrics else float("nan")
+    if noisy is not None and result is not None:
+        noisy.cpu().eval()
+        noisy_scores, _ = evaluate_joint_space(noisy, tokenizer, data)
+        noisy_scores.update(caption_scores(noisy, tokenizer, data)[0])
+        scores.update({f"noisy_{k}": v for k, v in noisy_scores.items()
+                       if k != "zero_shot_chance"})
+        scores.update(filter_scores(result, data.train.corrupted))
+        run.save_figure(capfilt_figure(data.train.images, data.train.captions,
+                                       data.train.corrupted, result), "capfilt.png")
+    examples = [{"reference": r, "generated": g}
+                for r, g in zip(data.test.captions[:8], generated[:8], strict=True)]
+    run.write_summary({"dataset": data.name, "corrupt": run.config.get("corrupt", 0.0),
+                       **scores, "caption_examples": examples})
+    run.save_figure(zero_shot_figure(data, tensors["predictions"], f"{run.method}: zero-shot "
+                                     f"accuracy {scores['zero_shot_accuracy']:.1%}"),
+                    "zero_shot.png")
+    run.save_figure(retrieval_figure(data.test, tensors["test_images"], tensors["test_texts"],
+                                     title=f"{run.method}: image-to-text retrieval (test)"),
+                    "retrieval.png")
+    run.save_figure(captions_figure(data.test.images, data.test.captions, generated,
+                                    n=min(8, len(generated))), "captions.png")
+    model.train()
+    return scores
+
+
+def load_model(run: Run) -> tuple[Config, BLIP, Tokenizer, CaptionedData]:
+    """The run's config, its (first-stage) model, tokenizer and data."""
+    cfg = config_from_dict(Config, run.config)
+    data = load_data(cfg)
+    tokenizer = load_tokenizer(run.path(TOKENIZER))
+    model = build_model(cfg, data, tokenizer)
+    run.load_weights(model)
+    return cfg, model, tokenizer, data
+
+
+def evaluate(run: Run, n: int | None = None, seed: int = 0,
+             progress: bool | None = None) -> dict[str, float]:
+    """Recompute the run's scores from its checkpoints (both stages for CapFilt)."""
+    cfg, model, tokenizer, data = load_model(run)
+    if not cfg.capfilt:
+        return report(run, model, tokenizer, data)
+    fresh = build_model(cfg, data, tokenizer)
+    Run.open(run.path(STAGE2)).load_weights(fresh)
+    result = CapFiltResult.from_dict(read_json(run.path(CAPFILT)))
+    return report(run, fresh, tokenizer, data, noisy=model, result=result)
