@@ -4,7 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: install dev demo test test-slow lint bench bench-diffusion bench-rl classifiers clean
+.PHONY: install dev demo test test-slow lint bench bench-diffusion bench-rl bench-contrastive \
+        test-openclip classifiers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,8 +53,30 @@ bench-rl: dev
 	$(BIN)/python benchmarks/rl_vs_sb3.py --algos ppo --envs Pendulum-v1 --libs ours,sb3 --cap-mult 3
 	$(BIN)/python benchmarks/rl_vs_sb3.py --algos ppo,a2c --envs Acrobot-v1 --libs ours,sb3
 
+# open_clip needs torchvision, which installs only beside torch 2.14.1 (a CUDA build): a venv of
+# its own, with mlatlas on top without its dependencies.
+OPENCLIP := .venv-openclip
+
+$(OPENCLIP)/.installed:
+	$(PYTHON) -m venv $(OPENCLIP)
+	$(OPENCLIP)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 \
+		open_clip_torch==3.3.0 numpy pytest
+	$(OPENCLIP)/bin/python -m pip install -q -e . --no-deps
+	touch $@
+
+test-openclip: $(OPENCLIP)/.installed
+	$(OPENCLIP)/bin/python -m pytest -q tests/test_parity_open_clip.py
+
+# Contrastive losses: chunked SigLIP memory and time (about 10 minutes), SigLIP against CLIP
+# over batch sizes and seeds (about 25 minutes), parity and speed against open_clip.
+bench-contrastive: dev $(OPENCLIP)/.installed
+	$(BIN)/python benchmarks/siglip_chunked.py --sizes 8192 --chunks 256 512 1024 2048
+	$(BIN)/python benchmarks/siglip_vs_clip.py
+	$(BIN)/python benchmarks/contrastive_distributed.py
+	$(OPENCLIP)/bin/python benchmarks/contrastive_vs_open_clip.py
+
 classifiers: install
 	$(BIN)/mlatlas classifier digits mnist fashion-mnist
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(OPENCLIP) runs .pytest_cache .ruff_cache *.egg-info

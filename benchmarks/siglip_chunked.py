@@ -45,7 +45,7 @@ from torch.utils.checkpoint import checkpoint
 from mlatlas.contrastive.losses import (
     SIGLIP_BIAS_INIT,
     SIGLIP_T_PRIME_INIT,
-    _siglip_block,
+    siglip_block_loss,
     siglip_loss,
     siglip_loss_chunked,
 )
@@ -58,7 +58,7 @@ def siglip_loss_checkpointed(image_features: torch.Tensor, text_features: torch.
     x, y = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
     total = x.new_zeros(())
     for start in range(0, len(y), chunk):
-        total = total + checkpoint(_siglip_block, x, y[start:start + chunk], t_prime, bias,
+        total = total + checkpoint(siglip_block_loss, x, y[start:start + chunk], t_prime, bias,
                                    start, use_reentrant=False)
     return total / len(x)
 

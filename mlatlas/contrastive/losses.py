@@ -103,7 +103,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
             + F.cross_entropy(logits_per_text, labels)) / 2
 
 
-def _siglip_block(image_features: torch.Tensor, text_features: torch.Tensor,
+def siglip_block_loss(image_features: torch.Tensor, text_features: torch.Tensor,
                   t_prime: torch.Tensor, bias: torch.Tensor, offset: int) -> torch.Tensor:
     """-sum log sigma(z_ij (t x_i . y_j + b)) over images i and the texts j of one block, whose
     first text has index ``offset`` (the positives are the pairs i == offset + j)."""
@@ -120,7 +120,7 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     """SigLIP's sigmoid loss over all N^2 pairs of L2-normalised features, divided by N."""
     _check_pairs("siglip", image_features, text_features)
     x, y = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
-    return _siglip_block(x, y, t_prime, bias, 0) / len(x)
+    return siglip_block_loss(x, y, t_prime, bias, 0) / len(x)
 
 
 class _SigLIPChunked(torch.autograd.Function):
