@@ -47,7 +47,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from mlatlas.contrastive.losses import CLIP_LOGIT_SCALE_MAX, siglip_block_loss, clip_loss, siglip_loss
+from mlatlas.contrastive.losses import (
+    CLIP_LOGIT_SCALE_MAX,
+    clip_loss,
+    siglip_block_loss,
+    siglip_loss,
+)
 
 
 def _world(group) -> tuple[int, int] | None:

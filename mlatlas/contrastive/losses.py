@@ -104,7 +104,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
 
 
 def siglip_block_loss(image_features: torch.Tensor, text_features: torch.Tensor,
-                  t_prime: torch.Tensor, bias: torch.Tensor, offset: int) -> torch.Tensor:
+                      t_prime: torch.Tensor, bias: torch.Tensor, offset: int) -> torch.Tensor:
     """-sum log sigma(z_ij (t x_i . y_j + b)) over images i and the texts j of one block, whose
     first text has index ``offset`` (the positives are the pairs i == offset + j)."""
     logits = t_prime.exp() * image_features @ text_features.T + bias
