@@ -173,7 +173,8 @@ class _SigLIPRing(torch.autograd.Function):
                 requests = _exchange([y_k], [y_back], preceding, following, group)
             y_leaf = (y if k == 0 else y_k).detach().requires_grad_()
             with torch.enable_grad():
-                block = siglip_block_loss(leaves[0], y_leaf, leaves[1], leaves[2], 0 if k == 0 else n)
+                block = siglip_block_loss(leaves[0], y_leaf, leaves[1], leaves[2],
+                                          0 if k == 0 else n)
                 g_x, g_y, g_t, g_b = torch.autograd.grad(block, [leaves[0], y_leaf, *leaves[1:]])
             grad_x += g_x
             grad_t += g_t
