@@ -255,10 +255,10 @@ def test_the_captioner_names_colour_and_shape_far_above_chance(runs):
 
 @pytest.mark.slow
 def test_capfilt_improves_retrieval_when_a_third_of_the_captions_are_corrupted(runs):
-    """1,000 steps per stage on 4,000 pairs, a third of the captions another image's (about 10
-    minutes on one thread). Measured: recall@5 image-to-text 0.398 -> 0.615 and text-to-image
-    0.785 -> 0.819 after CapFilt; the filter removed 78% of the corrupted captions and 20% of the
-    clean ones."""
+    """1,000 steps per stage on 4,000 pairs, a third of the captions another image's (about 5
+    minutes on one thread). Measured: recall@5 image-to-text 0.423 -> 0.693 and text-to-image
+    0.801 -> 0.871 after CapFilt; the filter removed 78.6% of the corrupted captions and 4.0% of
+    the clean ones; zero-shot accuracy 40.5% -> 38.6%, caption accuracy 49.0% -> 53.6%."""
     cfg = blip.Config(**{**SMALL, "n_train": 4000}, steps=1000, corrupt=1 / 3, capfilt=True)
     summary = blip.train(cfg, Run.create("blip", cfg, runs), progress=False).summary()
     for direction in ("i2t", "t2i"):
