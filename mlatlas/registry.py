@@ -181,6 +181,9 @@ METHODS: dict[str, Method] = {
         Method("siglip", "contrastive", "SigLIP (Zhai et al. 2023): pairwise sigmoid loss with "
                "learnable temperature and bias, dense or chunked", CLIP, config="SigLIPConfig",
                sample=None),
+        Method("cpc", "contrastive", "CPC (van den Oord et al. 2018): causal encoder + GRU "
+               "context, k-step InfoNCE with in-batch negatives, linear probe vs random init",
+               "mlatlas.contrastive.cpc", sample=None),
         Method("simclr", "contrastive", "SimCLR (Chen et al. 2020): two augmented views, "
                "NT-Xent, linear probe of the encoder against its initialisation",
                "mlatlas.contrastive.simclr", sample=None),

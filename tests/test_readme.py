@@ -64,3 +64,33 @@ def test_readme_deep_rl_tour(runs, capsys):
                 argv[argv.index("--episodes") + 1] = "2"
         assert main(argv) == 0, argv
     assert next(runs.glob("ppo-*/episode-seed0.gif")).is_file()
+
+
+# Tiny budgets for the representation-learning tour (the widths must agree for --image-run).
+TINY_CONTRASTIVE = {
+    "clip": ["--width", "16", "--embed-dim", "8", "--n-train", "64", "--batch-size", "16"],
+    "siglip": ["--width", "16", "--embed-dim", "8", "--n-train", "64"],
+    "lit": ["--width", "16", "--embed-dim", "8", "--n-train", "64", "--batch-size", "16"],
+    # Two steps teach the filter nothing: a tiny threshold keeps every caption.
+    "blip": ["--width", "16", "--embed-dim", "8", "--n-train", "64", "--batch-size", "16",
+             "--filter-threshold", "1e-6"],
+    "simclr": ["--width", "16", "--batch-size", "16"],
+    "cpc": ["--n-train", "64", "--n-test", "64", "--batch-size", "16"],
+}
+
+
+def test_readme_contrastive_tour(runs):
+    """The representation-learning tour with tiny budgets: every command parses and runs, and
+    LiT locks the tower of the CLIP run made just before."""
+    commands = tour_commands("mlatlas train siglip")
+    assert [a[1] for a in commands if a[0] == "train"] == list(TINY_CONTRASTIVE)
+    for argv in commands:
+        if argv[0] == "train":
+            if "--image-run" in argv:
+                at = argv.index("--image-run") + 1
+                argv[at] = str(run_dir_of(runs, argv[at]))
+            argv = [*argv, "--steps", "2", *TINY_CONTRASTIVE[argv[1]], "--out", str(runs),
+                    "--no-progress"]
+        else:
+            argv = [argv[0], str(run_dir_of(runs, argv[1])), *argv[2:], "--no-progress"]
+        assert main(argv) == 0, argv

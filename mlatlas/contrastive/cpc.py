@@ -1,0 +1,380 @@
+"""CPC: contrastive predictive coding on sequences (van den Oord, Li and Vinyals 2018).
+
+An encoder maps each step x_t of a sequence to a latent z_t = g_enc(x_t); an autoregressive
+network summarises the past into a context c_t = g_ar(z_<=t) (a GRU). For every horizon
+k = 1..K a linear map W_k predicts the future latent, scored log-bilinearly,
+
+    f_k(x_{t+k}, c_t) = exp(z_{t+k}^T W_k c_t),
+
+and the InfoNCE loss asks the true z_{t+k} to win against N - 1 negatives z_j,
+
+    L_k = -E[ log( f_k(x_{t+k}, c_t) / sum_{x_j in X} f_k(x_j, c_t) ) ],   L = 1/K sum_k L_k.
+
+Minimising L_k maximises a lower bound on the mutual information between the future step and
+the context, I(x_{t+k}; c_t) >= log N - L_k, which can never exceed log N.
+
+Negatives here are the *other sequences of the batch at the same time step*: at each t the B
+predictions W_k c_t (one per sequence) and the B latents z_{t+k} form a B x B score matrix whose
+diagonal holds the positives, so N = B. Same-time negatives keep the task about what tells one
+sequence from another (its waveform, its digit) rather than where in a sequence a step lies.
+
+The encoder is a stack of strided 1-D convolutions padded on the left only, so z_t sees the raw
+samples of windows <= t and nothing later; the GRU is causal too, so c_t depends on x_<=t alone.
+Sequences are digit images read top to bottom, one row per step (mnist 28x28, the default;
+digits 8x8), or generated signals (``mlatlas.data.signals``; 1024 samples, 16 per step).
+
+``evaluate`` fits a linear probe (logistic regression) on the frozen features, the time-averaged
+context mean_t c_t and latent mean_t z_t, for the trained model and for the same architecture
+randomly initialised with the same seed; the probe accuracies, the test-set accuracy of picking
+the positive and the bound log N - L_k per k go to ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlatlas.contrastive.common import set_lr, warmup_cosine_lr
+from mlatlas.core.config import BaseConfig, ConfigError, config_from_dict, require_at_least
+from mlatlas.core.plots import metric_curves, plt
+from mlatlas.core.run import Run, fit
+from mlatlas.core.runtime import resolve_device, seed_everything
+from mlatlas.data import EpochBatches, load_digits, load_mnist
+from mlatlas.data.signals import CLASSES as SIGNAL_CLASSES
+from mlatlas.data.signals import load_signals
+
+# (kernel sizes, strides) of g_enc per dataset: signals are downsampled 16x (one step per 16
+# samples, overlapping windows as in the paper's speech encoder); image rows are one step each,
+# so the encoder is a per-row MLP (kernel 1).
+ENCODERS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "signals": ((8, 4, 4), (4, 2, 2)),
+    "mnist": ((1, 1, 1), (1, 1, 1)),
+    "digits": ((1, 1, 1), (1, 1, 1)),
+}
+
+
+@dataclass
+class Config(BaseConfig):
+    METHOD: ClassVar[str] = "cpc"
+
+    dataset: str = "mnist"
+    """Sequences: mnist (28 rows of 28 pixels, read top to bottom), digits (8 rows of 8 pixels)
+    or signals (generated waveforms in noise, 64 steps of 16 samples, 12 classes)."""
+    n_train: int = 4000
+    """Training signals generated for dataset=signals (the digit sets have fixed sizes)."""
+    n_test: int = 1000
+    """Test signals generated for dataset=signals."""
+    prediction_steps: int = 4
+    """K: predict z_{t+1} .. z_{t+K} from c_t, one linear map W_k each."""
+    hidden: int = 64
+    """Channels of the encoder's hidden convolutions."""
+    z_dim: int = 64
+    """Width of the latents z_t (encoder output)."""
+    c_dim: int = 64
+    """Width of the context c_t (GRU state)."""
+    batch_size: int = 64
+    """Sequences per step; the negatives of each positive are the other B - 1, so N = B and
+    the bound log N - L_k is at most log B."""
+    lr: float = 2e-3
+    """Peak Adam learning rate."""
+    warmup_steps: int = 50
+    """Linear warm-up steps before the cosine decay."""
+    steps: int = 600
+    log_every: int = 25
+    ckpt_every: int = 200
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dataset not in ENCODERS:
+            raise ConfigError(f"--dataset must be one of {', '.join(ENCODERS)}, "
+                              f"got {self.dataset!r}")
+        require_at_least(self, 1, "prediction_steps", "hidden", "z_dim", "c_dim")
+        require_at_least(self, 2, "batch_size", "n_train", "n_test")
+        if self.lr <= 0 or self.warmup_steps < 0:
+            raise ConfigError("--lr must be positive and --warmup-steps non-negative")
+
+
+# --- the loss ----------------------------------------------------------------------------------
+
+def cpc_loss(c: torch.Tensor, z: torch.Tensor,
+             w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CPC's InfoNCE with same-time negatives from the other sequences of the batch.
+
+    ``c`` (B, T, D_c) contexts, ``z`` (B, T, D_z) latents, ``w`` (K, D_z, D_c) the maps W_k.
+    Returns the mean loss L = 1/K sum_k L_k, the per-k losses L_k (K,) and the per-k share of
+    (sequence, t) pairs whose positive scores highest (K,). Each L_k averages the cross-entropy
+    of the B x B scores z_{t+k}^T W_k c_t over t = 0 .. T-k-1 (the rows of one t are
+    ``info_nce(W_k c_t, z_{t+k}, temperature=1, normalize=False)``).
+    """
+    if c.dim() != 3 or z.dim() != 3 or c.shape[:2] != z.shape[:2]:
+        raise ValueError(f"cpc_loss needs c (B, T, D_c) and z (B, T, D_z) with the same B and "
+                         f"T, got {tuple(c.shape)} and {tuple(z.shape)}")
+    if w.dim() != 3 or w.shape[1:] != (z.shape[2], c.shape[2]):
+        raise ValueError(f"cpc_loss needs w (K, D_z, D_c) = (K, {z.shape[2]}, {c.shape[2]}), "
+                         f"got {tuple(w.shape)}")
+    (b, t_len, _), k_max = c.shape, len(w)
+    if b < 2:
+        raise ValueError(f"cpc_loss needs at least 2 sequences (one positive, one negative), "
+                         f"got {b}")
+    if k_max >= t_len:
+        raise ValueError(f"cpc_loss: K={k_max} prediction steps need sequences longer than K "
+                         f"steps, got T={t_len}")
+    losses, accuracies = [], []
+    for k in range(1, k_max + 1):
+        prediction = c[:, :t_len - k] @ w[k - 1].T                           # W_k c_t
+        # scores[t, i, j] = z_{j, t+k}^T W_k c_{i, t}: row i's positive is column i.
+        scores = torch.einsum("itd,jtd->tij", prediction, z[:, k:])
+        labels = torch.arange(b, device=c.device).expand(t_len - k, b)
+        losses.append(F.cross_entropy(scores.reshape(-1, b), labels.reshape(-1)))
+        accuracies.append((scores.argmax(-1) == labels).float().mean())
+    losses_k = torch.stack(losses)
+    return losses_k.mean(), losses_k, torch.stack(accuracies).detach()
+
+
+def mi_lower_bound(loss: torch.Tensor | float, n: int) -> torch.Tensor | float:
+    """InfoNCE's bound on the mutual information, log N - L (nats); at most log N."""
+    return math.log(n) - loss
+
+
+# --- the model ---------------------------------------------------------------------------------
+
+class CausalConv1d(nn.Conv1d):
+    """A 1-D convolution padded by kernel - stride on the left only: output step i sees input
+    samples up to the end of its own stride block (i + 1) * stride - 1, never later ones."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int):
+        if kernel < stride:
+            raise ValueError(f"kernel {kernel} shorter than stride {stride} would skip samples")
+        super().__init__(in_channels, out_channels, kernel, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, (self.kernel_size[0] - self.stride[0], 0)))
+
+
+class CPC(nn.Module):
+    """g_enc (causal strided convolutions), g_ar (a GRU) and the prediction maps W_k."""
+
+    def __init__(self, in_channels: int, kernels: tuple[int, ...], strides: tuple[int, ...],
+                 hidden: int, z_dim: int, c_dim: int, prediction_steps: int):
+        super().__init__()
+        widths = [in_channels] + [hidden] * (len(kernels) - 1) + [z_dim]
+        layers: list[nn.Module] = []
+        for i, (kernel, stride) in enumerate(zip(kernels, strides, strict=True)):
+            layers += [CausalConv1d(widths[i], widths[i + 1], kernel, stride), nn.ReLU()]
+        # No ReLU on z: the bilinear scores want latents of either sign.
+        self.g_enc = nn.Sequential(*layers[:-1])
+        self.g_ar = nn.GRU(z_dim, c_dim, batch_first=True)
+        self.w = nn.Parameter(torch.randn(prediction_steps, z_dim, c_dim) / math.sqrt(c_dim))
+        self.in_channels = in_channels
+        self.samples_per_step = math.prod(strides)
+
+    @property
+    def prediction_steps(self) -> int:
+        return len(self.w)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """z = g_enc(x): raw sequences (B, C, L) -> latents (B, T, D_z), T = L / stride."""
+        if x.dim() != 3 or x.shape[1] != self.in_channels:
+            raise ValueError(f"CPC expects sequences (B, {self.in_channels}, L), got "
+                             f"{tuple(x.shape)}")
+        if x.shape[2] % self.samples_per_step:
+            raise ValueError(f"sequence length {x.shape[2]} is not a multiple of the encoder's "
+                             f"{self.samples_per_step} samples per step")
+        return self.g_enc(x).transpose(1, 2)
+
+    def context(self, z: torch.Tensor) -> torch.Tensor:
+        """c_t = g_ar(z_<=t): (B, T, D_z) -> (B, T, D_c)."""
+        return self.g_ar(z)[0]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(L, L_k per k, accuracy per k) of a batch of sequences (B, C, L)."""
+        z = self.encode(x)
+        return cpc_loss(self.context(z), z, self.w)
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor, batch_size: int = 500) -> dict[str, torch.Tensor]:
+        """Frozen representations for a probe: mean_t c_t and mean_t z_t."""
+        c_mean, z_mean = [], []
+        for i in range(0, len(x), batch_size):
+            z = self.encode(x[i:i + batch_size])
+            c_mean.append(self.context(z).mean(1))
+            z_mean.append(z.mean(1))
+        return {"c": torch.cat(c_mean), "z": torch.cat(z_mean)}
+
+
+# --- data --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SequenceData:
+    """Sequences (N, C, L) with class labels (N,)."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: tuple[str, ...]
+
+    @property
+    def channels(self) -> int:
+        return self.x_train.shape[1]
+
+
+def load_sequences(cfg: Config) -> SequenceData:
+    if cfg.dataset == "signals":
+        train, test = load_signals(cfg.n_train, cfg.n_test, seed=cfg.seed)
+        return SequenceData("signals", train.x, train.y, test.x, test.y, SIGNAL_CLASSES)
+    ds = load_mnist() if cfg.dataset == "mnist" else load_digits()
+
+    def rows(images: torch.Tensor) -> torch.Tensor:
+        # (N, 1, H, W) -> (N, W, H): the W pixels of a row are the channels, rows are time.
+        return images[:, 0].transpose(1, 2).contiguous()
+
+    return SequenceData(ds.name, rows(ds.x_train), ds.y_train, rows(ds.x_test), ds.y_test,
+                        ds.classes)
+
+
+def build_model(cfg: Config, data: SequenceData) -> CPC:
+    kernels, strides = ENCODERS[cfg.dataset]
+    model = CPC(data.channels, kernels, strides, cfg.hidden, cfg.z_dim, cfg.c_dim,
+                cfg.prediction_steps)
+    steps = data.x_train.shape[2] // model.samples_per_step
+    if cfg.prediction_steps >= steps:
+        raise ConfigError(f"--prediction-steps must be below the {steps} steps of a "
+                          f"{cfg.dataset} sequence, got {cfg.prediction_steps}")
+    return model
+
+
+def random_model(cfg: Config, data: SequenceData) -> CPC:
+    """The architecture as ``train`` initialises it (same seed), never trained: the baseline."""
+    seed_everything(cfg.seed)
+    return build_model(cfg, data)
+
+
+# --- training and evaluation -------------------------------------------------------------------
+
+def metric_names(k_max: int) -> list[str]:
+    return [f"{kind}_k{k}" for kind in ("mi_bound", "accuracy") for k in range(1, k_max + 1)]
+
+
+def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
+    """Minimise the CPC loss over batches of training sequences, then ``report``."""
+    run = run or Run.create(cfg.METHOD, cfg)
+    data = load_sequences(cfg)
+    if cfg.batch_size > len(data.x_train):
+        raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {len(data.x_train)} "
+                          f"training sequences of {cfg.dataset}")
+    device = resolve_device(cfg.device)
+    model = random_model(cfg, data).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    x = data.x_train.to(device)
+    batches = EpochBatches(len(x), cfg.batch_size, cfg.seed)
+    log_n = math.log(cfg.batch_size)
+
+    def step_fn(step: int) -> dict[str, torch.Tensor]:
+        set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup_steps))
+        loss, losses_k, accuracies = model(x[batches(step).to(device)])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bounds = log_n - losses_k.detach()
+        return {"loss": loss.detach(),
+                **{f"mi_bound_k{k + 1}": v for k, v in enumerate(bounds)},
+                **{f"accuracy_k{k + 1}": v for k, v in enumerate(accuracies)}}
+
+    fit(run, step_fn, total_steps=cfg.steps, objects={"model": model, "optimizer": optimizer},
+        log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
+    run.save_figure(metric_curves(run.metrics, ["loss"], title="CPC training loss"), "loss.png")
+    report(run, cfg, model.cpu(), data)
+    return run
+
+
+@torch.no_grad()
+def prediction_scores(model: CPC, x: torch.Tensor, batch_size: int) -> dict[str, list[float]]:
+    """Per-k test loss L_k, bound log N - L_k and accuracy of picking the positive, averaged
+    over consecutive batches of ``batch_size`` sequences (N = batch_size, as in training)."""
+    n_batches = len(x) // batch_size
+    if n_batches == 0:
+        raise ValueError(f"need at least {batch_size} sequences to score, got {len(x)}")
+    losses = torch.zeros(model.prediction_steps)
+    accuracies = torch.zeros(model.prediction_steps)
+    for i in range(n_batches):
+        _, losses_k, accuracies_k = model(x[i * batch_size:(i + 1) * batch_size])
+        losses += losses_k / n_batches
+        accuracies += accuracies_k / n_batches
+    return {"loss": losses.tolist(),
+            "mi_bound": [mi_lower_bound(v, batch_size) for v in losses.tolist()],
+            "accuracy": accuracies.tolist()}
+
+
+def report(run: Run, cfg: Config, model: CPC, data: SequenceData) -> dict[str, float]:
+    """Linear probes and per-k prediction scores of the trained and the random model; writes
+    ``summary.json`` and ``prediction.png`` and returns the scores."""
+    from mlatlas.eval.metrics import linear_probe_accuracy
+
+    model.eval()
+    batch = min(cfg.batch_size, len(data.x_test))
+    scores: dict[str, float] = {"dataset": data.name, "batch_size": batch,
+                                "log_n": math.log(batch), "probe_chance": 1 / len(data.classes)}
+    per_k = {}
+    for prefix, net in (("", model), ("random_", random_model(cfg, data).eval())):
+        train_f, test_f = net.features(data.x_train), net.features(data.x_test)
+        for name, suffix in (("c", ""), ("z", "_z")):
+            scores[f"{prefix}linear_probe_accuracy{suffix}"] = linear_probe_accuracy(
+                train_f[name], data.y_train, test_f[name], data.y_test)
+        per_k[prefix] = prediction_scores(net, data.x_test, batch)
+        for kind in ("mi_bound", "accuracy"):
+            for k, value in enumerate(per_k[prefix][kind], 1):
+                scores[f"{prefix}test_{kind}_k{k}"] = value
+    if run.metrics:
+        scores["final_loss"] = run.metrics[-1]["loss"]
+    run.write_summary(scores)
+    run.save_figure(prediction_figure(per_k[""], per_k["random_"], batch, scores),
+                    "prediction.png")
+    return scores
+
+
+def prediction_figure(trained: dict[str, list[float]], random: dict[str, list[float]], n: int,
+                      scores: dict[str, float]):
+    """Accuracy of picking the positive among N and the bound log N - L_k, per k (test set)."""
+    ks = list(range(1, len(trained["accuracy"]) + 1))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, kind, top, label in ((axes[0], "accuracy", 1 / n, f"chance 1/N = 1/{n}"),
+                                 (axes[1], "mi_bound", math.log(n), f"log N = {math.log(n):.2f}")):
+        ax.plot(ks, trained[kind], "o-", label="CPC")
+        ax.plot(ks, random[kind], "s--", label="random init")
+        ax.axhline(top, color="grey", lw=0.8, ls=":", label=label)
+        ax.set_xlabel("prediction step k")
+        ax.set_xticks(ks)
+        # From zero, so that a model at chance does not look like a trend.
+        ax.set_ylim(bottom=min(0.0, *random[kind]) - 0.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("accuracy of picking z_{t+k}")
+    axes[1].set_ylabel("log N - L_k (nats)")
+    fig.suptitle(f"CPC on {scores['dataset']}: linear probe "
+                 f"{scores['linear_probe_accuracy']:.1%} (random init "
+                 f"{scores['random_linear_probe_accuracy']:.1%})")
+    fig.tight_layout()
+    return fig
+
+
+def load_model(run: Run) -> tuple[Config, CPC, SequenceData]:
+    cfg = config_from_dict(Config, run.config)
+    data = load_sequences(cfg)
+    model = build_model(cfg, data)
+    run.load_weights(model)
+    return cfg, model, data
+
+
+def evaluate(run: Run, n: int | None = None, seed: int = 0,
+             progress: bool | None = None) -> dict[str, float]:
+    """Recompute the probes and per-k scores from the run's checkpoint (``n``, ``seed`` unused:
+    the test set is the config's)."""
+    cfg, model, data = load_model(run)
+    return report(run, cfg, model, data)
