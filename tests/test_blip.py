@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from crashes import assert_same_checkpoints, crash_at, drop_wall
 
 from mlatlas.contrastive import blip
 from mlatlas.contrastive.capfilt import CapFiltResult, bootstrap, capfilt, filter_scores
 from mlatlas.contrastive.text import BOS, ENC, EOS, PAD
 from mlatlas.contrastive.towers import image_tower
 from mlatlas.core.config import ConfigError
-from mlatlas.core.io import load_tensors
 from mlatlas.core.run import Run
 
 V, L, W = 30, 8, 16
@@ -194,33 +194,21 @@ TINY = dict(dataset="digits", width=16, embed_dim=8, vocab_size=40, text_depth=1
             batch_size=16, max_len=12, log_every=2, ckpt_every=4, warmup_steps=2, steps=8)
 
 
-def drop_wall(rows):
-    return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
-
-
 def test_capfilt_run_stopped_in_its_second_stage_resumes_exactly(runs, monkeypatch):
     cfg = blip.Config(**TINY, corrupt=0.3, capfilt=True, filter_threshold=0.05)
     # Scoring is checked once below, from the checkpoints; the runs themselves skip it.
     monkeypatch.setattr(blip, "report", lambda *args, **kwargs: {})
     whole = blip.train(cfg, Run.create("blip", cfg, runs), progress=False)
     run = Run.create("blip", cfg, runs)
-    schedule, calls = blip.warmup_cosine_lr, []
-
-    def crash(lr, step, *args):
-        calls.append(step)
-        if len(calls) == cfg.steps + 6:  # step 6 of the second stage
-            raise KeyboardInterrupt
-        return schedule(lr, step, *args)
-
-    monkeypatch.setattr(blip, "warmup_cosine_lr", crash)
+    crash_at(monkeypatch, blip, cfg.steps + 6)  # step 6 of the second stage
     with pytest.raises(KeyboardInterrupt):
         blip.train(cfg, run, progress=False)
     assert Run.open(run.path("stage2")).checkpoint_step() == 4
-    monkeypatch.setattr(blip, "warmup_cosine_lr", schedule)
+    monkeypatch.undo()
+    monkeypatch.setattr(blip, "report", lambda *args, **kwargs: {})
     blip.train(cfg, Run.open(run.dir), progress=False)
     for name in ("checkpoint.safetensors", "stage2/checkpoint.safetensors"):
-        a, b = load_tensors(whole.path(name)), load_tensors(run.path(name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert_same_checkpoints(whole.path(name), run.path(name))
     assert drop_wall(Run.open(whole.path("stage2")).metrics) == \
         drop_wall(Run.open(run.path("stage2")).metrics)
     monkeypatch.undo()

@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+from crashes import assert_same_checkpoints, crash_at, drop_wall
 
 from mlatlas.contrastive import clip
 from mlatlas.contrastive.text import load_minilm
@@ -16,10 +17,6 @@ TINY = dict(dataset="digits", width=16, embed_dim=8, vocab_size=40, text_depth=1
             log_every=2, ckpt_every=4, warmup_steps=2)
 
 
-def drop_wall(rows):
-    return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
-
-
 @pytest.mark.parametrize("cls", [clip.Config, clip.SigLIPConfig])
 def test_stopped_and_resumed_run_equals_an_uninterrupted_one(runs, cls, monkeypatch):
     cfg = cls(**TINY, steps=8)
@@ -27,21 +24,13 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(runs, cls, monkeypa
     run = Run.create(cfg.METHOD, cfg, runs)
     # The learning rate follows the whole run's cosine, so a stop is a crash at step 6 (the
     # last checkpoint is step 4), not a shorter run.
-    schedule = clip.warmup_cosine_lr
-
-    def crash_at_6(lr, step, *args):
-        if step == 6:
-            raise KeyboardInterrupt
-        return schedule(lr, step, *args)
-
-    monkeypatch.setattr(clip, "warmup_cosine_lr", crash_at_6)
+    crash_at(monkeypatch, clip, 6)
     with pytest.raises(KeyboardInterrupt):
         clip.train(cfg, run, progress=False)
     assert run.checkpoint_step() == 4
     monkeypatch.undo()
     clip.train(cfg, Run.open(run.dir), progress=False)
-    a, b = (load_tensors(r.path("checkpoint.safetensors")) for r in (whole, run))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_checkpoints(*(r.path("checkpoint.safetensors") for r in (whole, run)))
     assert drop_wall(whole.metrics) == drop_wall(Run.open(run.dir).metrics)
     summary = whole.summary()
     assert summary["zero_shot_chance"] == 0.1

@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
+from crashes import assert_same_checkpoints, crash_at, drop_wall
 
 from mlatlas.contrastive import cpc
 from mlatlas.contrastive.losses import info_nce
 from mlatlas.core.config import ConfigError
-from mlatlas.core.io import load_tensors
 from mlatlas.core.run import Run
 from mlatlas.data.signals import CLASSES, generate_signals
 
@@ -153,29 +153,17 @@ def test_signals_are_deterministic_balanced_and_labelled():
 
 # --- resume ------------------------------------------------------------------------------------
 
-def drop_wall(rows):
-    return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
-
-
 def test_stopped_and_resumed_run_equals_an_uninterrupted_one(runs, monkeypatch):
     cfg = cpc.Config(**TINY, steps=8)
     whole = cpc.train(cfg, Run.create("cpc", cfg, runs), progress=False)
     run = Run.create("cpc", cfg, runs)
-    schedule = cpc.warmup_cosine_lr
-
-    def crash_at_6(lr, step, *args):
-        if step == 6:
-            raise KeyboardInterrupt
-        return schedule(lr, step, *args)
-
-    monkeypatch.setattr(cpc, "warmup_cosine_lr", crash_at_6)
+    crash_at(monkeypatch, cpc, 6)
     with pytest.raises(KeyboardInterrupt):
         cpc.train(cfg, run, progress=False)
     assert run.checkpoint_step() == 4
     monkeypatch.undo()
     cpc.train(cfg, Run.open(run.dir), progress=False)
-    a, b = (load_tensors(r.path("checkpoint.safetensors")) for r in (whole, run))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_checkpoints(*(r.path("checkpoint.safetensors") for r in (whole, run)))
     assert drop_wall(whole.metrics) == drop_wall(Run.open(run.dir).metrics)
     assert set(cpc.metric_names(2)) <= set(whole.metrics[-1])
     summary = whole.summary()

@@ -3,6 +3,7 @@ is refused, the nested SimCLR pre-training resumes; (slow) zero-shot far above c
 
 import pytest
 import torch
+from crashes import assert_same_checkpoints, crash_at
 
 from mlatlas.contrastive import clip, lit, simclr
 from mlatlas.core.config import ConfigError
@@ -83,23 +84,15 @@ def test_nested_pretraining_and_a_resumed_lit_run_equal_an_uninterrupted_one(run
     # (its step 6), resuming each time.
     run = Run.create("lit", cfg, runs)
     for module, step in ((simclr, 5), (clip, 6)):
-        schedule = module.warmup_cosine_lr
-
-        def crash(lr, k, *args, schedule=schedule, step=step):
-            if k == step:
-                raise KeyboardInterrupt
-            return schedule(lr, k, *args)
-
-        monkeypatch.setattr(module, "warmup_cosine_lr", crash)
+        crash_at(monkeypatch, module, step)
         with pytest.raises(KeyboardInterrupt):
             lit.train(cfg, Run.open(run.dir), progress=False)
-        monkeypatch.setattr(module, "warmup_cosine_lr", schedule)
+        monkeypatch.undo()
     assert Run.open(run.path(lit.PRETRAIN_DIR)).checkpoint_step() == 6
     assert run.checkpoint_step() == 4
     lit.train(cfg, Run.open(run.dir), progress=False)
     for sub in ("", lit.PRETRAIN_DIR):
-        a, b = (load_tensors(r.path(sub) / "checkpoint.safetensors") for r in (whole, run))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert_same_checkpoints(*(r.path(sub) / "checkpoint.safetensors" for r in (whole, run)))
 
 
 # --- behaviour ---------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from crashes import assert_same_checkpoints, crash_at, drop_wall
 
 from mlatlas.contrastive import simclr
 from mlatlas.core.config import ConfigError
@@ -82,22 +83,11 @@ def test_bad_config_is_a_config_error(kwargs, match):
         simclr.Config(**kwargs)
 
 
-def drop_wall(rows):
-    return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
-
-
 def test_stopped_and_resumed_run_equals_an_uninterrupted_one(runs, monkeypatch):
     cfg = simclr.Config(**TINY, steps=8)
     whole = simclr.train(cfg, Run.create("simclr", cfg, runs), progress=False)
     run = Run.create("simclr", cfg, runs)
-    schedule = simclr.warmup_cosine_lr
-
-    def crash_at_6(lr, step, *args):
-        if step == 6:
-            raise KeyboardInterrupt
-        return schedule(lr, step, *args)
-
-    monkeypatch.setattr(simclr, "warmup_cosine_lr", crash_at_6)
+    crash_at(monkeypatch, simclr, 6)
     with pytest.raises(KeyboardInterrupt):
         simclr.train(cfg, run, progress=False)
     assert run.checkpoint_step() == 4
@@ -106,8 +96,7 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(runs, monkeypatch):
     monkeypatch.setattr(simclr, "report", lambda *args: None)
     simclr.train(cfg, Run.open(run.dir), progress=False)
     monkeypatch.undo()
-    a, b = (load_tensors(r.path("checkpoint.safetensors")) for r in (whole, run))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_checkpoints(*(r.path("checkpoint.safetensors") for r in (whole, run)))
     assert drop_wall(whole.metrics) == drop_wall(Run.open(run.dir).metrics)
     summary = whole.summary()
     for name in ("linear_probe_accuracy", "projection_probe_accuracy",
@@ -117,7 +106,9 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(runs, monkeypatch):
     for figure in ("loss.png", "views.png"):
         assert whole.path(figure).is_file()
     _, encoder = simclr.load_encoder(Run.open(whole.dir))
-    assert all(torch.equal(v, a[f"model.encoder.{k}"]) for k, v in encoder.state_dict().items())
+    saved = load_tensors(whole.path("checkpoint.safetensors"))
+    assert all(torch.equal(v, saved[f"model.encoder.{k}"])
+               for k, v in encoder.state_dict().items())
     again = simclr.evaluate(Run.open(whole.dir))
     assert again["linear_probe_accuracy"] == pytest.approx(summary["linear_probe_accuracy"])
 

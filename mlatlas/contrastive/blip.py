@@ -58,18 +58,14 @@ from mlatlas.contrastive.capfilt import (
 )
 from mlatlas.contrastive.common import (
     TOKENIZER,
-    ContrastiveConfig,
+    ImageTextConfig,
     encode_batched,
     run_tokenizer,
     set_lr,
     warmup_cosine_lr,
 )
 from mlatlas.contrastive.data import NUMBER_WORDS, CaptionedData, load_captioned
-from mlatlas.contrastive.evaluation import (
-    evaluate_joint_space,
-    retrieval_figure,
-    zero_shot_figure,
-)
+from mlatlas.contrastive.evaluation import evaluate_joint_space, save_joint_space_figures
 from mlatlas.contrastive.losses import CLIP_LOGIT_SCALE_INIT, CLIP_LOGIT_SCALE_MAX, clip_loss
 from mlatlas.contrastive.text import BOS, ENC, EOS, PAD, TextTower, Tokenizer, load_tokenizer
 from mlatlas.contrastive.towers import ViTTower, image_tower
@@ -87,23 +83,11 @@ CAPTION_EVAL = 500
 
 
 @dataclass
-class Config(ContrastiveConfig):
+class Config(ImageTextConfig):
     METHOD: ClassVar[str] = "blip"
 
-    image_tower: str = "cnn"
-    """Image tower: cnn (three conv stages) or vit (patch Transformer)."""
-    width: int = 128
-    """Width of the image tower and of the text Transformer."""
-    text_depth: int = 2
-    """Transformer blocks of the text encoder / decoder."""
     heads: int = 4
     """Attention heads of the text Transformer."""
-    embed_dim: int = 64
-    """Dimension d of the contrastive (ITC) embedding space."""
-    vocab_size: int = 256
-    """BPE vocabulary learnt from the training captions."""
-    max_len: int = 24
-    """Tokens per caption, [BOS] and [EOS] included (also the longest generated caption)."""
     corrupt: float = 0.0
     """Share of training captions replaced by another image's caption (noisy web text)."""
     capfilt: bool = False
@@ -119,13 +103,9 @@ class Config(ContrastiveConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.image_tower not in ("cnn", "vit"):
-            raise ConfigError(f"--image-tower must be cnn or vit, got {self.image_tower!r}")
-        require_at_least(self, 8, "width", "embed_dim", "vocab_size")
-        require_at_least(self, 1, "text_depth", "heads")
-        require_at_least(self, 4, "max_len")
-        if self.width % 8 or self.width % self.heads:
-            raise ConfigError(f"--width must be a multiple of 8 and of --heads, got {self.width}")
+        require_at_least(self, 1, "heads")
+        if self.width % self.heads:
+            raise ConfigError(f"--width must be a multiple of --heads, got {self.width}")
         if not 0.0 <= self.corrupt < 1.0:
             raise ConfigError(f"--corrupt must be in [0, 1), got {self.corrupt}")
         if not 0.0 < self.filter_threshold < 1.0:
@@ -501,12 +481,7 @@ def report(run: Run, model: BLIP, tokenizer: Tokenizer, data: CaptionedData,
                 for r, g in zip(data.test.captions[:8], generated[:8], strict=True)]
     run.write_summary({"dataset": data.name, "corrupt": run.config.get("corrupt", 0.0),
                        **scores, "caption_examples": examples})
-    run.save_figure(zero_shot_figure(data, tensors["predictions"], f"{run.method}: zero-shot "
-                                     f"accuracy {scores['zero_shot_accuracy']:.1%}"),
-                    "zero_shot.png")
-    run.save_figure(retrieval_figure(data.test, tensors["test_images"], tensors["test_texts"],
-                                     title=f"{run.method}: image-to-text retrieval (test)"),
-                    "retrieval.png")
+    save_joint_space_figures(run, data, scores, tensors)
     run.save_figure(captions_figure(data.test.images, data.test.captions, generated,
                                     n=min(8, len(generated))), "captions.png")
     model.train()

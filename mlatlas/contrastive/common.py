@@ -50,6 +50,41 @@ class ContrastiveConfig(BaseConfig):
         check_captioned(self.dataset)
 
 
+@dataclass
+class ImageTowerConfig(ContrastiveConfig):
+    image_tower: str = "cnn"
+    """Image tower: cnn (three conv stages) or vit (patch Transformer)."""
+    width: int = 128
+    """Width of the towers: the dimension of the image representation."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.image_tower not in ("cnn", "vit"):
+            raise ConfigError(f"--image-tower must be cnn or vit, got {self.image_tower!r}")
+        require_at_least(self, 8, "width")
+        if self.width % 8:
+            raise ConfigError(f"--width must be a multiple of 8, got {self.width}")
+
+
+@dataclass
+class ImageTextConfig(ImageTowerConfig):
+    text_depth: int = 2
+    """Transformer blocks of the text tower."""
+    embed_dim: int = 64
+    """Dimension d of the joint (contrastive) embedding space."""
+    vocab_size: int = 256
+    """BPE vocabulary learnt from the training captions."""
+    max_len: int = 24
+    """Tokens per caption, [BOS] and [EOS] included (also the longest generated caption)."""
+    steps: int = 1500
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_at_least(self, 8, "embed_dim", "vocab_size")
+        require_at_least(self, 1, "text_depth")
+        require_at_least(self, 4, "max_len")
+
+
 def warmup_cosine_lr(lr: float, step: int, total_steps: int, warmup_steps: int) -> float:
     warm = min(1.0, step / warmup_steps) if warmup_steps else 1.0
     return lr * warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))

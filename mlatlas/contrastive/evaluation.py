@@ -77,6 +77,17 @@ def evaluate_joint_space(model, tokenizer: Tokenizer, data: CaptionedData,
                     "test_texts": test_texts}
 
 
+def save_joint_space_figures(run, data: CaptionedData, scores: dict[str, float],
+                             tensors: dict[str, torch.Tensor]) -> None:
+    """``zero_shot.png`` and ``retrieval.png`` of ``evaluate_joint_space``'s results."""
+    run.save_figure(zero_shot_figure(data, tensors["predictions"], f"{run.method}: zero-shot "
+                                     f"accuracy {scores['zero_shot_accuracy']:.1%}"),
+                    "zero_shot.png")
+    run.save_figure(retrieval_figure(data.test, tensors["test_images"], tensors["test_texts"],
+                                     title=f"{run.method}: image-to-text retrieval (test)"),
+                    "retrieval.png")
+
+
 def zero_shot_figure(data: CaptionedData, predictions: torch.Tensor, title: str = ""):
     """Confusion matrix of zero-shot predictions over the classes present in the split."""
     labels = data.zero_shot.labels

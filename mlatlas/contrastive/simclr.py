@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlatlas.contrastive.common import (
-    ContrastiveConfig,
+    ImageTowerConfig,
     encode_batched,
     set_lr,
     warmup_cosine_lr,
@@ -55,13 +55,9 @@ LUMA = (0.299, 0.587, 0.114)
 
 
 @dataclass
-class Config(ContrastiveConfig):
+class Config(ImageTowerConfig):
     METHOD: ClassVar[str] = "simclr"
 
-    image_tower: str = "cnn"
-    """Base encoder f: cnn (three conv stages) or vit (patch Transformer)."""
-    width: int = 128
-    """Width of f, i.e. the dimension of the representation h."""
     projection_dim: int = 64
     """Dimension of z = g(h), where the loss is computed."""
     temperature: float = 0.5
@@ -80,11 +76,7 @@ class Config(ContrastiveConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.image_tower not in ("cnn", "vit"):
-            raise ConfigError(f"--image-tower must be cnn or vit, got {self.image_tower!r}")
-        require_at_least(self, 8, "width", "projection_dim")
-        if self.width % 8:
-            raise ConfigError(f"--width must be a multiple of 8, got {self.width}")
+        require_at_least(self, 8, "projection_dim")
         if self.temperature <= 0:
             raise ConfigError(f"--temperature must be positive, got {self.temperature}")
         require_unit(self, "crop_scale", low_open=True)
