@@ -7,10 +7,12 @@ import pytest
 import torch
 from crashes import assert_same_checkpoints, crash_at, drop_wall
 
+from mlatlas.cli import main
 from mlatlas.contrastive import cpc
 from mlatlas.contrastive.losses import info_nce
 from mlatlas.core.config import ConfigError
 from mlatlas.core.run import Run
+from mlatlas.data import DatasetError
 from mlatlas.data.signals import CLASSES, generate_signals
 
 TINY = dict(dataset="digits", prediction_steps=2, hidden=8, z_dim=8, c_dim=8, batch_size=16,
@@ -123,7 +125,6 @@ def test_bad_input_is_a_clear_error():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"dataset": "speech"}, "--dataset must be one of"),
     ({"prediction_steps": 0}, "--prediction-steps must be at least 1"),
     ({"batch_size": 1}, "--batch-size must be at least 2"),
     ({"lr": 0.0}, "--lr"),
@@ -131,6 +132,17 @@ def test_bad_input_is_a_clear_error():
 def test_bad_config_is_a_config_error(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         cpc.Config(**kwargs)
+
+
+def test_dataset_names_are_checked_and_the_command_line_accepts_signals(runs, capsys):
+    with pytest.raises(DatasetError, match="did you mean signals"):
+        cpc.Config(dataset="signal")
+    argv = ["train", "cpc", "--dataset", "signals", "--steps", "2", "--n-train", "32",
+            "--n-test", "32", "--batch-size", "16", "--hidden", "8", "--z-dim", "8",
+            "--c-dim", "8", "--out", str(runs), "--no-progress"]
+    assert main(argv) == 0
+    assert main([*argv[:3], "mnistt"]) == 2
+    assert "unknown CPC dataset 'mnistt'" in capsys.readouterr().err
 
 
 def test_more_prediction_steps_than_a_sequence_has_is_a_config_error(runs):

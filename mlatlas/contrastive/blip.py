@@ -70,7 +70,7 @@ from mlatlas.contrastive.losses import CLIP_LOGIT_SCALE_INIT, CLIP_LOGIT_SCALE_M
 from mlatlas.contrastive.text import BOS, ENC, EOS, PAD, TextTower, Tokenizer, load_tokenizer
 from mlatlas.contrastive.towers import ViTTower, image_tower
 from mlatlas.contrastive.transformer import Attention
-from mlatlas.core.config import ConfigError, config_from_dict, require_at_least
+from mlatlas.core.config import ConfigError, config_from_dict, require_at_least, require_unit
 from mlatlas.core.io import read_json, write_json
 from mlatlas.core.plots import metric_curves, plt, show_images
 from mlatlas.core.run import Run, fit
@@ -110,8 +110,7 @@ class Config(ImageTextConfig):
             raise ConfigError(f"--corrupt must be in [0, 1), got {self.corrupt}")
         if not 0.0 < self.filter_threshold < 1.0:
             raise ConfigError(f"--filter-threshold must be in (0, 1), got {self.filter_threshold}")
-        if not 0.0 <= self.top_p <= 1.0:
-            raise ConfigError(f"--top-p must be in [0, 1], got {self.top_p}")
+        require_unit(self, "top_p")
 
 
 # --- losses and hard negatives (pure functions) ------------------------------------------------

@@ -40,11 +40,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlatlas.contrastive.common import set_lr, warmup_cosine_lr
-from mlatlas.core.config import BaseConfig, ConfigError, config_from_dict, require_at_least
+from mlatlas.core.config import (
+    BaseConfig,
+    ConfigError,
+    closest,
+    config_from_dict,
+    require_at_least,
+)
 from mlatlas.core.plots import metric_curves, plt
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
-from mlatlas.data import EpochBatches, load_digits, load_mnist
+from mlatlas.data import DatasetError, EpochBatches, load_digits, load_mnist
 from mlatlas.data.signals import CLASSES as SIGNAL_CLASSES
 from mlatlas.data.signals import load_signals
 
@@ -90,13 +96,17 @@ class Config(BaseConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.dataset not in ENCODERS:
-            raise ConfigError(f"--dataset must be one of {', '.join(ENCODERS)}, "
-                              f"got {self.dataset!r}")
+        self.check_data()
         require_at_least(self, 1, "prediction_steps", "hidden", "z_dim", "c_dim")
         require_at_least(self, 2, "batch_size", "n_train", "n_test")
         if self.lr <= 0 or self.warmup_steps < 0:
             raise ConfigError("--lr must be positive and --warmup-steps non-negative")
+
+    def check_data(self) -> None:
+        """The sequence sets are not image datasets: the command line asks the config."""
+        if self.dataset not in ENCODERS:
+            raise DatasetError(f"unknown CPC dataset {self.dataset!r}"
+                               f"{closest(self.dataset, ENCODERS)} (known: {', '.join(ENCODERS)})")
 
 
 # --- the loss ----------------------------------------------------------------------------------
