@@ -83,6 +83,11 @@ def _deep(name: str, summary: str) -> Method:
                   evaluate=f"{DEEP_RL}:evaluate", sample_config=f"{DEEP_RL}:EvalOptions")
 
 
+def _llm(name: str, summary: str, evaluate: str = "mlatlas.rl.llm.common:evaluate") -> Method:
+    return Method(name, "rl/llm", summary, f"mlatlas.rl.llm.{name}", sample=None,
+                  evaluate=evaluate)
+
+
 def _diffusion(name: str, config: str, summary: str, module: str = DIFFUSION,
                family: str = "generative/diffusion") -> Method:
     return Method(name, family, summary, module, config=config,
@@ -193,6 +198,18 @@ METHODS: dict[str, Method] = {
         Method("blip", "contrastive", "BLIP (Li et al. 2022): ITC, ITM with hard negatives and "
                "a captioning decoder sharing one text Transformer; CapFilt bootstrapping",
                "mlatlas.contrastive.blip", sample=None),
+        _llm("sft", "Supervised fine-tuning of the tiny Llama-layout LM on worked answers "
+             "(the starting policy and reference of the alignment methods)"),
+        _llm("reward_model", "Bradley-Terry reward model on preference pairs of the SFT "
+             "policy's correct and wrong answers", evaluate="evaluate"),
+        _llm("ppo_rlhf", "PPO-RLHF with the PPO-max recipe (Zheng et al. 2023): reward "
+             "normalisation and clipping, token-level KL, critic from the reward model"),
+        _llm("grpo", "GRPO (Shao et al. 2024): group-relative advantages, clipped ratio, k3 KL "
+             "to the reference; the Dr. GRPO variant"),
+        _llm("dpo", "DPO (Rafailov et al. 2023) and IPO on pairs of the policy's own correct and "
+             "wrong answers"),
+        _llm("kimi", "Kimi k1.5 RL (Kimi Team 2025): mirror-descent surrogate with tau, length "
+             "penalty, curriculum by difficulty"),
         _deep("ppo", "Proximal policy optimisation (Schulman et al. 2017): clipped surrogate, "
               "GAE, value clipping, entropy bonus"),
         _deep("reinforce", "REINFORCE (Williams 1992): Monte Carlo policy gradient, with or "

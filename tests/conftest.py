@@ -19,3 +19,15 @@ def _seed():
 def runs(tmp_path):
     """A folder for run folders."""
     return tmp_path / "runs"
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory):
+    """One SFT run on addition with the defaults (~70 s), shared by the language-model tests
+    that start from a supervised policy."""
+    from mlatlas.core.run import Run
+    from mlatlas.rl.llm import sft
+
+    cfg = sft.Config()
+    return sft.train(cfg, Run.create("sft", cfg, root=tmp_path_factory.mktemp("sft")),
+                     progress=False)

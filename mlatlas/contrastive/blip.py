@@ -61,8 +61,6 @@ from mlatlas.contrastive.common import (
     ImageTextConfig,
     encode_batched,
     run_tokenizer,
-    set_lr,
-    warmup_cosine_lr,
 )
 from mlatlas.contrastive.data import NUMBER_WORDS, CaptionedData, load_captioned
 from mlatlas.contrastive.evaluation import evaluate_joint_space, save_joint_space_figures
@@ -72,6 +70,7 @@ from mlatlas.contrastive.towers import ViTTower, image_tower
 from mlatlas.contrastive.transformer import Attention
 from mlatlas.core.config import ConfigError, config_from_dict, require_at_least, require_unit
 from mlatlas.core.io import read_json, write_json
+from mlatlas.core.optim import set_lr, warmup_cosine_lr
 from mlatlas.core.plots import metric_curves, plt, show_images
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import resolve_device, seed_everything

@@ -30,14 +30,13 @@ from mlatlas.contrastive.common import (
     TOKENIZER,
     ImageTextConfig,
     run_tokenizer,
-    set_lr,
-    warmup_cosine_lr,
 )
 from mlatlas.contrastive.data import CaptionedData, load_captioned
 from mlatlas.contrastive.evaluation import evaluate_joint_space, save_joint_space_figures
 from mlatlas.contrastive.text import MiniLMTower, TextTower, Tokenizer, load_tokenizer
 from mlatlas.contrastive.towers import DualEncoder, image_tower
 from mlatlas.core.config import ConfigError, config_from_dict, require_at_least
+from mlatlas.core.optim import set_lr, warmup_cosine_lr
 from mlatlas.core.plots import metric_curves
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import resolve_device, seed_everything

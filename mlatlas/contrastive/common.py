@@ -8,7 +8,6 @@ function of the step alone, so a resumed run needs no scheduler state.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -83,16 +82,6 @@ class ImageTextConfig(ImageTowerConfig):
         require_at_least(self, 8, "embed_dim", "vocab_size")
         require_at_least(self, 1, "text_depth")
         require_at_least(self, 4, "max_len")
-
-
-def warmup_cosine_lr(lr: float, step: int, total_steps: int, warmup_steps: int) -> float:
-    warm = min(1.0, step / warmup_steps) if warmup_steps else 1.0
-    return lr * warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 def run_tokenizer(run: Run, captions: list[str], vocab_size: int, max_len: int,

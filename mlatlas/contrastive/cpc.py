@@ -39,7 +39,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlatlas.contrastive.common import set_lr, warmup_cosine_lr
 from mlatlas.core.config import (
     BaseConfig,
     ConfigError,
@@ -47,6 +46,7 @@ from mlatlas.core.config import (
     config_from_dict,
     require_at_least,
 )
+from mlatlas.core.optim import set_lr, warmup_cosine_lr
 from mlatlas.core.plots import metric_curves, plt
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import resolve_device, seed_everything

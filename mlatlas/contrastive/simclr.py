@@ -36,14 +36,13 @@ from torch import nn
 from mlatlas.contrastive.common import (
     ImageTowerConfig,
     encode_batched,
-    set_lr,
-    warmup_cosine_lr,
 )
 from mlatlas.contrastive.data import CaptionedData, load_captioned
 from mlatlas.contrastive.evaluation import PROBE_TRAIN
 from mlatlas.contrastive.losses import nt_xent
 from mlatlas.contrastive.towers import image_tower
 from mlatlas.core.config import ConfigError, config_from_dict, require_at_least, require_unit
+from mlatlas.core.optim import set_lr, warmup_cosine_lr
 from mlatlas.core.plots import image_grid, metric_curves
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import resolve_device, seed_everything

@@ -1,0 +1,396 @@
+"""What the alignment methods share: batches, token log-probabilities, rollouts, evaluation.
+
+A batch row is a left-padded prompt followed by a right-padded completion,
+
+    [pad .. pad <bos> x_1 .. x_n | y_1 .. y_m <eos> pad .. pad]
+
+and the policy's log-probability of a completion factorises over its tokens,
+
+    log pi_theta(y | x) = sum_t log pi_theta(y_t | x, y_<t),
+
+which :func:`completion_logprobs` returns per token (0 on padding) from one forward pass.
+The methods read the policy, its tokenizer and the frozen reference pi_ref from a previous run
+(``--init-from RUN_DIR``, usually an SFT run) or from a transformers Llama folder.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mlatlas.core.config import BaseConfig, ConfigError, require_at_least, require_unit
+from mlatlas.core.io import read_json, write_json
+from mlatlas.core.run import Run, RunError
+from mlatlas.rl.llm.model import LMConfig, TinyLM, generate, load_pretrained, save_pretrained
+from mlatlas.rl.llm.tasks import Problem, Task, get_task, parse_difficulties, problems
+from mlatlas.rl.llm.tokenizer import Tokenizer
+
+LM_FILE = "lm.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class LLMConfig(BaseConfig):
+    """Fields every language-model method has."""
+
+    task: str = "addition"
+    """Task: addition, addition_cot or countdown."""
+    difficulty: str = "1-3"
+    """Difficulty levels trained on: a level, a range '1-3' or a list '1,3' (digits of the
+    first operand for addition, numbers minus one for countdown)."""
+    init_from: str = ""
+    """Run folder (e.g. an SFT run) or transformers Llama folder whose policy starts training
+    and is the frozen reference."""
+    lr: float = 1e-4
+    """Adam learning rate."""
+    max_new_tokens: int = 24
+    """Longest completion sampled."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts."""
+    top_p: float = 1.0
+    """Nucleus sampling mass of rollouts (1 keeps every token)."""
+    eval_every: int = 50
+    """Greedy accuracy on held-out problems every this many steps (a multiple of log_every)."""
+    eval_n: int = 200
+    """Held-out test problems per evaluation."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip; 0 turns it off."""
+    log_every: int = 10
+    ckpt_every: int = 100
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_at_least(self, 1, "max_new_tokens", "eval_every", "eval_n")
+        require_unit(self, "top_p", low_open=True)
+        if self.temperature < 0 or self.lr <= 0 or self.max_grad_norm < 0:
+            raise ConfigError("--temperature, --max-grad-norm must be >= 0 and --lr > 0")
+        if self.eval_every % self.log_every:
+            raise ConfigError(f"--eval-every {self.eval_every} must be a multiple of "
+                              f"--log-every {self.log_every}")
+
+    def check_data(self) -> None:
+        parse_difficulties(self.difficulty, get_task(self.task))
+        if self.init_from:
+            policy_source(self.init_from)
+
+
+# loading and saving policies ------------------------------------------------------------------
+
+def policy_source(path: str | Path) -> str:
+    """'run' or 'hf' for a folder that holds a policy; a ConfigError otherwise."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        if "model_type" in read_json(path / "config.json"):
+            return "hf"
+        if (path / LM_FILE).is_file() and Run.open(path).has_checkpoint():
+            return "run"
+    raise ConfigError(f"{path} is neither a language-model run with a checkpoint nor a "
+                      "transformers Llama folder")
+
+
+def load_policy(path: str | Path, device: torch.device | str = "cpu"
+                ) -> tuple[TinyLM, Tokenizer]:
+    """The policy and tokenizer of a run (its latest checkpoint) or of a transformers folder."""
+    path = Path(path)
+    if policy_source(path) == "hf":
+        model = load_pretrained(path)
+    else:
+        model = TinyLM(LMConfig(**read_json(path / LM_FILE)))
+        Run.open(path).load_weights(model, "policy")
+    return model.to(device), Tokenizer.load(path / TOKENIZER_FILE)
+
+
+def write_lm_files(run: Run, model: TinyLM, tokenizer: Tokenizer) -> None:
+    """What makes a run's checkpoint a loadable policy: the model's shape and the tokenizer."""
+    write_json(run.path(LM_FILE), vars(model.cfg))
+    tokenizer.save(run.path(TOKENIZER_FILE))
+
+
+def export_hf(run: Run, model: TinyLM, tokenizer: Tokenizer) -> Path:
+    """The policy as a transformers folder ``RUN/hf`` (``LlamaForCausalLM.from_pretrained``)."""
+    directory = save_pretrained(model, run.path("hf"), bos_id=tokenizer.bos_id,
+                                eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    tokenizer.save_pretrained(directory, model.cfg.max_seq_len)
+    return directory
+
+
+def frozen_copy(model: TinyLM) -> TinyLM:
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+# batches ------------------------------------------------------------------------------------
+
+def pad_left(rows: Sequence[Sequence[int]], pad_id: int, device=None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row)
+            mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int, device=None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, :len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str], device=None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``<bos> prompt`` rows: (ids, mask), each (B, P)."""
+    return pad_left(tokenizer.encode_batch(list(prompts), bos=True), tokenizer.pad_id, device)
+
+
+def encode_completions(tokenizer: Tokenizer, completions: Sequence[str], device=None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``completion <eos>`` rows: (ids, mask), each (B, L)."""
+    rows = [r + [tokenizer.eos_id] for r in tokenizer.encode_batch(list(completions))]
+    return pad_right(rows, tokenizer.pad_id, device)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per position: (B, T, V), (B, T) -> (B, T)."""
+    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, targets[..., None])[..., 0]
+
+
+def completion_logprobs(model: TinyLM, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                        completion_ids: torch.Tensor, completion_mask: torch.Tensor
+                        ) -> torch.Tensor:
+    """log pi(y_t | x, y_<t) for each completion token: (B, L), 0 where the mask is 0."""
+    P = prompt_ids.shape[1]
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    logits = model(ids, mask)[:, P - 1:-1]
+    return token_logprobs(logits, completion_ids) * completion_mask
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+# rollouts -------------------------------------------------------------------------------------
+
+@dataclass
+class Rollout:
+    """Completions sampled for prompts, with their rewards. Tensors are (B, P) or (B, L)."""
+
+    problems: list[Problem]
+    texts: list[str]
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    correct: torch.Tensor
+    """(B,) exact-match reward."""
+    formatted: torch.Tensor
+    """(B,) format reward."""
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1)
+
+
+def rollout(model: TinyLM, tokenizer: Tokenizer, task: Task, items: Sequence[Problem], *,
+            max_new_tokens: int, temperature: float, top_p: float = 1.0,
+            generator: torch.Generator | None = None) -> Rollout:
+    """Sample one completion per problem (repeat problems in ``items`` for groups)."""
+    device = model.lm_head.weight.device
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, [p.prompt for p in items], device)
+    was_training = model.training
+    model.eval()
+    completion_ids, completion_mask = generate(
+        model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
+        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=temperature,
+        top_p=top_p, generator=generator)
+    model.train(was_training)
+    texts = tokenizer.decode_batch(completion_ids.tolist())
+    correct, formatted = task.rewards(items, texts)
+    return Rollout(list(items), texts, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                   torch.tensor(correct, device=device), torch.tensor(formatted, device=device))
+
+
+@torch.no_grad()
+def evaluate_policy(model: TinyLM, tokenizer: Tokenizer, task: Task, items: Sequence[Problem],
+                    reference: TinyLM | None = None, *, max_new_tokens: int = 24,
+                    batch_size: int = 256, seed: int = 0) -> dict[str, float]:
+    """Greedy accuracy, format rate and mean completion length (tokens, with <eos>) on
+    ``items``; with a reference also KL(pi || pi_ref) per completion, estimated on sampled
+    completions (temperature 1) as the mean of sum_t log pi(y_t|.) - log pi_ref(y_t|.)."""
+    greedy, sampled = [], []
+    generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        greedy.append(rollout(model, tokenizer, task, chunk, max_new_tokens=max_new_tokens,
+                              temperature=0.0))
+        if reference is not None:
+            sampled.append(rollout(model, tokenizer, task, chunk,
+                                   max_new_tokens=max_new_tokens, temperature=1.0,
+                                   generator=generator))
+    correct = torch.cat([r.correct for r in greedy])
+    lengths = torch.cat([r.lengths for r in greedy]).float()
+    metrics = {"accuracy": correct.mean().item(),
+               "format": torch.cat([r.formatted for r in greedy]).mean().item(),
+               "length": lengths.mean().item(),
+               "length_correct": (lengths[correct > 0].mean().item() if correct.any()
+                                  else float("nan"))}
+    if reference is not None:
+        kl = [sequence_kl(model, reference, r) for r in sampled]
+        metrics["kl"] = torch.cat(kl).mean().item()
+    return metrics
+
+
+def sequence_kl(model: TinyLM, reference: TinyLM, batch: Rollout) -> torch.Tensor:
+    """(B,) sum over completion tokens of log pi - log pi_ref (a Monte-Carlo KL estimate)."""
+    args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    return (completion_logprobs(model, *args) - completion_logprobs(reference, *args)).sum(-1)
+
+
+# preference pairs -------------------------------------------------------------------------------
+
+@torch.no_grad()
+def preference_pairs(model: TinyLM, tokenizer: Tokenizer, task: Task,
+                     items: Sequence[Problem], *, samples: int, max_new_tokens: int,
+                     temperature: float = 1.0, generator: torch.Generator | None = None
+                     ) -> list[dict[str, str]]:
+    """Prompt/chosen/rejected rows (TRL's preference format) from the policy's own samples.
+
+    Each prompt gets ``samples`` completions; chosen is a correct one (the reference solution
+    when none is), rejected a wrong one; prompts whose samples are all correct give no pair.
+    """
+    repeated = [p for p in items for _ in range(samples)]
+    batch = rollout(model, tokenizer, task, repeated, max_new_tokens=max_new_tokens,
+                    temperature=temperature, generator=generator)
+    rows = []
+    for i, problem in enumerate(items):
+        group = range(i * samples, (i + 1) * samples)
+        right = [batch.texts[j] for j in group if batch.correct[j] > 0]
+        wrong = [batch.texts[j] for j in group if batch.correct[j] == 0]
+        if wrong:
+            rows.append({"prompt": problem.prompt, "chosen": right[0] if right else
+                         problem.solution, "rejected": wrong[0]})
+    return rows
+
+
+# a method's setup -------------------------------------------------------------------------------
+
+@dataclass
+class Setup:
+    """What a fine-tuning method starts from."""
+
+    policy: TinyLM
+    reference: TinyLM | None
+    tokenizer: Tokenizer
+    task: Task
+    train_items: list[Problem]
+    test_items: list[Problem]
+    device: torch.device
+
+
+def setup(cfg: LLMConfig, run: Run, train_n: int = 20000) -> Setup:
+    """Load ``cfg.init_from`` as the policy and frozen reference, draw the problems and write
+    the run's policy files."""
+    from mlatlas.core.runtime import resolve_device
+
+    if not cfg.init_from:
+        raise ConfigError(f"{run.method} starts from a policy: give --init-from RUN_DIR "
+                          "(an sft run) or a transformers Llama folder")
+    device = resolve_device(cfg.device)
+    policy, tokenizer = load_policy(cfg.init_from, device)
+    task = get_task(cfg.task)
+    levels = parse_difficulties(cfg.difficulty, task)
+    write_lm_files(run, policy, tokenizer)
+    return Setup(policy.train(), frozen_copy(policy), tokenizer, task,
+                 problems(task, "train", train_n, levels, cfg.seed),
+                 problems(task, "test", cfg.eval_n, levels, 0), device)
+
+
+def finish(run: Run, cfg: LLMConfig, s: Setup) -> dict[str, Any]:
+    """Final held-out metrics into summary.json, curves.png and the transformers export."""
+    from mlatlas.rl.llm.plots import curves_figure
+
+    metrics = evaluate_policy(s.policy, s.tokenizer, s.task, s.test_items, s.reference,
+                              max_new_tokens=cfg.max_new_tokens)
+    run.write_summary({f"final_{k}": v for k, v in metrics.items()})
+    run.save_figure(curves_figure(run.metrics, run.method), "curves.png")
+    export_hf(run, s.policy, s.tokenizer)
+    return metrics
+
+
+def start_metrics(run: Run, cfg: LLMConfig, s: Setup) -> None:
+    """Held-out metrics of the starting policy, once, into summary.json (as start_*)."""
+    if "start_accuracy" not in run.summary():
+        metrics = evaluate_policy(s.policy, s.tokenizer, s.task, s.test_items,
+                                  max_new_tokens=cfg.max_new_tokens)
+        run.write_summary({f"start_{k}": v for k, v in metrics.items()})
+
+
+def evaluate(run: Run, n: int = 500, seed: int = 0, progress: bool | None = None
+             ) -> dict[str, float]:
+    """``mlatlas eval RUN``: held-out accuracy, format rate, mean length and (for runs that
+    started from another policy) KL to that reference, on ``n`` test problems."""
+    cfg = run.config
+    if not (run.dir / LM_FILE).is_file():
+        raise RunError(f"{run.dir} holds no language model")
+    model, tokenizer = load_policy(run.dir)
+    reference = None
+    if cfg.get("init_from"):
+        try:
+            reference = frozen_copy(load_policy(cfg["init_from"])[0])
+        except ConfigError:
+            reference = None  # the reference run was moved or deleted: report the rest
+    task = get_task(cfg["task"])
+    items = problems(task, "test", n, parse_difficulties(cfg["difficulty"], task), seed)
+    return evaluate_policy(model.eval(), tokenizer, task, items, reference,
+                           max_new_tokens=cfg.get("max_new_tokens", 24), seed=seed)
+
+
+def step_generator(seed: int, step: int, device=None) -> torch.Generator:
+    """A generator seeded by (seed, step) alone, so a resumed run draws what the first did."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+
+
+def step_problems(items: Sequence[Problem], size: int, generator: torch.Generator
+                  ) -> list[Problem]:
+    """``size`` problems drawn with replacement."""
+    idx = torch.randint(len(items), (size,), generator=generator, device=generator.device)
+    return [items[i] for i in idx.tolist()]
+
+
+def periodic_eval(cfg: LLMConfig, s: Setup, step: int) -> dict[str, float]:
+    """Held-out greedy metrics on the steps that are multiples of ``cfg.eval_every`` (and the
+    last), else nothing; a method adds them to its step's metrics."""
+    if step % cfg.eval_every and step != cfg.steps:
+        return {}
+    return evaluate_policy(s.policy, s.tokenizer, s.task, s.test_items,
+                           max_new_tokens=cfg.max_new_tokens)
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, parameters, max_grad_norm: float
+                  ) -> float:
+    """Global gradient-norm clipping (0 turns it off), then the optimizer step; returns the
+    norm before clipping."""
+    parameters = list(parameters)
+    norm = (torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm) if max_grad_norm > 0
+            else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters
+                                                       if p.grad is not None])))
+    optimizer.step()
+    return float(norm)
