@@ -85,7 +85,7 @@ def _deep(name: str, summary: str) -> Method:
 
 def _llm(name: str, summary: str, evaluate: str = "mlatlas.rl.llm.common:evaluate") -> Method:
     return Method(name, "rl/llm", summary, f"mlatlas.rl.llm.{name}", sample=None,
-                  evaluate=evaluate)
+                  evaluate=evaluate, sample_config="mlatlas.rl.llm.common:EvalOptions")
 
 
 def _diffusion(name: str, config: str, summary: str, module: str = DIFFUSION,

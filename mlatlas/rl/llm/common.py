@@ -249,9 +249,9 @@ def evaluate_policy(model: TinyLM, tokenizer: Tokenizer, task: Task, items: Sequ
     lengths = torch.cat([r.lengths for r in greedy]).float()
     metrics = {"accuracy": correct.mean().item(),
                "format": torch.cat([r.formatted for r in greedy]).mean().item(),
-               "length": lengths.mean().item(),
-               "length_correct": (lengths[correct > 0].mean().item() if correct.any()
-                                  else float("nan"))}
+               "length": lengths.mean().item()}
+    if correct.any():  # absent rather than NaN, which would stop a run
+        metrics["length_correct"] = lengths[correct > 0].mean().item()
     if reference is not None:
         kl = [sequence_kl(model, reference, r) for r in sampled]
         metrics["kl"] = torch.cat(kl).mean().item()
@@ -343,10 +343,22 @@ def start_metrics(run: Run, cfg: LLMConfig, s: Setup) -> None:
         run.write_summary({f"start_{k}": v for k, v in metrics.items()})
 
 
-def evaluate(run: Run, n: int = 500, seed: int = 0, progress: bool | None = None
-             ) -> dict[str, float]:
-    """``mlatlas eval RUN``: held-out accuracy, format rate, mean length and (for runs that
-    started from another policy) KL to that reference, on ``n`` test problems."""
+@dataclass
+class EvalOptions:
+    """Flags of ``mlatlas eval`` for language-model runs."""
+
+    problems: int = 500
+    """Held-out test problems to score."""
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 1, "problems")
+
+
+def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | None = None,
+             options: EvalOptions | None = None) -> dict[str, float]:
+    """``mlatlas eval RUN``: held-out greedy accuracy, format rate, mean length and (for runs
+    that started from another policy) KL to that reference, on ``options.problems`` test
+    problems drawn with ``seed``."""
     cfg = run.config
     if not (run.dir / LM_FILE).is_file():
         raise RunError(f"{run.dir} holds no language model")
@@ -358,6 +370,7 @@ def evaluate(run: Run, n: int = 500, seed: int = 0, progress: bool | None = None
         except ConfigError:
             reference = None  # the reference run was moved or deleted: report the rest
     task = get_task(cfg["task"])
+    n = (options or EvalOptions()).problems if n is None else n
     items = problems(task, "test", n, parse_difficulties(cfg["difficulty"], task), seed)
     return evaluate_policy(model.eval(), tokenizer, task, items, reference,
                            max_new_tokens=cfg.get("max_new_tokens", 24), seed=seed)
