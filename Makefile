@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install -q -c constraints.txt
 
 .PHONY: install dev demo test test-slow lint bench bench-diffusion bench-rl bench-contrastive \
-        test-openclip classifiers clean
+        bench-llm test-openclip classifiers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +74,11 @@ bench-contrastive: dev $(OPENCLIP)/.installed
 	$(BIN)/python benchmarks/siglip_vs_clip.py
 	$(BIN)/python benchmarks/contrastive_distributed.py
 	$(OPENCLIP)/bin/python benchmarks/contrastive_vs_open_clip.py
+
+# Language-model alignment against TRL (GRPOTrainer, DPOTrainer) from the same exported SFT
+# weights: seconds per step and held-out accuracy after equal steps.
+bench-llm: dev
+	$(BIN)/python benchmarks/llm_vs_trl.py
 
 classifiers: install
 	$(BIN)/mlatlas classifier digits mnist fashion-mnist
