@@ -36,7 +36,7 @@ from mlatlas.rl.llm.common import (
     token_logprobs,
     write_lm_files,
 )
-from mlatlas.rl.llm.model import LMConfig, TinyLM
+from mlatlas.rl.llm.model import LMConfig, TinyLM, count_parameters
 from mlatlas.rl.llm.tasks import (
     Problem,
     completion_rows,
@@ -120,6 +120,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
                                  n_kv_heads=cfg.n_kv_heads, hidden_dim=cfg.hidden_dim,
                                  max_seq_len=cfg.max_seq_len)).to(device)
     write_lm_files(run, policy, tokenizer)
+    run.write_summary({"parameters": count_parameters(policy)})
     reference = frozen_copy(policy) if cfg.init_from else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     def step_fn(step: int) -> dict[str, float]:
