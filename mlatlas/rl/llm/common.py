@@ -89,6 +89,8 @@ def policy_source(path: str | Path) -> str:
         if "model_type" in read_json(path / "config.json"):
             return "hf"
         if (path / LM_FILE).is_file() and Run.open(path).has_checkpoint():
+            if Run.open(path).method == "reward_model":
+                raise ConfigError(f"{path} is a reward model, not a policy")
             return "run"
     raise ConfigError(f"{path} is neither a language-model run with a checkpoint nor a "
                       "transformers Llama folder")

@@ -48,7 +48,7 @@ from mlatlas.rl.llm.tasks import (
 )
 from mlatlas.rl.llm.tokenizer import Tokenizer
 
-__all__ = ["Config", "sft_loss", "train"]
+__all__ = ["Config", "sft_loss", "solution_loss", "train"]
 
 
 @dataclass
@@ -95,6 +95,17 @@ def sft_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) ->
     return -(token_logprobs(logits, targets) * mask).sum() / mask.sum().clamp(min=1)
 
 
+def solution_loss(policy: TinyLM, tokenizer: Tokenizer, items: list[Problem]) -> torch.Tensor:
+    """L_SFT on the worked solutions of ``items``."""
+    device = policy.lm_head.weight.device
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, [p.prompt for p in items], device)
+    target_ids, target_mask = encode_completions(tokenizer, [p.solution for p in items], device)
+    P = prompt_ids.shape[1]
+    logits = policy(torch.cat([prompt_ids, target_ids], 1),
+                    torch.cat([prompt_mask, target_mask], 1))[:, P - 1:-1]
+    return sft_loss(logits, target_ids, target_mask)
+
+
 def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
     run = run or Run.create("sft", cfg)
     device = resolve_device(cfg.device)
@@ -126,13 +137,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     def step_fn(step: int) -> dict[str, float]:
         set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, max(1, cfg.steps // 20)))
         items = step_problems(train_items, cfg.batch_size, step_generator(cfg.seed, step))
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, [p.prompt for p in items], device)
-        target_ids, target_mask = encode_completions(tokenizer, [p.solution for p in items],
-                                                     device)
-        P = prompt_ids.shape[1]
-        logits = policy(torch.cat([prompt_ids, target_ids], 1),
-                        torch.cat([prompt_mask, target_mask], 1))[:, P - 1:-1]
-        loss = sft_loss(logits, target_ids, target_mask)
+        loss = solution_loss(policy, tokenizer, items)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip_and_step(optimizer, policy.parameters(), cfg.max_grad_norm)

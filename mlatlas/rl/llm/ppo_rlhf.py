@@ -1,0 +1,258 @@
+"""PPO-RLHF with the PPO-max choices (Ouyang et al. 2022; Zheng et al. 2023, "Secrets of RLHF in
+Large Language Models Part I: PPO").
+
+Each step samples completions y ~ pi_old(. | x) and scores them with the reward model r_phi (or,
+with ``--reward verifier``, the task's exact-match rule). PPO-max's choices, each a field:
+
+- reward normalisation and clipping: s = clip((r_phi(x, y) - mu) / sigma, -c, c), with mu and
+  sigma running statistics of every score seen (``RunningMeanStd``);
+- a token-level KL penalty to the SFT reference, so each token is an action with reward
+
+      r_t = -beta (log pi_old(y_t | .) - log pi_ref(y_t | .)) + 1[t = last] s;
+
+- GAE over the completion's tokens (gamma, lambda), advantages whitened over the batch;
+- a critic V_psi(x, y_<t) initialised from the reward model (its head read at every position)
+  and trained alone for ``critic_warmup`` steps before the policy moves;
+- the clipped surrogate with rho_t = pi_theta / pi_old,
+
+      L^CLIP = -E_t[ min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t) ],
+
+  a clipped value loss L^V = E_t[ max((V - R_t)^2, (V_old + clip(V - V_old, -eps_v, eps_v)
+  - R_t)^2) ] / 2 with returns R_t = A_t + V_old, global gradient-norm clipping, and an optional
+  pre-training term: ``ptx_coef`` times the SFT loss on the task's worked solutions (InstructGPT's
+  PPO-ptx), which holds the policy near the supervised data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mlatlas.core.config import ConfigError, require_at_least, require_unit
+from mlatlas.core.run import Run, fit
+from mlatlas.core.runtime import seed_everything
+from mlatlas.rl.llm.common import (
+    LLMConfig,
+    clip_and_step,
+    completion_logprobs,
+    finish,
+    masked_mean,
+    periodic_eval,
+    rollout,
+    setup,
+    start_metrics,
+    step_generator,
+    step_problems,
+)
+from mlatlas.rl.llm.reward_model import RewardModel, load_reward_model
+from mlatlas.rl.llm.sft import solution_loss
+from mlatlas.rl.returns import gae
+
+__all__ = ["Config", "RunningMeanStd", "clipped_value_loss", "ppo_policy_loss",
+           "token_rewards", "train"]
+
+
+@dataclass
+class Config(LLMConfig):
+    steps: int = 100
+    lr: float = 2e-5
+    reward: str = "model"
+    """'model' (the reward model of --reward-model) or 'verifier' (the task's exact match)."""
+    reward_model: str = ""
+    """A reward_model run: the reward, and the critic's starting point."""
+    prompts_per_step: int = 64
+    """Prompts sampled per step (one completion each)."""
+    ppo_epochs: int = 2
+    """Passes over each rollout."""
+    minibatch_size: int = 32
+    """Completions per gradient step."""
+    clip_eps: float = 0.2
+    """Policy ratio clip epsilon."""
+    value_clip: float = 0.2
+    """Critic clip eps_v around its old prediction; 0 turns value clipping off."""
+    beta: float = 0.05
+    """Token-level KL penalty weight to the SFT reference."""
+    gamma: float = 1.0
+    """Discount over tokens."""
+    lam: float = 0.95
+    """GAE lambda."""
+    reward_clip: float = 5.0
+    """Clip of the normalised score, c; 0 turns normalisation and clipping off."""
+    critic_lr: float = 5e-5
+    """Adam learning rate of the critic."""
+    critic_warmup: int = 5
+    """Steps that train the critic alone before the policy is updated."""
+    ptx_coef: float = 0.0
+    """Weight of the pre-training (SFT) loss on worked solutions mixed into the policy loss."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_at_least(self, 1, "prompts_per_step", "ppo_epochs", "minibatch_size")
+        require_unit(self, "gamma", "lam")
+        if self.reward not in ("model", "verifier"):
+            raise ConfigError(f"--reward must be model or verifier, got {self.reward!r}")
+        if min(self.clip_eps, self.value_clip, self.beta, self.reward_clip, self.ptx_coef,
+               self.critic_warmup) < 0:
+            raise ConfigError("clip ranges, --beta, --reward-clip, --ptx-coef and "
+                              "--critic-warmup must be >= 0")
+
+    def check_data(self) -> None:
+        super().check_data()
+        if self.reward == "model":
+            if not self.reward_model:
+                raise ConfigError("ppo_rlhf --reward model needs --reward-model RUN_DIR (a "
+                                  "reward_model run), or use --reward verifier")
+            load_reward_model(self.reward_model)
+
+
+class RunningMeanStd:
+    """Mean and variance of every value seen, merged batch by batch (Chan et al. 1979); the
+    state is a dict of tensors so a checkpoint carries it."""
+
+    def __init__(self):
+        self.state = {"count": torch.zeros(()), "mean": torch.zeros(()), "var": torch.ones(())}
+
+    def update(self, x: torch.Tensor) -> None:
+        n, mean, var = x.numel(), x.mean(), x.var(unbiased=False)
+        count, old_mean, old_var = (self.state[k] for k in ("count", "mean", "var"))
+        total = count + n
+        delta = mean - old_mean
+        self.state["mean"] = old_mean + delta * n / total
+        self.state["var"] = (old_var * count + var * n + delta**2 * count * n / total) / total
+        self.state["count"] = total
+
+    def normalise(self, x: torch.Tensor, clip: float) -> torch.Tensor:
+        return ((x - self.state["mean"]) / (self.state["var"].sqrt() + 1e-8)).clamp(-clip, clip)
+
+
+def token_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
+                  mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """(B, L) per-token rewards: -beta (log pi - log pi_ref) on every real token, plus the
+    sequence score (B,) on its last real token."""
+    rewards = -beta * (logp - ref_logp) * mask
+    last = (mask.long() * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
+    return rewards.scatter_add(1, last[:, None], score[:, None].to(rewards.dtype))
+
+
+def token_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                     gamma: float, lam: float) -> torch.Tensor:
+    """GAE over each completion's tokens, (B, L); the sequence ends after its last real token."""
+    mask = mask.to(rewards.dtype)
+    next_mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1)
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1) * next_mask
+    end = mask * (1 - next_mask)
+    advantages = gae(*(t.T for t in (rewards * mask, values * mask, next_values, end, end)),
+                     gamma, lam).T
+    return advantages * mask
+
+
+def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L^CLIP averaged over real tokens, fraction of tokens clipped)."""
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.min(ratio * advantages,
+                          ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
+    clipped = ((ratio - 1).abs() > clip_eps).float()
+    return -masked_mean(surrogate, mask), masked_mean(clipped, mask)
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       mask: torch.Tensor, value_clip: float) -> torch.Tensor:
+    """E_t[max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)] / 2 over real tokens;
+    eps_v = 0 is the plain squared error."""
+    loss = (values - returns) ** 2
+    if value_clip > 0:
+        clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
+        loss = torch.max(loss, (clipped - returns) ** 2)
+    return 0.5 * masked_mean(loss, mask)
+
+
+def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
+    cfg.check_data()
+    run = run or Run.create("ppo_rlhf", cfg)
+    seed_everything(cfg.seed)
+    s = setup(cfg, run)
+    if cfg.reward == "model":
+        reward_model, rm_tokenizer = load_reward_model(cfg.reward_model, s.device)
+        if rm_tokenizer.backend.to_str() != s.tokenizer.backend.to_str():
+            raise ConfigError(f"{cfg.reward_model} uses another tokenizer than {cfg.init_from}")
+        reward_model.eval().requires_grad_(False)
+        critic = RewardModel(reward_model.cfg).to(s.device)
+        critic.load_state_dict(reward_model.state_dict())
+    else:
+        reward_model, critic = None, RewardModel.from_policy(s.policy)
+    start_metrics(run, cfg, s)
+    policy_optimizer = torch.optim.Adam(s.policy.parameters(), lr=cfg.lr)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr)
+    score_stats = RunningMeanStd()
+
+    def critic_values(ids, mask, P):
+        # V(x, y_<t) is read where the logits for y_t are: the position before the token.
+        return critic.values(ids, mask)[:, P - 1:-1]
+
+    def step_fn(step: int) -> dict[str, float]:
+        generator = step_generator(cfg.seed, step)
+        items = step_problems(s.train_items, cfg.prompts_per_step, generator)
+        batch = rollout(s.policy, s.tokenizer, s.task, items, max_new_tokens=cfg.max_new_tokens,
+                        temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
+        P = batch.prompt_ids.shape[1]
+        ids = torch.cat([batch.prompt_ids, batch.completion_ids], 1)
+        mask = torch.cat([batch.prompt_mask, batch.completion_mask], 1)
+        c_mask = batch.completion_mask.float()
+        args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+        with torch.no_grad():
+            old_logp = completion_logprobs(s.policy, *args)
+            ref_logp = completion_logprobs(s.reference, *args)
+            old_values = critic_values(ids, mask, P) * c_mask
+            raw_score = reward_model(ids, mask) if reward_model is not None else batch.correct
+            if cfg.reward_clip > 0:
+                score_stats.update(raw_score)
+                score = score_stats.normalise(raw_score, cfg.reward_clip)
+            else:
+                score = raw_score
+            rewards = token_rewards(score, old_logp, ref_logp, c_mask, cfg.beta)
+            advantages = token_advantages(rewards, old_values, c_mask, cfg.gamma, cfg.lam)
+            returns = advantages + old_values
+            mean, std = masked_mean(advantages, c_mask), masked_mean(
+                (advantages - masked_mean(advantages, c_mask)) ** 2, c_mask).sqrt()
+            advantages = (advantages - mean) / (std + 1e-8) * c_mask
+        update_policy = step > cfg.critic_warmup
+        stats = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0}
+        updates = 0
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(len(items), generator=generator)
+            for idx in order.split(cfg.minibatch_size):
+                values = critic_values(ids[idx], mask[idx], P)
+                value_loss = clipped_value_loss(values, old_values[idx], returns[idx],
+                                                c_mask[idx], cfg.value_clip)
+                critic_optimizer.zero_grad(set_to_none=True)
+                value_loss.backward()
+                clip_and_step(critic_optimizer, critic.parameters(), cfg.max_grad_norm)
+                stats["value_loss"] += value_loss.item()
+                if update_policy:
+                    logp = completion_logprobs(s.policy, *(t[idx] for t in args))
+                    loss, clip_fraction = ppo_policy_loss(logp, old_logp[idx], advantages[idx],
+                                                          c_mask[idx], cfg.clip_eps)
+                    stats["policy_loss"] += loss.item()
+                    stats["clip_fraction"] += clip_fraction.item()
+                    if cfg.ptx_coef > 0:
+                        loss = loss + cfg.ptx_coef * solution_loss(
+                            s.policy, s.tokenizer, step_problems(s.train_items, len(idx),
+                                                                 generator))
+                    policy_optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    clip_and_step(policy_optimizer, s.policy.parameters(), cfg.max_grad_norm)
+                updates += 1
+        kl = ((old_logp - ref_logp) * c_mask).sum(-1).mean()
+        return {"reward": raw_score.float().mean().item(), "correct": batch.correct.mean().item(),
+                "kl": kl.item(), "length": batch.lengths.float().mean().item(),
+                **{k: v / updates for k, v in stats.items()},
+                **periodic_eval(cfg, s, step)}
+
+    fit(run, step_fn, total_steps=cfg.steps,
+        objects={"policy": s.policy, "critic": critic, "policy_optimizer": policy_optimizer,
+                 "critic_optimizer": critic_optimizer, "score_stats": score_stats.state},
+        log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
+    finish(run, cfg, s)
+    return run
