@@ -235,21 +235,22 @@ def evaluate_policy(model: TinyLM, tokenizer: Tokenizer, task: Task, items: Sequ
                     reference: TinyLM | None = None, *, max_new_tokens: int = 24,
                     batch_size: int = 256, seed: int = 0) -> dict[str, float]:
     """Greedy accuracy, format rate and mean completion length (tokens, with <eos>) on
-    ``items``; with a reference also KL(pi || pi_ref) per completion, estimated on sampled
-    completions (temperature 1) as the mean of sum_t log pi(y_t|.) - log pi_ref(y_t|.)."""
+    ``items``, and ``sampled_accuracy``: the accuracy of one completion sampled at temperature 1
+    per problem (pass@1 of the sampling policy, which RL sharpens even where the greedy answer
+    is already right or hopeless). With a reference also KL(pi || pi_ref) per completion,
+    estimated on those samples as the mean of sum_t log pi(y_t|.) - log pi_ref(y_t|.)."""
     greedy, sampled = [], []
     generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         greedy.append(rollout(model, tokenizer, task, chunk, max_new_tokens=max_new_tokens,
                               temperature=0.0))
-        if reference is not None:
-            sampled.append(rollout(model, tokenizer, task, chunk,
-                                   max_new_tokens=max_new_tokens, temperature=1.0,
-                                   generator=generator))
+        sampled.append(rollout(model, tokenizer, task, chunk, max_new_tokens=max_new_tokens,
+                               temperature=1.0, generator=generator))
     correct = torch.cat([r.correct for r in greedy])
     lengths = torch.cat([r.lengths for r in greedy]).float()
     metrics = {"accuracy": correct.mean().item(),
+               "sampled_accuracy": torch.cat([r.correct for r in sampled]).mean().item(),
                "format": torch.cat([r.formatted for r in greedy]).mean().item(),
                "length": lengths.mean().item()}
     if correct.any():  # absent rather than NaN, which would stop a run

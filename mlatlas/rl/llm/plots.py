@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 PANELS = (("reward", "mean reward of rollouts"), ("accuracy", "held-out greedy accuracy"),
+          ("sampled_accuracy", "held-out sampled accuracy (T = 1)"),
           ("kl", "KL(pi || pi_ref) per completion"), ("length", "mean completion tokens"),
           ("loss", "loss"))
 

@@ -55,17 +55,17 @@ __all__ = ["Config", "RunningMeanStd", "clipped_value_loss", "ppo_policy_loss",
 
 @dataclass
 class Config(LLMConfig):
-    steps: int = 100
-    lr: float = 2e-5
+    steps: int = 60
+    lr: float = 5e-5
     reward: str = "model"
     """'model' (the reward model of --reward-model) or 'verifier' (the task's exact match)."""
     reward_model: str = ""
     """A reward_model run: the reward, and the critic's starting point."""
-    prompts_per_step: int = 64
+    prompts_per_step: int = 256
     """Prompts sampled per step (one completion each)."""
     ppo_epochs: int = 2
     """Passes over each rollout."""
-    minibatch_size: int = 32
+    minibatch_size: int = 64
     """Completions per gradient step."""
     clip_eps: float = 0.2
     """Policy ratio clip epsilon."""

@@ -96,7 +96,7 @@ def pair_rewards(model: RewardModel, tokenizer: Tokenizer, rows: list[dict[str, 
 @dataclass
 class Config(LLMConfig):
     steps: int = 300
-    lr: float = 1e-4
+    lr: float = 1e-3
     batch_size: int = 32
     """Preference pairs per step."""
     pair_prompts: int = 1500
