@@ -94,3 +94,29 @@ def test_readme_contrastive_tour(runs):
         else:
             argv = [argv[0], str(run_dir_of(runs, argv[1])), *argv[2:], "--no-progress"]
         assert main(argv) == 0, argv
+
+
+TINY_LM = ["--dim", "32", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "2",
+           "--hidden-dim", "64"]
+
+
+def test_readme_llm_tour(runs, capsys):
+    """The language-model tour with tiny budgets: every command parses and runs, each method
+    starting from the SFT run made first."""
+    commands = tour_commands("mlatlas train grpo")
+    assert [a[1] for a in commands if a[0] == "train"][0] == "sft"
+    for argv in commands:
+        for flag in ("--init-from", "--reward-model"):
+            if flag in argv:
+                at = argv.index(flag) + 1
+                argv[at] = str(run_dir_of(runs, argv[at]))
+        if argv[0] == "train":
+            tiny = [*TINY_LM] if argv[1] == "sft" else []
+            argv = [*argv, "--steps", "2", "--eval-n", "8", "--log-every", "1", "--eval-every",
+                    "1", *tiny, "--out", str(runs), "--no-progress"]
+        else:
+            # Two GRPO runs were made (GRPO and Dr. GRPO): score the first.
+            method = Path(argv[1]).name.rsplit("-", 2)[0]
+            first = sorted(runs.glob(f"{method}-*"))[0]
+            argv = [argv[0], str(first), "--problems", "8", "--no-progress"]
+        assert main(argv) == 0, argv
