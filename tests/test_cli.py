@@ -25,7 +25,7 @@ def test_list(capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["trian"], "unknown command 'trian'; did you mean train?"),
-    (["train", "dpm"], "unknown method 'dpm'; did you mean ddpm or edm or ddpg?"),
+    (["train", "dpm"], "unknown method 'dpm'; did you mean ddpm or edm or dpo?"),
     (["train", "ddpm", "--dataset", "8gausians"], "did you mean 8gaussians?"),
     (["train", "ddpm", "--stepz", "3"], "unrecognised argument '--stepz'; did you mean --steps"),
     (["train", "ddpm", "--steps", "abc"], "invalid int value: 'abc'"),
