@@ -130,40 +130,31 @@ def frozen_copy(model: TinyLM) -> TinyLM:
 
 # batches ------------------------------------------------------------------------------------
 
-def pad_left(rows: Sequence[Sequence[int]], pad_id: int, device=None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool, device=None
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), each (len(rows), longest row), the rows flush right (``left`` padding, for
+    prompts that generation continues) or flush left (for completions)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.tensor(row)
-            mask[i, width - len(row):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def pad_right(rows: Sequence[Sequence[int]], pad_id: int, device=None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, :len(row)] = 1
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
     return ids.to(device), mask.to(device)
 
 
 def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str], device=None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ``<bos> prompt`` rows: (ids, mask), each (B, P)."""
-    return pad_left(tokenizer.encode_batch(list(prompts), bos=True), tokenizer.pad_id, device)
+    return pad(tokenizer.encode_batch(list(prompts), bos=True), tokenizer.pad_id, True, device)
 
 
 def encode_completions(tokenizer: Tokenizer, completions: Sequence[str], device=None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``completion <eos>`` rows: (ids, mask), each (B, L)."""
     rows = [r + [tokenizer.eos_id] for r in tokenizer.encode_batch(list(completions))]
-    return pad_right(rows, tokenizer.pad_id, device)
+    return pad(rows, tokenizer.pad_id, False, device)
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
