@@ -131,7 +131,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
                                  n_kv_heads=cfg.n_kv_heads, hidden_dim=cfg.hidden_dim,
                                  max_seq_len=cfg.max_seq_len)).to(device)
     write_lm_files(run, policy, tokenizer)
-    run.write_summary({"parameters": count_parameters(policy)})
+    run.write_summary({"parameters": count_parameters(policy), "tokenizer": tokenizer.describe()})
     reference = frozen_copy(policy) if cfg.init_from else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     def step_fn(step: int) -> dict[str, float]:
