@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from mlatlas.core.nn import TimeMLP, UNet
 from mlatlas.generative.diffusion.ddpm import Schedule, ancestral_sample, q_sample
+from mlatlas.nn.unet import TimeMLP, UNet
 
 try:
     from diffusers import DDPMScheduler

@@ -57,7 +57,7 @@ import torch
 from mlatlas.core.io import read_json
 from mlatlas.core.run import Run
 from mlatlas.core.runtime import set_threads
-from mlatlas.rl.llm.common import (
+from mlatlas.llm.common import (
     evaluate_policy,
     load_policy,
     policy_source,
@@ -65,8 +65,8 @@ from mlatlas.rl.llm.common import (
     step_generator,
     step_problems,
 )
-from mlatlas.rl.llm.model import TinyLM
-from mlatlas.rl.llm.tasks import (
+from mlatlas.llm.model import TinyLM
+from mlatlas.llm.tasks import (
     Problem,
     get_task,
     parse_difficulties,
@@ -96,7 +96,7 @@ def fill_defaults(args: argparse.Namespace) -> None:
 
     for name, (method, field) in DEFAULTS_FROM.items():
         if getattr(args, name) is None:
-            config = importlib.import_module(f"mlatlas.rl.llm.{method}").Config
+            config = importlib.import_module(f"mlatlas.llm.{method}").Config
             setattr(args, name, config.__dataclass_fields__[field].default)
 
 
@@ -155,7 +155,7 @@ def start_policy(args, out: Path) -> tuple[str, Path]:
         if not (hf_dir / "config.json").is_file():
             sys.exit(f"{init} has no hf/ export for TRL to load")
         return str(init), hf_dir
-    from mlatlas.rl.llm import sft
+    from mlatlas.llm import sft
 
     cfg = sft.Config(task=args.task, difficulty=args.difficulty, steps=args.sft_steps,
                      seed=args.seed, eval_every=args.sft_steps, log_every=args.sft_steps,
@@ -219,7 +219,7 @@ def trl_common(args, out_dir: Path, steps: int, lr: float, warmup: int) -> dict:
 # GRPO --------------------------------------------------------------------------------------------
 
 def grpo_ours(args, init: str, out: Path) -> tuple[Run, list[float]]:
-    from mlatlas.rl.llm import grpo
+    from mlatlas.llm import grpo
 
     cfg = grpo.Config(init_from=init, task=args.task, difficulty=args.difficulty,
                       seed=args.seed, steps=args.grpo_steps, lr=args.grpo_lr,
@@ -279,7 +279,7 @@ def build_pairs(args, init: str, task, train_items: list[Problem], path: Path) -
 
 
 def dpo_ours(args, init: str, pairs: Path, out: Path) -> tuple[Run, list[float]]:
-    from mlatlas.rl.llm import dpo
+    from mlatlas.llm import dpo
 
     cfg = dpo.Config(init_from=init, task=args.task, difficulty=args.difficulty,
                      seed=args.seed, steps=args.dpo_steps, lr=args.dpo_lr, beta=args.dpo_beta,

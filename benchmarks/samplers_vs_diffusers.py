@@ -41,11 +41,11 @@ from collections.abc import Callable
 
 import torch
 
-from mlatlas.core.nn import UNet
 from mlatlas.generative.diffusion import edm, samplers
 from mlatlas.generative.diffusion.ddpm import Schedule
 from mlatlas.generative.diffusion.framework import VP, Preconditioned
 from mlatlas.generative.flow_matching.flow_matching import FlowMatching, fm_euler
+from mlatlas.nn.unet import UNet
 
 try:
     import diffusers

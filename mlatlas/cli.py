@@ -34,9 +34,6 @@ from mlatlas.core.config import (
 
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 COMMANDS = ("list", "train", "sample", "eval", "demo", "classifier")
-# Fields a resumed run may change: they do not alter the trajectory of the parameters.
-RESUMABLE_OVERRIDES = {"steps", "device", "log_every", "ckpt_every", "eval_samples",
-                       "eval_episodes", "target_return"}
 
 
 class UsageError(Exception):
@@ -126,11 +123,11 @@ def cmd_train(argv: list[str]) -> int:
     _set_threads(args.threads)
     if resume is not None:
         changed = {k for k, v in overrides.items() if resume.config.get(k) != v}
-        if changed - RESUMABLE_OVERRIDES:
-            name = sorted(changed - RESUMABLE_OVERRIDES)[0]
+        if changed - cls.RESUMABLE:
+            name = sorted(changed - cls.RESUMABLE)[0]
             raise UsageError(f"--{flag(name)} cannot change when resuming (the run "
                              f"used {resume.config[name]!r}); only "
-                             f"{', '.join(sorted(RESUMABLE_OVERRIDES))} can")
+                             f"{', '.join(sorted(cls.RESUMABLE))} can")
         cfg = config_from_dict(cls, {**resume.config, **overrides})
         done = resume.checkpoint_step()
         if done is not None and cfg.steps < done:
@@ -140,22 +137,12 @@ def cmd_train(argv: list[str]) -> int:
         resume.write_config()
         run = resume
     else:
-        # RL configs put their environment's tuned defaults under the flags given.
-        cfg = getattr(cls, "create", cls)(**overrides)
+        cfg = cls.create(**overrides)
         # Check the device and data before a run folder is made, so a typo leaves nothing.
         from mlatlas.core.runtime import resolve_device
 
         resolve_device(cfg.device)
-        if hasattr(cfg, "check_data"):
-            cfg.check_data()
-        elif hasattr(cfg, "dataset"):
-            from mlatlas.data import load_dataset
-
-            load_dataset(cfg.dataset)
-        if hasattr(cfg, "env"):
-            from mlatlas.rl.deep.common import check_env_id
-
-            check_env_id(cfg.env)
+        cfg.check_data()
         run = Run.create(method.name, cfg, root=args.out)
     print(f"run folder: {run.dir}", file=sys.stderr)
     try:

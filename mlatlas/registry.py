@@ -83,9 +83,9 @@ def _deep(name: str, summary: str) -> Method:
                   evaluate=f"{DEEP_RL}:evaluate", sample_config=f"{DEEP_RL}:EvalOptions")
 
 
-def _llm(name: str, summary: str, evaluate: str = "mlatlas.rl.llm.common:evaluate") -> Method:
-    return Method(name, "rl/llm", summary, f"mlatlas.rl.llm.{name}", sample=None,
-                  evaluate=evaluate, sample_config="mlatlas.rl.llm.common:EvalOptions")
+def _llm(name: str, summary: str, evaluate: str = "mlatlas.llm.common:evaluate") -> Method:
+    return Method(name, "llm", summary, f"mlatlas.llm.{name}", sample=None,
+                  evaluate=evaluate, sample_config="mlatlas.llm.common:EvalOptions")
 
 
 def _diffusion(name: str, config: str, summary: str, module: str = DIFFUSION,

@@ -26,7 +26,7 @@ def sft_run(tmp_path_factory):
     """One SFT run on addition with the defaults (~70 s), shared by the language-model tests
     that start from a supervised policy."""
     from mlatlas.core.run import Run
-    from mlatlas.rl.llm import sft
+    from mlatlas.llm import sft
 
     cfg = sft.Config()
     return sft.train(cfg, Run.create("sft", cfg, root=tmp_path_factory.mktemp("sft")),

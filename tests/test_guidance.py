@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from mlatlas.core.io import CheckpointError, save_tensors
-from mlatlas.core.nn import TimeMLP
 from mlatlas.data import load_dataset
 from mlatlas.generative.diffusion.guidance import (
     NoisyClassifier,
@@ -24,6 +23,7 @@ from mlatlas.generative.diffusion.guidance import (
     save_noisy_classifier,
     train_noisy_classifier,
 )
+from mlatlas.nn.unet import TimeMLP
 
 
 def conditional_net():

@@ -12,7 +12,7 @@ from crashes import assert_same_checkpoints, crash_at, drop_wall
 from mlatlas.cli import main
 from mlatlas.core.config import ConfigError
 from mlatlas.core.run import Run
-from mlatlas.rl.llm import grpo, sft
+from mlatlas.llm import grpo, sft
 
 SFT_TINY = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=64, batch_size=16,
                 difficulty="1", eval_n=10, log_every=2, eval_every=2, ckpt_every=2, steps=2)

@@ -10,8 +10,8 @@ from crashes import assert_same_checkpoints, crash_at, drop_wall
 
 from mlatlas.core.config import ConfigError
 from mlatlas.core.run import Run
-from mlatlas.rl.llm import kimi, sft
-from mlatlas.rl.llm.tasks import get_task, problems, write_jsonl
+from mlatlas.llm import kimi, sft
+from mlatlas.llm.tasks import get_task, problems, write_jsonl
 
 TINY_SFT = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=64, batch_size=16,
                 difficulty="1-2", eval_n=20, log_every=2, eval_every=4, ckpt_every=4, lr=3e-3,

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from mlatlas.core.config import ConfigError
-from mlatlas.rl.llm.common import (
+from mlatlas.llm.common import (
     completion_logprobs,
     encode_completions,
     encode_prompts,
     token_logprobs,
 )
-from mlatlas.rl.llm.model import (
+from mlatlas.llm.model import (
     LMConfig,
     TinyLM,
     generate,
@@ -19,7 +19,7 @@ from mlatlas.rl.llm.model import (
     sample_token,
     save_pretrained,
 )
-from mlatlas.rl.llm.tokenizer import Tokenizer
+from mlatlas.llm.tokenizer import Tokenizer
 
 TEXTS = ["12+34=46", "7+8=15", "3 5 7>22:3*5+7", "9-4=5"]
 

@@ -10,7 +10,7 @@ from crashes import assert_same_checkpoints, drop_wall
 from mlatlas.cli import main
 from mlatlas.core.config import ConfigError
 from mlatlas.core.run import Run
-from mlatlas.rl.llm import ppo_rlhf, reward_model, sft
+from mlatlas.llm import ppo_rlhf, reward_model, sft
 from mlatlas.rl.returns import discounted_returns
 
 TINY_SFT = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=64, batch_size=16,

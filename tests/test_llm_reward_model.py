@@ -10,8 +10,8 @@ from crashes import assert_same_checkpoints, crash_at, drop_wall
 from mlatlas.cli import main
 from mlatlas.core.config import ConfigError
 from mlatlas.core.run import Run
-from mlatlas.rl.llm import reward_model, sft
-from mlatlas.rl.llm.model import LMConfig
+from mlatlas.llm import reward_model, sft
+from mlatlas.llm.model import LMConfig
 
 TINY_SFT = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=64, batch_size=16,
                 difficulty="1", eval_n=16, log_every=2, eval_every=4, ckpt_every=4, lr=3e-3)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mlatlas.core.config import ConfigError
-from mlatlas.rl.llm.common import preference_pairs
-from mlatlas.rl.llm.model import LMConfig, TinyLM
-from mlatlas.rl.llm.tasks import (
+from mlatlas.llm.common import preference_pairs
+from mlatlas.llm.model import LMConfig, TinyLM
+from mlatlas.llm.tasks import (
     TASKS,
     Problem,
     completion_rows,
@@ -19,7 +19,7 @@ from mlatlas.rl.llm.tasks import (
     read_jsonl,
     write_jsonl,
 )
-from mlatlas.rl.llm.tokenizer import Tokenizer
+from mlatlas.llm.tokenizer import Tokenizer
 
 
 @pytest.mark.parametrize("name", list(TASKS))

@@ -15,15 +15,15 @@ import copy
 import pytest
 import torch
 
-from mlatlas.rl.llm.common import (
+from mlatlas.llm.common import (
     completion_logprobs,
     encode_completions,
     encode_prompts,
     masked_mean,
 )
-from mlatlas.rl.llm.model import LMConfig, TinyLM, save_pretrained
-from mlatlas.rl.llm.tasks import get_task, problems
-from mlatlas.rl.llm.tokenizer import Tokenizer
+from mlatlas.llm.model import LMConfig, TinyLM, save_pretrained
+from mlatlas.llm.tasks import get_task, problems
+from mlatlas.llm.tokenizer import Tokenizer
 
 trl = pytest.importorskip("trl")
 transformers = pytest.importorskip("transformers")
@@ -77,7 +77,7 @@ def pair_rows(items):
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_dpo_loss_matches_trl_dpo_trainer(exported, tmp_path, loss_type):
-    from mlatlas.rl.llm.dpo import dpo_loss
+    from mlatlas.llm.dpo import dpo_loss
 
     rows, beta = pair_rows(exported["items"]), 0.3
     args = trl.DPOConfig(output_dir=str(tmp_path), beta=beta, loss_type=[loss_type],
@@ -119,7 +119,7 @@ GRPO_LOSS_TYPES = {"grpo": "grpo", "token": "bnpo", "dr_grpo": "dr_grpo"}
 
 @pytest.mark.parametrize("loss_type", list(GRPO_LOSS_TYPES))
 def test_grpo_loss_and_gradient_match_trl_grpo_trainer(exported, tmp_path, loss_type):
-    from mlatlas.rl.llm.grpo import grpo_loss
+    from mlatlas.llm.grpo import grpo_loss
 
     tokenizer, items = exported["tokenizer"], exported["items"][:4]
     beta, eps, max_tokens = 0.04, 0.2, 9
@@ -170,7 +170,7 @@ def test_grpo_loss_and_gradient_match_trl_grpo_trainer(exported, tmp_path, loss_
 def test_group_advantages_match_trl_normalisation():
     from trl.trainer.utils import nanstd
 
-    from mlatlas.rl.llm.grpo import group_advantages
+    from mlatlas.llm.grpo import group_advantages
 
     rewards = torch.tensor([[1.1, 0.1, 0.0, 1.1], [0.1, 0.1, 0.1, 0.1], [1.0, 0.0, 0.0, 0.0]])
     mean = torch.nanmean(rewards, dim=1, keepdim=True)

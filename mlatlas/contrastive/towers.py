@@ -33,7 +33,7 @@ from mlatlas.contrastive.losses import (
     siglip_loss_chunked,
 )
 from mlatlas.contrastive.transformer import Transformer
-from mlatlas.core.nn import norm_groups
+from mlatlas.nn.unet import norm_groups
 
 
 def _check_images(images: torch.Tensor, channels: int) -> None:

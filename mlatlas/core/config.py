@@ -15,7 +15,7 @@ import functools
 import inspect
 import textwrap
 import typing
-from typing import Any
+from typing import Any, ClassVar
 
 
 class ConfigError(ValueError):
@@ -30,7 +30,19 @@ def closest(name: str, choices: typing.Iterable[str]) -> str:
 
 @dataclasses.dataclass
 class BaseConfig:
-    """Fields shared by every trainable method."""
+    """Fields shared by every trainable method, and the checks every config runs.
+
+    A method's ``Config`` extends this class directly or through one family base at most. It
+    names its method in ``METHOD`` (the run folder's prefix, recorded in ``config.json``),
+    declares choice fields as ``Literal[...]`` (checked here, for the command line and for
+    Python callers alike), and puts checks that relate fields in :meth:`check`, checks that
+    read data or environments in :meth:`check_data`. ``RESUMABLE`` names the fields a resumed
+    run may change because they do not alter the trajectory of the parameters.
+    """
+
+    METHOD: ClassVar[str] = ""
+    RESUMABLE: ClassVar[frozenset[str]] = frozenset({"steps", "device", "log_every",
+                                                     "ckpt_every"})
 
     seed: int = 0
     """Seed for initialisation, batch order and noise; the same seed gives the same run on CPU."""
@@ -47,6 +59,30 @@ class BaseConfig:
         for name in ("steps", "log_every", "ckpt_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
+        for field in dataclasses.fields(self):
+            kind = _field_type(type(self), field)
+            if typing.get_origin(kind) is typing.Literal:
+                choices = typing.get_args(kind)
+                value = getattr(self, field.name)
+                if value not in choices:
+                    raise ConfigError(
+                        f"--{flag(field.name)} must be one of {', '.join(map(str, choices))}, "
+                        f"got {value!r}{closest(str(value), map(str, choices))}")
+        self.check()
+
+    def check(self) -> None:
+        """Raise ConfigError for values that are wrong together (override, calling super)."""
+
+    def check_data(self) -> None:
+        """Raise ConfigError or DatasetError if the data or environment named cannot be used.
+
+        The command line calls it before it makes a run folder, so a typo leaves nothing.
+        """
+
+    @classmethod
+    def create(cls, **overrides: Any) -> BaseConfig:
+        """The config for these command-line values (a family may fill in tuned defaults)."""
+        return cls(**overrides)
 
 
 def flag(name: str) -> str:
@@ -94,8 +130,13 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def _field_type(cls: type, field: dataclasses.Field) -> Any:
-    return typing.get_type_hints(cls)[field.name]
+    return _type_hints(cls)[field.name]
 
 
 def add_config_arguments(parser, cls: type, *, suppress_defaults: bool = False) -> None:

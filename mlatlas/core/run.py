@@ -75,6 +75,8 @@ class Run:
     dir: Path
     method: str
     config: dict[str, Any]
+    config_class: str | None = None
+    """``module:Class`` of the config, so a run folder names the code that reads it."""
     _rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
     _columns: list[str] = field(default_factory=list, repr=False)
 
@@ -92,7 +94,8 @@ class Run:
             except FileExistsError:
                 suffix += 1
                 directory = root / f"{method}-{stamp}-{suffix}"
-        run = cls(directory, method, config_to_dict(config))
+        run = cls(directory, method, config_to_dict(config),
+                  config_class=f"{type(config).__module__}:{type(config).__qualname__}")
         run.write_config()
         return run
 
@@ -102,7 +105,7 @@ class Run:
         if not (directory / "config.json").is_file():
             raise RunError(f"{directory} is not a run folder (no config.json)")
         meta = read_json(directory / "config.json")
-        run = cls(directory, meta["method"], meta["config"])
+        run = cls(directory, meta["method"], meta["config"], meta.get("config_class"))
         run._rows = run.read_metrics()
         return run
 
@@ -112,7 +115,9 @@ class Run:
     def write_config(self) -> None:
         import mlatlas
 
-        write_json(self.path("config.json"), {"method": self.method, "config": self.config,
+        write_json(self.path("config.json"), {"method": self.method,
+                                              "config_class": self.config_class,
+                                              "config": self.config,
                                               "mlatlas_version": mlatlas.__version__})
 
     # metrics -----------------------------------------------------------------------------------

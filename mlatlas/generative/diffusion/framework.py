@@ -35,7 +35,6 @@ import torch
 from torch import nn
 
 from mlatlas.core.config import BaseConfig, ConfigError, config_from_dict, flag, require_unit
-from mlatlas.core.nn import TimeMLP, UNet
 from mlatlas.core.plots import metric_curves, samples_figure
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
@@ -54,6 +53,7 @@ from mlatlas.generative.diffusion.guidance import (
 )
 from mlatlas.generative.diffusion.parameterization import from_x0_eps, to_x0_eps
 from mlatlas.generative.diffusion.samplers import SAMPLERS, Callback, Denoiser, function_evaluations
+from mlatlas.nn.unet import TimeMLP, UNet
 
 # A network call with labels bound or guided: net(x, t) -> output shaped like x.
 Network = Any
@@ -246,6 +246,7 @@ class DiffusionConfig(BaseConfig):
     """Fields shared by every diffusion and flow-matching model."""
 
     METHOD: ClassVar[str] = ""
+    RESUMABLE: ClassVar[frozenset[str]] = BaseConfig.RESUMABLE | {"eval_samples"}
 
     dataset: str = "digits"
     """Training data: a name from `mlatlas list` or a path to an image folder or .npy file."""
@@ -292,6 +293,11 @@ class DiffusionConfig(BaseConfig):
                               "cannot be negative")
         require_unit(self, "label_dropout")
         self.check_sampler(self.sampler)
+
+    def check_data(self) -> None:
+        from mlatlas.data import load_dataset
+
+        load_dataset(self.dataset)
 
     def formulation(self) -> Formulation:
         raise NotImplementedError

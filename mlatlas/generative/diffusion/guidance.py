@@ -55,10 +55,10 @@ import torch
 from torch import nn
 
 from mlatlas.core.io import CheckpointError, load_tensors, read_metadata, save_tensors
-from mlatlas.core.nn import ResBlock, timestep_embedding
 from mlatlas.core.progress import progress_bar
 from mlatlas.data import Dataset, EpochBatches
 from mlatlas.generative.diffusion import edm
+from mlatlas.nn.unet import ResBlock, timestep_embedding
 
 # c_noise = ln(sigma) / 4 spans about [-1.6, 1.1] over [0.002, 80]; the sinusoidal embedding
 # was made for step indices in the hundreds (the framework stretches EDM's c_noise alike).

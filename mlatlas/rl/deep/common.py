@@ -81,6 +81,8 @@ class DeepRLConfig(BaseConfig):
     ckpt_every: int = 100
     """Write checkpoint.safetensors every this many updates (and always at the end)."""
 
+    RESUMABLE: ClassVar[frozenset[str]] = BaseConfig.RESUMABLE | {"eval_episodes",
+                                                                   "target_return"}
     # Tuned values per environment, applied by ``create`` under the caller's own choices.
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
 
@@ -89,6 +91,9 @@ class DeepRLConfig(BaseConfig):
         """The config for ``overrides`` with the env's tuned defaults (``PRESETS``) under them."""
         env = overrides.get("env", cls.env)
         return cls(**{**cls.PRESETS.get(env, {}), **overrides})
+
+    def check_data(self) -> None:
+        check_env_id(self.env)
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "steps", "num_envs", "hidden", "layers", "eval_episodes",

@@ -29,7 +29,7 @@ from mlatlas.core.io import read_json
 from mlatlas.core.optim import set_lr, warmup_cosine_lr
 from mlatlas.core.run import Run, RunError, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
-from mlatlas.rl.llm.common import (
+from mlatlas.llm.common import (
     LM_FILE,
     EvalOptions,
     LLMConfig,
@@ -43,9 +43,9 @@ from mlatlas.rl.llm.common import (
     step_generator,
     write_lm_files,
 )
-from mlatlas.rl.llm.model import LMConfig, TinyLM
-from mlatlas.rl.llm.tasks import get_task, parse_difficulties, problems, read_jsonl, write_jsonl
-from mlatlas.rl.llm.tokenizer import Tokenizer
+from mlatlas.llm.model import LMConfig, TinyLM
+from mlatlas.llm.tasks import get_task, parse_difficulties, problems, read_jsonl, write_jsonl
+from mlatlas.llm.tokenizer import Tokenizer
 
 __all__ = ["Config", "RewardModel", "bradley_terry_loss", "evaluate", "load_reward_model",
            "train"]
@@ -186,7 +186,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     fit(run, step_fn, total_steps=cfg.steps, objects={"reward_model": model,
                                                       "optimizer": optimizer},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
-    from mlatlas.rl.llm.plots import curves_figure
+    from mlatlas.llm.plots import curves_figure
 
     run.save_figure(curves_figure(run.metrics, run.method), "curves.png")
     run.write_summary({"train_pairs": len(train_rows), "test_pairs": len(test_rows),

@@ -21,7 +21,7 @@ from mlatlas.core.config import ConfigError, require_at_least
 from mlatlas.core.optim import set_lr, warmup_cosine_lr
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
-from mlatlas.rl.llm.common import (
+from mlatlas.llm.common import (
     LLMConfig,
     Setup,
     clip_and_step,
@@ -36,8 +36,8 @@ from mlatlas.rl.llm.common import (
     token_logprobs,
     write_lm_files,
 )
-from mlatlas.rl.llm.model import LMConfig, TinyLM, count_parameters
-from mlatlas.rl.llm.tasks import (
+from mlatlas.llm.model import LMConfig, TinyLM, count_parameters
+from mlatlas.llm.tasks import (
     Problem,
     completion_rows,
     get_task,
@@ -46,7 +46,7 @@ from mlatlas.rl.llm.tasks import (
     read_jsonl,
     write_jsonl,
 )
-from mlatlas.rl.llm.tokenizer import Tokenizer
+from mlatlas.llm.tokenizer import Tokenizer
 
 __all__ = ["Config", "sft_loss", "solution_loss", "train"]
 

@@ -32,7 +32,7 @@ import torch
 from mlatlas.core.config import ConfigError, require_at_least, require_unit
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import seed_everything
-from mlatlas.rl.llm.common import (
+from mlatlas.llm.common import (
     LLMConfig,
     clip_and_step,
     completion_logprobs,
@@ -45,8 +45,8 @@ from mlatlas.rl.llm.common import (
     step_generator,
     step_problems,
 )
-from mlatlas.rl.llm.reward_model import RewardModel, load_reward_model
-from mlatlas.rl.llm.sft import solution_loss
+from mlatlas.llm.reward_model import RewardModel, load_reward_model
+from mlatlas.llm.sft import solution_loss
 from mlatlas.rl.returns import gae
 
 __all__ = ["Config", "RunningMeanStd", "clipped_value_loss", "ppo_policy_loss",

@@ -34,7 +34,7 @@ from mlatlas.core.config import ConfigError, require_at_least
 from mlatlas.core.optim import set_lr, warmup_cosine_lr
 from mlatlas.core.run import Run, RunError, fit
 from mlatlas.core.runtime import seed_everything
-from mlatlas.rl.llm.common import (
+from mlatlas.llm.common import (
     LLMConfig,
     Setup,
     clip_and_step,
@@ -50,7 +50,7 @@ from mlatlas.rl.llm.common import (
     step_generator,
     step_problems,
 )
-from mlatlas.rl.llm.tasks import read_jsonl, write_jsonl
+from mlatlas.llm.tasks import read_jsonl, write_jsonl
 
 __all__ = ["Config", "dpo_loss", "train"]
 

@@ -37,7 +37,7 @@ from mlatlas.core.config import ConfigError, require_at_least
 from mlatlas.core.optim import set_lr, warmup_cosine_lr
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import seed_everything
-from mlatlas.rl.llm.common import (
+from mlatlas.llm.common import (
     LLMConfig,
     clip_and_step,
     completion_logprobs,

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from mlatlas.core.config import BaseConfig, ConfigError, require_at_least, require_unit
 from mlatlas.core.io import read_json, write_json
 from mlatlas.core.run import Run, RunError
-from mlatlas.rl.llm.model import LMConfig, TinyLM, generate, load_pretrained, save_pretrained
-from mlatlas.rl.llm.tasks import Problem, Task, get_task, parse_difficulties, problems
-from mlatlas.rl.llm.tokenizer import Tokenizer
+from mlatlas.llm.model import LMConfig, TinyLM, generate, load_pretrained, save_pretrained
+from mlatlas.llm.tasks import Problem, Task, get_task, parse_difficulties, problems
+from mlatlas.llm.tokenizer import Tokenizer
 
 LM_FILE = "lm.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -319,7 +319,7 @@ def setup(cfg: LLMConfig, run: Run, train_n: int = 20000) -> Setup:
 
 def finish(run: Run, cfg: LLMConfig, s: Setup) -> dict[str, Any]:
     """Final held-out metrics into summary.json, curves.png and the transformers export."""
-    from mlatlas.rl.llm.plots import curves_figure
+    from mlatlas.llm.plots import curves_figure
 
     metrics = evaluate_policy(s.policy, s.tokenizer, s.task, s.test_items, s.reference,
                               max_new_tokens=cfg.max_new_tokens)
