@@ -1,5 +1,14 @@
-"""Learning-rate schedules set by hand each step (a pure function of the step, so a resumed run
-needs no scheduler state)."""
+"""Every learning-rate (and step-size) schedule of the library, as a pure function of the step.
+
+A schedule is set by hand each step (:func:`set_lr`), so a resumed run needs no scheduler state
+and follows exactly the curve of an uninterrupted one. Writing them once here keeps the
+families from growing their own variants; the shapes, with ``k`` the step and ``K`` the total:
+
+    warmup_linear(lr, k, w)           = lr * min(1, k / w)                      (w = 0: lr)
+    warmup_cosine(lr, k, K, w)        = warmup_linear(lr, k, w) * (1 + cos(pi min(k, K) / K)) / 2
+    linear_decay(lr, p)               = lr * max(0, 1 - p),   p = progress in [0, 1]
+    linear_interpolate(a, b, k, s, d) = a, then linearly to b over steps [s, s + d], then b
+"""
 
 from __future__ import annotations
 
@@ -8,10 +17,26 @@ import math
 import torch
 
 
+def warmup_linear_lr(lr: float, step: int, warmup_steps: int) -> float:
+    """Linear warm-up from 0 to ``lr`` over ``warmup_steps`` (steps count from 1), then ``lr``."""
+    return lr * min(1.0, step / warmup_steps) if warmup_steps > 0 else lr
+
+
 def warmup_cosine_lr(lr: float, step: int, total_steps: int, warmup_steps: int) -> float:
     """Linear warm-up over ``warmup_steps``, then cosine decay from ``lr`` to 0 at the end."""
-    warm = min(1.0, step / warmup_steps) if warmup_steps else 1.0
-    return lr * warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    cosine = 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    return warmup_linear_lr(lr, step, warmup_steps) * cosine
+
+
+def linear_decay(value: float, progress: float) -> float:
+    """``value`` decayed linearly to 0 as training ``progress`` goes from 0 to 1."""
+    return value * max(0.0, 1.0 - progress)
+
+
+def linear_interpolate(start: float, end: float, step: int, begin: int, duration: int) -> float:
+    """``start`` until ``begin``, then linearly to ``end`` over ``duration`` steps, then ``end``."""
+    progress = min(max(step - begin, 0) / max(duration, 1), 1.0)
+    return start + (end - start) * progress
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

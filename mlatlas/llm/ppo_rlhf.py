@@ -32,6 +32,7 @@ import torch
 from mlatlas.core.config import ConfigError, require_at_least, require_unit
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import seed_everything
+from mlatlas.core.stats import RunningMeanStd
 from mlatlas.llm.common import (
     LLMConfig,
     clip_and_step,
@@ -49,7 +50,7 @@ from mlatlas.llm.reward_model import RewardModel, load_reward_model
 from mlatlas.llm.sft import solution_loss
 from mlatlas.rl.returns import gae
 
-__all__ = ["Config", "RunningMeanStd", "clipped_value_loss", "ppo_policy_loss",
+__all__ = ["Config", "normalise_scores", "clipped_value_loss", "ppo_policy_loss",
            "token_rewards", "train"]
 
 
@@ -106,24 +107,10 @@ class Config(LLMConfig):
             load_reward_model(self.reward_model)
 
 
-class RunningMeanStd:
-    """Mean and variance of every value seen, merged batch by batch (Chan et al. 1979); the
-    state is a dict of tensors so a checkpoint carries it."""
-
-    def __init__(self):
-        self.state = {"count": torch.zeros(()), "mean": torch.zeros(()), "var": torch.ones(())}
-
-    def update(self, x: torch.Tensor) -> None:
-        n, mean, var = x.numel(), x.mean(), x.var(unbiased=False)
-        count, old_mean, old_var = (self.state[k] for k in ("count", "mean", "var"))
-        total = count + n
-        delta = mean - old_mean
-        self.state["mean"] = old_mean + delta * n / total
-        self.state["var"] = (old_var * count + var * n + delta**2 * count * n / total) / total
-        self.state["count"] = total
-
-    def normalise(self, x: torch.Tensor, clip: float) -> torch.Tensor:
-        return ((x - self.state["mean"]) / (self.state["var"].sqrt() + 1e-8)).clamp(-clip, clip)
+def normalise_scores(score: torch.Tensor, stats: RunningMeanStd, clip: float) -> torch.Tensor:
+    """(score - mu) / (sigma + 1e-8) clipped to [-clip, clip], with the running statistics of
+    every score seen (``stats.update`` first)."""
+    return ((score - stats.mean) / (stats.var.sqrt() + 1e-8)).clamp(-clip, clip)
 
 
 def token_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
@@ -185,7 +172,8 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     start_metrics(run, cfg, s)
     policy_optimizer = torch.optim.Adam(s.policy.parameters(), lr=cfg.lr)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr)
-    score_stats = RunningMeanStd()
+    # No prior count: the first batch of scores sets the statistics alone.
+    score_stats = RunningMeanStd(dtype=torch.float32, count=0.0).to(s.device)
 
     def critic_values(ids, mask, P):
         # V(x, y_<t) is read where the logits for y_t are: the position before the token.
@@ -208,7 +196,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
             raw_score = reward_model(ids, mask) if reward_model is not None else batch.correct
             if cfg.reward_clip > 0:
                 score_stats.update(raw_score)
-                score = score_stats.normalise(raw_score, cfg.reward_clip)
+                score = normalise_scores(raw_score, score_stats, cfg.reward_clip)
             else:
                 score = raw_score
             rewards = token_rewards(score, old_logp, ref_logp, c_mask, cfg.beta)
@@ -252,7 +240,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
 
     fit(run, step_fn, total_steps=cfg.steps,
         objects={"policy": s.policy, "critic": critic, "policy_optimizer": policy_optimizer,
-                 "critic_optimizer": critic_optimizer, "score_stats": score_stats.state},
+                 "critic_optimizer": critic_optimizer, "score_stats": score_stats},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
     finish(run, cfg, s)
     return run
