@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from mlatlas.contrastive import clip
 from mlatlas.contrastive.data import load_captioned
 from mlatlas.contrastive.distributed import clip_loss_distributed, siglip_loss_distributed
-from mlatlas.contrastive.text import Tokenizer
+from mlatlas.contrastive.text import CaptionTokenizer
 from mlatlas.contrastive.towers import DualEncoder
 from mlatlas.core.runtime import set_threads
 from mlatlas.data import EpochBatches
@@ -124,7 +124,7 @@ def main() -> None:
     set_threads(1)
     cfg = (clip.Config if args.loss == "clip" else clip.SigLIPConfig)(n_train=args.n_train)
     data = load_captioned(cfg.dataset, n_train=cfg.n_train, n_test=64, seed=cfg.seed)
-    tokenizer = Tokenizer.train(data.train.captions, cfg.vocab_size, cfg.max_len)
+    tokenizer = CaptionTokenizer.train(data.train.captions, cfg.vocab_size, cfg.max_len)
     ids, mask = tokenizer.encode(data.train.captions)
     shared = {"cfg": cfg, "data": data, "tokenizer": tokenizer, "images": data.train.images,
               "ids": ids, "mask": mask}

@@ -10,10 +10,11 @@ from crashes import assert_same_checkpoints, crash_at, drop_wall
 
 from mlatlas.contrastive import blip
 from mlatlas.contrastive.capfilt import CapFiltResult, bootstrap, capfilt, filter_scores
-from mlatlas.contrastive.text import BOS, ENC, EOS, PAD
+from mlatlas.contrastive.text import ENC
 from mlatlas.contrastive.towers import image_tower
 from mlatlas.core.config import ConfigError
 from mlatlas.core.run import Run
+from mlatlas.nn.tokenizers import BOS, EOS, PAD
 
 V, L, W = 30, 8, 16
 
@@ -50,10 +51,10 @@ def test_the_three_heads_have_their_shapes_and_the_decoder_shares_all_but_self_a
     # self-attention, but not the encoder's self-attention.
     blip.lm_loss(model.lm_logits(ids, mask, v), ids, mask).backward()
     block = model.text.transformer.blocks[0]
-    for shared in (model.text.token_embedding.weight, block.cross.q.weight, block.mlp[0].weight,
-                   model.decoder_attention[0].attn.q.weight):
+    for shared in (model.text.token_embedding.weight, block.cross.q_proj.weight,
+                   block.mlp[0].weight, model.decoder_attention[0].attn.q_proj.weight):
         assert shared.grad is not None and shared.grad.abs().sum() > 0
-    assert block.attn.q.weight.grad is None and block.norm1.weight.grad is None
+    assert block.attn.q_proj.weight.grad is None and block.norm1.weight.grad is None
     with torch.no_grad():
         losses = tiny_model()(images, ids, mask, torch.Generator().manual_seed(0))
     assert set(losses) == {"loss", "itc_loss", "itm_loss", "lm_loss"}
@@ -137,7 +138,7 @@ def test_generation_stops_at_eos_and_a_full_caption_ends_with_one():
     ids = blip.generate(model, images, max_len=6)
     assert ids.tolist() == [[BOS, 7, 7, 7, 7, EOS]] * 3
     # A nucleus too small to hold more than the top token is greedy decoding.
-    assert torch.equal(blip.generate(model, images, max_len=6, top_p=0.01,
+    assert torch.equal(blip.generate(model, images, max_len=6, temperature=1.0, top_p=0.01,
                                      generator=torch.Generator().manual_seed(0)), ids)
 
 

@@ -5,32 +5,33 @@ import torch
 
 from mlatlas.contrastive.data import DatasetError, load_captioned
 from mlatlas.contrastive.evaluation import class_embeddings, retrieval
-from mlatlas.contrastive.text import BOS, EOS, PAD, TextTower, Tokenizer, load_tokenizer
+from mlatlas.contrastive.text import CaptionTokenizer, TextTower, load_tokenizer
 from mlatlas.contrastive.towers import ConvTower, DualEncoder, ViTTower
-from mlatlas.contrastive.transformer import Transformer
 from mlatlas.eval.metrics import recall_at_k
+from mlatlas.nn.tokenizers import BOS, EOS, PAD
+from mlatlas.nn.transformer import Transformer
 
 CAPTIONS = ["two large red circles", "a small blue square on the left", "three tiny crosses"]
 
 
 def test_tokenizer_round_trip_and_layout(tmp_path):
-    tok = Tokenizer.train(CAPTIONS * 10, vocab_size=80, max_len=12)
+    tok = CaptionTokenizer.train(CAPTIONS * 10, vocab_size=80, max_len=12)
     ids, mask = tok.encode(CAPTIONS)
     assert ids.shape == (3, 12) and (ids[:, 0] == BOS).all()
     assert (ids[~mask] == PAD).all() and ((ids == EOS).sum(1) == 1).all()
     assert tok.decode(ids) == CAPTIONS
     tok.save(tmp_path / "tok.json")
-    assert torch.equal(load_tokenizer(tmp_path / "tok.json").encode(CAPTIONS)[0], ids)
+    assert torch.equal(load_tokenizer(tmp_path / "tok.json", 12).encode(CAPTIONS)[0], ids)
 
 
 def test_tokenizer_truncates_long_captions():
-    tok = Tokenizer.train(CAPTIONS, vocab_size=60, max_len=5)
+    tok = CaptionTokenizer.train(CAPTIONS, vocab_size=60, max_len=5)
     ids, mask = tok.encode(["two large red circles and three tiny crosses"])
     assert ids.shape == (1, 5) and mask.all() and ids[0, -1] == EOS
 
 
 def test_padding_does_not_change_the_text_feature():
-    tok = Tokenizer.train(CAPTIONS, vocab_size=60, max_len=16)
+    tok = CaptionTokenizer.train(CAPTIONS, vocab_size=60, max_len=16)
     tower = TextTower(tok.vocab_size, 16, width=32, depth=2).eval()
     ids, mask = tok.encode(CAPTIONS)
     short = int(mask.sum(1).max())
@@ -57,7 +58,7 @@ def test_image_towers_shapes_and_errors(tower):
 
 
 def test_dual_encoder_embeddings_are_normalised_and_losses_start_at_their_init():
-    tok = Tokenizer.train(CAPTIONS, vocab_size=60, max_len=12)
+    tok = CaptionTokenizer.train(CAPTIONS, vocab_size=60, max_len=12)
     ids, mask = tok.encode(CAPTIONS)
     for loss in ("clip", "siglip"):
         model = DualEncoder(ConvTower(3, 32), TextTower(tok.vocab_size, 12, 32, 1), 16, loss)
@@ -114,7 +115,7 @@ def test_prompt_ensemble_is_the_normalised_mean():
         def encode_text(self, ids, mask):
             return torch.nn.functional.normalize(ids[:, 1:3].float(), dim=-1)
 
-    tok = Tokenizer.train(["a red circle", "the red circle", "a blue square"], 40, 8)
+    tok = CaptionTokenizer.train(["a red circle", "the red circle", "a blue square"], 40, 8)
     emb = class_embeddings(Fixed(), tok, ("red circle",), ("a {}", "the {}"))
     direct = Fixed().encode_text(tok.encode(["a red circle", "the red circle"])[0], None)
     assert torch.allclose(emb[0], torch.nn.functional.normalize(direct.mean(0), dim=0))

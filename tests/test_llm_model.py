@@ -16,10 +16,10 @@ from mlatlas.llm.model import (
     TinyLM,
     generate,
     load_pretrained,
-    sample_token,
     save_pretrained,
 )
-from mlatlas.llm.tokenizer import Tokenizer
+from mlatlas.nn.sampling import sample_token
+from mlatlas.nn.tokenizers import Tokenizer
 
 TEXTS = ["12+34=46", "7+8=15", "3 5 7>22:3*5+7", "9-4=5"]
 

@@ -19,7 +19,7 @@ from mlatlas.llm.tasks import (
     read_jsonl,
     write_jsonl,
 )
-from mlatlas.llm.tokenizer import Tokenizer
+from mlatlas.nn.tokenizers import Tokenizer
 
 
 @pytest.mark.parametrize("name", list(TASKS))

@@ -23,7 +23,7 @@ from mlatlas.llm.common import (
 )
 from mlatlas.llm.model import LMConfig, TinyLM, save_pretrained
 from mlatlas.llm.tasks import get_task, problems
-from mlatlas.llm.tokenizer import Tokenizer
+from mlatlas.nn.tokenizers import Tokenizer
 
 trl = pytest.importorskip("trl")
 transformers = pytest.importorskip("transformers")

@@ -65,9 +65,8 @@ from mlatlas.contrastive.common import (
 from mlatlas.contrastive.data import NUMBER_WORDS, CaptionedData, load_captioned
 from mlatlas.contrastive.evaluation import evaluate_joint_space, save_joint_space_figures
 from mlatlas.contrastive.losses import CLIP_LOGIT_SCALE_INIT, CLIP_LOGIT_SCALE_MAX, clip_loss
-from mlatlas.contrastive.text import BOS, ENC, EOS, PAD, TextTower, Tokenizer, load_tokenizer
+from mlatlas.contrastive.text import ENC, CaptionTokenizer, TextTower, load_tokenizer
 from mlatlas.contrastive.towers import ViTTower, image_tower
-from mlatlas.contrastive.transformer import Attention
 from mlatlas.core.config import ConfigError, config_from_dict, require_at_least, require_unit
 from mlatlas.core.io import read_json, write_json
 from mlatlas.core.optim import set_lr, warmup_cosine_lr
@@ -75,6 +74,9 @@ from mlatlas.core.plots import metric_curves, plt, show_images
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.data import EpochBatches
+from mlatlas.nn.attention import Attention
+from mlatlas.nn.sampling import sample_token
+from mlatlas.nn.tokenizers import BOS, EOS, PAD
 
 STAGE2 = "stage2"
 CAPFILT = "capfilt.json"
@@ -95,8 +97,10 @@ class Config(ImageTextConfig):
     """CapFilt keeps a caption when the ITM head's match probability is at least this. ITM
     trains on one positive per two negatives, so 1/3 is its prior: a kept pair has evidence of a
     match. BLIP's 0.5 suits an ITM trained long enough to be confident."""
-    top_p: float = 0.0
-    """Synthetic captions: 0 for greedy decoding, else nucleus sampling with this mass."""
+    temperature: float = 0.0
+    """Synthetic captions: 0 for greedy decoding, else sampling at this temperature."""
+    top_p: float = 1.0
+    """Synthetic captions sampled with --temperature > 0: nucleus mass (1 keeps every token)."""
     steps: int = 1500
     """Optimisation steps of each stage (the noisy model, then the CapFilt model)."""
 
@@ -109,7 +113,9 @@ class Config(ImageTextConfig):
             raise ConfigError(f"--corrupt must be in [0, 1), got {self.corrupt}")
         if not 0.0 < self.filter_threshold < 1.0:
             raise ConfigError(f"--filter-threshold must be in (0, 1), got {self.filter_threshold}")
-        require_unit(self, "top_p")
+        require_unit(self, "top_p", low_open=True)
+        if self.temperature < 0:
+            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
 
 
 # --- losses and hard negatives (pure functions) ------------------------------------------------
@@ -165,7 +171,7 @@ class SelfAttention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.norm = nn.LayerNorm(width)
-        self.attn = Attention(width, heads)
+        self.attn = Attention(width, heads, fused_kv=True)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         return self.attn(self.norm(h), mask=mask, causal=causal)
@@ -274,23 +280,13 @@ class BLIP(nn.Module):
 
 # --- generation (the captioner) ---------------------------------------------------------------
 
-def nucleus(logits: torch.Tensor, top_p: float, generator: torch.Generator | None = None,
-            ) -> torch.Tensor:
-    """Sample from the smallest set of tokens whose probability reaches ``top_p`` (Holtzman et
-    al. 2020); the most likely token is always in it."""
-    probs, order = logits.softmax(-1).sort(dim=-1, descending=True)
-    outside = probs.cumsum(-1) - probs >= top_p
-    probs = probs.masked_fill(outside, 0.0)
-    pick = torch.multinomial(probs.cpu() if generator is not None else probs, 1,
-                             generator=generator).to(logits.device)
-    return order.gather(-1, pick).squeeze(-1)
-
-
 @torch.no_grad()
-def generate(model: BLIP, images: torch.Tensor, max_len: int | None = None, top_p: float = 0.0,
+def generate(model: BLIP, images: torch.Tensor, max_len: int | None = None,
+             temperature: float = 0.0, top_p: float = 1.0,
              generator: torch.Generator | None = None) -> torch.Tensor:
-    """Captions as (N, L) ids: [BOS] w_1 .. [EOS] then [PAD], decoded greedily (``top_p`` = 0)
-    or by nucleus sampling. A caption that reaches ``max_len`` ends with a forced [EOS]."""
+    """Captions as (N, L) ids: <bos> w_1 .. <eos> then <pad>, decoded greedily (``temperature``
+    0) or sampled (:func:`mlatlas.nn.sampling.sample_token`). A caption that reaches
+    ``max_len`` ends with a forced <eos>."""
     max_len = max_len or model.max_len
     if not 2 <= max_len <= model.max_len:
         raise ValueError(f"max_len must be in [2, {model.max_len}], got {max_len}")
@@ -303,7 +299,7 @@ def generate(model: BLIP, images: torch.Tensor, max_len: int | None = None, top_
         logits[:, [PAD, BOS, ENC]] = float("-inf")
         if t == max_len - 1:
             logits[:, torch.arange(logits.shape[1]) != EOS] = float("-inf")
-        token = logits.argmax(-1) if top_p == 0 else nucleus(logits, top_p, generator)
+        token = sample_token(logits, temperature, top_p, generator)
         ids[:, t] = torch.where(done, PAD, token)
         done |= token == EOS
         if done.all():
@@ -311,10 +307,12 @@ def generate(model: BLIP, images: torch.Tensor, max_len: int | None = None, top_
     return ids
 
 
-def generate_captions(model: BLIP, tokenizer: Tokenizer, images: torch.Tensor,
-                      top_p: float = 0.0, generator: torch.Generator | None = None,
+def generate_captions(model: BLIP, tokenizer: CaptionTokenizer, images: torch.Tensor,
+                      temperature: float = 0.0, top_p: float = 1.0,
+                      generator: torch.Generator | None = None,
                       batch_size: int = 500) -> list[str]:
-    ids = encode_batched(lambda x: generate(model, x, top_p=top_p, generator=generator), images,
+    ids = encode_batched(lambda x: generate(model, x, temperature=temperature, top_p=top_p,
+                                            generator=generator), images,
                          batch_size=batch_size)
     return tokenizer.decode(ids)
 
@@ -335,7 +333,7 @@ def caption_accuracy(captions: list[str], labels: torch.Tensor,
 
 # --- training ---------------------------------------------------------------------------------
 
-def build_model(cfg: Config, data: CaptionedData, tokenizer: Tokenizer) -> BLIP:
+def build_model(cfg: Config, data: CaptionedData, tokenizer: CaptionTokenizer) -> BLIP:
     channels, size, _ = data.image_shape
     return BLIP(image_tower(cfg.image_tower, channels, size, cfg.width), tokenizer.vocab_size,
                 cfg.max_len, cfg.width, cfg.text_depth, cfg.heads, cfg.embed_dim, size)
@@ -346,7 +344,7 @@ def load_data(cfg: Config) -> CaptionedData:
 
 
 def train_blip(run: Run, cfg: Config, model: BLIP, images: torch.Tensor, captions: list[str],
-               tokenizer: Tokenizer, progress: bool | None = None) -> None:
+               tokenizer: CaptionTokenizer, progress: bool | None = None) -> None:
     """Minimise L_itc + L_itm + L_lm over batches of the (image, caption) pairs."""
     device = resolve_device(cfg.device)
     generator = seed_everything(cfg.seed)
@@ -386,7 +384,7 @@ def stage2_run(run: Run) -> Run:
     return stage
 
 
-def run_capfilt(run: Run, cfg: Config, model: BLIP, tokenizer: Tokenizer,
+def run_capfilt(run: Run, cfg: Config, model: BLIP, tokenizer: CaptionTokenizer,
                 data: CaptionedData) -> CapFiltResult:
     """Caption and filter the training set once; the result is kept in the run folder so a
     resumed run bootstraps the same data."""
@@ -399,7 +397,8 @@ def run_capfilt(run: Run, cfg: Config, model: BLIP, tokenizer: Tokenizer,
         return encode_batched(model.match_probability, images, *tokenizer.encode(captions))
 
     result = capfilt(data.train.images, data.train.captions,
-                     lambda x: generate_captions(model, tokenizer, x, cfg.top_p, generator),
+                     lambda x: generate_captions(model, tokenizer, x, cfg.temperature, cfg.top_p,
+                                                       generator),
                      match, cfg.filter_threshold)
     model.train()
     write_json(run.path(CAPFILT), result.to_dict())
@@ -444,7 +443,7 @@ def captions_figure(images: torch.Tensor, references: list[str], generated: list
     return fig
 
 
-def caption_scores(model: BLIP, tokenizer: Tokenizer, data: CaptionedData,
+def caption_scores(model: BLIP, tokenizer: CaptionTokenizer, data: CaptionedData,
                    ) -> tuple[dict[str, float], list[str]]:
     """Greedy captions of the first test images: the share naming the right class, and the
     chance level (the same captions scored against the classes of shuffled images)."""
@@ -456,7 +455,7 @@ def caption_scores(model: BLIP, tokenizer: Tokenizer, data: CaptionedData,
             "caption_chance": caption_accuracy(generated, shuffled, data.class_names)}, generated
 
 
-def report(run: Run, model: BLIP, tokenizer: Tokenizer, data: CaptionedData,
+def report(run: Run, model: BLIP, tokenizer: CaptionTokenizer, data: CaptionedData,
            noisy: BLIP | None = None, result: CapFiltResult | None = None) -> dict[str, float]:
     """Score the final model (ITC joint space, captions), and for CapFilt the noisy model and
     the filter; write ``summary.json`` and the figures; return the scores."""
@@ -486,11 +485,11 @@ def report(run: Run, model: BLIP, tokenizer: Tokenizer, data: CaptionedData,
     return scores
 
 
-def load_model(run: Run) -> tuple[Config, BLIP, Tokenizer, CaptionedData]:
+def load_model(run: Run) -> tuple[Config, BLIP, CaptionTokenizer, CaptionedData]:
     """The run's config, its (first-stage) model, tokenizer and data."""
     cfg = config_from_dict(Config, run.config)
     data = load_data(cfg)
-    tokenizer = load_tokenizer(run.path(TOKENIZER))
+    tokenizer = load_tokenizer(run.path(TOKENIZER), cfg.max_len)
     model = build_model(cfg, data, tokenizer)
     run.load_weights(model)
     return cfg, model, tokenizer, data

@@ -33,7 +33,7 @@ from mlatlas.contrastive.common import (
 )
 from mlatlas.contrastive.data import CaptionedData, load_captioned
 from mlatlas.contrastive.evaluation import evaluate_joint_space, save_joint_space_figures
-from mlatlas.contrastive.text import MiniLMTower, TextTower, Tokenizer, load_tokenizer
+from mlatlas.contrastive.text import CaptionTokenizer, MiniLMTower, TextTower, load_tokenizer
 from mlatlas.contrastive.towers import DualEncoder, image_tower
 from mlatlas.core.config import ConfigError, config_from_dict, require_at_least
 from mlatlas.core.optim import set_lr, warmup_cosine_lr
@@ -73,7 +73,7 @@ class SigLIPConfig(Config):
         require_at_least(self, 0, "chunk")
 
 
-def build_model(cfg: Config, data: CaptionedData, tokenizer: Tokenizer) -> DualEncoder:
+def build_model(cfg: Config, data: CaptionedData, tokenizer: CaptionTokenizer) -> DualEncoder:
     channels, size, _ = data.image_shape
     text = MiniLMTower() if cfg.text_tower == "minilm" else \
         TextTower(tokenizer.vocab_size, cfg.max_len, cfg.width, cfg.text_depth)
@@ -86,7 +86,7 @@ def load_data(cfg: Config) -> CaptionedData:
 
 
 def train_pairs(run: Run, cfg: Config, model: DualEncoder, data: CaptionedData,
-                tokenizer: Tokenizer, progress: bool | None = None) -> None:
+                tokenizer: CaptionTokenizer, progress: bool | None = None) -> None:
     """Minimise the model's contrastive loss over batches of (image, caption) pairs; the
     parameters that require gradients are trained (LiT locks its image tower)."""
     device = resolve_device(cfg.device)
@@ -127,7 +127,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     return run
 
 
-def report(run: Run, model, tokenizer: Tokenizer, data: CaptionedData) -> dict[str, float]:
+def report(run: Run, model, tokenizer: CaptionTokenizer, data: CaptionedData) -> dict[str, float]:
     """Score the joint space, write ``summary.json``, ``zero_shot.png`` and
     ``retrieval.png``, and return the scores."""
     model.cpu()
@@ -137,12 +137,12 @@ def report(run: Run, model, tokenizer: Tokenizer, data: CaptionedData) -> dict[s
     return scores
 
 
-def load_model(run: Run) -> tuple[Config, DualEncoder, Tokenizer, CaptionedData]:
+def load_model(run: Run) -> tuple[Config, DualEncoder, CaptionTokenizer, CaptionedData]:
     from mlatlas.registry import get_method
 
     cfg = config_from_dict(get_method(run.method).config_cls, run.config)
     data = load_data(cfg)
-    tokenizer = load_tokenizer(run.path(TOKENIZER))
+    tokenizer = load_tokenizer(run.path(TOKENIZER), cfg.max_len)
     model = build_model(cfg, data, tokenizer)
     run.load_weights(model)
     return cfg, model, tokenizer, data

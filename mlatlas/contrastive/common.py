@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from mlatlas.contrastive.data import check_captioned
-from mlatlas.contrastive.text import MiniLMTokenizer, Tokenizer, load_tokenizer
+from mlatlas.contrastive.text import CaptionTokenizer, MiniLMTokenizer, load_tokenizer
 from mlatlas.core.config import BaseConfig, ConfigError, require_at_least
 from mlatlas.core.run import Run
 
@@ -85,15 +85,15 @@ class ImageTextConfig(ImageTowerConfig):
 
 
 def run_tokenizer(run: Run, captions: list[str], vocab_size: int, max_len: int,
-                  minilm: bool = False) -> Tokenizer | MiniLMTokenizer:
+                  minilm: bool = False) -> CaptionTokenizer | MiniLMTokenizer:
     """The run's tokenizer: trained on ``captions`` (or MiniLM's own) and saved on the first
     call, read back from the run folder afterwards (a resumed run and ``eval`` use the very same
     vocabulary)."""
     path = run.path(TOKENIZER)
     if path.is_file():
-        return load_tokenizer(path)
+        return load_tokenizer(path, max_len)
     tokenizer = MiniLMTokenizer(max_len) if minilm else \
-        Tokenizer.train(captions, vocab_size, max_len)
+        CaptionTokenizer.train(captions, vocab_size, max_len)
     tokenizer.save(path)
     return tokenizer
 

@@ -17,7 +17,7 @@ import torch
 
 from mlatlas.contrastive.common import encode_batched
 from mlatlas.contrastive.data import CaptionedData, CaptionedSplit
-from mlatlas.contrastive.text import Tokenizer
+from mlatlas.contrastive.text import CaptionTokenizer
 from mlatlas.core.plots import plt, show_images
 from mlatlas.eval.metrics import linear_probe_accuracy, recall_at_k
 
@@ -25,12 +25,12 @@ PROBE_TRAIN = 5000
 
 
 @torch.no_grad()
-def embed_texts(model, tokenizer: Tokenizer, texts: list[str]) -> torch.Tensor:
+def embed_texts(model, tokenizer: CaptionTokenizer, texts: list[str]) -> torch.Tensor:
     return encode_batched(model.encode_text, *tokenizer.encode(texts))
 
 
 @torch.no_grad()
-def class_embeddings(model, tokenizer: Tokenizer, class_names: tuple[str, ...],
+def class_embeddings(model, tokenizer: CaptionTokenizer, class_names: tuple[str, ...],
                      prompts: tuple[str, ...]) -> torch.Tensor:
     """(C, D) prompt-ensemble embeddings: the mean over templates, renormalised."""
     texts = [p.format(c) for c in class_names for p in prompts]
@@ -54,7 +54,7 @@ def retrieval(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
 
 
 @torch.no_grad()
-def evaluate_joint_space(model, tokenizer: Tokenizer, data: CaptionedData,
+def evaluate_joint_space(model, tokenizer: CaptionTokenizer, data: CaptionedData,
                          probe: bool = True) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Zero-shot accuracy (and its chance level), retrieval recall and linear-probe accuracy;
     also the tensors the figures draw."""

@@ -29,7 +29,7 @@ from torch import nn
 from mlatlas.contrastive import clip, simclr
 from mlatlas.contrastive.common import TOKENIZER, run_tokenizer
 from mlatlas.contrastive.data import CaptionedData
-from mlatlas.contrastive.text import Tokenizer, load_tokenizer
+from mlatlas.contrastive.text import CaptionTokenizer, load_tokenizer
 from mlatlas.contrastive.towers import DualEncoder, image_tower
 from mlatlas.core.config import (
     ConfigError,
@@ -148,7 +148,7 @@ def locked_image_tower(run: Run, cfg: Config, data: CaptionedData,
     return LockedTower(tower)
 
 
-def build_model(cfg: Config, data: CaptionedData, tokenizer: Tokenizer,
+def build_model(cfg: Config, data: CaptionedData, tokenizer: CaptionTokenizer,
                 tower: nn.Module) -> DualEncoder:
     """CLIP's dual encoder around a locked image tower (the text side is initialised from the
     run's seed, whatever the tower's origin)."""
@@ -169,10 +169,10 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     return run
 
 
-def load_model(run: Run) -> tuple[Config, DualEncoder, Tokenizer, CaptionedData]:
+def load_model(run: Run) -> tuple[Config, DualEncoder, CaptionTokenizer, CaptionedData]:
     cfg = config_from_dict(Config, run.config)
     data = clip.load_data(cfg)
-    tokenizer = load_tokenizer(run.path(TOKENIZER))
+    tokenizer = load_tokenizer(run.path(TOKENIZER), cfg.max_len)
     channels, size, _ = data.image_shape
     tower = LockedTower(image_tower(cfg.image_tower, channels, size, cfg.width))
     model = build_model(cfg, data, tokenizer, tower)

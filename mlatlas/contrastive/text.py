@@ -4,10 +4,10 @@ The tokenizer is a BPE model (Sennrich et al. 2016) learnt with the ``tokenizers
 the training captions alone (lower-cased, split on whitespace and punctuation), so nothing is
 downloaded; it is saved beside the run as ``tokenizer.json``. A caption becomes
 
-    [BOS] w_1 ... w_n [EOS] [PAD] ...
+    <bos> w_1 ... w_n <eos> <pad> ...
 
 The text tower embeds tokens and positions, runs a Transformer (bidirectional with a padding
-mask, as BERT and BLIP's text encoder; causal for a decoder) and pools the [BOS] position: its
+mask, as BERT and BLIP's text encoder; causal for a decoder) and pools the <bos> position: its
 output is the sentence feature that CLIP, SigLIP and LiT project into the joint space.
 
 Optionally the text tower is a frozen, pre-trained sentence encoder instead: all-MiniLM-L6-v2
@@ -25,68 +25,48 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mlatlas.contrastive.transformer import Transformer
 from mlatlas.core.config import ConfigError
 from mlatlas.core.io import write_text
+from mlatlas.nn.tokenizers import SPECIAL_TOKENS, Tokenizer
+from mlatlas.nn.transformer import Transformer
 
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[ENC]")
-PAD, UNK, BOS, EOS, ENC = range(len(SPECIAL_TOKENS))
+ENC_TOKEN = "<enc>"
+"""BLIP's extra special token: it replaces <bos> to mark the grounded (image-text) encoder."""
+ENC = len(SPECIAL_TOKENS)
 
 
-class Tokenizer:
-    """Captions <-> padded id tensors with a trained BPE vocabulary."""
+class CaptionTokenizer:
+    """Captions <-> fixed-length rows of ids, over the library's BPE :class:`Tokenizer` trained
+    on the run's captions (lower-cased, split into words) with BLIP's ``<enc>`` after the
+    shared special tokens."""
 
-    def __init__(self, backend, max_len: int):
-        self.backend = backend
+    def __init__(self, tokenizer: Tokenizer, max_len: int):
+        if tokenizer.backend.token_to_id(ENC_TOKEN) != ENC:
+            raise ConfigError(f"a caption tokenizer needs {ENC_TOKEN} at id {ENC}")
+        self.tokenizer = tokenizer
         self.max_len = max_len
 
     @classmethod
-    def train(cls, texts: list[str], vocab_size: int = 256, max_len: int = 24) -> Tokenizer:
-        from tokenizers import Tokenizer as Backend
-        from tokenizers import models, normalizers, pre_tokenizers, trainers
-
-        backend = Backend(models.BPE(unk_token="[UNK]"))
-        backend.normalizer = normalizers.Lowercase()
-        backend.pre_tokenizer = pre_tokenizers.Whitespace()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                      show_progress=False)
-        backend.train_from_iterator(texts, trainer)
-        return cls(backend, max_len)
+    def train(cls, texts: list[str], vocab_size: int = 256, max_len: int = 24
+              ) -> CaptionTokenizer:
+        return cls(Tokenizer.bpe(texts, vocab_size, words=True, extra_special=(ENC_TOKEN,)),
+                   max_len)
 
     @property
     def vocab_size(self) -> int:
-        return self.backend.get_vocab_size()
-
-    def to_json(self) -> str:
-        return json.dumps({"max_len": self.max_len, "backend": self.backend.to_str()})
-
-    @classmethod
-    def from_json(cls, text: str) -> Tokenizer:
-        from tokenizers import Tokenizer as Backend
-
-        data = json.loads(text)
-        return cls(Backend.from_str(data["backend"]), data["max_len"])
+        return self.tokenizer.vocab_size
 
     def save(self, path: str | Path) -> None:
-        write_text(path, self.to_json())
+        self.tokenizer.save(path)
 
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, mask), both (N, max_len): [BOS] tokens [EOS] then padding; ``mask`` is True on
+        """(ids, mask), both (N, max_len): <bos> tokens <eos> then <pad>; ``mask`` is True on
         real tokens. Captions longer than ``max_len`` - 2 tokens are cut."""
-        body = self.max_len - 2
-        rows = [[BOS, *e.ids[:body], EOS] for e in self.backend.encode_batch(list(texts))]
-        ids = torch.full((len(rows), self.max_len), PAD, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, :len(row)] = torch.tensor(row)
-        return ids, ids != PAD
+        return self.tokenizer.pad_batch(texts, self.max_len)
 
     def decode(self, ids: torch.Tensor) -> list[str]:
-        """Texts of (N, L) ids, stopping at [EOS] and skipping special tokens."""
-        texts = []
-        for row in ids.tolist():
-            row = row[:row.index(EOS)] if EOS in row else row
-            texts.append(self.backend.decode([i for i in row if i >= len(SPECIAL_TOKENS)]))
-        return texts
+        """Texts of (N, L) ids, stopping at <eos> and skipping special tokens."""
+        return self.tokenizer.decode_padded(ids)
 
 
 class TextTower(nn.Module):
@@ -129,7 +109,8 @@ def load_minilm():
 
 
 class MiniLMTokenizer:
-    """MiniLM's own WordPiece tokenizer behind the ``Tokenizer`` interface ([CLS] w [SEP] pad)."""
+    """MiniLM's own WordPiece tokenizer behind the ``CaptionTokenizer`` interface
+    ([CLS] w [SEP] pad)."""
 
     def __init__(self, max_len: int):
         self.max_len = max_len
@@ -139,11 +120,8 @@ class MiniLMTokenizer:
     def vocab_size(self) -> int:
         return len(self.backend)
 
-    def to_json(self) -> str:
-        return json.dumps({"minilm": True, "max_len": self.max_len})
-
     def save(self, path: str | Path) -> None:
-        write_text(path, self.to_json())
+        write_text(path, json.dumps({"minilm": True}))
 
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.backend(list(texts), padding="max_length", max_length=self.max_len,
@@ -154,11 +132,13 @@ class MiniLMTokenizer:
         return self.backend.batch_decode(ids, skip_special_tokens=True)
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer | MiniLMTokenizer:
-    """A run's saved tokenizer, trained BPE or MiniLM's."""
+def load_tokenizer(path: str | Path, max_len: int) -> CaptionTokenizer | MiniLMTokenizer:
+    """A run's saved tokenizer (trained BPE, or a marker for MiniLM's own), for captions of
+    ``max_len`` tokens."""
     data = json.loads(Path(path).read_text())
-    return MiniLMTokenizer(data["max_len"]) if data.get("minilm") else \
-        Tokenizer.from_json(json.dumps(data))
+    if data.get("minilm"):
+        return MiniLMTokenizer(max_len)
+    return CaptionTokenizer(Tokenizer.load(path), max_len)
 
 
 class MiniLMTower(nn.Module):

@@ -32,7 +32,7 @@ from mlatlas.contrastive.losses import (
     siglip_loss,
     siglip_loss_chunked,
 )
-from mlatlas.contrastive.transformer import Transformer
+from mlatlas.nn.transformer import Transformer
 from mlatlas.nn.unet import norm_groups
 
 

@@ -29,7 +29,7 @@ from mlatlas.core.io import read_json, write_json
 from mlatlas.core.run import Run, RunError
 from mlatlas.llm.model import LMConfig, TinyLM, generate, load_pretrained, save_pretrained
 from mlatlas.llm.tasks import Problem, Task, get_task, parse_difficulties, problems
-from mlatlas.llm.tokenizer import Tokenizer
+from mlatlas.nn.tokenizers import Tokenizer
 
 LM_FILE = "lm.json"
 TOKENIZER_FILE = "tokenizer.json"

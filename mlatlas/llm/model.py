@@ -28,11 +28,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mlatlas.core.config import ConfigError
 from mlatlas.core.io import load_tensors, read_json, save_tensors, write_json
+from mlatlas.nn.attention import (
+    Attention,
+    KVCache,
+    causal_mask,
+    padding_mask,
+    rotary_cos_sin,
+)
+from mlatlas.nn.layers import RMSNorm, SwiGLU
+from mlatlas.nn.sampling import sample_token
 
 
 @dataclass
@@ -86,96 +94,21 @@ class LMConfig:
                    rope_theta=float(rope_theta), norm_eps=hf.get("rms_norm_eps", 1e-6))
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
-
-
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of m * theta^(-2i/d) for positions (B, T): each (B, 1, T, head_dim), the
-    d/2 angles written twice (the first and second halves of a head form the pairs)."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32,
-                                       device=positions.device) / head_dim)
-    angles = positions.float()[..., None] * inv_freq
-    angles = torch.cat([angles, angles], dim=-1)[:, None]
-    return angles.cos(), angles.sin()
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
-class KVCache:
-    """Keys and values of every layer for ``length`` tokens, in buffers of ``capacity``."""
-
-    def __init__(self, cfg: LMConfig, batch: int, capacity: int, device, dtype):
-        shape = (batch, cfg.n_kv_heads, capacity, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.length = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        start, end = self.length, self.length + k.shape[2]
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: LMConfig, layer: int):
-        super().__init__()
-        self.cfg, self.layer = cfg, layer
-        d = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * d, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * d, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * d, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * d, cfg.dim, bias=False)
-
-    def forward(self, x, cos, sin, mask, cache: KVCache | None):
-        B, T, _ = x.shape
-        d = self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, -1, d).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, -1, d).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, -1, d).transpose(1, 2)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        groups = self.cfg.n_heads // self.cfg.n_kv_heads
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: LMConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class DecoderLayer(nn.Module):
+    """Pre-norm Llama block: rotary grouped-query self-attention, then SwiGLU, both residual."""
+
     def __init__(self, cfg: LMConfig, layer: int):
         super().__init__()
+        self.layer = layer
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                                   bias=False)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = SwiGLU(cfg.dim, cfg.hidden_dim)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, rotary, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), mask=mask, rotary=rotary, cache=cache,
+                               layer=self.layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -218,10 +151,10 @@ class TinyLM(nn.Module):
             raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len "
                              f"{self.cfg.max_seq_len}")
         mask = attention_bias(attention_mask.bool(), T)
-        cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        rotary = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
+            x = layer(x, rotary, mask, cache)
         if cache is not None:
             cache.length += T
         return self.model.norm(x)
@@ -237,8 +170,8 @@ def attention_bias(key_mask: torch.Tensor, T: int) -> torch.Tensor:
     may always see itself, so a padding query (whose output nobody reads) has no empty row."""
     S = key_mask.shape[-1]
     rows = torch.arange(S - T, S, device=key_mask.device)[:, None]
-    cols = torch.arange(S, device=key_mask.device)[None, :]
-    return ((cols <= rows) & key_mask[:, None, None, :]) | (cols == rows)
+    itself = torch.arange(S, device=key_mask.device)[None, :] == rows
+    return (causal_mask(T, S, key_mask.device) & padding_mask(key_mask)) | itself
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -261,7 +194,9 @@ def generate(model: TinyLM, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     """
     B, P = prompt_ids.shape
     device = prompt_ids.device
-    cache = KVCache(model.cfg, B, P + max_new_tokens, device, model.lm_head.weight.dtype)
+    cfg = model.cfg
+    cache = KVCache(cfg.n_layers, B, cfg.n_kv_heads, cfg.head_dim, P + max_new_tokens, device,
+                    model.lm_head.weight.dtype)
     mask = prompt_mask.long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     h = model.hidden(prompt_ids, mask, cache, positions)[:, -1]
@@ -283,21 +218,6 @@ def generate(model: TinyLM, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     eos_before = torch.cumsum((ids == eos_id).long(), dim=1) - (ids == eos_id).long()
     completion_mask = (eos_before == 0).long()
     return ids.masked_fill(completion_mask == 0, pad_id), completion_mask
-
-
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
-                 generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) logits -> (B,) tokens, greedy at temperature 0, else nucleus sampling."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Keep a token if the mass before it is below top_p (the top token always stays).
-        keep = (sorted_probs.cumsum(-1) - sorted_probs) < top_p
-        sorted_probs = sorted_probs * keep
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 # transformers' folder format ------------------------------------------------------------------

@@ -45,7 +45,7 @@ from mlatlas.llm.common import (
 )
 from mlatlas.llm.model import LMConfig, TinyLM
 from mlatlas.llm.tasks import get_task, parse_difficulties, problems, read_jsonl, write_jsonl
-from mlatlas.llm.tokenizer import Tokenizer
+from mlatlas.nn.tokenizers import Tokenizer
 
 __all__ = ["Config", "RewardModel", "bradley_terry_loss", "evaluate", "load_reward_model",
            "train"]

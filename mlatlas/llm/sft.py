@@ -46,7 +46,7 @@ from mlatlas.llm.tasks import (
     read_jsonl,
     write_jsonl,
 )
-from mlatlas.llm.tokenizer import Tokenizer
+from mlatlas.nn.tokenizers import Tokenizer
 
 __all__ = ["Config", "sft_loss", "solution_loss", "train"]
 
