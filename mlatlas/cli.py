@@ -5,8 +5,9 @@
     mlatlas train --resume RUN_DIR [--steps N] continue a run where it stopped
     mlatlas sample RUN_DIR [--n N] [--sampler heun --steps 18 --guidance 3 --label 7]
                                                draw samples, write a figure and a .npy
-    mlatlas eval RUN_DIR [--n N]               score samples against the test split
-    mlatlas eval RUN_DIR --episodes 20 --video score an RL policy, record an episode
+    mlatlas eval RUN_DIR [--n N] [--seed S]    evaluate: N samples, episodes, problems or
+                                               held-out examples (default: the run's own)
+    mlatlas eval RUN_DIR --n 20 --video        score an RL policy, record an episode
     mlatlas demo                               DDPM on the 8x8 digits, end to end
     mlatlas classifier DATASET ...             retrain the shipped feature networks
 
@@ -168,9 +169,10 @@ def _report(run) -> None:
         print(json.dumps(summary, indent=2, sort_keys=True))
 
 
-def _open_run(argv: list[str], prog: str, n_default: int):
+def _open_run(argv: list[str], prog: str, n_default: int | None):
     """The run, its method, the parsed flags and the keyword arguments of the method's sampling
-    options (``--sampler``, ``--steps``, ... for methods that declare a sample config)."""
+    or evaluation options (``--sampler``, ``--steps``, ``--video``, ... for methods that declare
+    an options dataclass)."""
     import dataclasses
 
     from mlatlas.core.run import Run
@@ -179,22 +181,22 @@ def _open_run(argv: list[str], prog: str, n_default: int):
     probe = Parser(prog=prog, add_help=False)
     probe.add_argument("run_dir", type=Path, nargs="?")
     known, _ = probe.parse_known_args(argv)
-    options_cls, samples = None, True
+    options_cls = None
     if known.run_dir is not None:
-        method = get_method(Run.open(known.run_dir).method)
-        options_cls, samples = method.sample_config_cls, method.sample is not None
+        options_cls = get_method(Run.open(known.run_dir).method).sample_config_cls
     parser = Parser(prog=prog)
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    # Only methods that draw samples have a sample count (RL runs count --episodes).
-    if samples:
-        parser.add_argument("--n", type=int, default=n_default,
-                            help=f"samples (default {n_default})")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    # One meaning for every family: how many items to draw or score (samples, episodes,
+    # problems, held-out examples).
+    parser.add_argument("--n", type=int, default=n_default,
+                        help="how many samples, episodes, problems or examples (default: "
+                             f"{n_default or 'the run config'})")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of every random draw (default 0)")
     if options_cls is not None:
         add_config_arguments(parser, options_cls)
     _common(parser)
     args = parser.parse(argv)
-    args.n = getattr(args, "n", None)
     if args.n is not None and args.n < 1:
         raise UsageError(f"--n must be at least 1, got {args.n}")
     _set_threads(args.threads)
@@ -236,7 +238,7 @@ def cmd_sample(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    run, method, args, extra = _open_run(argv, "mlatlas eval", 500)
+    run, method, args, extra = _open_run(argv, "mlatlas eval", None)
     metrics = method.function("evaluate")(run, args.n, args.seed, progress=args.progress, **extra)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
