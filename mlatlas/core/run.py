@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib
 import io
 import json
 import math
@@ -33,7 +34,7 @@ from typing import Any
 
 import torch
 
-from mlatlas.core.config import config_to_dict
+from mlatlas.core.config import config_from_dict, config_to_dict
 from mlatlas.core.io import (
     CheckpointError,
     atomic_path,
@@ -111,6 +112,21 @@ class Run:
 
     def path(self, name: str) -> Path:
         return self.dir / name
+
+    def load_config(self, cls: type | None = None) -> Any:
+        """The run's config object, of ``cls`` or else of the class ``config.json`` records, so
+        a method module rebuilds its config without knowing the registry."""
+        if cls is None:
+            if not self.config_class:
+                raise RunError(f"{self.dir}/config.json names no config class (a run made "
+                               "before mlatlas 0.2); load it with its method's Config")
+            module, _, name = self.config_class.partition(":")
+            try:
+                cls = getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError):
+                raise RunError(f"{self.dir} was made by {self.config_class}, which this "
+                               "version of mlatlas does not have") from None
+        return config_from_dict(cls, self.config)
 
     def write_config(self) -> None:
         import mlatlas
