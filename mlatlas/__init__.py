@@ -1,3 +1,3 @@
 """mlatlas: modern ML methods implemented from their equations and verified three ways."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

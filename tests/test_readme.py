@@ -60,8 +60,8 @@ def test_readme_deep_rl_tour(runs, capsys):
                     "--no-progress"]
         else:
             argv = [argv[0], str(run_dir_of(runs, argv[1])), *argv[2:], "--no-progress"]
-            if "--episodes" in argv:
-                argv[argv.index("--episodes") + 1] = "2"
+            if "--n" in argv:
+                argv[argv.index("--n") + 1] = "2"
         assert main(argv) == 0, argv
     assert next(runs.glob("ppo-*/episode-seed0.gif")).is_file()
 
@@ -118,5 +118,5 @@ def test_readme_llm_tour(runs, capsys):
             # Two GRPO runs were made (GRPO and Dr. GRPO): score the first.
             method = Path(argv[1]).name.rsplit("-", 2)[0]
             first = sorted(runs.glob(f"{method}-*"))[0]
-            argv = [argv[0], str(first), "--problems", "8", "--no-progress"]
+            argv = [argv[0], str(first), "--n", "8", "--no-progress"]
         assert main(argv) == 0, argv
