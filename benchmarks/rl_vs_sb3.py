@@ -12,9 +12,9 @@ MountainCarContinuous-v0 90). The criterion is the same for every library:
 - mlatlas: ``<algo>.Config.create(env, seed, steps=CAP, target_return=THRESHOLD)`` and
   ``train``; the time is this script's ``perf_counter`` around ``Config.create`` + ``train``
   less the final evaluation and figure that ``train`` does after reaching the threshold
-  (``final_eval_s`` in its summary, printed), so like the peers' it ends at the threshold and
-  includes the setup; the run summary's ``solved_env_steps`` / ``solved_wall_s`` are printed
-  beside it.
+  (``train/final_eval_s`` in its summary, printed), so like the peers' it ends at the threshold
+  and includes the setup; the run summary's ``train/solved_env_steps`` /
+  ``train/solved_wall_s`` are printed beside it.
 - Stable-Baselines3 (and sb3-contrib for TRPO), with rl-baselines3-zoo's tuned hyperparameters
   (``ZOO`` below): a callback reads ``info["episode"]["r"]`` from SB3's ``Monitor`` (the raw
   return, before any ``VecNormalize`` scaling) and stops ``learn`` at the threshold; the clock
@@ -203,14 +203,14 @@ def worker_ours(job: dict[str, Any]) -> dict[str, Any]:
         summary = run.summary()
     # The peers stop their clocks at the threshold; train goes on to score the policy and draw
     # its figure, which is not part of reaching the threshold.
-    wall -= summary.get("final_eval_s", 0.0)
-    cpu -= summary.get("final_eval_s", 0.0)
-    solved = "solved_env_steps" in summary
+    wall -= summary.get("train/final_eval_s", 0.0)
+    cpu -= summary.get("train/final_eval_s", 0.0)
+    solved = "train/solved_env_steps" in summary
     return {"solved": solved, "wall_s": wall, "cpu_s": cpu,
-            "env_steps": summary.get("solved_env_steps", summary.get("env_steps")),
-            "summary_wall_s": summary.get("solved_wall_s", summary.get("wall_s")),
-            "final_eval_s": summary.get("final_eval_s"),
-            "note": "" if solved else f"cap: {summary.get('env_steps')} env steps"}
+            "env_steps": summary.get("train/solved_env_steps", summary.get("train/steps")),
+            "summary_wall_s": summary.get("train/solved_wall_s", summary.get("train/wall_s")),
+            "final_eval_s": summary.get("train/final_eval_s"),
+            "note": "" if solved else f"cap: {summary.get('train/steps')} env steps"}
 
 
 def sb3_model(algo: str, env: str, seed: int):
@@ -392,7 +392,8 @@ def table(algo: str, env: str, results: dict[str, list[dict[str, Any]]], threads
         cpus[lib] = [r["cpu_s"] for r in ok]
         notes = "; ".join(sorted({r["note"] for r in runs if r.get("note")}))
         if lib == "ours" and ok:
-            extra = "summary solved_wall_s " + mean_std([r["summary_wall_s"] for r in ok], ".2f")
+            extra = ("summary train/solved_wall_s "
+                     + mean_std([r["summary_wall_s"] for r in ok], ".2f"))
             if all(r.get("final_eval_s") is not None for r in ok):
                 extra += ("; of the wall-clock, final evaluation + figure "
                           + mean_std([r["final_eval_s"] for r in ok], ".2f"))

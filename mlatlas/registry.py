@@ -74,7 +74,7 @@ def _tabular(name: str, module: str, summary: str, *, config: str, train: str) -
 
 TABULAR_EVALUATE = "mlatlas.rl.tabular.common:evaluate"
 DIFFUSION = "mlatlas.generative.diffusion.framework"
-DEEP_RL = "mlatlas.rl.deep.common"
+DEEP_RL = "mlatlas.rl.deep.evaluation"
 CLIP = "mlatlas.contrastive.clip"
 
 

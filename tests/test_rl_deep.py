@@ -9,9 +9,15 @@ import pytest
 import torch
 
 from mlatlas.cli import main
+from mlatlas.core.config import ConfigError
 from mlatlas.core.io import load_tensors
 from mlatlas.core.run import Run
-from mlatlas.rl.deep import a2c, common, ppo, reinforce
+from mlatlas.core.stats import RunningMeanStd
+from mlatlas.rl.deep import a2c, ppo, reinforce
+from mlatlas.rl.deep.envs import Interaction, Spaces, check_env_id, env_actions
+from mlatlas.rl.deep.evaluation import evaluate
+from mlatlas.rl.deep.normalize import RewardScaler
+from mlatlas.rl.deep.policies import Policy
 from mlatlas.rl.deep.rollout import standardize
 from mlatlas.rl.returns import discounted_returns, gae
 
@@ -155,7 +161,7 @@ def test_standardize():
 def test_running_mean_std_merges_batches_exactly():
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(n, 3, generator=g) * 4 + 2 for n in (5, 17, 1, 40)]
-    rms = common.RunningMeanStd((3,))
+    rms = RunningMeanStd((3,))
     for b in batches:
         rms.update(b)
     data = torch.cat(batches).double()
@@ -164,7 +170,7 @@ def test_running_mean_std_merges_batches_exactly():
 
 
 def test_reward_scaler_divides_by_the_std_of_the_discounted_return():
-    scaler = common.RewardScaler(num_envs=1, gamma=0.5)
+    scaler = RewardScaler(num_envs=1, gamma=0.5)
     dones = torch.tensor([False])
     rewards = torch.randn(201, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     seen = []
@@ -183,8 +189,8 @@ def test_reward_scaler_divides_by_the_std_of_the_discounted_return():
 def test_policy_closed_forms_match_torch_distributions():
     g = torch.Generator().manual_seed(0)
     obs = torch.randn(5, 3, generator=g)
-    gaussian = common.Policy(gaussian_spaces(), (8,), log_std_init=-0.5)
-    categorical = common.Policy(common.Spaces(3, False, True, 4), (8,))
+    gaussian = Policy(gaussian_spaces(), (8,), log_std_init=-0.5)
+    categorical = Policy(Spaces(3, False, True, 4), (8,))
     for policy in (gaussian, categorical):
         torch.nn.init.normal_(policy.net[-1].weight, generator=g)  # not a near-uniform start
         if policy is gaussian:
@@ -208,11 +214,11 @@ def test_policy_closed_forms_match_torch_distributions():
     assert torch.equal(categorical.act(obs), categorical.distribution(obs).argmax(-1))
     # Gaussian actions are clipped to the box only when handed to the environment.
     np.testing.assert_array_equal(
-        common.env_actions(torch.tensor([[3.0, -0.5]]), gaussian_spaces()), [[1.0, -0.5]])
+        env_actions(torch.tensor([[3.0, -0.5]]), gaussian_spaces()), [[1.0, -0.5]])
 
 
 def gaussian_spaces():
-    return common.Spaces(3, False, False, 2, -torch.ones(2), torch.ones(2))
+    return Spaces(3, False, False, 2, -torch.ones(2), torch.ones(2))
 
 
 class CountingEnv(gym.Env):
@@ -235,7 +241,7 @@ def test_interaction_hands_over_the_final_observation_at_a_time_limit():
     if "test/Counting-v0" not in gym.registry:
         gym.register("test/Counting-v0", entry_point=CountingEnv, max_episode_steps=3)
     cfg = ppo.Config(env="test/Counting-v0", num_envs=2)
-    interaction = common.Interaction(cfg)
+    interaction = Interaction(cfg)
     seen = [interaction.step(torch.zeros(2, dtype=torch.long)) for _ in range(3)]
     last = seen[-1]
     assert last.dones.all() and not last.terminated.any()
@@ -246,8 +252,8 @@ def test_interaction_hands_over_the_final_observation_at_a_time_limit():
 
 
 def test_unknown_environment_is_a_config_error_with_suggestions():
-    with pytest.raises(common.ConfigError, match="did you mean CartPole-v1"):
-        common.check_env_id("CartPol-v1")
+    with pytest.raises(ConfigError, match="did you mean CartPole-v1"):
+        check_env_id("CartPol-v1")
 
 
 def test_create_puts_the_env_presets_under_the_callers_choices():
@@ -273,7 +279,7 @@ def test_agent_solves_the_identity_task(name, runs):
     run = module.train(cfg, Run.create(name, cfg, root=runs), progress=False)
     # A uniform policy earns 2.5 of the 10 possible; the deterministic policy must be right on
     # (nearly) every step.
-    assert run.summary()["eval_return_mean"] >= 9.5
+    assert run.summary()["eval/return_mean"] >= 9.5
     returns = [r["episode_return"] for r in run.metrics if "episode_return" in r]
     assert returns[0] < 6.0 < returns[-1]
 
@@ -285,12 +291,13 @@ def test_agent_learns_the_continuous_identity_task(name, runs):
                         **FAST_IDENTITY[name])
     run = module.train(cfg, Run.create(name, cfg, root=runs), progress=False)
     # Playing a = 0 earns -10/3 per episode; mu(x) = x earns 0.
-    assert run.summary()["eval_return_mean"] > -1.5
+    assert run.summary()["eval/return_mean"] > -1.5
 
 
 def short_ppo(**kw):
+    # 128 environment steps an update: a row every 2 updates, a checkpoint every 4.
     return ppo.Config(**{**dict(env="CartPole-v1", steps=1024, n_steps=32, batch_size=64,
-                                epochs=2, num_envs=4, log_every=2, ckpt_every=4,
+                                epochs=2, num_envs=4, log_every=256, ckpt_every=512,
                                 eval_episodes=2), **kw})
 
 
@@ -316,9 +323,38 @@ def test_normalisers_are_checkpointed_and_a_resumed_run_continues(runs):
     longer = short_ppo(normalize_obs=True, normalize_reward=True, steps=2048)
     ppo.train(longer, run, progress=False)
     rows = Run.open(run.dir).metrics
-    assert rows[-1]["step"] == 16 and rows[-1]["env_steps"] == 2 * steps_before
+    assert rows[-1]["step"] == 2048 and rows[-1]["env_steps"] == 2 * steps_before
+    # The step column counts environment steps, like --steps.
+    assert all(row["step"] == row["env_steps"] for row in rows)
     resumed = load_tensors(run.path("checkpoint.safetensors"))
     assert resumed["obs_norm.count"].item() > tensors["obs_norm.count"].item()
+
+
+def test_steps_rows_and_checkpoints_count_environment_steps(runs):
+    # 128 environment steps an update: --log-every 200 rounds up to 2 updates, and --steps 1000
+    # down to 7; the last update always writes a row (and a checkpoint).
+    cfg = short_ppo(log_every=200, ckpt_every=300, steps=1000)
+    run = ppo.train(cfg, Run.create("ppo", cfg, root=runs), progress=False)
+    rows = run.metrics
+    assert [row["step"] for row in rows] == [256, 512, 768, 896]
+    assert all(row["step"] == row["env_steps"] and "policy_loss" in row for row in rows)
+    assert run.checkpoint_step() == 896 == run.summary()["train/steps"]
+
+
+def test_checkpoint_groups_and_evaluate_with_n_and_seed(runs):
+    cfg = short_ppo(steps=256, eval_episodes=3)
+    run = ppo.train(cfg, Run.create("ppo", cfg, root=runs), progress=False)
+    groups = {k.split(".")[0] for k in load_tensors(run.path("checkpoint.safetensors"))}
+    assert groups == {"model", "critic", "optimizer", "rng", "episodes", "rng_torch"}
+    # n = None is the run's eval_episodes; the same seed scores the same episodes.
+    assert evaluate(run)["episodes"] == 3
+    scores = evaluate(run, 5, seed=1)
+    assert scores == evaluate(run, 5, seed=1) and scores["episodes"] == 5
+    assert scores["return_mean"] != evaluate(run, 5, seed=2)["return_mean"]
+    summary = run.summary()
+    assert summary["eval/episodes"] == 5 and summary["eval/seed"] == 2
+    assert set(summary) >= {"train/steps", "train/wall_s", "train/final_eval_s",
+                            "eval/return_mean", "eval/return_std"}
 
 
 def test_target_return_stops_the_run_and_records_when(runs):
@@ -326,8 +362,8 @@ def test_target_return_stops_the_run_and_records_when(runs):
                      lr=3e-3, target_return=8.0, eval_episodes=2)
     run = ppo.train(cfg, Run.create("ppo", cfg, root=runs), progress=False)
     summary = run.summary()
-    assert summary["solved_env_steps"] < 8192
-    assert summary["solved_env_steps"] == run.metrics[-1]["env_steps"]
+    assert summary["train/solved_env_steps"] < 8192
+    assert summary["train/solved_env_steps"] == run.metrics[-1]["env_steps"]
     assert run.metrics[-1]["episode_return"] >= 8.0
 
 
@@ -341,11 +377,13 @@ def test_cli_trains_evaluates_and_records_a_video(runs, capsys):
     (run_dir,) = runs.iterdir()
     assert (run_dir / "returns.png").is_file()
     capsys.readouterr()
-    assert main(["eval", str(run_dir), "--episodes", "3"]) == 0
+    assert main(["eval", str(run_dir), "--n", "3"]) == 0
     out = capsys.readouterr().out
     assert '"episodes": 3' in out and "return_mean" in out
-    assert main(["eval", str(run_dir), "--n", "3"]) == 2
-    assert "unrecognised argument '--n'" in capsys.readouterr().err
+    assert Run.open(run_dir).summary()["eval/episodes"] == 3
+    # Every family counts its evaluation items with --n; --episodes is gone.
+    assert main(["eval", str(run_dir), "--episodes", "3"]) == 2
+    assert "unrecognised argument '--episodes'" in capsys.readouterr().err
 
 
 def test_cli_records_an_episode_as_a_gif(runs, capsys):
@@ -355,7 +393,7 @@ def test_cli_records_an_episode_as_a_gif(runs, capsys):
     assert main(["train", "a2c", "--env", "CartPole-v1", "--steps", "400", "--eval-episodes",
                  "1", "--out", str(runs), "--no-progress"]) == 0
     (run_dir,) = runs.iterdir()
-    assert main(["eval", str(run_dir), "--episodes", "1", "--video"]) == 0
+    assert main(["eval", str(run_dir), "--n", "1", "--video"]) == 0
     gif = run_dir / "episode-seed0.gif"
     with Image.open(gif) as im:
         assert im.n_frames >= 8 and im.size == (600, 400)
@@ -376,14 +414,14 @@ def test_agent_solves_cartpole(name, runs):
     module = {"ppo": ppo, "a2c": a2c}[name]
     cfg = module.Config.create(env="CartPole-v1", target_return=490.0)
     run = module.train(cfg, Run.create(name, cfg, root=runs), progress=False)
-    assert run.summary()["eval_return_mean"] >= 475.0
+    assert run.summary()["eval/return_mean"] >= 475.0
 
 
 def test_mujoco_tasks_name_the_extra_they_need():
     try:
         import mujoco  # noqa: F401
     except ImportError:
-        with pytest.raises(common.ConfigError, match=r"mlatlas\[mujoco\]"):
-            common.check_env_id("HalfCheetah-v5")
+        with pytest.raises(ConfigError, match=r"mlatlas\[mujoco\]"):
+            check_env_id("HalfCheetah-v5")
     else:
-        common.check_env_id("HalfCheetah-v5")
+        check_env_id("HalfCheetah-v5")

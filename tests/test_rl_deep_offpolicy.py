@@ -11,9 +11,11 @@ from torch import nn
 from mlatlas.core.config import ConfigError, config_to_dict
 from mlatlas.core.io import load_tensors
 from mlatlas.core.run import Run
-from mlatlas.rl.deep import common, ddpg, td3
-from mlatlas.rl.deep.common import Spaces, polyak_update
+from mlatlas.rl.deep import ddpg, td3
 from mlatlas.rl.deep.ddpg import GaussianNoise, OrnsteinUhlenbeckNoise, QEnsemble, ddpg_target
+from mlatlas.rl.deep.envs import Spaces
+from mlatlas.rl.deep.evaluation import evaluate
+from mlatlas.rl.deep.policies import polyak_update
 from mlatlas.rl.deep.replay import ReplayBuffer
 from mlatlas.rl.deep.td3 import target_policy_smoothing, td3_target
 from mlatlas.rl.deep.toy_envs import IDENTITY_CONTINUOUS_ID
@@ -229,18 +231,18 @@ def test_learner_targets_are_the_formulas():
     not_done = 1.0 - batch.terminated
     # DDPG: Q' of the target actor's own action.
     learner = ddpg.Learner(ddpg.Config(hidden=16, gamma=0.9), SPACES)
-    q = learner.critic_target(batch.next_obs, learner.actor_target.unit(batch.next_obs))[0]
+    q = learner.target_critic(batch.next_obs, learner.target_actor.unit(batch.next_obs))[0]
     assert torch.allclose(learner.target(batch, gen()), batch.rewards + 0.9 * not_done * q)
     # TD3: the smoothed target action, drawn from the run's generator, and the smaller critic.
     learner = td3.Learner(td3.Config(hidden=16, gamma=0.9, target_noise=0.5,
                                      target_noise_clip=0.3), SPACES)
     y = learner.target(batch, gen(4))
-    mu = learner.actor_target.unit(batch.next_obs)
+    mu = learner.target_actor.unit(batch.next_obs)
     eps = 0.5 * torch.randn(mu.shape, generator=gen(4))
-    q = learner.critic_target(batch.next_obs, (mu + eps.clamp(-0.3, 0.3)).clamp(-1.0, 1.0))
+    q = learner.target_critic(batch.next_obs, (mu + eps.clamp(-0.3, 0.3)).clamp(-1.0, 1.0))
     assert torch.allclose(y, batch.rewards + 0.9 * not_done * torch.minimum(q[0], q[1]))
     assert not torch.allclose(y, batch.rewards + 0.9 * not_done * q[0])
-    unsmoothed = learner.critic_target(batch.next_obs, mu).min(0).values
+    unsmoothed = learner.target_critic(batch.next_obs, mu).min(0).values
     assert not torch.allclose(y, batch.rewards + 0.9 * not_done * unsmoothed)
 
 
@@ -249,8 +251,8 @@ def test_delayed_actor_moves_every_policy_delay_critic_updates(delay):
     learner = td3.Learner(td3.Config(hidden=16, batch_size=8, policy_delay=delay, tau=0.5),
                           SPACES)
     buf, g = replay_of(), gen()
-    watched = {"actor": learner.actor, "actor_target": learner.actor_target,
-               "critic": learner.critic, "critic_target": learner.critic_target}
+    watched = {"actor": learner.actor, "target_actor": learner.target_actor,
+               "critic": learner.critic, "target_critic": learner.target_critic}
     for step in range(1, 7):
         before = {k: [p.clone() for p in m.parameters()] for k, m in watched.items()}
         metrics = learner.train(buf.sample(8, g, num_batches=1), g)
@@ -258,8 +260,8 @@ def test_delayed_actor_moves_every_policy_delay_critic_updates(delay):
                                                                 strict=True))
                  for k, m in watched.items()}
         due = step % delay == 0
-        assert moved == {"actor": due, "actor_target": due, "critic": True,
-                         "critic_target": due}, step
+        assert moved == {"actor": due, "target_actor": due, "critic": True,
+                         "target_critic": due}, step
         assert ("actor_loss" in metrics) == due
     assert int(learner.counters["critic_updates"]) == 6
 
@@ -290,7 +292,7 @@ def test_configs_reject_bad_values_and_discrete_actions(runs):
 def identity_config(module, **kw):
     values = dict(env=IDENTITY_CONTINUOUS_ID, steps=1600, num_envs=4, hidden=32, lr=3e-3,
                   gamma=0.5, batch_size=64, learning_starts=200, tau=0.05, gradient_steps=1,
-                  eval_episodes=10, log_every=25, ckpt_every=200)
+                  eval_episodes=10, log_every=100, ckpt_every=800)
     return module.Config(**{**values, **kw})
 
 
@@ -301,9 +303,9 @@ def test_agents_learn_the_continuous_identity(module, runs):
                        progress=False)
     summary = run.summary()
     # Playing a = 0 earns -||x||^2 / d = -1/3 a step, -3.33 an episode; the optimum is 0.
-    assert summary["eval_return_mean"] > -0.5, summary
+    assert summary["eval/return_mean"] > -0.5, summary
     # The checkpointed actor is what `mlatlas eval` loads and scores.
-    scores = common.evaluate(run, None, seed=5, options=common.EvalOptions(episodes=5))
+    scores = evaluate(run, 5, seed=5)
     assert scores["return_mean"] > -0.5
     tensors = load_tensors(run.path("checkpoint.safetensors"))
     assert int(tensors["replay.size"]) == cfg.steps
@@ -319,8 +321,8 @@ def test_same_seed_same_run(runs):
 
     (m0, t0), (m1, t1), (m2, t2) = once(0), once(0), once(1)
     assert m0 == m1
-    assert all(torch.equal(t0[k], t1[k]) for k in t0 if not k.startswith("rng"))
-    assert m0 != m2 and not torch.equal(t0["actor.net.0.weight"], t2["actor.net.0.weight"])
+    assert all(torch.equal(t0[k], t1[k]) for k in t0 if not k.startswith("rng_torch"))
+    assert m0 != m2 and not torch.equal(t0["model.net.0.weight"], t2["model.net.0.weight"])
     assert not torch.equal(t0["noise.x"], torch.zeros_like(t0["noise.x"]))
 
 
@@ -341,7 +343,7 @@ def test_resume_continues_with_the_checkpointed_replay(runs):
     # Critic updates went on counting from the checkpoint: one per update from the one that
     # reached learning_starts (update 10 of 4 environment steps) to the last, 100.
     assert int(resumed["learner.critic_updates"]) == 100 - 10 + 1
-    assert run.summary()["env_steps"] == 400
+    assert run.summary()["train/steps"] == 400
 
 
 @pytest.mark.slow
@@ -351,7 +353,7 @@ def test_agents_solve_pendulum(module, runs):
     cfg = module.Config.create(env="Pendulum-v1", target_return=-200.0)
     run = module.train(cfg, Run.create(name, cfg, root=runs), progress=False)
     summary = run.summary()
-    print(name, {k: summary.get(k) for k in ("solved_env_steps", "solved_wall_s",
-                                             "eval_return_mean", "eval_return_std")})
-    assert summary["eval_return_mean"] >= -200.0, summary
-    assert math.isfinite(summary.get("solved_env_steps", math.inf))
+    print(name, {k: summary.get(k) for k in ("train/solved_env_steps", "train/solved_wall_s",
+                                             "eval/return_mean", "eval/return_std")})
+    assert summary["eval/return_mean"] >= -200.0, summary
+    assert math.isfinite(summary.get("train/solved_env_steps", math.inf))

@@ -18,33 +18,41 @@ from typing import Any, ClassVar
 
 import torch
 
+from mlatlas.core.config import require_at_least, require_unit
+from mlatlas.core.optim import linear_decay, set_lr
 from mlatlas.core.run import Run
-from mlatlas.rl.deep.common import (
-    Agent,
-    evaluate,
-    linear_schedule,
-    prepare,
-    train_agent,
-)
-from mlatlas.rl.deep.rollout import (
-    ActorCriticConfig,
-    actor_and_critic,
-    collect,
-    make_actor,
-    standardize,
-)
+from mlatlas.rl.deep.config import DeepRLConfig
+from mlatlas.rl.deep.evaluation import evaluate
+from mlatlas.rl.deep.loop import Agent, prepare, total_updates, train_agent
+from mlatlas.rl.deep.rollout import actor_and_critic, collect, make_actor, standardize
 
 __all__ = ["Config", "a2c_loss", "evaluate", "make_actor", "train"]
 
 
 @dataclass
-class Config(ActorCriticConfig):
+class Config(DeepRLConfig):
+    METHOD: ClassVar[str] = "a2c"
+
     lr: float = 7e-4
     """Learning rate (RMSprop)."""
+    # In environment steps, about every 10 and 100 updates of the presets' 80-step rollouts
+    # (the docstrings are DeepRLConfig's).
+    log_every: int = 1_000
+    ckpt_every: int = 10_000
     n_steps: int = 5
     """Steps per environment between updates."""
     lam: float = 1.0
     """GAE lambda; 1 is A3C's n-step return."""
+    log_std_init: float = 0.0
+    """Initial log sigma of a Gaussian policy (continuous actions)."""
+    ent_coef: float = 0.0
+    """c_2, weight of the entropy bonus."""
+    vf_coef: float = 0.5
+    """c_1, weight of the value loss."""
+    max_grad_norm: float = 0.5
+    """Clip the global gradient norm to this."""
+    anneal: bool = False
+    """Decay the learning rate linearly to 0 over the run."""
     normalize_advantages: bool = False
     """Normalise the advantages of each rollout to zero mean and unit std."""
 
@@ -61,6 +69,11 @@ class Config(ActorCriticConfig):
                             log_std_init=-2.0, steps=1_000_000),
         "MountainCarContinuous-v0": dict(num_envs=4, normalize_obs=True, steps=100_000),
     }
+
+    def check(self) -> None:
+        super().check()
+        require_at_least(self, 1, "n_steps")
+        require_unit(self, "lam")
 
 
 def a2c_loss(log_probs: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor,
@@ -79,17 +92,16 @@ def a2c_loss(log_probs: torch.Tensor, advantages: torch.Tensor, values: torch.Te
 
 
 def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
-    run, generator, interaction = prepare(cfg, run, "a2c")
+    run, generator, interaction = prepare(cfg, run)
     actor, critic = actor_and_critic(cfg, interaction.spaces)
     params = [*actor.parameters(), *critic.parameters()]
     optimizer = torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.99, eps=1e-5, foreach=True)
     batch = cfg.n_steps * cfg.num_envs
-    total_updates = max(1, cfg.steps // batch)
+    updates = total_updates(cfg.steps, batch)
 
-    def update(step: int) -> dict[str, Any]:
+    def update(k: int) -> dict[str, Any]:
         if cfg.anneal:
-            for group in optimizer.param_groups:
-                group["lr"] = linear_schedule(cfg.lr, (step - 1) / total_updates)
+            set_lr(optimizer, linear_decay(cfg.lr, (k - 1) / updates))
         rollout = collect(interaction, actor, critic, cfg.n_steps, generator)
         advantages, returns = rollout.advantages(cfg.gamma, cfg.lam)
         advantages, returns = advantages.flatten(0, 1), returns.flatten(0, 1)
@@ -107,7 +119,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
         optimizer.step()
         return parts
 
-    agent = Agent(interaction, update, {"actor": actor, "critic": critic,
-                                        "optimizer": optimizer, "generator": generator},
+    agent = Agent(interaction, update, {"model": actor, "critic": critic,
+                                        "optimizer": optimizer, "rng": generator},
                   actor.act, batch)
     return train_agent(cfg, run, agent, progress)

@@ -49,20 +49,13 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from mlatlas.core.config import ConfigError, require_at_least
+from mlatlas.core.config import ConfigError, require_at_least, require_unit
 from mlatlas.core.run import Run
-from mlatlas.rl.deep.common import (
-    Agent,
-    DeepRLConfig,
-    Spaces,
-    check_env_id,
-    env_spaces,
-    evaluate,
-    mlp,
-    polyak_update,
-    prepare,
-    train_agent,
-)
+from mlatlas.rl.deep.config import DeepRLConfig
+from mlatlas.rl.deep.envs import Spaces, check_env_id, env_spaces
+from mlatlas.rl.deep.evaluation import evaluate
+from mlatlas.rl.deep.loop import Agent, prepare, train_agent
+from mlatlas.rl.deep.policies import mlp, polyak_update
 from mlatlas.rl.deep.replay import Batch, ReplayBuffer
 
 __all__ = ["Config", "GaussianNoise", "Learner", "OrnsteinUhlenbeckNoise", "QEnsemble",
@@ -71,10 +64,13 @@ __all__ = ["Config", "GaussianNoise", "Learner", "OrnsteinUhlenbeckNoise", "QEns
 
 @dataclass
 class Config(DeepRLConfig):
+    METHOD: ClassVar[str] = "ddpg"
+
     env: str = "Pendulum-v1"
     """A gymnasium environment id with a bounded Box action space."""
     steps: int = 50_000
-    """Environment steps to train for (summed over the parallel environments)."""
+    """Environment steps to train for (summed over the parallel environments; rounded down to
+    whole updates, at least one)."""
     num_envs: int = 1
     """Parallel environments; each update steps all of them ``train_freq`` times."""
     lr: float = 1e-3
@@ -102,10 +98,13 @@ class Config(DeepRLConfig):
     """theta, the mean-reversion rate of the Ornstein-Uhlenbeck noise."""
     ou_dt: float = 0.01
     """dt, the time step of the Ornstein-Uhlenbeck noise."""
-    log_every: int = 500
-    """Write a row of metrics.csv every this many updates."""
-    ckpt_every: int = 10_000
-    """Write checkpoint.safetensors (replay buffer included) every this many updates."""
+    # In environment steps, every 500 and 10,000 updates of the Pendulum preset's 4.
+    log_every: int = 2_000
+    """Write a row of metrics.csv every this many environment steps (rounded up to whole
+    updates)."""
+    ckpt_every: int = 40_000
+    """Write checkpoint.safetensors (replay buffer included) every this many environment steps
+    (rounded up to whole updates; and always at the end)."""
 
     # Started from rl-baselines3-zoo's hyperparams/ddpg.yml. Pendulum-v1: 4 environments, 2
     # gradient steps per vector step, tau 0.01, 64-unit networks and 1000 random steps instead
@@ -120,19 +119,21 @@ class Config(DeepRLConfig):
                                          steps=300_000),
     }
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require_at_least(self, 1, "buffer_size", "batch_size", "train_freq", "gradient_steps")
-        if self.learning_starts < 0:
-            raise ConfigError(f"--learning-starts must be >= 0, got {self.learning_starts}")
-        if not 0.0 <= self.tau <= 1.0:
-            raise ConfigError(f"--tau must be in [0, 1], got {self.tau}")
-        if self.noise not in ("gaussian", "ou"):
-            raise ConfigError(f"--noise must be gaussian or ou, got {self.noise!r}")
-        if self.noise_std < 0:
-            raise ConfigError(f"--noise-std must be >= 0, got {self.noise_std}")
-        if self.ou_theta <= 0 or self.ou_dt <= 0:
-            raise ConfigError("--ou-theta and --ou-dt must be positive")
+    def check(self) -> None:
+        super().check()
+        check_replay_fields(self)
+
+
+def check_replay_fields(cfg: Any) -> None:
+    """The checks of the fields DDPG's and TD3's configs both declare."""
+    require_at_least(cfg, 1, "buffer_size", "batch_size", "train_freq", "gradient_steps")
+    if cfg.learning_starts < 0:
+        raise ConfigError(f"--learning-starts must be >= 0, got {cfg.learning_starts}")
+    require_unit(cfg, "tau")
+    if cfg.noise_std < 0:
+        raise ConfigError(f"--noise-std must be >= 0, got {cfg.noise_std}")
+    if cfg.ou_theta <= 0 or cfg.ou_dt <= 0:
+        raise ConfigError("--ou-theta and --ou-dt must be positive")
 
 
 # The maths -------------------------------------------------------------------------------------
@@ -192,7 +193,7 @@ class OrnsteinUhlenbeckNoise(nn.Module):
             self.x.masked_fill_(ended.reshape(-1, *([1] * (self.x.dim() - 1))), 0.0)
 
 
-def make_noise(cfg: Config, act_dim: int) -> GaussianNoise | OrnsteinUhlenbeckNoise:
+def make_noise(cfg: Any, act_dim: int) -> GaussianNoise | OrnsteinUhlenbeckNoise:
     shape = (cfg.num_envs, act_dim)
     if cfg.noise == "ou":
         return OrnsteinUhlenbeckNoise(shape, cfg.noise_std, cfg.ou_theta, cfg.ou_dt)
@@ -254,12 +255,14 @@ class QEnsemble(nn.Module):
         return x.squeeze(-1)
 
 
-def make_actor(cfg: Config, spaces: Spaces) -> Actor:
+def make_actor(cfg: Any, spaces: Spaces) -> Actor:
+    """mu_phi of a DDPG or TD3 config (its ``hidden_sizes``)."""
     return Actor(spaces, cfg.hidden_sizes)
 
 
-def box_spaces(cfg: Config, method: str) -> Spaces:
+def box_spaces(cfg: Any) -> Spaces:
     """The env's spaces, or a ConfigError when its actions are not a bounded 1-d Box."""
+    method = cfg.METHOD
     check_env_id(cfg.env)
     spaces = env_spaces(cfg.env)
     if spaces.discrete:
@@ -277,12 +280,12 @@ class Learner:
     DDPG is the case ``n_critics`` = 1, ``policy_delay`` = 1 with :meth:`target` as below; TD3
     subclasses it and changes only the target."""
 
-    def __init__(self, cfg: Config, spaces: Spaces, n_critics: int = 1, policy_delay: int = 1):
+    def __init__(self, cfg: Any, spaces: Spaces, n_critics: int = 1, policy_delay: int = 1):
         self.cfg, self.policy_delay = cfg, policy_delay
         self.actor = make_actor(cfg, spaces)
         self.critic = QEnsemble(n_critics, spaces.obs_dim + spaces.act_dim, cfg.hidden_sizes)
-        self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
-        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.target_actor = copy.deepcopy(self.actor).requires_grad_(False)
+        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.actor_params = list(self.actor.parameters())
         self.actor_optimizer = torch.optim.Adam(self.actor_params, lr=cfg.lr, fused=True)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr,
@@ -291,14 +294,14 @@ class Learner:
 
     def objects(self) -> dict[str, Any]:
         """Everything of the learner a checkpoint must hold."""
-        return {"actor": self.actor, "critic": self.critic, "actor_target": self.actor_target,
-                "critic_target": self.critic_target, "actor_optimizer": self.actor_optimizer,
+        return {"model": self.actor, "critic": self.critic, "target_actor": self.target_actor,
+                "target_critic": self.target_critic, "optimizer": self.actor_optimizer,
                 "critic_optimizer": self.critic_optimizer, "learner": self.counters}
 
     @torch.no_grad()
     def target(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         """y of DDPG, with Q' of the target actor's action."""
-        next_q = self.critic_target(batch.next_obs, self.actor_target.unit(batch.next_obs))[0]
+        next_q = self.target_critic(batch.next_obs, self.target_actor.unit(batch.next_obs))[0]
         return ddpg_target(batch.rewards, batch.terminated, next_q, self.cfg.gamma)
 
     def critic_step(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
@@ -318,8 +321,8 @@ class Learner:
         for p, g in zip(self.actor_params, grads, strict=True):
             p.grad = g
         self.actor_optimizer.step()
-        polyak_update(self.critic_target, self.critic, self.cfg.tau)
-        polyak_update(self.actor_target, self.actor, self.cfg.tau)
+        polyak_update(self.target_critic, self.critic, self.cfg.tau)
+        polyak_update(self.target_actor, self.actor, self.cfg.tau)
         return loss.detach()
 
     def train(self, batches: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -338,18 +341,18 @@ class Learner:
         return metrics
 
 
-def train_offpolicy(cfg: Config, run: Run | None, progress: bool | None, method: str,
+def train_offpolicy(cfg: Any, run: Run | None, progress: bool | None,
                     learner: type[Learner]) -> Run:
     """The loop DDPG and TD3 share: act with noise, store, learn from replayed minibatches."""
-    spaces = box_spaces(cfg, method)
-    run, generator, interaction = prepare(cfg, run, method)
+    spaces = box_spaces(cfg)
+    run, generator, interaction = prepare(cfg, run)
     agent_learner = learner(cfg, spaces)
     actor = agent_learner.actor
     buffer = ReplayBuffer(min(cfg.buffer_size, cfg.steps), spaces.obs_dim, spaces.act_dim)
     noise = make_noise(cfg, spaces.act_dim)
     act_shape = (cfg.num_envs, spaces.act_dim)
 
-    def update(step: int) -> dict[str, Any]:
+    def update(k: int) -> dict[str, Any]:
         for _ in range(cfg.train_freq):
             with torch.no_grad():
                 if interaction.episodes.env_steps < cfg.learning_starts:
@@ -365,10 +368,10 @@ def train_offpolicy(cfg: Config, run: Run | None, progress: bool | None, method:
         return agent_learner.train(batches, generator)
 
     objects = {**agent_learner.objects(), "noise": noise, "replay": buffer.state,
-               "generator": generator}
+               "rng": generator}
     agent = Agent(interaction, update, objects, actor, cfg.num_envs * cfg.train_freq)
     return train_agent(cfg, run, agent, progress)
 
 
 def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
-    return train_offpolicy(cfg, run, progress, "ddpg", Learner)
+    return train_offpolicy(cfg, run, progress, Learner)

@@ -21,28 +21,35 @@ from typing import Any, ClassVar
 
 import torch
 
-from mlatlas.core.config import ConfigError, require_at_least
+from mlatlas.core.config import ConfigError, require_at_least, require_unit
+from mlatlas.core.optim import linear_decay, set_lr
 from mlatlas.core.run import Run
-from mlatlas.rl.deep.common import (
-    Agent,
-    evaluate,
-    linear_schedule,
-    prepare,
-    train_agent,
-)
-from mlatlas.rl.deep.rollout import (
-    ActorCriticConfig,
-    actor_and_critic,
-    collect,
-    make_actor,
-    standardize,
-)
+from mlatlas.rl.deep.config import DeepRLConfig
+from mlatlas.rl.deep.evaluation import evaluate
+from mlatlas.rl.deep.loop import Agent, prepare, total_updates, train_agent
+from mlatlas.rl.deep.rollout import actor_and_critic, collect, make_actor, standardize
 
 __all__ = ["Config", "evaluate", "make_actor", "ppo_loss", "train"]
 
 
 @dataclass
-class Config(ActorCriticConfig):
+class Config(DeepRLConfig):
+    METHOD: ClassVar[str] = "ppo"
+
+    n_steps: int = 128
+    """Rollout length per environment; a rollout has n_steps x num_envs transitions."""
+    lam: float = 0.95
+    """GAE lambda: 1 gives the discounted return minus v(s), 0 the one-step TD error."""
+    log_std_init: float = 0.0
+    """Initial log sigma of a Gaussian policy (continuous actions)."""
+    ent_coef: float = 0.0
+    """c_2, weight of the entropy bonus."""
+    vf_coef: float = 0.5
+    """c_1, weight of the value loss."""
+    max_grad_norm: float = 0.5
+    """Clip the global gradient norm to this."""
+    anneal: bool = True
+    """Decay the learning rate and eps linearly to 0 over the run."""
     batch_size: int = 256
     """Minibatch size of the optimisation epochs."""
     epochs: int = 10
@@ -51,8 +58,6 @@ class Config(ActorCriticConfig):
     """eps of the clipped ratio."""
     clip_range_vf: float = 0.0
     """eps_v of the value clipping; 0 turns it off."""
-    anneal: bool = True
-    """Decay the learning rate and eps linearly to 0 over the run."""
 
     # Tuned per environment after rl-baselines3-zoo's hyperparams/ppo.yml; changed where
     # measured to solve faster here (docs/methods/rl-deep.md).
@@ -73,9 +78,10 @@ class Config(ActorCriticConfig):
                                          vf_coef=0.19, normalize_obs=True, steps=50_000),
     }
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require_at_least(self, 1, "batch_size", "epochs")
+    def check(self) -> None:
+        super().check()
+        require_at_least(self, 1, "n_steps", "batch_size", "epochs")
+        require_unit(self, "lam")
         if self.clip_range <= 0 or self.clip_range_vf < 0:
             raise ConfigError("--clip-range must be positive and --clip-range-vf non-negative")
 
@@ -116,21 +122,20 @@ def ppo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: t
 
 
 def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
-    run, generator, interaction = prepare(cfg, run, "ppo")
+    run, generator, interaction = prepare(cfg, run)
     actor, critic = actor_and_critic(cfg, interaction.spaces)
     params = [*actor.parameters(), *critic.parameters()]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5, fused=True)
     batch = cfg.n_steps * cfg.num_envs
-    total_updates = max(1, cfg.steps // batch)
+    updates = total_updates(cfg.steps, batch)
     minibatch = min(cfg.batch_size, batch)
 
-    def update(step: int) -> dict[str, Any]:
-        progress_done = (step - 1) / total_updates
-        lr = linear_schedule(cfg.lr, progress_done) if cfg.anneal else cfg.lr
-        clip_range = (linear_schedule(cfg.clip_range, progress_done) if cfg.anneal
+    def update(k: int) -> dict[str, Any]:
+        progress_done = (k - 1) / updates
+        lr = linear_decay(cfg.lr, progress_done) if cfg.anneal else cfg.lr
+        clip_range = (linear_decay(cfg.clip_range, progress_done) if cfg.anneal
                       else cfg.clip_range)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         rollout = collect(interaction, actor, critic, cfg.n_steps, generator)
         advantages, returns = rollout.advantages(cfg.gamma, cfg.lam)
         flat = {"obs": rollout.obs.flatten(0, 1), "actions": rollout.actions.flatten(0, 1),
@@ -156,8 +161,8 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
                 history.append(torch.stack(list(parts.values())))
         return dict(zip(parts, torch.stack(history).mean(0).tolist(), strict=True))
 
-    agent = Agent(interaction, update, {"actor": actor, "critic": critic,
-                                        "optimizer": optimizer, "generator": generator},
+    agent = Agent(interaction, update, {"model": actor, "critic": critic,
+                                        "optimizer": optimizer, "rng": generator},
                   actor.act, batch)
     return train_agent(cfg, run, agent, progress)
 

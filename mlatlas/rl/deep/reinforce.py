@@ -20,18 +20,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from mlatlas.core.config import ConfigError
+from mlatlas.core.config import require_at_least
 from mlatlas.core.run import Run
-from mlatlas.rl.deep.common import (
-    Agent,
-    DeepRLConfig,
-    Policy,
-    Spaces,
-    evaluate,
-    prepare,
-    train_agent,
-    value_net,
-)
+from mlatlas.rl.deep.config import DeepRLConfig
+from mlatlas.rl.deep.envs import Spaces
+from mlatlas.rl.deep.evaluation import evaluate
+from mlatlas.rl.deep.loop import Agent, prepare, train_agent
+from mlatlas.rl.deep.policies import Policy, value_net
 from mlatlas.rl.deep.rollout import collect, standardize
 from mlatlas.rl.returns import discounted_returns
 
@@ -40,8 +35,14 @@ __all__ = ["Config", "complete_episodes", "evaluate", "reinforce_loss", "train"]
 
 @dataclass
 class Config(DeepRLConfig):
+    METHOD: ClassVar[str] = "reinforce"
+
     lr: float = 1e-3
     """Learning rate (Adam), for the policy and the baseline."""
+    # In environment steps, every 10 and 100 updates of the default 4000-step rollouts (the
+    # docstrings are DeepRLConfig's).
+    log_every: int = 40_000
+    ckpt_every: int = 400_000
     n_steps: int = 500
     """Steps per environment in a rollout; only the episodes finished inside it are used."""
     baseline: bool = True
@@ -54,10 +55,9 @@ class Config(DeepRLConfig):
         "Acrobot-v1": dict(num_envs=8, n_steps=500, lr=3e-3, steps=500_000),
     }
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.n_steps < 1:
-            raise ConfigError(f"--n-steps must be at least 1, got {self.n_steps}")
+    def check(self) -> None:
+        super().check()
+        require_at_least(self, 1, "n_steps")
 
 
 def complete_episodes(dones: torch.Tensor) -> torch.Tensor:
@@ -78,9 +78,9 @@ def make_actor(cfg: Config, spaces: Spaces) -> Policy:
 
 
 def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
-    run, generator, interaction = prepare(cfg, run, "reinforce")
+    run, generator, interaction = prepare(cfg, run)
     actor = make_actor(cfg, interaction.spaces)
-    objects: dict[str, Any] = {"actor": actor, "generator": generator}
+    objects: dict[str, Any] = {"model": actor, "rng": generator}
     params = list(actor.parameters())
     baseline = None
     if cfg.baseline:
@@ -90,7 +90,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=True)
     objects["optimizer"] = optimizer
 
-    def update(step: int) -> dict[str, Any]:
+    def update(k: int) -> dict[str, Any]:
         rollout = collect(interaction, actor, None, cfg.n_steps, generator)
         mask = complete_episodes(rollout.dones)
         if not mask.any():

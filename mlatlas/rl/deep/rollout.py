@@ -1,56 +1,28 @@
 """On-policy rollouts: T steps of B parallel environments under the current policy, stored
-time-major, with the values an advantage estimate needs (REINFORCE, A2C, PPO and TRPO share it).
+time-major, with the values an advantage estimate needs (REINFORCE, A2C, PPO and TRPO share it),
+and the actor and critic of the agents that learn from GAE advantages (A2C, PPO, TRPO).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from mlatlas.core.config import require_at_least, require_unit
-from mlatlas.rl.deep.common import DeepRLConfig, Interaction, Policy, Spaces, value_net
+from mlatlas.rl.deep.envs import Interaction, Spaces
+from mlatlas.rl.deep.policies import Policy, value_net
 from mlatlas.rl.returns import gae
 
 
-@dataclass
-class OnPolicyConfig(DeepRLConfig):
-    """Fields of the agents that learn from GAE advantages of rollouts (A2C, PPO, TRPO)."""
-
-    n_steps: int = 128
-    """Rollout length per environment; a rollout has n_steps x num_envs transitions."""
-    lam: float = 0.95
-    """GAE lambda: 1 gives the discounted return minus v(s), 0 the one-step TD error."""
-    log_std_init: float = 0.0
-    """Initial log sigma of a Gaussian policy (continuous actions)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require_at_least(self, 1, "n_steps")
-        require_unit(self, "lam")
-
-
-@dataclass
-class ActorCriticConfig(OnPolicyConfig):
-    """Fields of the agents that minimise policy loss + c_1 value loss - c_2 entropy together."""
-
-    ent_coef: float = 0.0
-    """c_2, weight of the entropy bonus."""
-    vf_coef: float = 0.5
-    """c_1, weight of the value loss."""
-    max_grad_norm: float = 0.5
-    """Clip the global gradient norm to this."""
-    anneal: bool = False
-    """Decay the learning rate linearly to 0 over the run."""
-
-
-def make_actor(cfg: OnPolicyConfig, spaces: Spaces) -> Policy:
+def make_actor(cfg: Any, spaces: Spaces) -> Policy:
+    """pi_theta of an actor-critic config (its ``hidden_sizes`` and ``log_std_init``)."""
     return Policy(spaces, cfg.hidden_sizes, cfg.log_std_init)
 
 
-def actor_and_critic(cfg: OnPolicyConfig, spaces: Spaces) -> tuple[Policy, nn.Module]:
+def actor_and_critic(cfg: Any, spaces: Spaces) -> tuple[Policy, nn.Module]:
     """pi_theta and v_w, of the same hidden sizes."""
     return make_actor(cfg, spaces), value_net(spaces, cfg.hidden_sizes)
 

@@ -38,32 +38,33 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mlatlas.core.config import ConfigError, require_at_least
+from mlatlas.core.config import ConfigError, require_at_least, require_unit
 from mlatlas.core.run import Run
-from mlatlas.rl.deep.common import (
-    Agent,
-    evaluate,
-    prepare,
-    train_agent,
-)
-from mlatlas.rl.deep.rollout import (
-    OnPolicyConfig,
-    actor_and_critic,
-    collect,
-    make_actor,
-    standardize,
-)
+from mlatlas.rl.deep.config import DeepRLConfig
+from mlatlas.rl.deep.evaluation import evaluate
+from mlatlas.rl.deep.loop import Agent, prepare, train_agent
+from mlatlas.rl.deep.rollout import actor_and_critic, collect, make_actor, standardize
 
 __all__ = ["Config", "conjugate_gradient", "evaluate", "fisher_vector_product", "make_actor",
            "train", "trpo_step"]
 
 
 @dataclass
-class Config(OnPolicyConfig):
+class Config(DeepRLConfig):
+    METHOD: ClassVar[str] = "trpo"
+
     lr: float = 1e-3
     """Learning rate of the critic's Adam (the policy moves by the trust-region step)."""
+    # In environment steps, every 10 and 100 updates of the CartPole preset's 1024-step
+    # rollouts (the docstrings are DeepRLConfig's).
+    log_every: int = 10_000
+    ckpt_every: int = 100_000
     n_steps: int = 256
     """Rollout length per environment; a rollout has n_steps x num_envs transitions."""
+    lam: float = 0.95
+    """GAE lambda: 1 gives the discounted return minus v(s), 0 the one-step TD error."""
+    log_std_init: float = 0.0
+    """Initial log sigma of a Gaussian policy (continuous actions)."""
     batch_size: int = 128
     """Minibatch size of the critic's regression."""
     n_critic_updates: int = 10
@@ -97,10 +98,11 @@ class Config(OnPolicyConfig):
                                          normalize_reward=True, steps=50_000),
     }
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require_at_least(self, 1, "batch_size", "n_critic_updates", "cg_iters",
+    def check(self) -> None:
+        super().check()
+        require_at_least(self, 1, "n_steps", "batch_size", "n_critic_updates", "cg_iters",
                          "line_search_steps")
+        require_unit(self, "lam")
         if self.max_kl <= 0:
             raise ConfigError(f"--max-kl must be positive, got {self.max_kl}")
         if self.cg_damping < 0:
@@ -266,12 +268,12 @@ def fit_critic(critic: nn.Module, optimizer: torch.optim.Optimizer, obs: torch.T
 
 # The agent -------------------------------------------------------------------------------------
 def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
-    run, generator, interaction = prepare(cfg, run, "trpo")
+    run, generator, interaction = prepare(cfg, run)
     actor, critic = actor_and_critic(cfg, interaction.spaces)
-    optimizer = torch.optim.Adam(critic.parameters(), lr=cfg.lr, eps=1e-5, fused=True)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=cfg.lr, eps=1e-5, fused=True)
     params = list(actor.parameters())
 
-    def update(step: int) -> dict[str, Any]:
+    def update(k: int) -> dict[str, Any]:
         rollout = collect(interaction, actor, critic, cfg.n_steps, generator)
         advantages, returns = rollout.advantages(cfg.gamma, cfg.lam)
         obs, actions = rollout.obs.flatten(0, 1), rollout.actions.flatten(0, 1)
@@ -289,12 +291,14 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
 
         metrics = trpo_step(params, surrogate, mean_kl, cfg.max_kl, cfg.cg_damping,
                             cfg.cg_iters, cfg.line_search_shrink, cfg.line_search_steps)
-        metrics["value_loss"] = fit_critic(critic, optimizer, obs, returns.flatten(0, 1),
+        metrics["value_loss"] = fit_critic(critic, critic_optimizer, obs, returns.flatten(0, 1),
                                            cfg.n_critic_updates, cfg.batch_size, generator)
         metrics["entropy"] = float(actor.entropy(pi_old).mean())
         return metrics
 
-    agent = Agent(interaction, update, {"actor": actor, "critic": critic,
-                                        "optimizer": optimizer, "generator": generator},
+    # The policy moves by the trust-region step; the only optimizer is the critic's.
+    agent = Agent(interaction, update, {"model": actor, "critic": critic,
+                                        "critic_optimizer": critic_optimizer,
+                                        "rng": generator},
                   actor.act, cfg.n_steps * cfg.num_envs)
     return train_agent(cfg, run, agent, progress)
