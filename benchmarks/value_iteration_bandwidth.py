@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from mlatlas.rl.tabular.dp import bellman_optimality_backup, value_iteration, value_iteration_step
+from mlatlas.rl.tabular.bellman import bellman_optimality_backup, value_iteration
+from mlatlas.rl.tabular.dp import value_iteration_step
 from mlatlas.rl.tabular.gridworld import GridWorld
 
 

@@ -113,8 +113,8 @@ METHODS: dict[str, Method] = {
                "1-RF by flow matching, reflow on its own pairs, one-step 2-RF sampling",
                "mlatlas.generative.flow_matching.rectified_flow",
                sample_config=f"{DIFFUSION}:SampleConfig"),
-        _tabular("bellman", "bellman", "Policy evaluation: closed form (I - gamma P_pi)^-1 r_pi "
-                 "and iteration (Zhao ch. 2)", config="Config", train="train"),
+        _tabular("bellman", "dp", "Policy evaluation: closed form (I - gamma P_pi)^-1 r_pi "
+                 "and iteration (Zhao ch. 2)", config="BellmanConfig", train="train_bellman"),
         _tabular("value_iteration", "dp", "Value iteration on the Bellman optimality equation "
                  "(Zhao Alg. 4.1)", config="ValueIterationConfig",
                  train="train_value_iteration"),
@@ -157,15 +157,15 @@ METHODS: dict[str, Method] = {
         _tabular("q_learning_off_policy", "td", "Q-learning off-policy from a behaviour "
                  "policy's episode (Zhao Alg. 7.3)", config="QLearningOffPolicyConfig",
                  train="train_q_learning_off_policy"),
-        _tabular("td_linear", "vfa", "TD-linear value estimation with polynomial or Fourier "
-                 "features (Zhao Section 8.2)", config="TDLinearConfig",
+        _tabular("td_linear", "vfa_linear", "TD-linear value estimation with polynomial or "
+                 "Fourier features (Zhao Section 8.2)", config="TDLinearConfig",
                  train="train_td_linear"),
-        _tabular("sarsa_linear", "vfa", "Sarsa with linear function approximation (Zhao "
+        _tabular("sarsa_linear", "vfa_linear", "Sarsa with linear function approximation (Zhao "
                  "Section 8.3)", config="SarsaLinearConfig", train="train_sarsa_linear"),
-        _tabular("q_learning_linear", "vfa", "Q-learning with linear function approximation "
-                 "(Zhao Section 8.3)", config="QLearningLinearConfig",
+        _tabular("q_learning_linear", "vfa_linear", "Q-learning with linear function "
+                 "approximation (Zhao Section 8.3)", config="QLearningLinearConfig",
                  train="train_q_learning_linear"),
-        _tabular("dqn_tabular", "vfa", "Deep Q-learning with replay and a target network "
+        _tabular("dqn_tabular", "dqn", "Deep Q-learning with replay and a target network "
                  "(Zhao Section 8.4)", config="DQNConfig", train="train_dqn_tabular"),
         _tabular("reinforce_tabular", "policy_gradient", "REINFORCE, softmax policy on the "
                  "grid (Zhao Alg. 9.1)", config="ReinforceConfig",

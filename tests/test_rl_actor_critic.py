@@ -368,8 +368,8 @@ def test_grid_methods_reach_the_optimal_policy(name, cls, no_figures):
     """Default settings (episodic book world, target terminal) learn an optimal greedy policy."""
     cfg = cls(log_every=500)
     summary = _train(name, cfg).summary()
-    assert summary["policy_optimal"], summary
-    assert summary["mean_value_optimal"] - summary["mean_value_pi"] < 0.02
+    assert summary["eval/policy_optimal"], summary
+    assert summary["eval/mean_value_optimal"] - summary["eval/mean_value_pi"] < 0.02
 
 
 def test_continuing_world_stalls_at_a_measured_gap(no_figures):
@@ -378,16 +378,16 @@ def test_continuing_world_stalls_at_a_measured_gap(no_figures):
     forbidden cells (gap 0.368, measured on seeds 0-3); the plateau test above shows why."""
     summary = _train("off_policy_ac_tabular",
                      ac.OffPolicyACConfig(terminal_target=False, log_every=500)).summary()
-    assert summary["greedy_value_gap"] < 0.37
-    assert summary["critic_value_error"] < 0.05
-    assert summary["mean_value_optimal"] - summary["mean_value_pi"] < 0.04
+    assert summary["eval/greedy_value_gap"] < 0.37
+    assert summary["eval/critic_value_error"] < 0.05
+    assert summary["eval/mean_value_optimal"] - summary["eval/mean_value_pi"] < 0.04
 
 
 def test_deterministic_ac_learns_the_optimal_gain(no_figures):
     summary = _train("deterministic_ac", ac.DeterministicACConfig(log_every=500)).summary()
-    assert summary["theta_error"] < 0.02, summary
-    assert summary["objective_gap"] < 1e-3
-    assert summary["critic_error"] < 0.1
+    assert summary["eval/theta_error"] < 0.02, summary
+    assert summary["eval/objective_gap"] < 1e-3
+    assert summary["eval/critic_error"] < 0.1
 
 
 # Command line and resume ---------------------------------------------------------------------
@@ -401,7 +401,8 @@ def test_cli_smoke_grid(name, runs):
     for file in ("values.csv", "policy.csv", "values.png", "trajectories.png", "summary.json"):
         assert (path / file).is_file(), file
     summary = json.loads((path / "summary.json").read_text())
-    assert {"greedy_value_gap", "policy_optimal", "critic_value_error"} <= set(summary)
+    assert {"eval/greedy_value_gap", "eval/policy_optimal",
+            "eval/critic_value_error"} <= set(summary)
     assert "value_error" in Run.open(path).metrics[-1]
 
 
@@ -411,9 +412,9 @@ def test_cli_smoke_deterministic_ac(runs):
     (path,) = runs.iterdir()
     assert (path / "policy.png").is_file()
     summary = json.loads((path / "summary.json").read_text())
-    assert {"objective_gap", "theta_error", "theta"} <= set(summary)
+    assert {"eval/objective_gap", "eval/theta_error", "train/theta"} <= set(summary)
     assert ac.evaluate_deterministic_ac(Run.open(path), 0, 0)["theta_error"] == \
-        pytest.approx(summary["theta_error"])
+        pytest.approx(summary["eval/theta_error"])
 
 
 @pytest.mark.parametrize("name,cls", [("off_policy_ac_tabular", ac.OffPolicyACConfig),

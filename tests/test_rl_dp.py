@@ -8,19 +8,19 @@ import torch
 from mlatlas.cli import main
 from mlatlas.core.run import Run
 from mlatlas.rl.tabular.bellman import (
-    Config,
     action_values,
+    bellman_optimality_backup,
     evaluate_closed_form,
     evaluate_iterative,
     transition_pi,
+    value_iteration,
 )
 from mlatlas.rl.tabular.common import policy_score
 from mlatlas.rl.tabular.dp import (
-    bellman_optimality_backup,
+    BellmanConfig,
     policy_iteration,
     policy_iteration_step,
     truncated_policy_iteration,
-    value_iteration,
     value_iteration_step,
 )
 from mlatlas.rl.tabular.gridworld import GridWorld, deterministic_policy, parse_policy
@@ -195,12 +195,15 @@ def test_cli_value_iteration_writes_the_book_values(runs, capsys):
     policy = (path / "policy.csv").read_text().splitlines()
     assert len(policy) == 5 and policy[3].split(",")[2] == "stay"
     summary = json.loads((path / "summary.json").read_text())
-    assert summary["policy_optimal"] and summary["iterations"] < 300
+    assert summary["eval/policy_optimal"] and summary["train/iterations"] < 300
     assert (path / "values.png").stat().st_size > 10_000
     capsys.readouterr()
     assert main(["eval", str(path)]) == 0
     scores = json.loads(capsys.readouterr().out)
     assert scores["policy_optimal"] and scores["mean_state_value"] == pytest.approx(7.79936)
+    # eval writes its scores to summary.json under eval/.
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["eval/mean_state_value"] == scores["mean_state_value"]
 
 
 def test_cli_bellman_evaluates_a_given_policy(runs):
@@ -209,7 +212,8 @@ def test_cli_bellman_evaluates_a_given_policy(runs):
     (path,) = runs.iterdir()
     assert (path / "values.csv").read_text() == "9.000000,10.000000\n10.000000,10.000000\n"
     summary = Run.open(path).summary()
-    assert summary["max_abs_error_vs_closed_form"] < 1e-9 and "policy_optimal" not in summary
+    assert summary["eval/max_abs_error_vs_closed_form"] < 1e-9
+    assert "eval/policy_optimal" not in summary
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -238,7 +242,8 @@ def test_resume_continues_a_converging_solver(runs):
                  "--out", str(runs / "b"), "--no-progress"]) == 0
     (straight,) = (runs / "b").iterdir()
     assert (stopped / "values.csv").read_text() == (straight / "values.csv").read_text()
-    assert Run.open(stopped).summary()["iterations"] == Run.open(straight).summary()["iterations"]
+    assert Run.open(stopped).summary()["train/iterations"] == \
+        Run.open(straight).summary()["train/iterations"]
 
     def rows(path):
         return [{k: v for k, v in row.items() if k != "wall_s"} for row in Run.open(path).metrics]
@@ -248,7 +253,7 @@ def test_resume_continues_a_converging_solver(runs):
 
 def test_config_checks_the_policy_against_the_grid():
     with pytest.raises(ValueError, match="cannot read policy"):
-        Config(grid="2x2", policy="rrr/ddd")
+        BellmanConfig(grid="2x2", policy="rrr/ddd")
 
 
 def test_blocked_backup_equals_the_textbook_sweep_across_block_edges():

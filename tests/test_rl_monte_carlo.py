@@ -8,9 +8,13 @@ import torch
 from mlatlas.cli import main
 from mlatlas.core.config import ConfigError
 from mlatlas.core.run import Run
-from mlatlas.rl.tabular.bellman import action_values, evaluate_closed_form
-from mlatlas.rl.tabular.common import optimal_values, policy_score
-from mlatlas.rl.tabular.dp import value_iteration
+from mlatlas.rl.tabular.bellman import (
+    action_values,
+    evaluate_closed_form,
+    optimal_values,
+    value_iteration,
+)
+from mlatlas.rl.tabular.common import policy_score
 from mlatlas.rl.tabular.episodes import Episodes, rollout
 from mlatlas.rl.tabular.gridworld import (
     STAY,
@@ -347,8 +351,8 @@ def test_mc_basic_default_finds_the_optimal_policy(runs):
     """Measured: 6 iterations of 125 episodes of 100 steps (the last confirms the policy)."""
     assert main(["train", "mc_basic", "--out", str(runs), "--no-progress"]) == 0
     path, summary = summary_of(runs)
-    assert summary["policy_optimal"] and summary["iterations"] <= 8
-    assert summary["max_value_error"] < 1e-3  # gamma^100 / (1 - gamma) = 2.7e-4
+    assert summary["eval/policy_optimal"] and summary["train/iterations"] <= 8
+    assert summary["eval/max_value_error"] < 1e-3  # gamma^100 / (1 - gamma) = 2.7e-4
     values = golden((path / "values.csv").read_text().replace(",", " "))
     assert torch.equal(values.round(decimals=1), golden(
         "5.8 5.6 6.2 6.5 5.8 / 6.5 7.2 8.0 7.2 6.5 / 7.2 8.0 10.0 8.0 7.2 / "
@@ -363,8 +367,8 @@ def test_mc_exploring_starts_default_finds_the_optimal_policy(runs, seed):
     assert main(["train", "mc_exploring_starts", "--seed", str(seed), "--out", str(runs),
                  "--no-progress"]) == 0
     path, summary = summary_of(runs)
-    assert summary["policy_optimal"] and summary["optimal_from_step"] <= 30
-    assert summary["episodes"] == 50 * 125
+    assert summary["eval/policy_optimal"] and summary["train/optimal_from_step"] <= 30
+    assert summary["train/episodes"] == 50 * 125
     assert (path / "trajectories.png").is_file()
 
 
@@ -372,7 +376,7 @@ def test_mc_exploring_starts_first_visit(runs):
     assert main(["train", "mc_exploring_starts", "--first-visit", "--out", str(runs),
                  "--no-progress"]) == 0
     _, summary = summary_of(runs)
-    assert summary["policy_optimal"]
+    assert summary["eval/policy_optimal"]
 
 
 def test_mc_epsilon_greedy_short_run_is_near_optimal(runs):
@@ -382,10 +386,10 @@ def test_mc_epsilon_greedy_short_run_is_near_optimal(runs):
     assert main(["train", "mc_epsilon_greedy", "--steps", "50", "--epsilon-decay-steps", "30",
                  "--alpha", "0.1", "--out", str(runs), "--no-progress"]) == 0
     _, summary = summary_of(runs)
-    assert summary["greedy_value_gap"] <= 0.4
-    assert summary["epsilon"] == pytest.approx(0.1)
-    assert summary["epsilon_optimal_gap"] < 0.3
-    assert summary["epsilon_policy_value_gap"] > 1  # the soft policy itself pays for exploring
+    assert summary["eval/greedy_value_gap"] <= 0.4
+    assert summary["train/epsilon"] == pytest.approx(0.1)
+    assert summary["eval/epsilon_optimal_gap"] < 0.3
+    assert summary["eval/epsilon_policy_value_gap"] > 1  # the soft policy itself pays for exploring
 
 
 @pytest.mark.slow
@@ -396,8 +400,8 @@ def test_mc_epsilon_greedy_default_budget(runs, seed):
     assert main(["train", "mc_epsilon_greedy", "--seed", str(seed), "--out", str(runs),
                  "--no-progress"]) == 0
     _, summary = summary_of(runs)
-    assert summary["greedy_value_gap"] <= 0.1 + 1e-9
-    assert summary["epsilon_optimal_gap"] < 0.1
+    assert summary["eval/greedy_value_gap"] <= 0.1 + 1e-9
+    assert summary["eval/epsilon_optimal_gap"] < 0.1
 
 
 # Command line, checkpoints, configs ----------------------------------------------------------
@@ -415,7 +419,8 @@ def test_cli_smoke(runs, method, flags):
     for name in ("values.csv", "policy.csv", "values.png", "summary.json", "trajectories.png"):
         assert (path / name).is_file(), name
     assert len((path / "policy.csv").read_text().splitlines()) == 5
-    assert "greedy_value_gap" in summary and "greedy_value_gap" in Run.open(path).metrics[-1]
+    assert "eval/greedy_value_gap" in summary
+    assert "greedy_value_gap" in Run.open(path).metrics[-1]
 
 
 @pytest.mark.parametrize("method,flags", [

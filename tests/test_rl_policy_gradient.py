@@ -193,11 +193,11 @@ def test_reinforce_learns_on_the_book_world(tmp_path):
     7.22 (optimal 7.80, uniform policy -3.52)."""
     run = train(tmp_path, steps=150, log_every=50)
     summary = run.summary()
-    assert summary["uniform_policy_greedy_value_gap"] == pytest.approx(19.19, abs=0.01)
-    assert summary["greedy_value_gap"] < 1.0
+    assert summary["baseline/greedy_value_gap"] == pytest.approx(19.19, abs=0.01)
+    assert summary["eval/greedy_value_gap"] < 1.0
     rows = run.metrics
     assert rows[-1]["average_value"] > rows[0]["average_value"] + 0.5
-    assert summary["average_value"] > summary["optimal_average_value"] - 1.0
+    assert summary["eval/average_value"] > summary["eval/optimal_average_value"] - 1.0
 
 
 @pytest.mark.slow
@@ -205,7 +205,7 @@ def test_reinforce_default_budget_reaches_optimal(tmp_path):
     """The defaults (1000 updates x 64 episodes, seed 0) reach the optimal greedy policy
     (measured: from about update 280 on). Other seeds can stay 0.1 or 0.368 away (docs)."""
     summary = train(tmp_path).summary()
-    assert summary["policy_optimal"], summary
+    assert summary["eval/policy_optimal"], summary
 
 
 # Interface -------------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ def test_cli_smoke(tmp_path):
     for name in ("values.csv", "policy.csv", "values.png", "trajectories.png", "summary.json"):
         assert (run_dir / name).is_file(), name
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["updates"] == 5 and summary["episodes"] == 40
+    assert summary["train/updates"] == 5 and summary["train/episodes"] == 40
 
 
 def test_resume_equals_uninterrupted(tmp_path):

@@ -49,11 +49,11 @@ def test_rm_converges_to_root_with_noise(tmp_path):
     error at k = 2000 is close to the sigma / sqrt(k) of the linearised recursion."""
     cfg = sa.RobbinsMonroConfig(steps=2000, runs=500, log_every=500)
     _, summary = _rm(cfg, tmp_path)
-    assert summary["step_size_conditions_hold"]
-    assert abs(summary["final_w_mean"] - 1.0) < 0.01
+    assert summary["train/step_size_conditions_hold"]
+    assert abs(summary["eval/final_w_mean"] - 1.0) < 0.01
     expected = math.sqrt(2 / math.pi) / math.sqrt(2000)  # E|N(0, 1/k)|
-    assert summary["final_error_mean"] == pytest.approx(expected, rel=0.25)
-    assert summary["final_error_max"] < 0.1
+    assert summary["eval/final_error_mean"] == pytest.approx(expected, rel=0.25)
+    assert summary["eval/final_error_max"] < 0.1
 
 
 def test_rm_constant_step_keeps_fluctuating(tmp_path):
@@ -64,8 +64,8 @@ def test_rm_constant_step_keeps_fluctuating(tmp_path):
         cfg = sa.RobbinsMonroConfig(steps=steps, runs=500, step_scale=0.1, step_power=0.0,
                                     log_every=500)
         _, summary = _rm(cfg, tmp_path)
-        assert not summary["step_size_conditions_hold"]
-        errors.append(summary["final_error_mean"])
+        assert not summary["train/step_size_conditions_hold"]
+        errors.append(summary["eval/final_error_mean"])
     floor = math.sqrt(0.1 / 1.9) * math.sqrt(2 / math.pi)
     assert errors[0] == pytest.approx(floor, rel=0.2)
     assert errors[1] == pytest.approx(floor, rel=0.2)  # no progress from k = 500 to 2000
@@ -76,14 +76,14 @@ def test_rm_step_too_small_stalls_before_root(tmp_path):
     w can move at most pi^2/6 < 2 = |w_1 - w*| from w_1 = 3, so it never reaches the root."""
     cfg = sa.RobbinsMonroConfig(steps=2000, runs=10, step_power=2.0, noise_std=0.0)
     run, summary = _rm(cfg, tmp_path)
-    assert summary["final_w_mean"] >= 3.0 - math.pi**2 / 6
-    assert summary["final_error_mean"] > 0.3
+    assert summary["eval/final_w_mean"] >= 3.0 - math.pi**2 / 6
+    assert summary["eval/final_error_mean"] > 0.3
     # It has stopped moving: the last logged rows barely differ.
     rows = run.metrics
     assert abs(rows[-1]["w_mean"] - rows[-2]["w_mean"]) < 1e-3
     cfg_noisy = sa.RobbinsMonroConfig(steps=2000, runs=500, step_power=2.0)
     _, noisy = _rm(cfg_noisy, tmp_path)
-    assert noisy["final_error_mean"] > 0.5  # and noise does not rescue it
+    assert noisy["eval/final_error_mean"] > 0.5  # and noise does not rescue it
 
 
 def test_rm_cubic_converges_from_a_good_start(tmp_path):
@@ -91,8 +91,8 @@ def test_rm_cubic_converges_from_a_good_start(tmp_path):
     does not apply; from w_1 = 1.5 with a_k = 0.05/k it still converges."""
     cfg = sa.RobbinsMonroConfig(problem="cubic", w1=1.5, step_scale=0.05, steps=2000, runs=200)
     _, summary = _rm(cfg, tmp_path)
-    assert summary["root"] == pytest.approx(5 ** (1 / 3))
-    assert summary["final_error_mean"] < 0.02
+    assert summary["train/root"] == pytest.approx(5 ** (1 / 3))
+    assert summary["eval/final_error_mean"] < 0.02
 
 
 def test_rm_cubic_from_the_books_start_diverges(tmp_path):
@@ -107,7 +107,7 @@ def test_rm_cubic_from_the_books_start_diverges(tmp_path):
 def test_rm_single_noiseless_run_figure_6_4(tmp_path):
     cfg = sa.RobbinsMonroConfig(noise_std=0.0, runs=1, steps=200, log_every=50)
     _, summary = _rm(cfg, tmp_path)
-    assert summary["final_error_mean"] < 0.05 and summary["final_error_std"] == 0
+    assert summary["eval/final_error_mean"] < 0.05 and summary["eval/final_error_std"] == 0
 
 
 def test_mean_estimation_with_1_over_k_is_the_sample_mean():
@@ -139,11 +139,11 @@ def test_mean_estimation_run_matches_sample_mean_and_converges(tmp_path):
     run = sa.train_mean_estimation(cfg, Run.create("mean_estimation", cfg, root=tmp_path),
                                    progress=False)
     summary = run.summary()
-    assert summary["max_gap_to_sample_mean"] < 1e-12
+    assert summary["eval/max_gap_to_sample_mean"] < 1e-12
     assert max(r["gap_to_sample_mean"] for r in run.metrics) < 1e-12
     # E|w - E[X]| = std sqrt(2 / (pi k)) for the sample mean of k samples.
     expected = cfg.std * math.sqrt(2 / (math.pi * cfg.steps))
-    assert summary["final_error_mean"] == pytest.approx(expected, rel=0.2)
+    assert summary["eval/final_error_mean"] == pytest.approx(expected, rel=0.2)
 
 
 def test_gd_steps_for_mean_estimation():
@@ -197,7 +197,9 @@ def test_sgd_comparison_figure_6_5(tmp_path):
     cfg = sa.SGDComparisonConfig(runs=300)
     run = sa.train_sgd_comparison(cfg, Run.create("sgd_comparison", cfg, root=tmp_path),
                                   progress=False)
-    final = run.summary()["final_distance_mean"]
+    summary = run.summary()
+    final = {name: summary[f"eval/final_distance_mean_{name}"]
+             for name in ("bgd", "sgd", "mbgd_5", "mbgd_50")}
     assert final["bgd"] < 1e-12
     assert final["mbgd_50"] < final["mbgd_5"] < final["sgd"] < 3.0
     # SGD with alpha_k = 1/k is the mean of k draws: E||.||^2 = 2 var / k, var ~ 20^2 / 12.
@@ -219,7 +221,7 @@ def test_cli_smoke(name, flags, tmp_path):
     assert main(["train", name, *flags, "--out", str(tmp_path), "--no-progress"]) == 0
     (run_dir,) = tmp_path.iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["iterations"] == int(flags[1])
+    assert summary["train/iterations"] == int(flags[1])
     assert list(run_dir.glob("*.png")) and (run_dir / "metrics.csv").is_file()
 
 

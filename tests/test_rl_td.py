@@ -13,12 +13,16 @@ from mlatlas.core.config import ConfigError
 from mlatlas.core.io import load_tensors
 from mlatlas.core.run import CHECKPOINT, Run
 from mlatlas.rl.tabular import td
-from mlatlas.rl.tabular.bellman import action_values, evaluate_closed_form
-from mlatlas.rl.tabular.common import exact_values
-from mlatlas.rl.tabular.dp import value_iteration
+from mlatlas.rl.tabular.bellman import (
+    action_values,
+    evaluate_closed_form,
+    exact_values,
+    value_iteration,
+)
 from mlatlas.rl.tabular.gridworld import (
     GridWorld,
     epsilon_greedy_policy,
+    greedy_path,
     greedy_policy,
     parse_policy,
     sample_actions,
@@ -39,8 +43,10 @@ def t64(*values):
 
 
 def tables_of(run: Run) -> dict[str, torch.Tensor]:
+    """The method's tables (q, pi or v) and its other tensor state (counts, behaviour)."""
     tensors = load_tensors(run.path(CHECKPOINT))
-    return {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("tables.")}
+    return {k.split(".", 1)[1]: v for k, v in tensors.items()
+            if k.split(".", 1)[0] in ("model", "counts", "behaviour")}
 
 
 # Update rules worked by hand -------------------------------------------------------------------
@@ -171,7 +177,7 @@ def test_fig_7_2_task_optimal_path_has_eleven_steps():
     v_star, _, _ = value_iteration(model, GAMMA, tol=1e-13)
     assert v_star[0].item() == pytest.approx(-(1 - 0.9 ** 10) / 0.1)
     q_star = action_values(model, v_star, GAMMA)
-    assert len(td.greedy_path(model, q_star, 0, 25)) - 1 == 11
+    assert len(greedy_path(model, q_star, 0, 25)) - 1 == 11
 
 
 @pytest.mark.parametrize("rewards", [{}, PATH_REWARDS])
@@ -319,8 +325,8 @@ def test_td0_converges_to_v_pi_of_the_uniform_policy(runs):
     errors = [row["value_error_max"] for row in run.metrics]
     summary = run.summary()
     # Measured (seed 0): 0.57 after 5 steps, 0.054 after 20; v_pi lies in [-4.5, -2.9].
-    assert errors[0] > 0.3 and summary["value_error_max"] < 0.1
-    assert summary["value_error_rms"] < 0.05 and summary["transitions"] == 20 * 250 * 100
+    assert errors[0] > 0.3 and summary["eval/value_error_max"] < 0.1
+    assert summary["eval/value_error_rms"] < 0.05 and summary["train/transitions"] == 20 * 250 * 100
 
 
 def test_td0_evaluates_a_deterministic_policy_fig_2_4(runs):
@@ -344,9 +350,9 @@ def test_control_finds_the_optimal_path_of_fig_7_2(name, runs):
     of 150; 18-23 of the 25 states end optimal."""
     run = train(name, runs, num_envs=10, steps=150, epsilon_decay=0.98)
     summary = run.summary()
-    assert summary["start_state_optimal"] and summary["path_length"] == 11
-    assert summary["start_value"] == pytest.approx(-(1 - 0.9 ** 10) / 0.1)
-    assert summary["states_optimal"] >= 15
+    assert summary["eval/start_state_optimal"] and summary["eval/path_length"] == 11
+    assert summary["eval/start_value"] == pytest.approx(-(1 - 0.9 ** 10) / 0.1)
+    assert summary["eval/states_optimal"] >= 15
     # The book's right-hand panels: episodes get shorter and total rewards larger.
     first, last = run.metrics[0], run.metrics[-1]
     assert last["episode_length"] < 15 < first["episode_length"]
@@ -362,7 +368,7 @@ def test_off_policy_q_learning_from_uniform_behaviour_fig_7_4(runs):
     assert all(b < 0.6 * a for a, b in zip(errors, errors[1:], strict=False))
     summary = run.summary()
     # Measured (seeds 0, 1): RMS error 3.8-4.6 after 10,000 steps, 0.18-0.28 after 50,000.
-    assert summary["policy_optimal"] and summary["value_error_rms"] < 0.5
+    assert summary["eval/policy_optimal"] and summary["eval/value_error_rms"] < 0.5
 
 
 @pytest.mark.slow
@@ -381,7 +387,7 @@ def test_book_single_episode_of_100000_steps_fig_7_4_f_g_h(q0, first, steps_to_0
     below = next(i + 1 for i, e in enumerate(errors) if e < 0.1)
     assert below <= steps_to_0_1  # thousands of steps
     summary = run.summary()
-    assert summary["policy_optimal"] and summary["value_error_rms"] < 0.05
+    assert summary["eval/policy_optimal"] and summary["eval/value_error_rms"] < 0.05
     if q0 == 0.0:
         values = [float(x) for line in run.path("values.csv").read_text().split()
                   for x in line.split(",")]
@@ -400,7 +406,7 @@ def test_less_exploratory_behaviour_learns_slower_fig_7_5(runs):
                                           behavior_epsilon=epsilon)
         run = td.train_q_learning_off_policy(cfg, Run.create("x", cfg, root=runs),
                                              progress=False)
-        errors[epsilon] = run.summary()["value_error_rms"]
+        errors[epsilon] = run.summary()["eval/value_error_rms"]
     assert 0.05 < errors[0.5] < 1.0 and errors[0.1] > 2.0
 
 
@@ -413,7 +419,7 @@ def test_book_settings_of_figs_7_2_and_7_3(name, runs):
     close in value under it); at seed 0 all four end on an optimal path."""
     run = train(name, runs)
     summary = run.summary()
-    assert summary["start_state_optimal"] and summary["path_length"] == 11
+    assert summary["eval/start_state_optimal"] and summary["eval/path_length"] == 11
     # Fig. 7.2's right-hand panels: the last 50 episodes are short (measured means 12.0-17.1
     # steps; the optimal path has 11), less than half the first 5 (36.6-85.2).
     lengths = [row["episode_length"] for row in run.metrics]
@@ -438,7 +444,7 @@ def test_cli_trains_and_writes_the_run_files(name, runs):
         assert (path / file).stat().st_size > 0, file
     assert len((path / "values.csv").read_text().splitlines()) == 5
     summary = json.loads((path / "summary.json").read_text())
-    assert ("greedy_value_gap" in summary) == (name != "td0")
+    assert ("eval/greedy_value_gap" in summary) == (name != "td0")
     if name != "td0":
         assert (path / "trajectories.png").is_file()
 

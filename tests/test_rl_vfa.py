@@ -10,32 +10,28 @@ from mlatlas.cli import main
 from mlatlas.core.config import ConfigError
 from mlatlas.core.io import load_tensors
 from mlatlas.core.run import Run
-from mlatlas.rl.tabular.bellman import evaluate_closed_form, transition_pi
-from mlatlas.rl.tabular.common import optimal_values
+from mlatlas.rl.tabular.bellman import evaluate_closed_form, optimal_values, transition_pi
+from mlatlas.rl.tabular.common import rmse
+from mlatlas.rl.tabular.dqn import DQNConfig, learning_rate, train_dqn_tabular
 from mlatlas.rl.tabular.episodes import rollout
+from mlatlas.rl.tabular.features import action_features, state_features
 from mlatlas.rl.tabular.gridworld import (
     GridWorld,
     epsilon_greedy_policy,
     parse_policy,
     uniform_policy,
 )
-from mlatlas.rl.tabular.vfa import (
-    DQNConfig,
+from mlatlas.rl.tabular.vfa_linear import (
     QLearningLinearConfig,
     SarsaLinearConfig,
     TDLinearConfig,
-    action_features,
     expected_td_update,
-    learning_rate,
     q_learning_linear_update,
-    rmse,
     sarsa_linear_update,
-    state_features,
     stationary_distribution,
     td_fixed_point,
     td_linear_update,
     td_matrices,
-    train_dqn_tabular,
     train_q_learning_linear,
     train_sarsa_linear,
     train_td_linear,
@@ -141,7 +137,7 @@ def test_train_td_linear_with_one_hot_features_replays_tabular_td0(runs):
         for t in range(cfg.episode_length):
             s, s_next = int(episode.states[t, 0]), int(episode.states[t + 1, 0])
             v[s] += 0.1 * (episode.rewards[t, 0] + 0.9 * v[s_next] - v[s])
-    w = load_tensors(run.path("checkpoint.safetensors"))["tables.w"]
+    w = load_tensors(run.path("checkpoint.safetensors"))["model.w"]
     assert torch.allclose(w, v, atol=1e-12, rtol=0)
 
 
@@ -227,10 +223,10 @@ def test_figs_8_7_8_8_rmse_falls_to_the_td_fixed_point(kind, runs):
                          generator=torch.Generator().manual_seed(cfg.seed))
         v_pi = evaluate_closed_form(BOOK.model, UNIFORM, 0.9)
         assert rmse(Phi @ w0, v_pi) > 1.0
-        assert summary["rmse"] < summary["rmse_fixed_point_vs_true"] + 0.1
-        assert summary["rmse_vs_fixed_point"] < 0.2
-        assert summary["episodes"] == 500
-        learned.append(summary["rmse"])
+        assert summary["eval/rmse"] < summary["eval/rmse_fixed_point_vs_true"] + 0.1
+        assert summary["eval/rmse_vs_fixed_point"] < 0.2
+        assert summary["train/episodes"] == 500
+        learned.append(summary["eval/rmse"])
     assert learned[1] < learned[0] - 0.02
 
 
@@ -276,8 +272,8 @@ def test_fig_8_9_sarsa_with_linear_features_finds_the_path(runs):
 
     assert mean("episode_length", rows[:5]) > 100 and mean("return", rows[:5]) < -40
     assert mean("episode_length", rows[-10:]) < 30 and mean("return", rows[-10:]) > -10
-    assert summary["start_value_gap"] < 1e-9
-    assert summary["episodes"] == 500
+    assert summary["eval/start_value_gap"] < 1e-9
+    assert summary["train/episodes"] == 500
 
 
 def test_tabular_q_learning_through_the_linear_trainer_is_optimal(runs):
@@ -288,7 +284,7 @@ def test_tabular_q_learning_through_the_linear_trainer_is_optimal(runs):
                                 steps=20, max_episode_length=100)
     run = train_q_learning_linear(cfg, Run.create("q_learning_linear", cfg,
                                                   root=runs), progress=False)
-    assert run.summary()["greedy_value_gap"] < 1e-9
+    assert run.summary()["eval/greedy_value_gap"] < 1e-9
 
 
 @pytest.mark.slow
@@ -301,7 +297,7 @@ def test_fig_8_10_q_learning_with_linear_features_finds_the_path(runs):
                                                   root=runs), progress=False)
     tail = run.metrics[-10:]
     assert sum(r["episode_length"] for r in tail) / len(tail) < 25
-    assert run.summary()["start_value_gap"] < 1e-9
+    assert run.summary()["eval/start_value_gap"] < 1e-9
 
 
 # Deep Q-learning -----------------------------------------------------------------------------
@@ -324,9 +320,9 @@ def test_fig_8_11_deep_q_learning_from_one_behaviour_episode(runs):
                             progress=False)
     rows, summary = run.metrics, run.summary()
     assert rows[0]["loss"] > 10 and rows[-1]["loss"] < 0.1
-    assert rows[0]["value_error"] > 5 and summary["value_rmse_vs_optimal"] < 0.5
-    assert summary["greedy_value_gap"] < 1e-9 and summary["policy_optimal"]
-    assert summary["buffer_size"] == 1000
+    assert rows[0]["value_error"] > 5 and summary["eval/value_rmse_vs_optimal"] < 0.5
+    assert summary["eval/greedy_value_gap"] < 1e-9 and summary["eval/policy_optimal"]
+    assert summary["train/buffer_size"] == 1000
 
 
 def test_fig_8_12_a_100_step_episode_is_too_little_data(runs):
@@ -339,8 +335,8 @@ def test_fig_8_12_a_100_step_episode_is_too_little_data(runs):
                             progress=False)
     summary = run.summary()
     assert run.metrics[-1]["loss"] < 0.5
-    assert summary["state_action_pairs_visited"] < 80
-    assert summary["value_rmse_vs_optimal"] > 2
+    assert summary["train/state_action_pairs_visited"] < 80
+    assert summary["eval/value_rmse_vs_optimal"] > 2
 
 
 # Command line, resume, configs ---------------------------------------------------------------

@@ -61,19 +61,26 @@ numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from mlatlas.core.config import BaseConfig, ConfigError
-from mlatlas.core.run import Run, fit
+from mlatlas.core.config import (
+    BaseConfig,
+    ConfigError,
+    config_from_dict,
+    flag,
+    require_at_least,
+)
+from mlatlas.core.io import load_tensors
+from mlatlas.core.run import CHECKPOINT, Run, fit
 from mlatlas.core.runtime import seed_everything
-from mlatlas.rl.tabular.common import GridConfig, exact_values, finish, make_world, optimal_values
+from mlatlas.rl.tabular.bellman import exact_values, optimal_values
+from mlatlas.rl.tabular.common import GridConfig, finish, greedy_value_gap, make_world
 from mlatlas.rl.tabular.episodes import rollout, scatter_mean_update
 from mlatlas.rl.tabular.gridworld import (
     GridWorld,
     TabularModel,
-    greedy_policy,
     sample_actions,
     uniform_policy,
 )
@@ -138,8 +145,51 @@ def optimal_baseline(pi_s: torch.Tensor, q_s: torch.Tensor) -> torch.Tensor:
 # The grid-world methods -------------------------------------------------------------------------
 
 
+def _check_actor_critic(cfg: GridConfig | DeterministicACConfig) -> None:
+    """The checks the actor-critic configs share."""
+    require_at_least(cfg, 1, "num_envs", "episode_length")
+    for name in ("alpha_theta", "alpha_w"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"--{flag(name)} must be positive, got {getattr(cfg, name)}")
+
+
 @dataclass
-class _ActorCriticConfig(GridConfig):
+class QACConfig(GridConfig):
+    """Algorithm 10.1: more episodes and a slower actor than A2C (see the field notes)."""
+
+    METHOD: ClassVar[str] = "qac_tabular"
+
+    terminal_target: bool = True
+    """End episodes at the target (the book's path-finding variant, the default here: with a
+    non-terminal target the softmax policy gradient has a long plateau; see the module doc)."""
+    num_envs: int = 256
+    """Episodes run side by side, sharing theta and w (QAC's actor is weighted by q itself, with
+    no baseline, so it needs more samples per step to average out its variance)."""
+    episode_length: int = 100
+    """Steps before an episode restarts from a new uniformly random state."""
+    alpha_theta: float = 0.1
+    """alpha_theta: the actor's step size (small beside alpha_w: q must be learned along the long
+    paths before the actor commits to the short ones)."""
+    alpha_w: float = 0.5
+    """alpha_w: the critic's (Sarsa's) step size."""
+    steps: int = 4000
+    """Steps of the num_envs episodes (each is one batched actor and critic update)."""
+    log_every: int = 50
+    """Write a row of metrics.csv (with the exact-value metrics) every this many steps."""
+    ckpt_every: int = 500
+    """Write checkpoint.safetensors every this many steps (and always at the end)."""
+
+    def check(self) -> None:
+        super().check()
+        _check_actor_critic(self)
+
+
+@dataclass
+class A2CConfig(GridConfig):
+    """Algorithm 10.2: alpha_theta 1, alpha_w 0.1, 128 episodes."""
+
+    METHOD: ClassVar[str] = "a2c_tabular"
+
     terminal_target: bool = True
     """End episodes at the target (the book's path-finding variant, the default here: with a
     non-terminal target the softmax policy gradient has a long plateau; see the module doc)."""
@@ -155,54 +205,60 @@ class _ActorCriticConfig(GridConfig):
     """Steps of the num_envs episodes (each is one batched actor and critic update)."""
     log_every: int = 50
     """Write a row of metrics.csv (with the exact-value metrics) every this many steps."""
+    ckpt_every: int = 500
+    """Write checkpoint.safetensors every this many steps (and always at the end)."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("num_envs", "episode_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got "
-                                  f"{getattr(self, name)}")
-        for name in ("alpha_theta", "alpha_w"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got "
-                                  f"{getattr(self, name)}")
+    def check(self) -> None:
+        super().check()
+        _check_actor_critic(self)
 
 
 @dataclass
-class QACConfig(_ActorCriticConfig):
-    num_envs: int = 256
-    """Episodes run side by side, sharing theta and w (QAC's actor is weighted by q itself, with
-    no baseline, so it needs more samples per step to average out its variance)."""
-    alpha_theta: float = 0.1
-    """alpha_theta: the actor's step size (small beside alpha_w: q must be learned along the long
-    paths before the actor commits to the short ones)."""
-    alpha_w: float = 0.5
-    """alpha_w: the critic's (Sarsa's) step size."""
-    steps: int = 4000
+class OffPolicyACConfig(GridConfig):
+    """Algorithm 10.3 with a uniform behaviour policy: A2C's defaults."""
+
+    METHOD: ClassVar[str] = "off_policy_ac_tabular"
+
+    terminal_target: bool = True
+    """End episodes at the target (the book's path-finding variant, the default here: with a
+    non-terminal target the softmax policy gradient has a long plateau; see the module doc)."""
+    num_envs: int = 128
+    """Episodes run side by side, sharing theta and w; each step is one transition of each."""
+    episode_length: int = 100
+    """Steps before an episode restarts from a new uniformly random state."""
+    alpha_theta: float = 1.0
+    """alpha_theta: the actor's step size."""
+    alpha_w: float = 0.1
+    """alpha_w: the critic's step size."""
+    steps: int = 1000
     """Steps of the num_envs episodes (each is one batched actor and critic update)."""
+    log_every: int = 50
+    """Write a row of metrics.csv (with the exact-value metrics) every this many steps."""
+    ckpt_every: int = 500
+    """Write checkpoint.safetensors every this many steps (and always at the end)."""
+
+    def check(self) -> None:
+        super().check()
+        _check_actor_critic(self)
 
 
-@dataclass
-class A2CConfig(_ActorCriticConfig):
-    """Algorithm 10.2: the shared defaults (alpha_theta 1, alpha_w 0.1, 128 episodes)."""
-
-
-@dataclass
-class OffPolicyACConfig(_ActorCriticConfig):
-    """Algorithm 10.3 with a uniform behaviour policy: the shared defaults."""
+GridACConfig = QACConfig | A2CConfig | OffPolicyACConfig
 
 
 class _Agents:
-    """The batch of episodes: current states ``s`` and step counts ``t`` live in ``tables`` so
-    they are checkpointed with theta and w."""
+    """The batch of episodes: current states ``s`` and step counts ``t`` live in the dict
+    ``state``, checkpointed as the run's ``agents`` group."""
 
-    def __init__(self, cfg: _ActorCriticConfig, model: TabularModel, tables: dict,
-                 generator: torch.Generator):
-        self.cfg, self.model, self.tables, self.generator = cfg, model, tables, generator
+    def __init__(self, cfg: GridACConfig, model: TabularModel, generator: torch.Generator):
+        self.cfg, self.model, self.generator = cfg, model, generator
         # Episodes start anywhere but at a terminal state, uniformly, so every state is visited.
         self.starts = torch.nonzero(~model.terminal).squeeze(1)
-        tables["s"] = self._random_states()
-        tables["t"] = torch.zeros(cfg.num_envs, dtype=torch.int64)
+        self.state = {"s": self._random_states(),
+                      "t": torch.zeros(cfg.num_envs, dtype=torch.int64)}
+
+    @property
+    def s(self) -> torch.Tensor:
+        return self.state["s"]
 
     def _random_states(self) -> torch.Tensor:
         k = torch.randint(len(self.starts), (self.cfg.num_envs,), generator=self.generator)
@@ -210,29 +266,28 @@ class _Agents:
 
     def advance(self, s_next: torch.Tensor, terminated: torch.Tensor) -> None:
         """Move to s' and restart the episodes that ended or ran out of time."""
-        t = self.tables["t"] + 1
+        t = self.state["t"] + 1
         done = terminated | (t >= self.cfg.episode_length)
         # New start states are drawn for every agent so the generator advances the same way
         # whichever episodes end.
         fresh = self._random_states()
-        self.tables["s"] = torch.where(done, fresh, s_next)
-        self.tables["t"] = torch.where(done, torch.zeros_like(t), t)
+        self.state["s"] = torch.where(done, fresh, s_next)
+        self.state["t"] = torch.where(done, torch.zeros_like(t), t)
 
 
 def _grid_metrics(model: TabularModel, gamma: float, theta: torch.Tensor, v: torch.Tensor,
                   v_star: torch.Tensor) -> dict[str, torch.Tensor]:
     """Exact scores of the current actor and critic (run every log_every steps)."""
     v_pi = exact_values(model, softmax_policy(theta), gamma)
-    v_greedy = exact_values(model, greedy_policy(theta), gamma)
     return {"value_error": (v - v_pi).abs().max(), "mean_value": v_pi.mean(),
-            "greedy_gap": (v_star - v_greedy).max().clamp(min=0)}
+            "greedy_gap": greedy_value_gap(model, theta, v_star, gamma)}
 
 
-def _train_grid(name: str, cfg: _ActorCriticConfig, run: Run | None, progress: bool | None,
-                critic: str, make_step) -> Run:
+def _train_grid(cfg: GridACConfig, run: Run | None, progress: bool | None, critic: str,
+                make_step) -> Run:
     """Set-up and finish shared by the three grid methods; ``make_step`` builds the algorithm's
     step function from (model, tables, agents, generator)."""
-    run = run or Run.create(name, cfg)
+    run = run or Run.create(cfg.METHOD, cfg)
     generator = seed_everything(cfg.seed)
     world = make_world(cfg)
     model = world.model
@@ -244,7 +299,7 @@ def _train_grid(name: str, cfg: _ActorCriticConfig, run: Run | None, progress: b
         critic: torch.zeros((n_states,) if critic == "v" else (n_states, n_actions),
                             dtype=torch.float64),
     }
-    agents = _Agents(cfg, model, tables, generator)
+    agents = _Agents(cfg, model, generator)
     algorithm_step = make_step(model, tables, agents, generator)
 
     def step(k: int) -> dict[str, Any]:
@@ -254,16 +309,17 @@ def _train_grid(name: str, cfg: _ActorCriticConfig, run: Run | None, progress: b
                                          _state_values(tables), v_star))
         return metrics
 
-    fit(run, step, total_steps=cfg.steps, objects={"tables": tables, "generator": generator},
+    fit(run, step, total_steps=cfg.steps,
+        objects={"model": tables, "agents": agents.state, "rng": generator},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
     pi = softmax_policy(tables["theta"])
     v_pi = exact_values(model, pi, cfg.gamma)
     finish(run, cfg, world, values=_state_values(tables), policy=pi,
-           title=f"{name}, gamma={cfg.gamma}",
-           extra={"steps": cfg.steps, "transitions": cfg.steps * cfg.num_envs,
-                  "critic_value_error": (_state_values(tables) - v_pi).abs().max().item(),
-                  "mean_value_pi": v_pi.mean().item(),
-                  "mean_value_optimal": v_star.mean().item()})
+           title=f"{cfg.METHOD}, gamma={cfg.gamma}",
+           extra={"train/steps": cfg.steps, "train/transitions": cfg.steps * cfg.num_envs,
+                  "eval/critic_value_error": (_state_values(tables) - v_pi).abs().max().item(),
+                  "eval/mean_value_pi": v_pi.mean().item(),
+                  "eval/mean_value_optimal": v_star.mean().item()})
     run.save_figure(_trajectories(world, pi, cfg), "trajectories.png")
     return run
 
@@ -275,7 +331,7 @@ def _state_values(tables: dict[str, torch.Tensor]) -> torch.Tensor:
     return (softmax_policy(tables["theta"]) * tables["q"]).sum(dim=1)
 
 
-def _trajectories(world: GridWorld, pi: torch.Tensor, cfg: _ActorCriticConfig):
+def _trajectories(world: GridWorld, pi: torch.Tensor, cfg: GridACConfig):
     """Episodes of the learned (stochastic) policy from the four corners."""
     n_rows, n_cols = world.shape
     corners = torch.tensor(sorted({0, n_cols - 1, (n_rows - 1) * n_cols, n_rows * n_cols - 1}))
@@ -291,7 +347,7 @@ def train_qac_tabular(cfg: QACConfig, run: Run | None = None,
 
     def make_step(model, tables, agents, generator):
         def step() -> dict[str, Any]:
-            theta, q, s = tables["theta"], tables["q"], tables["s"]
+            theta, q, s = tables["theta"], tables["q"], agents.s
             pi = softmax_policy(theta)
             a = sample_actions(pi, s, generator)
             s_next, r, terminated = model.step(s, a)
@@ -305,7 +361,7 @@ def train_qac_tabular(cfg: QACConfig, run: Run | None = None,
             return {"reward": r.mean(), "td_error": delta.abs().mean()}
         return step
 
-    return _train_grid("qac_tabular", cfg, run, progress, "q", make_step)
+    return _train_grid(cfg, run, progress, "q", make_step)
 
 
 def train_a2c_tabular(cfg: A2CConfig, run: Run | None = None,
@@ -315,7 +371,7 @@ def train_a2c_tabular(cfg: A2CConfig, run: Run | None = None,
 
     def make_step(model, tables, agents, generator):
         def step() -> dict[str, Any]:
-            theta, v, s = tables["theta"], tables["v"], tables["s"]
+            theta, v, s = tables["theta"], tables["v"], agents.s
             a = sample_actions(softmax_policy(theta), s, generator)
             s_next, r, terminated = model.step(s, a)
             delta = td_error(r, v[s_next], v[s], cfg.gamma, terminated)
@@ -325,7 +381,7 @@ def train_a2c_tabular(cfg: A2CConfig, run: Run | None = None,
             return {"reward": r.mean(), "td_error": delta.abs().mean()}
         return step
 
-    return _train_grid("a2c_tabular", cfg, run, progress, "v", make_step)
+    return _train_grid(cfg, run, progress, "v", make_step)
 
 
 def train_off_policy_ac_tabular(cfg: OffPolicyACConfig, run: Run | None = None,
@@ -337,7 +393,7 @@ def train_off_policy_ac_tabular(cfg: OffPolicyACConfig, run: Run | None = None,
         beta = uniform_policy(model.n_states, model.n_actions)
 
         def step() -> dict[str, Any]:
-            theta, v, s = tables["theta"], tables["v"], tables["s"]
+            theta, v, s = tables["theta"], tables["v"], agents.s
             a = sample_actions(beta, s, generator)
             s_next, r, terminated = model.step(s, a)
             rho = importance_weight(softmax_policy(theta)[s, a], beta[s, a])
@@ -348,7 +404,7 @@ def train_off_policy_ac_tabular(cfg: OffPolicyACConfig, run: Run | None = None,
             return {"td_error": delta.abs().mean(), "importance_weight": rho.mean()}
         return step
 
-    return _train_grid("off_policy_ac_tabular", cfg, run, progress, "v", make_step)
+    return _train_grid(cfg, run, progress, "v", make_step)
 
 
 # Deterministic actor-critic on a linear-quadratic regulator ------------------------------------
@@ -473,6 +529,8 @@ def lqr_policy_gradient(theta: torch.Tensor, gamma: float, action_cost: float) -
 
 @dataclass
 class DeterministicACConfig(BaseConfig):
+    METHOD: ClassVar[str] = "deterministic_ac"
+
     dim: int = 2
     """n: the state s in R^n is a point that moves by its action, s' = s + a (2: a point in the
     plane steered to the origin, the continuous cousin of the grid world's target)."""
@@ -493,19 +551,19 @@ class DeterministicACConfig(BaseConfig):
     """alpha_w: the critic's step size."""
     steps: int = 3000
     """Steps of the num_envs episodes (each is one batched actor and critic update)."""
+    log_every: int = 50
+    """Write a row of metrics.csv (with the exact objective) every this many steps."""
+    ckpt_every: int = 500
+    """Write checkpoint.safetensors every this many steps (and always at the end)."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         if not 0.0 <= self.gamma < 1.0:
             raise ConfigError(f"--gamma must be in [0, 1), got {self.gamma}")
-        for name in ("dim", "num_envs", "episode_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got "
-                                  f"{getattr(self, name)}")
-        for name in ("action_cost", "alpha_theta", "alpha_w"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got "
-                                  f"{getattr(self, name)}")
+        require_at_least(self, 1, "dim")
+        _check_actor_critic(self)
+        if not self.action_cost > 0:
+            raise ConfigError(f"--action-cost must be positive, got {self.action_cost}")
         if self.sigma < 0:
             raise ConfigError(f"--sigma must be non-negative, got {self.sigma}")
 
@@ -521,7 +579,7 @@ def _lqr_scores(theta: torch.Tensor, cfg: DeterministicACConfig,
 def train_deterministic_ac(cfg: DeterministicACConfig, run: Run | None = None,
                            progress: bool | None = None) -> Run:
     """Deterministic actor-critic (Algorithm 10.4) on the linear-quadratic regulator."""
-    run = run or Run.create("deterministic_ac", cfg)
+    run = run or Run.create(cfg.METHOD, cfg)
     generator = seed_everything(cfg.seed)
     n, batch = cfg.dim, cfg.num_envs
     theta_star, P_star = lqr_optimal(n, cfg.gamma, cfg.action_cost)  # noqa: N806
@@ -531,11 +589,11 @@ def train_deterministic_ac(cfg: DeterministicACConfig, run: Run | None = None,
         return 2 * torch.rand(batch, n, generator=generator, dtype=torch.float64) - 1
 
     tables = {"theta": torch.zeros(n, n, dtype=torch.float64),
-              "W": torch.zeros(2 * n, 2 * n, dtype=torch.float64),
-              "s": start_states(), "t": torch.zeros(batch, dtype=torch.int64)}
+              "W": torch.zeros(2 * n, 2 * n, dtype=torch.float64)}
+    agents = {"s": start_states(), "t": torch.zeros(batch, dtype=torch.int64)}
 
     def step(k: int) -> dict[str, Any]:
-        theta, W, s = tables["theta"], tables["W"], tables["s"]  # noqa: N806
+        theta, W, s = tables["theta"], tables["W"], agents["s"]  # noqa: N806
         noise = torch.randn(batch, n, generator=generator, dtype=torch.float64)
         a = linear_policy(theta, s) + cfg.sigma * noise  # a ~ beta(.|s)
         s_next, r = lqr_step(s, a, cfg.action_cost)
@@ -545,27 +603,29 @@ def train_deterministic_ac(cfg: DeterministicACConfig, run: Run | None = None,
         grad_a_q = grad_a_quadratic_q(W, s, linear_policy(theta, s))
         dpg_actor_update(theta, s, grad_a_q, cfg.alpha_theta)
         dpg_critic_update(W, s, a, delta, cfg.alpha_w)
-        t = tables["t"] + 1
+        t = agents["t"] + 1
         done = t >= cfg.episode_length
-        tables["s"] = torch.where(done[:, None], start_states(), s_next)
-        tables["t"] = torch.where(done, torch.zeros_like(t), t)
+        agents["s"] = torch.where(done[:, None], start_states(), s_next)
+        agents["t"] = torch.where(done, torch.zeros_like(t), t)
         metrics = {"reward": r.mean(), "td_error": delta.abs().mean()}
         if k % cfg.log_every == 0 or k == cfg.steps:
             metrics.update(_lqr_scores(theta, cfg, theta_star, j_star))
         return metrics
 
-    fit(run, step, total_steps=cfg.steps, objects={"tables": tables, "generator": generator},
+    fit(run, step, total_steps=cfg.steps,
+        objects={"model": tables, "agents": agents, "rng": generator},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
     theta = tables["theta"]
     scores = _lqr_scores(theta, cfg, theta_star, j_star)
     W_mu = lqr_q_matrix(theta, cfg.gamma, cfg.action_cost) \
         if lqr_stable(theta, cfg.gamma) else torch.full_like(tables["W"], float("nan"))  # noqa: N806
     run.save_figure(_lqr_figure(run, theta, theta_star), "policy.png")
-    run.write_summary({**scores, "objective": j_star - scores["objective_gap"],
-                       "objective_optimal": j_star, "theta": theta.tolist(),
-                       "theta_optimal": theta_star.tolist(),
-                       "critic_error": (tables["W"] - W_mu).abs().max().item(),
-                       "steps": cfg.steps, "transitions": cfg.steps * batch})
+    run.write_summary({**{f"eval/{k}": v for k, v in scores.items()},
+                       "eval/objective": j_star - scores["objective_gap"],
+                       "eval/objective_optimal": j_star, "eval/theta_optimal": theta_star.tolist(),
+                       "eval/critic_error": (tables["W"] - W_mu).abs().max().item(),
+                       "train/theta": theta.tolist(), "train/steps": cfg.steps,
+                       "train/transitions": cfg.steps * batch})
     return run
 
 
@@ -610,15 +670,19 @@ def _lqr_figure(run: Run, theta: torch.Tensor, theta_star: torch.Tensor):
     return fig
 
 
-def evaluate_deterministic_ac(run: Run, n: int, seed: int,
+def evaluate_deterministic_ac(run: Run, n: int | None = None, seed: int = 0,
                               progress: bool | None = None) -> dict[str, Any]:
-    """Score a finished deterministic_ac run's theta exactly (``n`` and ``seed`` are unused)."""
-    from mlatlas.core.config import config_from_dict
+    """Score the theta of a deterministic_ac run's checkpoint exactly.
 
+    The evaluation is exact: J(theta) in closed form against the Riccati optimum, so nothing is
+    sampled and ``n`` and ``seed`` (accepted, as every method's ``evaluate`` accepts them) change
+    nothing. Returns objective_gap and theta_error and writes them to summary.json under
+    ``eval/``.
+    """
     cfg = config_from_dict(DeterministicACConfig, run.config)
-    summary = run.summary()
-    if "theta" not in summary:
-        raise ConfigError(f"{run.dir} has no theta in summary.json; has the run finished?")
-    theta = torch.tensor(summary["theta"], dtype=torch.float64)
+    theta = load_tensors(run.path(CHECKPOINT))["model.theta"]
     theta_star, P_star = lqr_optimal(cfg.dim, cfg.gamma, cfg.action_cost)  # noqa: N806
-    return _lqr_scores(theta, cfg, theta_star, -START_SECOND_MOMENT * torch.trace(P_star).item())
+    scores = _lqr_scores(theta, cfg, theta_star,
+                         -START_SECOND_MOMENT * torch.trace(P_star).item())
+    run.write_summary({f"eval/{k}": v for k, v in scores.items()})
+    return scores

@@ -1,8 +1,12 @@
-"""Value iteration, policy iteration and truncated policy iteration (Zhao, Chapter 4).
+"""Dynamic programming on the grid world's model (Zhao, Chapters 2 and 4): iterative policy
+evaluation, value iteration, policy iteration and truncated policy iteration.
 
-All three solve the Bellman optimality equation v = max_pi (r_pi + gamma P_pi v) (eq. 3.2).
-With q_k(s, a) = r(s, a) + gamma sum_s' p(s'|s, a) v_k(s'):
+The equations are in :mod:`mlatlas.rl.tabular.bellman`; the methods here iterate them one sweep
+per step, so metrics.csv records the convergence. With q_k(s, a) = r(s, a) + gamma sum_s'
+p(s'|s, a) v_k(s'):
 
+- policy evaluation (``bellman``, eq. 2.11): v_{k+1} = r_pi + gamma P_pi v_k for a given pi,
+  checked against the closed form v_pi = (I - gamma P_pi)^{-1} r_pi (eq. 2.10).
 - value iteration (Algorithm 4.1): policy update pi_{k+1}(s) = argmax_a q_k(s, a), value update
   v_{k+1}(s) = max_a q_k(s, a); v_k converges to v* geometrically (contraction, Theorem 3.2).
 - policy iteration (Algorithm 4.2): policy evaluation v_{pi_k} = r_{pi_k} + gamma P_{pi_k} v_{pi_k}
@@ -13,33 +17,33 @@ With q_k(s, a) = r(s, a) + gamma sum_s' p(s'|s, a) v_k(s'):
   iteration and j -> inf policy iteration (Section 4.3).
 
 Every sweep is a gather over the next-state table and a max over actions, with no Python loop
-over states. :func:`bellman_optimality_backup` streams through the states in blocks that fit in
-the cache, one action at a time, so q is never written to memory: a sweep moves little more than
-the model's tables once, and a 1000x1000 grid (a million states) sweeps in about 10 ms on one
-core (``benchmarks/value_iteration_bandwidth.py`` compares it with the machine's copy bandwidth).
+over states. A step of every method here is one iteration (one sweep, or one evaluation and
+improvement); the runs stop once the values stop moving and the policy stops changing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from mlatlas.core.config import ConfigError
+from mlatlas.core.config import require_at_least
 from mlatlas.core.run import Run, fit
-from mlatlas.rl.tabular.bellman import action_values, bellman_step
-from mlatlas.rl.tabular.common import (
-    GridConfig,
+from mlatlas.rl.tabular.bellman import (
+    action_values,
+    bellman_step,
+    evaluate_closed_form,
     exact_values,
-    finish,
-    make_world,
     optimal_values,
 )
+from mlatlas.rl.tabular.common import GridConfig, finish, make_world
 from mlatlas.rl.tabular.gridworld import (
     STAY,
     TabularModel,
     deterministic_policy,
     greedy_policy,
+    parse_policy,
 )
 
 
@@ -48,46 +52,6 @@ def value_iteration_step(model: TabularModel, v: torch.Tensor,
     """One step of Algorithm 4.1: returns (v_{k+1}, q_k) with v_{k+1}(s) = max_a q_k(s, a)."""
     q = action_values(model, v, gamma)
     return q.max(dim=1).values, q
-
-
-BLOCK = 131_072  # states per block: a few (A, block) slices stay within a 2 MB cache
-
-
-def bellman_optimality_backup(model: TabularModel, v: torch.Tensor, gamma: float,
-                              out: torch.Tensor | None = None) -> torch.Tensor:
-    """v_{k+1}(s) = max_a [r(s, a) + gamma v_k(s'(s, a))] without materialising q.
-
-    The same numbers as ``value_iteration_step(...)[0]``; blocks of states and one action at a
-    time keep the intermediate in cache, which makes large sweeps about 4x faster.
-    """
-    next_state, reward = model.by_action
-    out = torch.empty_like(v) if out is None else out
-    buffer = torch.empty(min(BLOCK, v.shape[0]), dtype=v.dtype)
-    for i in range(0, v.shape[0], BLOCK):
-        j = min(i + BLOCK, v.shape[0])
-        best, q_a = out[i:j], buffer[:j - i]
-        for a in range(model.n_actions):
-            torch.index_select(v, 0, next_state[a, i:j], out=q_a)
-            torch.add(reward[a, i:j], q_a, alpha=gamma, out=best if a == 0 else q_a)
-            if a:
-                torch.maximum(best, q_a, out=best)
-    return out
-
-
-def value_iteration(model: TabularModel, gamma: float, *, tol: float = 1e-10,
-                    max_iters: int = 100_000, v0: torch.Tensor | None = None):
-    """Iterate Algorithm 4.1 until max_s |v_{k+1} - v_k| < tol; returns (v, pi, iterations)."""
-    v = torch.zeros(model.n_states, dtype=model.reward.dtype) if v0 is None else v0.clone()
-    v_next = torch.empty_like(v)
-    k = 0
-    while k < max_iters:
-        k += 1
-        bellman_optimality_backup(model, v, gamma, out=v_next)
-        delta = (v_next - v).abs().max().item()
-        v, v_next = v_next, v
-        if delta < tol:
-            break
-    return v, greedy_policy(action_values(model, v, gamma)), k
 
 
 def policy_iteration_step(model: TabularModel, pi: torch.Tensor, v: torch.Tensor, gamma: float,
@@ -135,36 +99,104 @@ def policy_iteration(model: TabularModel, gamma: float, **kwargs):
 
 
 @dataclass
+class BellmanConfig(GridConfig):
+    METHOD: ClassVar[str] = "bellman"
+
+    policy: str = "uniform"
+    """The policy to evaluate: 'uniform', or one letter (u r d l s) per cell with rows separated
+    by '/', e.g. 'rd/ds' on the 2x2 grid."""
+    tol: float = 1e-10
+    """Stop iterating when max_s |v_{k+1}(s) - v_k(s)| falls below this."""
+    steps: int = 10_000
+    """Most sweeps of the iterative solution."""
+    log_every: int = 50
+    """Write a row of metrics.csv every this many sweeps."""
+    ckpt_every: int = 500
+    """Write checkpoint.safetensors every this many sweeps (and always at the end)."""
+
+    def check_data(self) -> None:
+        super().check_data()
+        parse_policy(self.policy, make_world(self))
+
+
+@dataclass
 class ValueIterationConfig(GridConfig):
+    METHOD: ClassVar[str] = "value_iteration"
+
     tol: float = 1e-10
     """Stop when max_s |v_{k+1}(s) - v_k(s)| falls below this."""
     steps: int = 10_000
     """Most iterations."""
     log_every: int = 1
     """Write a row of metrics.csv every this many iterations."""
+    ckpt_every: int = 500
+    """Write checkpoint.safetensors every this many iterations (and always at the end)."""
 
 
 @dataclass
-class PolicyIterationConfig(ValueIterationConfig):
+class PolicyIterationConfig(GridConfig):
+    METHOD: ClassVar[str] = "policy_iteration"
+
+    tol: float = 1e-10
+    """Stop when max_s |v_{k+1}(s) - v_k(s)| falls below this."""
     steps: int = 1000
     """Most iterations (policy iteration needs a handful)."""
+    log_every: int = 1
+    """Write a row of metrics.csv every this many iterations."""
+    ckpt_every: int = 500
+    """Write checkpoint.safetensors every this many iterations (and always at the end)."""
 
 
 @dataclass
-class TruncatedPolicyIterationConfig(ValueIterationConfig):
+class TruncatedPolicyIterationConfig(GridConfig):
+    METHOD: ClassVar[str] = "truncated_policy_iteration"
+
     sweeps: int = 5
     """j_truncate: Bellman sweeps per policy evaluation (1 is value iteration)."""
+    tol: float = 1e-10
+    """Stop when max_s |v_{k+1}(s) - v_k(s)| falls below this."""
+    steps: int = 10_000
+    """Most iterations."""
+    log_every: int = 1
+    """Write a row of metrics.csv every this many iterations."""
+    ckpt_every: int = 500
+    """Write checkpoint.safetensors every this many iterations (and always at the end)."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.sweeps < 1:
-            raise ConfigError(f"--sweeps must be at least 1, got {self.sweeps}")
+    def check(self) -> None:
+        super().check()
+        require_at_least(self, 1, "sweeps")
 
 
-def _train(name: str, cfg: ValueIterationConfig, run: Run | None, progress: bool | None,
-           sweeps: int | None) -> Run:
-    """The loop shared by the three methods; ``sweeps`` 0 means value iteration."""
-    run = run or Run.create(name, cfg)
+def train_bellman(cfg: BellmanConfig, run: Run | None = None,
+                  progress: bool | None = None) -> Run:
+    """Policy evaluation of a given policy by eq. 2.11, one sweep per step, against eq. 2.10."""
+    run = run or Run.create(cfg.METHOD, cfg)
+    world = make_world(cfg)
+    model = world.model
+    pi = parse_policy(cfg.policy, world)
+    v_exact = evaluate_closed_form(model, pi, cfg.gamma)
+    tables = {"v": torch.zeros(model.n_states, dtype=torch.float64)}
+
+    def step(k: int) -> dict[str, float]:
+        v_next = bellman_step(model, pi, tables["v"], cfg.gamma)
+        delta = (v_next - tables["v"]).abs().max()
+        tables["v"] = v_next
+        return {"delta": delta, "error_vs_closed_form": (v_next - v_exact).abs().max()}
+
+    last = fit(run, step, total_steps=cfg.steps, objects={"model": tables},
+               log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress,
+               until=lambda m: m["delta"] < cfg.tol)
+    v = tables["v"]
+    finish(run, cfg, world, values=v, policy=pi, title=f"v_pi for policy {cfg.policy!r}",
+           extra={"train/iterations": last,
+                  "eval/max_abs_error_vs_closed_form": (v - v_exact).abs().max().item()},
+           score=False)
+    return run
+
+
+def _train(cfg: GridConfig, run: Run | None, progress: bool | None, sweeps: int | None) -> Run:
+    """The loop shared by the three control methods; ``sweeps`` 0 means value iteration."""
+    run = run or Run.create(cfg.METHOD, cfg)
     world = make_world(cfg)
     model = world.model
     v_star = optimal_values(model, cfg.gamma)
@@ -184,24 +216,24 @@ def _train(name: str, cfg: ValueIterationConfig, run: Run | None, progress: bool
         return {"delta": (v_next - v).abs().max(), "policy_changes": changed,
                 "error_vs_optimal": (v_next - v_star).abs().max()}
 
-    last = fit(run, step, total_steps=cfg.steps, objects={"tables": tables},
+    last = fit(run, step, total_steps=cfg.steps, objects={"model": tables},
                log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress,
                until=lambda m: m["delta"] < cfg.tol and m["policy_changes"] == 0)
     finish(run, cfg, world, values=tables["v"], policy=tables["pi"],
-           title=f"{name}, gamma={cfg.gamma}", extra={"iterations": last})
+           title=f"{cfg.METHOD}, gamma={cfg.gamma}", extra={"train/iterations": last})
     return run
 
 
 def train_value_iteration(cfg: ValueIterationConfig, run: Run | None = None,
                           progress: bool | None = None) -> Run:
-    return _train("value_iteration", cfg, run, progress, sweeps=0)
+    return _train(cfg, run, progress, sweeps=0)
 
 
 def train_policy_iteration(cfg: PolicyIterationConfig, run: Run | None = None,
                            progress: bool | None = None) -> Run:
-    return _train("policy_iteration", cfg, run, progress, sweeps=None)
+    return _train(cfg, run, progress, sweeps=None)
 
 
 def train_truncated_policy_iteration(cfg: TruncatedPolicyIterationConfig, run: Run | None = None,
                                      progress: bool | None = None) -> Run:
-    return _train("truncated_policy_iteration", cfg, run, progress, sweeps=cfg.sweeps)
+    return _train(cfg, run, progress, sweeps=cfg.sweeps)

@@ -63,3 +63,11 @@ def scatter_mean_update(table: torch.Tensor, index: tuple[torch.Tensor, ...],
     count.index_add_(0, linear, torch.ones_like(delta, dtype=table.dtype))
     table.add_(alpha * (flat / count.clamp(min=1)).view_as(table))
     return table
+
+
+def start_states(start: int | None, n: int, n_states: int,
+                 generator: torch.Generator) -> torch.Tensor:
+    """n start states: all ``start``, or uniformly random when it is None."""
+    if start is None:
+        return torch.randint(n_states, (n,), generator=generator)
+    return torch.full((n,), start, dtype=torch.int64)

@@ -233,3 +233,17 @@ def parse_start(spec: str, world: GridWorld) -> int | None:
 def sample_actions(pi: torch.Tensor, s: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """a ~ pi(.|s) for every state of a batch."""
     return torch.multinomial(pi[s], 1, generator=generator).squeeze(1)
+
+
+def greedy_path(model: TabularModel, q: torch.Tensor, s0: int, max_steps: int) -> list[int]:
+    """The states visited from s0 by the greedy policy of ``q`` (S, A) (action values or a
+    policy: each row's argmax), until a terminal state, a repeated state (a loop, which ends the
+    path) or ``max_steps`` moves."""
+    path, seen, actions = [s0], {s0}, q.argmax(dim=1)
+    while len(path) <= max_steps and not model.terminal[path[-1]]:
+        s_next = int(model.next_state[path[-1], actions[path[-1]]])
+        path.append(s_next)
+        if s_next in seen:
+            break
+        seen.add(s_next)
+    return path

@@ -51,23 +51,24 @@ Starts: mean |q - q*|), ``visited_pairs`` (fraction of pairs visited so far), ``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from mlatlas.core.config import ConfigError, require_at_least, require_unit
+from mlatlas.core.optim import linear_interpolate
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import seed_everything
 from mlatlas.rl.returns import discounted_returns
-from mlatlas.rl.tabular.bellman import action_values, bellman_step
+from mlatlas.rl.tabular.bellman import action_values, bellman_step, exact_values, optimal_values
 from mlatlas.rl.tabular.common import (
     OPTIMAL_TOL,
     GridConfig,
-    exact_values,
     finish,
+    greedy_value_gap,
     make_world,
-    optimal_values,
 )
-from mlatlas.rl.tabular.episodes import Episodes, rollout, scatter_mean_update
+from mlatlas.rl.tabular.episodes import Episodes, rollout, scatter_mean_update, start_states
 from mlatlas.rl.tabular.gridworld import (
     STAY,
     GridWorld,
@@ -206,16 +207,10 @@ def epsilon_greedy_optimal_values(model: TabularModel, gamma: float, epsilon: fl
 
 def epsilon_schedule(k: int, epsilon: float, epsilon_final: float, decay_steps: int) -> float:
     """epsilon at step k (from 1): linear from ``epsilon`` to ``epsilon_final`` over
-    ``decay_steps`` steps, constant afterwards."""
+    ``decay_steps`` steps, constant afterwards; ``decay_steps`` 0 is epsilon_final throughout."""
     if decay_steps == 0:
         return epsilon_final
-    return epsilon + min(1.0, (k - 1) / decay_steps) * (epsilon_final - epsilon)
-
-
-def greedy_value_gap(model: TabularModel, q: torch.Tensor, v_star: torch.Tensor,
-                     gamma: float) -> torch.Tensor:
-    """max_s v*(s) - v_greedy(s) for the greedy policy in q (0 when it is optimal)."""
-    return (v_star - exact_values(model, greedy_policy(q), gamma)).max().clamp(min=0)
+    return linear_interpolate(epsilon, epsilon_final, k, 1, decay_steps)
 
 
 # Command-line methods ------------------------------------------------------------------------
@@ -225,14 +220,6 @@ def _initial_policy(spec: str, world: GridWorld) -> torch.Tensor:
     if spec == "stay":
         return deterministic_policy(torch.full((world.n_states,), STAY))
     return parse_policy(spec, world)
-
-
-def _check(cfg: GridConfig, positive: tuple[str, ...], unit: tuple[str, ...]) -> GridWorld:
-    require_at_least(cfg, 1, *positive)
-    require_unit(cfg, *unit)
-    world = make_world(cfg)
-    _initial_policy(cfg.initial_policy, world)
-    return world
 
 
 def _optimal_from_step(run: Run) -> int | None:
@@ -267,6 +254,8 @@ def _corners(world: GridWorld) -> list[int]:
 
 @dataclass
 class MCBasicConfig(GridConfig):
+    METHOD: ClassVar[str] = "mc_basic"
+
     episode_length: int = 100
     """L: steps (rewards) per episode; states farther than L steps from the target get no
     positive return (Figure 5.4)."""
@@ -279,15 +268,21 @@ class MCBasicConfig(GridConfig):
     """Most policy iterations (the run stops once the policy no longer changes)."""
     log_every: int = 1
     """Write a row of metrics.csv every this many iterations."""
+    ckpt_every: int = 500
+    """Write checkpoint.safetensors every this many iterations (and always at the end)."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(self, ("episode_length", "episodes_per_pair"), ())
+    def check(self) -> None:
+        super().check()
+        require_at_least(self, 1, "episode_length", "episodes_per_pair")
+
+    def check_data(self) -> None:
+        super().check_data()
+        _initial_policy(self.initial_policy, make_world(self))
 
 
 def train_mc_basic(cfg: MCBasicConfig, run: Run | None = None,
                    progress: bool | None = None) -> Run:
-    run = run or Run.create("mc_basic", cfg)
+    run = run or Run.create(cfg.METHOD, cfg)
     generator = seed_everything(cfg.seed)
     world = make_world(cfg)
     model = world.model
@@ -307,15 +302,15 @@ def train_mc_basic(cfg: MCBasicConfig, run: Run | None = None,
                 "greedy_value_gap": greedy_value_gap(model, q, v_star, cfg.gamma)}
 
     last = fit(run, step, total_steps=cfg.steps,
-               objects={"tables": tables, "generator": generator}, log_every=cfg.log_every,
+               objects={"model": tables, "rng": generator}, log_every=cfg.log_every,
                ckpt_every=cfg.ckpt_every, progress=progress,
                until=lambda m: m["policy_changes"] == 0)
     v = tables["q"].max(dim=1).values
     finish(run, cfg, world, values=v, policy=tables["pi"],
            title=f"MC Basic, episode length {cfg.episode_length}",
-           extra={"iterations": last, "episodes": last * per_step,
-                  "samples": last * per_step * cfg.episode_length,
-                  "max_value_error": (v - v_star).abs().max().item()})
+           extra={"train/iterations": last, "train/episodes": last * per_step,
+                  "train/samples": last * per_step * cfg.episode_length,
+                  "eval/max_value_error": (v - v_star).abs().max().item()})
     _save_trajectories(run, world, tables["pi"], _corners(world), min(cfg.episode_length, 30),
                        cfg.seed, "MC Basic: the final greedy policy")
     return run
@@ -323,6 +318,8 @@ def train_mc_basic(cfg: MCBasicConfig, run: Run | None = None,
 
 @dataclass
 class MCExploringStartsConfig(GridConfig):
+    METHOD: ClassVar[str] = "mc_exploring_starts"
+
     episode_length: int = 100
     """T: steps per episode."""
     episodes_per_step: int = 125
@@ -336,18 +333,25 @@ class MCExploringStartsConfig(GridConfig):
     initial_policy: str = "stay"
     """pi_0: 'stay', 'uniform', or one letter (u r d l s) per cell, rows separated by '/'."""
     steps: int = 50
-    """Batches of episodes."""
+    """Batches of episodes_per_step episodes."""
     log_every: int = 1
-    """Write a row of metrics.csv (with the exact greedy_value_gap) every this many steps."""
+    """Write a row of metrics.csv (with the exact greedy_value_gap) every this many batches."""
+    ckpt_every: int = 500
+    """Write checkpoint.safetensors every this many batches (and always at the end)."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(self, ("episode_length", "episodes_per_step"), ("alpha",))
+    def check(self) -> None:
+        super().check()
+        require_at_least(self, 1, "episode_length", "episodes_per_step")
+        require_unit(self, "alpha")
+
+    def check_data(self) -> None:
+        super().check_data()
+        _initial_policy(self.initial_policy, make_world(self))
 
 
 def train_mc_exploring_starts(cfg: MCExploringStartsConfig, run: Run | None = None,
                               progress: bool | None = None) -> Run:
-    run = run or Run.create("mc_exploring_starts", cfg)
+    run = run or Run.create(cfg.METHOD, cfg)
     generator = seed_everything(cfg.seed)
     world = make_world(cfg)
     model = world.model
@@ -372,12 +376,13 @@ def train_mc_exploring_starts(cfg: MCExploringStartsConfig, run: Run | None = No
         return metrics
 
     last = fit(run, step, total_steps=cfg.steps,
-               objects={"tables": tables, "generator": generator}, log_every=cfg.log_every,
+               objects={"model": tables, "rng": generator}, log_every=cfg.log_every,
                ckpt_every=cfg.ckpt_every, progress=progress)
     q, pi = tables["q"], tables["pi"]
     finish(run, cfg, world, values=(pi * q).sum(dim=1), policy=pi, title="MC Exploring Starts",
-           extra={"episodes": last * batch, "samples": last * batch * cfg.episode_length,
-                  "optimal_from_step": _optimal_from_step(run)})
+           extra={"train/episodes": last * batch,
+                  "train/samples": last * batch * cfg.episode_length,
+                  "train/optimal_from_step": _optimal_from_step(run)})
     _save_trajectories(run, world, pi, _corners(world), min(cfg.episode_length, 30), cfg.seed,
                        "MC Exploring Starts: the final greedy policy")
     return run
@@ -385,13 +390,15 @@ def train_mc_exploring_starts(cfg: MCExploringStartsConfig, run: Run | None = No
 
 @dataclass
 class MCEpsilonGreedyConfig(GridConfig):
+    METHOD: ClassVar[str] = "mc_epsilon_greedy"
+
     epsilon: float = 0.5
     """epsilon of the epsilon-greedy policy at the start (1 is the uniform policy)."""
     epsilon_final: float = 0.1
     """epsilon after the decay; equal to --epsilon for a constant epsilon. On the book's grid
     the best epsilon-greedy policy has an optimal greedy version for epsilon <= 0.1."""
     epsilon_decay_steps: int = 50
-    """Steps over which epsilon falls linearly from --epsilon to --epsilon-final."""
+    """Batches over which epsilon falls linearly from --epsilon to --epsilon-final."""
     episode_length: int = 100
     """T: steps per episode."""
     episodes_per_step: int = 1000
@@ -408,23 +415,30 @@ class MCEpsilonGreedyConfig(GridConfig):
     initial_policy: str = "uniform"
     """pi_0: 'uniform' (as in Figure 5.5), 'stay', or one letter (u r d l s) per cell."""
     steps: int = 200
-    """Batches of episodes."""
+    """Batches of episodes_per_step episodes."""
     log_every: int = 5
-    """Write a row of metrics.csv (with the exact greedy_value_gap) every this many steps."""
+    """Write a row of metrics.csv (with the exact greedy_value_gap) every this many batches."""
+    ckpt_every: int = 500
+    """Write checkpoint.safetensors every this many batches (and always at the end)."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        world = _check(self, ("episode_length", "episodes_per_step"),
-                       ("epsilon", "epsilon_final", "alpha"))
+    def check(self) -> None:
+        super().check()
+        require_at_least(self, 1, "episode_length", "episodes_per_step")
+        require_unit(self, "epsilon", "epsilon_final", "alpha")
         if self.epsilon_decay_steps < 0:
             raise ConfigError(f"--epsilon-decay-steps must be >= 0, "
                               f"got {self.epsilon_decay_steps}")
+
+    def check_data(self) -> None:
+        super().check_data()
+        world = make_world(self)
+        _initial_policy(self.initial_policy, world)
         parse_start(self.start, world)
 
 
 def train_mc_epsilon_greedy(cfg: MCEpsilonGreedyConfig, run: Run | None = None,
                             progress: bool | None = None) -> Run:
-    run = run or Run.create("mc_epsilon_greedy", cfg)
+    run = run or Run.create(cfg.METHOD, cfg)
     generator = seed_everything(cfg.seed)
     world = make_world(cfg)
     model = world.model
@@ -435,8 +449,7 @@ def train_mc_epsilon_greedy(cfg: MCEpsilonGreedyConfig, run: Run | None = None,
 
     def step(k: int) -> dict[str, float]:
         epsilon = epsilon_schedule(k, cfg.epsilon, cfg.epsilon_final, cfg.epsilon_decay_steps)
-        s0 = (torch.randint(model.n_states, (batch,), generator=generator) if start is None
-              else torch.full((batch,), start))
+        s0 = start_states(start, batch, model.n_states, generator)
         greedy_before = tables["q"].argmax(dim=1)
         episodes = rollout(model, tables["pi"], s0, cfg.episode_length, generator)
         g = mc_update(tables, episodes, cfg.gamma, first_visit=cfg.first_visit,
@@ -449,7 +462,7 @@ def train_mc_epsilon_greedy(cfg: MCEpsilonGreedyConfig, run: Run | None = None,
         return metrics
 
     last = fit(run, step, total_steps=cfg.steps,
-               objects={"tables": tables, "generator": generator}, log_every=cfg.log_every,
+               objects={"model": tables, "rng": generator}, log_every=cfg.log_every,
                ckpt_every=cfg.ckpt_every, progress=progress)
     q, pi = tables["q"], tables["pi"]
     epsilon = epsilon_schedule(last, cfg.epsilon, cfg.epsilon_final, cfg.epsilon_decay_steps)
@@ -458,11 +471,11 @@ def train_mc_epsilon_greedy(cfg: MCEpsilonGreedyConfig, run: Run | None = None,
     v_best_soft, _ = epsilon_greedy_optimal_values(model, cfg.gamma, epsilon)
     finish(run, cfg, world, values=(pi * q).sum(dim=1), policy=pi,
            title=f"MC epsilon-greedy, final epsilon {epsilon:.3g}",
-           extra={"epsilon": epsilon, "episodes": last * batch,
-                  "samples": last * batch * cfg.episode_length,
-                  "optimal_from_step": _optimal_from_step(run),
-                  "epsilon_policy_value_gap": (v_star - v_pi).max().item(),
-                  "epsilon_optimal_gap": max(0.0, (v_best_soft - v_pi).max().item())})
+           extra={"train/epsilon": epsilon, "train/episodes": last * batch,
+                  "train/samples": last * batch * cfg.episode_length,
+                  "train/optimal_from_step": _optimal_from_step(run),
+                  "eval/epsilon_policy_value_gap": (v_star - v_pi).max().item(),
+                  "eval/epsilon_optimal_gap": max(0.0, (v_best_soft - v_pi).max().item())})
     _save_trajectories(run, world, pi, [0 if start is None else start], 100, cfg.seed,
                        f"MC epsilon-greedy: 100 steps of the final policy (epsilon {epsilon:.3g})")
     return run

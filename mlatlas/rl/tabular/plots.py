@@ -1,4 +1,5 @@
-"""Grid-world pictures as the book draws them: policy arrows, state values, trajectories.
+"""Grid-world pictures as the book draws them: policy arrows, state values, trajectories, value
+surfaces and learning curves.
 
 Forbidden cells are orange and the target blue (the book's colours); a policy is drawn as one
 arrow per action with pi(a|s) >= 0.01, its length growing with the probability, and a circle for
@@ -99,4 +100,41 @@ def trajectory_figure(world: GridWorld, episodes: Sequence[Sequence[int]], title
                 alpha=0.8)
         ax.plot(col[0], row[0], "o", color=PATH_COLORS(k % 10), markersize=6)
     ax.set_title(title, fontsize=10)
+    return fig
+
+
+def surface_figure(world: GridWorld, v_true: torch.Tensor, v_hat: torch.Tensor, title: str):
+    """True and estimated state values as 3D surfaces over (column, row) (Figures 8.6c, 8.7)."""
+    n_rows, n_cols = world.shape
+    col, row = torch.meshgrid(torch.arange(1, n_cols + 1), torch.arange(1, n_rows + 1),
+                              indexing="xy")
+    fig = plt.figure(figsize=(10, 4.5))
+    low = min(v_true.min().item(), v_hat.min().item())
+    high = max(v_true.max().item(), v_hat.max().item())
+    for k, (label, v) in enumerate((("true state values", v_true),
+                                    ("estimated state values", v_hat))):
+        ax = fig.add_subplot(1, 2, k + 1, projection="3d")
+        ax.plot_surface(col.numpy(), row.numpy(), v.reshape(n_rows, n_cols).detach().numpy(),
+                        cmap="viridis", vmin=low, vmax=high, edgecolor="0.3", linewidth=0.3)
+        ax.set_zlim(low, high)
+        ax.set_xlabel("column")
+        ax.set_ylabel("row")
+        ax.invert_yaxis()
+        ax.set_title(label, fontsize=10)
+    fig.suptitle(title)
+    return fig
+
+
+def curves_figure(rows: list[dict], names: list[str], x: str, title: str):
+    """One panel per metric against ``x`` (a metrics.csv column such as ``episodes``), linear
+    axes, stacked (``core.plots.metric_curves`` draws against ``step`` only)."""
+    fig, axes = plt.subplots(len(names), 1, figsize=(6, 2.6 * len(names)), squeeze=False)
+    xs = [r[x] for r in rows]
+    for ax, name in zip(axes[:, 0], names, strict=True):
+        ax.plot(xs, [r.get(name, float("nan")) for r in rows])
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel(x)
+    fig.suptitle(title)
+    fig.tight_layout()
     return fig

@@ -49,24 +49,30 @@ value of the state reached.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from mlatlas.core.config import ConfigError
+from mlatlas.core.config import ConfigError, require_at_least
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import seed_everything
 from mlatlas.rl.returns import discounted_returns
-from mlatlas.rl.tabular.bellman import action_values, evaluate_closed_form, transition_pi
+from mlatlas.rl.tabular.bellman import (
+    action_values,
+    evaluate_closed_form,
+    exact_values,
+    optimal_values,
+    transition_pi,
+)
 from mlatlas.rl.tabular.common import (
     GridConfig,
-    exact_values,
     finish,
+    greedy_value_gap,
     make_world,
-    optimal_values,
     policy_score,
 )
 from mlatlas.rl.tabular.episodes import rollout
-from mlatlas.rl.tabular.gridworld import GridWorld, TabularModel, greedy_policy, parse_start
+from mlatlas.rl.tabular.gridworld import GridWorld, TabularModel, parse_start
 from mlatlas.rl.tabular.plots import trajectory_figure
 
 
@@ -156,6 +162,8 @@ def reinforce_step(theta: torch.Tensor, model: TabularModel, s0: torch.Tensor, l
 
 @dataclass
 class ReinforceConfig(GridConfig):
+    METHOD: ClassVar[str] = "reinforce_tabular"
+
     alpha: float = 0.3
     """Learning rate alpha of the gradient ascent on theta."""
     episodes_per_step: int = 64
@@ -177,15 +185,14 @@ class ReinforceConfig(GridConfig):
     ckpt_every: int = 100
     """Write checkpoint.safetensors every this many updates (and always at the end)."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         if self.alpha <= 0:
             raise ConfigError(f"--alpha must be positive, got {self.alpha}")
-        if self.episodes_per_step < 1:
-            raise ConfigError(f"--episodes-per-step must be at least 1, got "
-                              f"{self.episodes_per_step}")
-        if self.episode_length < 1:
-            raise ConfigError(f"--episode-length must be at least 1, got {self.episode_length}")
+        require_at_least(self, 1, "episodes_per_step", "episode_length")
+
+    def check_data(self) -> None:
+        super().check_data()
         start_distribution(self, make_world(self))
 
 
@@ -201,7 +208,7 @@ def start_distribution(cfg: ReinforceConfig, world: GridWorld) -> torch.Tensor:
 
 def train_reinforce_tabular(cfg: ReinforceConfig, run: Run | None = None,
                             progress: bool | None = None) -> Run:
-    run = run or Run.create("reinforce_tabular", cfg)
+    run = run or Run.create(cfg.METHOD, cfg)
     generator = seed_everything(cfg.seed)
     world = make_world(cfg)
     model = world.model
@@ -218,13 +225,12 @@ def train_reinforce_tabular(cfg: ReinforceConfig, run: Run | None = None,
         pi = softmax_policy(theta)
         # Exact scores of the new policy: a linear solve on 25 states costs less than a rollout.
         v = exact_values(model, pi, cfg.gamma)
-        v_greedy = exact_values(model, greedy_policy(pi), cfg.gamma)
         entropy = -(pi * pi.log()).sum(dim=1).mean()
         return {"return": returns[0].mean(), "average_value": d0 @ v,
-                "greedy_value_gap": (v_star - v_greedy).max().clamp(min=0),
+                "greedy_value_gap": greedy_value_gap(model, pi, v_star, cfg.gamma),
                 "entropy": entropy}
 
-    fit(run, step, total_steps=cfg.steps, objects={"tables": tables, "generator": generator},
+    fit(run, step, total_steps=cfg.steps, objects={"model": tables, "rng": generator},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
     pi = softmax_policy(tables["theta"])
     v = exact_values(model, pi, cfg.gamma)
@@ -239,10 +245,12 @@ def train_reinforce_tabular(cfg: ReinforceConfig, run: Run | None = None,
     finish(run, cfg, world, values=v, policy=pi,
            title=f"REINFORCE, {cfg.steps} updates x {cfg.episodes_per_step} episodes: "
            f"pi(a|s) and exact v_pi",
-           extra={"average_value": (d0 @ v).item(),
-                  "optimal_average_value": (d0 @ v_star).item(),
-                  "uniform_policy_greedy_value_gap":
+           extra={"eval/average_value": (d0 @ v).item(),
+                  "eval/optimal_average_value": (d0 @ v_star).item(),
+                  "eval/mean_entropy": -(pi * pi.log()).sum(dim=1).mean().item(),
+                  # The same score of the policy training starts from (theta = 0, uniform).
+                  "baseline/greedy_value_gap":
                       policy_score(world, uniform, cfg.gamma)["greedy_value_gap"],
-                  "updates": cfg.steps, "episodes": cfg.steps * cfg.episodes_per_step,
-                  "mean_entropy": -(pi * pi.log()).sum(dim=1).mean().item()})
+                  "train/updates": cfg.steps,
+                  "train/episodes": cfg.steps * cfg.episodes_per_step})
     return run

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -57,7 +57,11 @@ PROBLEMS = {
 
 
 def step_size(k: int, scale: float = 1.0, power: float = 1.0) -> float:
-    """a_k = c / k^p for k = 1, 2, ... (``scale`` c, ``power`` p)."""
+    """a_k = c / k^p for k = 1, 2, ... (``scale`` c, ``power`` p).
+
+    A schedule of the step, but not one of ``mlatlas.core.optim``'s shapes (none decays as a
+    power of k), so it stays here, beside the theorem it illustrates.
+    """
     return scale / k**power
 
 
@@ -136,9 +140,11 @@ class StepSizeConfig(BaseConfig):
     fast."""
     runs: int = 1000
     """Independent runs done side by side; the summary gives the mean and spread over them."""
+    ckpt_every: int = 500
+    """Write checkpoint.safetensors every this many iterations (and always at the end)."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         if self.step_scale <= 0:
             raise ConfigError(f"--step-scale must be positive, got {self.step_scale}")
         if self.step_power < 0:
@@ -152,6 +158,8 @@ class StepSizeConfig(BaseConfig):
 
 @dataclass
 class RobbinsMonroConfig(StepSizeConfig):
+    METHOD: ClassVar[str] = "robbins_monro"
+
     problem: Literal["tanh", "cubic"] = "tanh"
     """g(w): 'tanh' is tanh(w - 1) with root 1 (Figure 6.4); 'cubic' is w^3 - 5 with root 5^(1/3)
     (Figure 6.3; its derivative is unbounded, so condition (a) of Theorem 6.1 fails and w_1 and
@@ -167,14 +175,16 @@ class RobbinsMonroConfig(StepSizeConfig):
     ckpt_every: int = 2000
     """Write checkpoint.safetensors every this many iterations (and always at the end)."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         if self.noise_std < 0:
             raise ConfigError(f"--noise-std must be at least 0, got {self.noise_std}")
 
 
 @dataclass
 class MeanEstimationConfig(StepSizeConfig):
+    METHOD: ClassVar[str] = "mean_estimation"
+
     distribution: Literal["uniform", "normal"] = "uniform"
     """Distribution of X: uniform or normal with the mean and standard deviation below."""
     mean: float = 5.0
@@ -188,14 +198,16 @@ class MeanEstimationConfig(StepSizeConfig):
     log_every: int = 10
     """Write a row of metrics.csv every this many iterations."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         if self.std < 0:
             raise ConfigError(f"--std must be at least 0, got {self.std}")
 
 
 @dataclass
 class SGDComparisonConfig(StepSizeConfig):
+    METHOD: ClassVar[str] = "sgd_comparison"
+
     n_samples: int = 100
     """n, the size of the sample set {x_i} (Figure 6.5: 100)."""
     side: float = 20.0
@@ -215,8 +227,8 @@ class SGDComparisonConfig(StepSizeConfig):
     log_every: int = 1
     """Write a row of metrics.csv every this many iterations."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         if self.n_samples < 1:
             raise ConfigError(f"--n-samples must be at least 1, got {self.n_samples}")
         if self.side <= 0:
@@ -239,20 +251,21 @@ class SGDComparisonConfig(StepSizeConfig):
 
 
 def _histories(steps: int, **columns: int) -> dict[str, torch.Tensor]:
-    """Per-iteration records kept in the checkpointed tables: row k holds the statistics of
-    w_{k+1} (row 0 the initial guess), so the figures do not depend on log_every."""
-    return {f"hist_{name}": torch.full((steps + 1, width), math.nan, dtype=torch.float64)
+    """Per-iteration records, checkpointed as the run's ``history`` group: row k holds the
+    statistics of w_{k+1} (row 0 the initial guess), so the figures do not depend on
+    log_every."""
+    return {name: torch.full((steps + 1, width), math.nan, dtype=torch.float64)
             for name, width in columns.items()}
 
 
-def _record(tables: dict[str, torch.Tensor], name: str, k: int, value, steps: int) -> None:
-    """tables['hist_' + name][k] = value; a run resumed with more steps than it was created with
-    has its records extended to steps + 1 rows."""
-    hist = tables[f"hist_{name}"]
+def _record(history: dict[str, torch.Tensor], name: str, k: int, value, steps: int) -> None:
+    """history[name][k] = value; a run resumed with more steps than it was created with has its
+    records extended to steps + 1 rows."""
+    hist = history[name]
     if k >= hist.shape[0]:
         pad = torch.full((steps + 1 - hist.shape[0], *hist.shape[1:]), math.nan,
                          dtype=hist.dtype)
-        hist = tables[f"hist_{name}"] = torch.cat([hist, pad])
+        hist = history[name] = torch.cat([hist, pad])
     hist[k] = value
 
 
@@ -269,10 +282,10 @@ def _schedule(cfg: StepSizeConfig) -> str:
     return c if p == 0 else f"{c}/k" if p == 1 else f"{c}/k^{p:g}"
 
 
-def _error_figure(tables: dict[str, torch.Tensor], target: float, target_label: str,
+def _error_figure(history: dict[str, torch.Tensor], target: float, target_label: str,
                   title: str, w_label: str, error_label: str):
     """w_k of a few runs (left) and the mean / 10-90% band of the error over runs (right)."""
-    trace, stats = tables["hist_trace"], tables["hist_error"]
+    trace, stats = history["trace"], history["error"]
     k = torch.arange(1, trace.shape[0] + 1)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     left.plot(k, trace.numpy(), linewidth=1)
@@ -300,14 +313,14 @@ def _error_figure(tables: dict[str, torch.Tensor], target: float, target_label: 
 
 def train_robbins_monro(cfg: RobbinsMonroConfig, run: Run | None = None,
                         progress: bool | None = None) -> Run:
-    run = run or Run.create("robbins_monro", cfg)
+    run = run or Run.create(cfg.METHOD, cfg)
     generator = seed_everything(cfg.seed)
     g, root, description = PROBLEMS[cfg.problem]
     n_trace = min(TRACE_RUNS, cfg.runs)
-    tables = {"w": torch.full((cfg.runs,), cfg.w1, dtype=torch.float64),
-              **_histories(cfg.steps, trace=n_trace, error=3)}
-    tables["hist_trace"][0] = cfg.w1
-    tables["hist_error"][0] = abs(cfg.w1 - root)
+    tables = {"w": torch.full((cfg.runs,), cfg.w1, dtype=torch.float64)}
+    history = _histories(cfg.steps, trace=n_trace, error=3)
+    history["trace"][0] = cfg.w1
+    history["error"][0] = abs(cfg.w1 - root)
 
     def step(k: int) -> dict[str, float]:
         w = tables["w"]
@@ -315,25 +328,26 @@ def train_robbins_monro(cfg: RobbinsMonroConfig, run: Run | None = None,
         w = robbins_monro_step(w, g(w) + eta, cfg.a(k))
         tables["w"] = w
         error = (w - root).abs()
-        _record(tables, "trace", k, w[:n_trace], cfg.steps)
-        _record(tables, "error", k, _error_stats(error), cfg.steps)
+        _record(history, "trace", k, w[:n_trace], cfg.steps)
+        _record(history, "error", k, _error_stats(error), cfg.steps)
         return {"w_mean": w.mean(), "error_mean": error.mean(),
                 "error_std": error.std(correction=0), "step_size": cfg.a(k)}
 
-    fit(run, step, total_steps=cfg.steps, objects={"tables": tables, "generator": generator},
+    fit(run, step, total_steps=cfg.steps,
+        objects={"model": tables, "history": history, "rng": generator},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
     w = tables["w"]
     error = (w - root).abs()
     holds = satisfies_theorem_6_1(cfg.step_power)
     run.save_figure(_error_figure(
-        tables, root, f"root w* = {root:.4g}", f"Robbins-Monro on {description}, a_k = "
+        history, root, f"root w* = {root:.4g}", f"Robbins-Monro on {description}, a_k = "
         f"{_schedule(cfg)}, noise std {cfg.noise_std:g}", "w_k", "|w_k - w*|"), "estimates.png")
     run.write_summary({
-        "problem": description, "root": root, "final_w_mean": w.mean().item(),
-        "final_error_mean": error.mean().item(),
-        "final_error_std": error.std(correction=0).item(),
-        "final_error_max": error.max().item(), "runs": cfg.runs, "iterations": cfg.steps,
-        "step_size_conditions_hold": holds})
+        "train/problem": description, "train/root": root, "eval/final_w_mean": w.mean().item(),
+        "eval/final_error_mean": error.mean().item(),
+        "eval/final_error_std": error.std(correction=0).item(),
+        "eval/final_error_max": error.max().item(), "train/runs": cfg.runs,
+        "train/iterations": cfg.steps, "train/step_size_conditions_hold": holds})
     return run
 
 
@@ -348,49 +362,50 @@ def _draw(cfg: MeanEstimationConfig, generator: torch.Generator) -> torch.Tensor
 
 def train_mean_estimation(cfg: MeanEstimationConfig, run: Run | None = None,
                           progress: bool | None = None) -> Run:
-    run = run or Run.create("mean_estimation", cfg)
+    run = run or Run.create(cfg.METHOD, cfg)
     generator = seed_everything(cfg.seed)
     n_trace = min(TRACE_RUNS, cfg.runs)
-    tables = {"w": torch.full((cfg.runs,), cfg.w1, dtype=torch.float64),
-              "sample_sum": torch.zeros(cfg.runs, dtype=torch.float64),
-              **_histories(cfg.steps, trace=n_trace, error=3, sample_mean_error=1)}
-    tables["hist_trace"][0] = cfg.w1
-    tables["hist_error"][0] = abs(cfg.w1 - cfg.mean)
+    tables = {"w": torch.full((cfg.runs,), cfg.w1, dtype=torch.float64)}
+    samples = {"sum": torch.zeros(cfg.runs, dtype=torch.float64)}
+    history = _histories(cfg.steps, trace=n_trace, error=3, sample_mean_error=1)
+    history["trace"][0] = cfg.w1
+    history["error"][0] = abs(cfg.w1 - cfg.mean)
 
     def step(k: int) -> dict[str, float]:
         x = _draw(cfg, generator)
         w = mean_estimation_step(tables["w"], x, cfg.a(k))
         tables["w"] = w
         # The sample mean (1/k) sum x_i, kept to show that alpha_k = 1/k reproduces it (eq. 6.3).
-        tables["sample_sum"] = tables["sample_sum"] + x
-        sample_mean = tables["sample_sum"] / k
+        samples["sum"] = samples["sum"] + x
+        sample_mean = samples["sum"] / k
         error = (w - cfg.mean).abs()
-        _record(tables, "trace", k, w[:n_trace], cfg.steps)
-        _record(tables, "error", k, _error_stats(error), cfg.steps)
-        _record(tables, "sample_mean_error", k, (sample_mean - cfg.mean).abs().mean(),
+        _record(history, "trace", k, w[:n_trace], cfg.steps)
+        _record(history, "error", k, _error_stats(error), cfg.steps)
+        _record(history, "sample_mean_error", k, (sample_mean - cfg.mean).abs().mean(),
                 cfg.steps)
         return {"w_mean": w.mean(), "error_mean": error.mean(),
                 "gap_to_sample_mean": (w - sample_mean).abs().max(), "step_size": cfg.a(k)}
 
-    fit(run, step, total_steps=cfg.steps, objects={"tables": tables, "generator": generator},
+    fit(run, step, total_steps=cfg.steps,
+        objects={"model": tables, "samples": samples, "history": history, "rng": generator},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
     w = tables["w"]
     error = (w - cfg.mean).abs()
-    fig = _error_figure(tables, cfg.mean, "E[X]", f"Mean estimation, alpha_k = "
+    fig = _error_figure(history, cfg.mean, "E[X]", f"Mean estimation, alpha_k = "
                         f"{_schedule(cfg)}, X {cfg.distribution} (mean {cfg.mean:g}, std "
                         f"{cfg.std:g})", "w_k", "|w_k - E[X]|")
     k = torch.arange(1, cfg.steps + 2)
-    fig.axes[1].plot(k[1:], tables["hist_sample_mean_error"][1:, 0].numpy(), "k--",
+    fig.axes[1].plot(k[1:], history["sample_mean_error"][1:, 0].numpy(), "k--",
                      linewidth=1, label="sample mean of k - 1 samples")
     fig.axes[1].legend(loc="best")
     run.save_figure(fig, "estimates.png")
     run.write_summary({
-        "true_mean": cfg.mean, "final_w_mean": w.mean().item(),
-        "final_error_mean": error.mean().item(),
-        "final_error_std": error.std(correction=0).item(),
-        "max_gap_to_sample_mean": (w - tables["sample_sum"] / cfg.steps).abs().max().item(),
-        "runs": cfg.runs, "iterations": cfg.steps,
-        "step_size_conditions_hold": satisfies_theorem_6_1(cfg.step_power)})
+        "train/true_mean": cfg.mean, "eval/final_w_mean": w.mean().item(),
+        "eval/final_error_mean": error.mean().item(),
+        "eval/final_error_std": error.std(correction=0).item(),
+        "eval/max_gap_to_sample_mean": (w - samples["sum"] / cfg.steps).abs().max().item(),
+        "train/runs": cfg.runs, "train/iterations": cfg.steps,
+        "train/step_size_conditions_hold": satisfies_theorem_6_1(cfg.step_power)})
     return run
 
 
@@ -401,30 +416,31 @@ def method_names(sizes: list[int]) -> list[str]:
 
 def train_sgd_comparison(cfg: SGDComparisonConfig, run: Run | None = None,
                          progress: bool | None = None) -> Run:
-    run = run or Run.create("sgd_comparison", cfg)
+    run = run or Run.create(cfg.METHOD, cfg)
     generator = seed_everything(cfg.seed)
     sizes = cfg.sizes()
     names = method_names(sizes)
     R, n = cfg.runs, cfg.n_samples
-    samples = cfg.side * (torch.rand(R, n, 2, generator=generator, dtype=torch.float64) - 0.5)
+    # The sample sets {x_i} of every run, drawn once: the data the algorithms minimise J over.
+    data = {"samples": cfg.side * (torch.rand(R, n, 2, generator=generator,
+                                              dtype=torch.float64) - 0.5)}
     w1 = torch.tensor([cfg.w1_x, cfg.w1_y], dtype=torch.float64)
-    tables = {"samples": samples,
-              "w": w1.expand(len(names), R, 2).clone(),
-              "hist_distance": torch.full((cfg.steps + 1, len(names)), math.nan,
-                                          dtype=torch.float64),
-              "hist_path": torch.full((cfg.steps + 1, len(names), 2), math.nan,
-                                      dtype=torch.float64)}
+    tables = {"w": w1.expand(len(names), R, 2).clone()}
+    history = {"distance": torch.full((cfg.steps + 1, len(names)), math.nan,
+                                      dtype=torch.float64),
+               "path": torch.full((cfg.steps + 1, len(names), 2), math.nan,
+                                  dtype=torch.float64)}
 
     def distances() -> torch.Tensor:
         """||w_k - x_bar|| for every algorithm and run, (M, R)."""
-        x_bar = tables["samples"].mean(dim=1)
+        x_bar = data["samples"].mean(dim=1)
         return (tables["w"] - x_bar).norm(dim=2)
 
-    tables["hist_distance"][0] = distances().mean(dim=1)
-    tables["hist_path"][0] = tables["w"][:, 0]
+    history["distance"][0] = distances().mean(dim=1)
+    history["path"][0] = tables["w"][:, 0]
 
     def step(k: int) -> dict[str, float]:
-        x, w, alpha = tables["samples"], tables["w"], cfg.a(k)
+        x, w, alpha = data["samples"], tables["w"], cfg.a(k)
         w_next = torch.empty_like(w)
         w_next[0] = bgd_step(w[0], x, alpha)
         for i, m in enumerate(sizes, start=1):
@@ -435,41 +451,45 @@ def train_sgd_comparison(cfg: SGDComparisonConfig, run: Run | None = None,
                 w_next[i] = mbgd_step(w[i], x, index, alpha)
         tables["w"] = w_next
         d = distances().mean(dim=1)
-        _record(tables, "distance", k, d, cfg.steps)
-        _record(tables, "path", k, w_next[:, 0], cfg.steps)
+        _record(history, "distance", k, d, cfg.steps)
+        _record(history, "path", k, w_next[:, 0], cfg.steps)
         return {f"distance_{name}": d[i] for i, name in enumerate(names)}
 
-    fit(run, step, total_steps=cfg.steps, objects={"tables": tables, "generator": generator},
+    fit(run, step, total_steps=cfg.steps,
+        objects={"model": tables, "data": data, "history": history, "rng": generator},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
-    run.save_figure(comparison_figure(tables, names, cfg), "comparison.png")
+    run.save_figure(comparison_figure(data["samples"], history, names, cfg), "comparison.png")
     final = distances()
-    x_bar = tables["samples"].mean(dim=1)
+    x_bar = data["samples"].mean(dim=1)
+    # One flat key per compared algorithm (bgd, sgd, mbgd_5, ...).
+    means, stds = final.mean(dim=1).tolist(), final.std(dim=1, correction=0).tolist()
+    summary: dict[str, object] = {}
+    for i, name in enumerate(names):
+        summary[f"eval/final_distance_mean_{name}"] = means[i]
+        summary[f"eval/final_distance_std_{name}"] = stds[i]
+        summary[f"eval/final_estimate_run0_{name}"] = tables["w"][i, 0].tolist()
     run.write_summary({
-        "final_distance_mean": dict(zip(names, final.mean(dim=1).tolist(), strict=True)),
-        "final_distance_std": dict(zip(names, final.std(dim=1, correction=0).tolist(),
-                                       strict=True)),
-        "final_estimate_run0": {name: tables["w"][i, 0].tolist()
-                                for i, name in enumerate(names)},
-        "sample_mean_run0": x_bar[0].tolist(), "runs": R, "iterations": cfg.steps,
-        "step_size_conditions_hold": satisfies_theorem_6_1(cfg.step_power)})
+        **summary, "eval/sample_mean_run0": x_bar[0].tolist(), "train/runs": R,
+        "train/iterations": cfg.steps,
+        "train/step_size_conditions_hold": satisfies_theorem_6_1(cfg.step_power)})
     return run
 
 
-def comparison_figure(tables: dict[str, torch.Tensor], names: list[str],
+def comparison_figure(samples: torch.Tensor, history: dict[str, torch.Tensor], names: list[str],
                       cfg: SGDComparisonConfig):
     """Figure 6.5: the paths of run 0 over its samples, and the distance to the mean by k."""
     labels = {"bgd": "BGD", "sgd": "SGD (m=1)"}
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    x = tables["samples"][0].numpy()
+    x = samples[0].numpy()
     left.scatter(x[:, 0], x[:, 1], s=8, c="0.6", label="samples")
     x_bar = x.mean(axis=0)
     left.plot(x_bar[0], x_bar[1], "k*", markersize=12, label="mean")
-    k = range(tables["hist_distance"].shape[0])
+    k = range(history["distance"].shape[0])
     for i, name in enumerate(names):
         label = labels.get(name, f"MBGD (m={name.removeprefix('mbgd_')})")
-        path = tables["hist_path"][:, i].numpy()
+        path = history["path"][:, i].numpy()
         left.plot(path[:, 0], path[:, 1], "-o", markersize=2.5, linewidth=1, label=label)
-        right.plot(k, tables["hist_distance"][:, i].numpy(), "-o", markersize=2.5, label=label)
+        right.plot(k, history["distance"][:, i].numpy(), "-o", markersize=2.5, label=label)
     left.set_aspect("equal")
     left.set_xlabel("x")
     left.set_ylabel("y")

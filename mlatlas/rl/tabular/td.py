@@ -45,6 +45,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import ClassVar
 
 import torch
 
@@ -52,20 +53,20 @@ from mlatlas.core.config import ConfigError, require_at_least, require_unit
 from mlatlas.core.plots import metric_curves
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import seed_everything
-from mlatlas.rl.tabular.bellman import evaluate_closed_form
+from mlatlas.rl.tabular.bellman import evaluate_closed_form, exact_values, optimal_values
 from mlatlas.rl.tabular.common import (
     OPTIMAL_TOL,
     GridConfig,
-    exact_values,
     finish,
+    greedy_value_gap,
     make_world,
-    optimal_values,
 )
 from mlatlas.rl.tabular.episodes import scatter_mean_update
 from mlatlas.rl.tabular.gridworld import (
     GridWorld,
     TabularModel,
     epsilon_greedy_policy,
+    greedy_path,
     greedy_policy,
     parse_policy,
     sample_actions,
@@ -142,6 +143,12 @@ def step_sizes(alpha: float, visits: torch.Tensor, exponent: float) -> torch.Ten
     return alpha * visits.clamp(min=1).to(torch.float64) ** -exponent
 
 
+def decayed_epsilon(epsilon: float, decay: float, k: int) -> float:
+    """epsilon_k = epsilon * decay^(k - 1) for episode k = 1, 2, ... (Section 7.2.2's remedy for
+    the late detours of a constant epsilon; decay 1 keeps it constant)."""
+    return epsilon * decay ** (k - 1)
+
+
 # Shared configuration ------------------------------------------------------------------------
 
 
@@ -163,24 +170,13 @@ def _initial_q(model: TabularModel, q0: float) -> torch.Tensor:
     return q.masked_fill_(model.terminal[:, None], 0.0)
 
 
-def greedy_path(model: TabularModel, q: torch.Tensor, s0: int, max_steps: int) -> list[int]:
-    """The states visited from s0 by the greedy policy of q, until a terminal state, a repeated
-    state (a loop) or ``max_steps``."""
-    path, seen, actions = [s0], {s0}, q.argmax(dim=1)
-    while len(path) <= max_steps and not model.terminal[path[-1]]:
-        s_next = int(model.next_state[path[-1], actions[path[-1]]])
-        path.append(s_next)
-        if s_next in seen:
-            break
-        seen.add(s_next)
-    return path
-
-
 # TD(0): state values of a given policy (Section 7.1) -------------------------------------------
 
 
 @dataclass
 class TD0Config(GridConfig):
+    METHOD: ClassVar[str] = "td0"
+
     policy: str = "uniform"
     """The policy to evaluate: 'uniform', or one letter (u r d l s) per cell with rows separated
     by '/'."""
@@ -200,33 +196,39 @@ class TD0Config(GridConfig):
     steps: int = 50
     """Training steps, each one batch of num_envs episodes."""
     log_every: int = 1
-    """Write a row of metrics.csv every this many steps."""
+    """Write a row of metrics.csv every this many batches."""
+    ckpt_every: int = 500
+    """Write checkpoint.safetensors every this many batches (and always at the end)."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        parse_policy(self.policy, make_world(self))
+    def check(self) -> None:
+        super().check()
         require_unit(self, "alpha", low_open=True)
         if self.alpha_exponent < 0:
             raise ConfigError(f"--alpha-exponent must be >= 0, got {self.alpha_exponent}")
         require_at_least(self, 1, "num_envs", "episode_length")
 
+    def check_data(self) -> None:
+        super().check_data()
+        parse_policy(self.policy, make_world(self))
+
 
 def train_td0(cfg: TD0Config, run: Run | None = None, progress: bool | None = None) -> Run:
-    run = run or Run.create("td0", cfg)
+    run = run or Run.create(cfg.METHOD, cfg)
     generator = seed_everything(cfg.seed)
     world = make_world(cfg)
     model = world.model
     pi = parse_policy(cfg.policy, world)
     v_pi = evaluate_closed_form(model, pi, cfg.gamma)
     starts = torch.nonzero(~model.terminal).squeeze(1)
-    tables = {"v": _initial_q(model, cfg.v0)[:, 0].clone(),
-              "visits": torch.zeros(model.n_states, dtype=torch.int64),
+    tables = {"v": _initial_q(model, cfg.v0)[:, 0].clone()}
+    # n_t(s), the updates of each state so far (the step sizes depend on it), and the samples.
+    counts = {"visits": torch.zeros(model.n_states, dtype=torch.int64),
               "transitions": torch.zeros((), dtype=torch.int64)}
 
     episodic = bool(model.terminal.any())
 
     def step(k: int) -> dict[str, float]:
-        v, visits = tables["v"], tables["visits"]
+        v, visits = tables["v"], counts["visits"]
         s = starts[torch.randint(len(starts), (cfg.num_envs,), generator=generator)]
         deltas = []
         for _ in range(cfg.episode_length):
@@ -244,19 +246,20 @@ def train_td0(cfg: TD0Config, run: Run | None = None, progress: bool | None = No
                 if s.numel() == 0:
                     break
         delta = torch.cat(deltas)
-        tables["transitions"] += delta.numel()
+        counts["transitions"] += delta.numel()
         error = v - v_pi
         return {"td_error": delta.abs().mean(), "value_error_max": error.abs().max(),
                 "value_error_rms": error.square().mean().sqrt()}
 
-    fit(run, step, total_steps=cfg.steps, objects={"tables": tables, "generator": generator},
+    fit(run, step, total_steps=cfg.steps,
+        objects={"model": tables, "counts": counts, "rng": generator},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
     v = tables["v"]
     error = v - v_pi
     finish(run, cfg, world, values=v, policy=pi, title=f"TD(0) estimate of v_pi, {cfg.policy!r}",
-           extra={"value_error_max": error.abs().max().item(),
-                  "value_error_rms": error.square().mean().sqrt().item(),
-                  "transitions": int(tables["transitions"])}, score=False)
+           extra={"eval/value_error_max": error.abs().max().item(),
+                  "eval/value_error_rms": error.square().mean().sqrt().item(),
+                  "train/transitions": int(counts["transitions"])}, score=False)
     return run
 
 
@@ -278,9 +281,11 @@ def greedy_start_value(model: TabularModel, q: torch.Tensor, s0: int, gamma: flo
 
 
 @dataclass
-class TDControlConfig(GridConfig):
-    """The path-finding task of Figs. 7.2 and 7.3: episodes start in one cell and end at the
-    target; find an optimal path."""
+class SarsaConfig(GridConfig):
+    """Sarsa, Algorithm 7.1, on the path-finding task of Fig. 7.2: episodes start in one
+    cell and end at the target; find an optimal path."""
+
+    METHOD: ClassVar[str] = "sarsa"
 
     r_boundary: float = -10.0
     """Reward for trying to leave the grid (Fig. 7.2: -10)."""
@@ -315,45 +320,190 @@ class TDControlConfig(GridConfig):
     log_every: int = 5
     """Write a row of metrics.csv (means over the episodes since the last row) every this many
     episodes."""
+    ckpt_every: int = 500
+    """Write checkpoint.safetensors every this many episodes (and always at the end)."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require_unit(self, "alpha", low_open=True)
-        require_unit(self, "epsilon")
-        require_unit(self, "epsilon_decay", low_open=True)
-        require_at_least(self, 1, "num_envs", "max_episode_length")
+    def check(self) -> None:
+        super().check()
+        _check_path_finding(self)
+
+    def check_data(self) -> None:
+        super().check_data()
         _start_state(self, make_world(self))
 
 
 @dataclass
-class SarsaConfig(TDControlConfig):
-    """Sarsa, Algorithm 7.1, on the path-finding task of Fig. 7.2."""
+class ExpectedSarsaConfig(GridConfig):
+    """Expected Sarsa (Box 7.4) in Algorithm 7.1's loop, on the path-finding task of
+    Fig. 7.2."""
+
+    METHOD: ClassVar[str] = "expected_sarsa"
+
+    r_boundary: float = -10.0
+    """Reward for trying to leave the grid (Fig. 7.2: -10)."""
+    r_forbidden: float = -10.0
+    """Reward for entering or staying in a forbidden cell (Fig. 7.2: -10)."""
+    r_target: float = 0.0
+    """Reward for entering the target (Fig. 7.2: 0)."""
+    r_other: float = -1.0
+    """Reward for any other move (Fig. 7.2: -1, so shorter paths are better)."""
+    terminal_target: bool = True
+    """End episodes at the target (the chapter's path-finding task)."""
+    alpha: float = 0.1
+    """Learning rate alpha, constant (Fig. 7.2: 0.1)."""
+    epsilon: float = 0.1
+    """Exploration of the epsilon-greedy policy (Fig. 7.2: 0.1)."""
+    epsilon_decay: float = 1.0
+    """Multiply epsilon by this after every episode, the remedy Section 7.2.2 suggests for the
+    late detours of a constant epsilon; 1 keeps it constant as in Figs. 7.2 and 7.3."""
+    q0: float = 0.0
+    """Initial guess q_0(s, a) at every non-terminal state."""
+    start_row: int = 1
+    """Row of the start cell, from 1 (the book: the top-left cell)."""
+    start_col: int = 1
+    """Column of the start cell, from 1."""
+    num_envs: int = 1
+    """Episodes run side by side from the start cell, each time step one batched update of the
+    shared q table; 1 is the book's algorithm."""
+    max_episode_length: int = 2000
+    """Cut an episode that has not reached the target after this many steps."""
+    steps: int = 500
+    """Episodes (per stream) to run; Fig. 7.2 shows 500."""
+    log_every: int = 5
+    """Write a row of metrics.csv (means over the episodes since the last row) every this many
+    episodes."""
+    ckpt_every: int = 500
+    """Write checkpoint.safetensors every this many episodes (and always at the end)."""
+
+    def check(self) -> None:
+        super().check()
+        _check_path_finding(self)
+
+    def check_data(self) -> None:
+        super().check_data()
+        _start_state(self, make_world(self))
 
 
 @dataclass
-class ExpectedSarsaConfig(TDControlConfig):
-    """Expected Sarsa (Box 7.4) in Algorithm 7.1's loop, on the task of Fig. 7.2."""
-
-
-@dataclass
-class QLearningConfig(TDControlConfig):
+class QLearningConfig(GridConfig):
     """Q-learning on-policy, Algorithm 7.2, on the path-finding task of Fig. 7.3."""
 
+    METHOD: ClassVar[str] = "q_learning"
+
+    r_boundary: float = -10.0
+    """Reward for trying to leave the grid (Fig. 7.2: -10)."""
+    r_forbidden: float = -10.0
+    """Reward for entering or staying in a forbidden cell (Fig. 7.2: -10)."""
+    r_target: float = 0.0
+    """Reward for entering the target (Fig. 7.2: 0)."""
+    r_other: float = -1.0
+    """Reward for any other move (Fig. 7.2: -1, so shorter paths are better)."""
+    terminal_target: bool = True
+    """End episodes at the target (the chapter's path-finding task)."""
+    alpha: float = 0.1
+    """Learning rate alpha, constant (Fig. 7.2: 0.1)."""
+    epsilon: float = 0.1
+    """Exploration of the epsilon-greedy policy (Fig. 7.2: 0.1)."""
+    epsilon_decay: float = 1.0
+    """Multiply epsilon by this after every episode, the remedy Section 7.2.2 suggests for the
+    late detours of a constant epsilon; 1 keeps it constant as in Figs. 7.2 and 7.3."""
+    q0: float = 0.0
+    """Initial guess q_0(s, a) at every non-terminal state."""
+    start_row: int = 1
+    """Row of the start cell, from 1 (the book: the top-left cell)."""
+    start_col: int = 1
+    """Column of the start cell, from 1."""
+    num_envs: int = 1
+    """Episodes run side by side from the start cell, each time step one batched update of the
+    shared q table; 1 is the book's algorithm."""
+    max_episode_length: int = 2000
+    """Cut an episode that has not reached the target after this many steps."""
+    steps: int = 500
+    """Episodes (per stream) to run; Fig. 7.2 shows 500."""
+    log_every: int = 5
+    """Write a row of metrics.csv (means over the episodes since the last row) every this many
+    episodes."""
+    ckpt_every: int = 500
+    """Write checkpoint.safetensors every this many episodes (and always at the end)."""
+
+    def check(self) -> None:
+        super().check()
+        _check_path_finding(self)
+
+    def check_data(self) -> None:
+        super().check_data()
+        _start_state(self, make_world(self))
+
 
 @dataclass
-class NStepSarsaConfig(TDControlConfig):
-    """n-step Sarsa (Section 7.3) in Algorithm 7.1's loop, on the task of Fig. 7.2."""
+class NStepSarsaConfig(GridConfig):
+    """n-step Sarsa (Section 7.3) in Algorithm 7.1's loop, on the path-finding task of
+    Fig. 7.2."""
 
+    METHOD: ClassVar[str] = "n_step_sarsa"
+
+    r_boundary: float = -10.0
+    """Reward for trying to leave the grid (Fig. 7.2: -10)."""
+    r_forbidden: float = -10.0
+    """Reward for entering or staying in a forbidden cell (Fig. 7.2: -10)."""
+    r_target: float = 0.0
+    """Reward for entering the target (Fig. 7.2: 0)."""
+    r_other: float = -1.0
+    """Reward for any other move (Fig. 7.2: -1, so shorter paths are better)."""
+    terminal_target: bool = True
+    """End episodes at the target (the chapter's path-finding task)."""
+    alpha: float = 0.1
+    """Learning rate alpha, constant (Fig. 7.2: 0.1)."""
+    epsilon: float = 0.1
+    """Exploration of the epsilon-greedy policy (Fig. 7.2: 0.1)."""
+    epsilon_decay: float = 1.0
+    """Multiply epsilon by this after every episode, the remedy Section 7.2.2 suggests for the
+    late detours of a constant epsilon; 1 keeps it constant as in Figs. 7.2 and 7.3."""
+    q0: float = 0.0
+    """Initial guess q_0(s, a) at every non-terminal state."""
+    start_row: int = 1
+    """Row of the start cell, from 1 (the book: the top-left cell)."""
+    start_col: int = 1
+    """Column of the start cell, from 1."""
+    num_envs: int = 1
+    """Episodes run side by side from the start cell, each time step one batched update of the
+    shared q table; 1 is the book's algorithm."""
+    max_episode_length: int = 2000
+    """Cut an episode that has not reached the target after this many steps."""
     n: int = 3
     """Steps before bootstrapping: 1 is Sarsa, large n approaches Monte Carlo."""
+    steps: int = 500
+    """Episodes (per stream) to run; Fig. 7.2 shows 500."""
+    log_every: int = 5
+    """Write a row of metrics.csv (means over the episodes since the last row) every this many
+    episodes."""
+    ckpt_every: int = 500
+    """Write checkpoint.safetensors every this many episodes (and always at the end)."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
+        _check_path_finding(self)
         require_at_least(self, 1, "n")
+
+    def check_data(self) -> None:
+        super().check_data()
+        _start_state(self, make_world(self))
+
+
+PathFindingConfig = SarsaConfig | ExpectedSarsaConfig | QLearningConfig | NStepSarsaConfig
+
+
+def _check_path_finding(cfg: PathFindingConfig) -> None:
+    """The checks the four path-finding configs share."""
+    require_unit(cfg, "alpha", low_open=True)
+    require_unit(cfg, "epsilon")
+    require_unit(cfg, "epsilon_decay", low_open=True)
+    require_at_least(cfg, 1, "num_envs", "max_episode_length")
 
 
 def _one_step_episodes(model: TabularModel, tables: dict, s0: int, generator: torch.Generator,
-                       epsilon: float, *, cfg: TDControlConfig, target, next_action_first: bool):
+                       epsilon: float, *, cfg: PathFindingConfig, target,
+                       next_action_first: bool):
     """One episode per stream of Algorithm 7.1 (``next_action_first``: Sarsa draws a_{t+1} from
     pi_t before updating) or 7.2 (a_t is drawn from the updated policy at the start of each
     step). ``target(q, pi, r, s', a', terminated)`` gives qbar_t from the tables before the
@@ -430,29 +580,31 @@ def _n_step_episodes(model: TabularModel, tables: dict, s0: int, generator: torc
     return rewards.sum(dim=0), end, torch.cat(deltas).abs().mean()
 
 
-def _train_control(name: str, cfg: TDControlConfig, run: Run | None, progress: bool | None,
-                   episodes, title: str, *, estimates_optimal: bool) -> Run:
-    """The loop shared by the path-finding methods: ``episodes(model, tables, s0, generator,
-    epsilon)`` runs one episode per stream and returns (total rewards, lengths, mean |delta|)."""
-    run = run or Run.create(name, cfg)
+def _train_control(cfg: PathFindingConfig, run: Run | None, progress: bool | None, episodes,
+                   title: str, *, estimates_optimal: bool) -> Run:
+    """The loop shared by the path-finding methods, one episode per stream a step:
+    ``episodes(model, tables, s0, generator, epsilon)`` runs them and returns (total rewards,
+    lengths, mean |delta|)."""
+    run = run or Run.create(cfg.METHOD, cfg)
     generator = seed_everything(cfg.seed)
     world = make_world(cfg)
     model = world.model
     s0 = _start_state(cfg, world)
     v_star = optimal_values(model, cfg.gamma)
-    tables = {"q": _initial_q(model, cfg.q0), "pi": uniform_policy(model.n_states),
-              "transitions": torch.zeros((), dtype=torch.int64)}
+    tables = {"q": _initial_q(model, cfg.q0), "pi": uniform_policy(model.n_states)}
+    counts = {"transitions": torch.zeros((), dtype=torch.int64)}
 
     def step(k: int) -> dict[str, float]:
-        epsilon = cfg.epsilon * cfg.epsilon_decay ** (k - 1)
+        epsilon = decayed_epsilon(cfg.epsilon, cfg.epsilon_decay, k)
         total, length, td_error = episodes(model, tables, s0, generator, epsilon)
-        tables["transitions"] += length.sum()
+        counts["transitions"] += length.sum()
         gap = v_star[s0].item() - greedy_start_value(model, tables["q"], s0, cfg.gamma)
         return {"return": total.mean(), "episode_length": length.double().mean(),
                 "td_error": td_error,
                 "start_value_gap": max(gap, 0.0), "epsilon": epsilon}
 
-    fit(run, step, total_steps=cfg.steps, objects={"tables": tables, "generator": generator},
+    fit(run, step, total_steps=cfg.steps,
+        objects={"model": tables, "counts": counts, "rng": generator},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
     q, pi = tables["q"], tables["pi"]
     # Sarsa's q estimates q_pi of its epsilon-greedy policy, Q-learning's q*.
@@ -461,12 +613,14 @@ def _train_control(name: str, cfg: TDControlConfig, run: Run | None, progress: b
     start_gap = max(v_star[s0].item() - v_greedy[s0].item(), 0.0)
     path = greedy_path(model, q, s0, model.n_states)
     finish(run, cfg, world, values=v.masked_fill(model.terminal, 0.0), policy=pi, title=title,
-           extra={"start_state_optimal": start_gap < OPTIMAL_TOL, "start_value_gap": start_gap,
-                  "start_value": v_greedy[s0].item(), "optimal_start_value": v_star[s0].item(),
-                  "path_length": len(path) - 1,
-                  "states_optimal": int((v_greedy >= v_star - OPTIMAL_TOL).sum()),
-                  "n_states": model.n_states, "transitions": int(tables["transitions"])})
-    run.save_figure(trajectory_figure(world, [path], f"{name}: greedy path from "
+           extra={"eval/start_state_optimal": start_gap < OPTIMAL_TOL,
+                  "eval/start_value_gap": start_gap, "eval/start_value": v_greedy[s0].item(),
+                  "eval/optimal_start_value": v_star[s0].item(),
+                  "eval/path_length": len(path) - 1,
+                  "eval/states_optimal": int((v_greedy >= v_star - OPTIMAL_TOL).sum()),
+                  "eval/n_states": model.n_states,
+                  "train/transitions": int(counts["transitions"])})
+    run.save_figure(trajectory_figure(world, [path], f"{cfg.METHOD}: greedy path from "
                                       f"({cfg.start_row},{cfg.start_col})"), "trajectories.png")
     run.save_figure(metric_curves(run.metrics, ["return", "episode_length"], title=title,
                                   log=False), "returns.png")
@@ -478,7 +632,7 @@ def train_sarsa(cfg: SarsaConfig, run: Run | None = None, progress: bool | None 
         return sarsa_target(r, q[s_next, a_next], cfg.gamma, terminated)
 
     episodes = partial(_one_step_episodes, cfg=cfg, target=target, next_action_first=True)
-    return _train_control("sarsa", cfg, run, progress, episodes,
+    return _train_control(cfg, run, progress, episodes,
                           f"Sarsa, alpha={cfg.alpha}, epsilon={cfg.epsilon}",
                           estimates_optimal=False)
 
@@ -489,7 +643,7 @@ def train_expected_sarsa(cfg: ExpectedSarsaConfig, run: Run | None = None,
         return expected_sarsa_target(r, q[s_next], pi[s_next], cfg.gamma, terminated)
 
     episodes = partial(_one_step_episodes, cfg=cfg, target=target, next_action_first=False)
-    return _train_control("expected_sarsa", cfg, run, progress, episodes,
+    return _train_control(cfg, run, progress, episodes,
                           f"Expected Sarsa, alpha={cfg.alpha}, epsilon={cfg.epsilon}",
                           estimates_optimal=False)
 
@@ -497,7 +651,7 @@ def train_expected_sarsa(cfg: ExpectedSarsaConfig, run: Run | None = None,
 def train_n_step_sarsa(cfg: NStepSarsaConfig, run: Run | None = None,
                        progress: bool | None = None) -> Run:
     episodes = partial(_n_step_episodes, cfg=cfg)
-    return _train_control("n_step_sarsa", cfg, run, progress, episodes,
+    return _train_control(cfg, run, progress, episodes,
                           f"{cfg.n}-step Sarsa, alpha={cfg.alpha}, epsilon={cfg.epsilon}",
                           estimates_optimal=False)
 
@@ -508,7 +662,7 @@ def train_q_learning(cfg: QLearningConfig, run: Run | None = None,
         return q_learning_target(r, q[s_next], cfg.gamma, terminated)
 
     episodes = partial(_one_step_episodes, cfg=cfg, target=target, next_action_first=False)
-    return _train_control("q_learning", cfg, run, progress, episodes,
+    return _train_control(cfg, run, progress, episodes,
                           f"Q-learning (on-policy), alpha={cfg.alpha}, epsilon={cfg.epsilon}",
                           estimates_optimal=True)
 
@@ -518,6 +672,8 @@ def train_q_learning(cfg: QLearningConfig, run: Run | None = None,
 
 @dataclass
 class QLearningOffPolicyConfig(GridConfig):
+    METHOD: ClassVar[str] = "q_learning_off_policy"
+
     behavior_policy: str = "uniform"
     """The behaviour policy pi_b that generates the data: 'uniform' (Fig. 7.4c) or one letter
     (u r d l s) per cell with rows separated by '/'."""
@@ -538,24 +694,29 @@ class QLearningOffPolicyConfig(GridConfig):
     segment_length: int = 1000
     """Time steps of the behaviour episode per training step."""
     steps: int = 100
-    """Training steps; the episode has steps x segment_length time steps (Fig. 7.4d: 100,000)."""
+    """Training steps, each one segment of segment_length time steps; the episode has
+    steps x segment_length time steps (Fig. 7.4d: 100,000)."""
     log_every: int = 1
-    """Write a row of metrics.csv every this many steps."""
+    """Write a row of metrics.csv every this many segments."""
     ckpt_every: int = 10
-    """Write checkpoint.safetensors every this many steps (and always at the end)."""
+    """Write checkpoint.safetensors every this many segments (and always at the end)."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        parse_policy(self.behavior_policy, make_world(self))
+    def check(self) -> None:
+        super().check()
         require_unit(self, "behavior_epsilon")
         require_unit(self, "alpha", low_open=True)
         require_at_least(self, 1, "num_envs", "segment_length")
-        _start_state(self, make_world(self))
+
+    def check_data(self) -> None:
+        super().check_data()
+        world = make_world(self)
+        parse_policy(self.behavior_policy, world)
+        _start_state(self, world)
 
 
 def train_q_learning_off_policy(cfg: QLearningOffPolicyConfig, run: Run | None = None,
                                 progress: bool | None = None) -> Run:
-    run = run or Run.create("q_learning_off_policy", cfg)
+    run = run or Run.create(cfg.METHOD, cfg)
     generator = seed_everything(cfg.seed)
     world = make_world(cfg)
     model = world.model
@@ -563,8 +724,10 @@ def train_q_learning_off_policy(cfg: QLearningOffPolicyConfig, run: Run | None =
     pi_b = parse_policy(cfg.behavior_policy, world)
     pi_b = (1 - cfg.behavior_epsilon) * pi_b + cfg.behavior_epsilon / model.n_actions
     v_star = optimal_values(model, cfg.gamma)
-    tables = {"q": _initial_q(model, cfg.q0), "s": torch.full((cfg.num_envs,), s0),
-              "path": torch.zeros(cfg.segment_length + 1, dtype=torch.int64)}
+    tables = {"q": _initial_q(model, cfg.q0)}
+    # Where the behaviour episodes are, and stream 0's last segment (for the figure).
+    behaviour = {"s": torch.full((cfg.num_envs,), s0),
+                 "path": torch.zeros(cfg.segment_length + 1, dtype=torch.int64)}
 
     def estimated_values(q: torch.Tensor) -> torch.Tensor:
         return q.max(dim=1).values.masked_fill(model.terminal, 0.0)
@@ -572,7 +735,7 @@ def train_q_learning_off_policy(cfg: QLearningOffPolicyConfig, run: Run | None =
     episodic = bool(model.terminal.any())
 
     def step(k: int) -> dict[str, float]:
-        q, s = tables["q"], tables["s"]
+        q, s = tables["q"], behaviour["s"]
         path, deltas = [s], []
         for _ in range(cfg.segment_length):
             a = sample_actions(pi_b, s, generator)
@@ -583,25 +746,25 @@ def train_q_learning_off_policy(cfg: QLearningOffPolicyConfig, run: Run | None =
             # The target policy pi_T = greedy(q) does not act, so it is formed when needed; a
             # terminated behaviour episode starts again at the start cell.
             s = torch.where(terminated, s0, s_next) if episodic else s_next
-        tables["path"] = torch.stack(path)[:, 0]
-        tables["s"] = s
+        behaviour["path"] = torch.stack(path)[:, 0]
+        behaviour["s"] = s
         error = estimated_values(q) - v_star
-        v_greedy = exact_values(model, greedy_policy(q), cfg.gamma)
-        gap = (v_star - v_greedy).max().clamp(min=0.0)
         return {"td_error": torch.cat(deltas).abs().mean(),
                 "value_error_rms": error.square().mean().sqrt(),
-                "value_error_max": error.abs().max(), "greedy_value_gap": gap}
+                "value_error_max": error.abs().max(),
+                "greedy_value_gap": greedy_value_gap(model, q, v_star, cfg.gamma)}
 
-    fit(run, step, total_steps=cfg.steps, objects={"tables": tables, "generator": generator},
+    fit(run, step, total_steps=cfg.steps,
+        objects={"model": tables, "behaviour": behaviour, "rng": generator},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
     q = tables["q"]
     error = estimated_values(q) - v_star
     finish(run, cfg, world, values=estimated_values(q), policy=greedy_policy(q),
            title=f"Q-learning off-policy from {cfg.behavior_policy!r} behaviour",
-           extra={"value_error_rms": error.square().mean().sqrt().item(),
-                  "value_error_max": error.abs().max().item(),
-                  "transitions": cfg.steps * cfg.segment_length * cfg.num_envs})
-    run.save_figure(trajectory_figure(world, [tables["path"].tolist()],
+           extra={"eval/value_error_rms": error.square().mean().sqrt().item(),
+                  "eval/value_error_max": error.abs().max().item(),
+                  "train/transitions": cfg.steps * cfg.segment_length * cfg.num_envs})
+    run.save_figure(trajectory_figure(world, [behaviour["path"].tolist()],
                                       f"behaviour episode, last {cfg.segment_length} steps"),
                     "trajectories.png")
     run.save_figure(metric_curves(run.metrics, ["value_error_rms", "greedy_value_gap"],
