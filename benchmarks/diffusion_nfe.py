@@ -21,7 +21,7 @@ import torch
 from mlatlas.core.run import Run
 from mlatlas.core.runtime import set_threads
 from mlatlas.eval.samples import score_samples
-from mlatlas.generative.diffusion import framework
+from mlatlas.generative.diffusion import configs, loop
 from mlatlas.generative.diffusion.samplers import function_evaluations
 
 GRID = [("ddpm", 1000), ("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100),
@@ -39,11 +39,11 @@ def main() -> None:
     args = parser.parse_args()
     set_threads(args.threads)
     if args.run is None:
-        cfg = framework.DDPMConfig(dataset="digits", eval_samples=0)
-        run = framework.train(cfg, Run.create("ddpm", cfg, root=args.out))
+        cfg = configs.DDPMConfig(dataset="digits", eval_samples=0)
+        run = loop.train(cfg, Run.create("ddpm", cfg, root=args.out))
     else:
         run = Run.open(args.run)
-    cfg, data, model = framework.load_model(run)
+    cfg, data, model = loop.load_model(run)
     print(f"run: {run.dir} ({cfg.METHOD} on {cfg.dataset}, {cfg.steps} steps), {args.n} samples "
           f"x {args.seeds} seeds, {args.threads} threads")
     print(f"{'sampler':8s} {'steps':>5s} {'NFE':>5s} {'Frechet':>15s} {'precision':>9s} "
@@ -52,14 +52,14 @@ def main() -> None:
     for sampler, steps in GRID:
         if sampler not in cfg.formulation().samplers:
             continue
-        options = framework.SampleConfig(sampler=sampler, steps=steps).resolve(cfg, data)
+        options = configs.SampleConfig(sampler=sampler, steps=steps).resolve(cfg, data)
         scores, seconds = [], []
         for seed in range(args.seeds):
             start = time.perf_counter()
             with torch.no_grad():
-                x = framework.draw(cfg, data, model, args.n, seed, options, progress=False)[0]
+                x = loop.draw(cfg, data, model, args.n, seed, options, progress=False)[0]
             seconds.append(time.perf_counter() - start)
-            scores.append(score_samples(framework.from_model_space(x.cpu(), data), data))
+            scores.append(score_samples(loop.from_model_space(x.cpu(), data), data))
         fd = [s["frechet_distance"] for s in scores]
         spread = statistics.stdev(fd) if len(fd) > 1 else 0.0
         nfe = function_evaluations(sampler, steps)

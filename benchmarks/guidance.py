@@ -34,7 +34,7 @@ from mlatlas.core.plots import image_grid
 from mlatlas.core.run import Run
 from mlatlas.core.runtime import set_threads
 from mlatlas.eval.samples import score_samples
-from mlatlas.generative.diffusion import framework
+from mlatlas.generative.diffusion import configs, loop
 from mlatlas.generative.diffusion.guidance import (
     classifier_guided,
     diversity,
@@ -51,11 +51,11 @@ CLASSIFIER = "noisy_classifier.safetensors"
 def train_or_open(args: argparse.Namespace) -> Run:
     if args.run:
         return Run.open(args.run)
-    cfg = framework.EDMConfig(dataset="digits", conditional=True, steps=args.steps,
+    cfg = configs.EDMConfig(dataset="digits", conditional=True, steps=args.steps,
                               eval_samples=0, seed=args.seed)
     run = Run.create(cfg.METHOD, cfg, root=args.out)
     start = time.perf_counter()
-    framework.train(cfg, run, progress=args.progress)
+    loop.train(cfg, run, progress=args.progress)
     print(f"trained {run.dir} ({args.steps} steps) in {time.perf_counter() - start:.0f} s",
           flush=True)
     return run
@@ -66,7 +66,7 @@ def noisy_classifier(run: Run, data, args: argparse.Namespace):
     if path.is_file():
         return load_noisy_classifier(path)
     start = time.perf_counter()
-    clf = train_noisy_classifier(framework.to_model_space(data.x_train, data), data.y_train,
+    clf = train_noisy_classifier(loop.to_model_space(data.x_train, data), data.y_train,
                                  data.num_classes, args.classifier_steps, seed=args.seed,
                                  progress=args.progress)
     save_noisy_classifier(clf, path)
@@ -77,7 +77,7 @@ def noisy_classifier(run: Run, data, args: argparse.Namespace):
 
 @torch.no_grad()
 def noisy_accuracy(clf, data, sigmas=(0.05, 0.5, 1.0, 2.0, 5.0)) -> str:
-    x0 = framework.to_model_space(data.x_test, data)
+    x0 = loop.to_model_space(data.x_test, data)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     parts = []
     for sigma in sigmas:
@@ -94,7 +94,7 @@ def score(x: torch.Tensor, labels: torch.Tensor, data) -> dict:
 
 
 def classifier_guided_draw(cfg, data, model, clf, n: int, seed: int, scale: float):
-    """As ``framework.draw`` with Heun, but the network with its null label (unconditional)
+    """As ``loop.draw`` with Heun, but the network with its null label (unconditional)
     and the denoiser wrapped by classifier guidance towards the classes in turn."""
     formulation = cfg.formulation()
     labels = torch.arange(n) % data.num_classes
@@ -129,7 +129,7 @@ def main() -> None:
     set_threads(args.threads)
 
     run = train_or_open(args)
-    cfg, data, model = framework.load_model(run)
+    cfg, data, model = loop.load_model(run)
     if not cfg.conditional or data.name != "digits":
         raise SystemExit(f"{run.dir} is not a conditional digits run")
     clf = noisy_classifier(run, data, args)
@@ -150,7 +150,7 @@ def main() -> None:
 
     def report(kind: str, value: float, x: torch.Tensor, labels: torch.Tensor,
                seconds: float) -> None:
-        x = framework.from_model_space(x.cpu(), data)
+        x = loop.from_model_space(x.cpu(), data)
         metrics = score(x, labels, data) | {"seconds": seconds}
         results[kind][str(value)] = metrics
         print(row("classifier-free" if kind == "classifier_free" else "classifier",
@@ -160,8 +160,8 @@ def main() -> None:
 
     for w in args.weights:
         start = time.perf_counter()
-        options = framework.SampleConfig(sampler="heun", guidance=w).resolve(cfg, data)
-        x, labels = framework.draw(cfg, data, model, n, args.seed, options)
+        options = configs.SampleConfig(sampler="heun", guidance=w).resolve(cfg, data)
+        x, labels = loop.draw(cfg, data, model, n, args.seed, options)
         report("classifier_free", w, x, labels, time.perf_counter() - start)
     for s in args.scales:
         start = time.perf_counter()

@@ -26,7 +26,7 @@ from mlatlas.core.run import Run
 from mlatlas.core.runtime import set_threads
 from mlatlas.data import load_dataset
 from mlatlas.eval.samples import score_samples
-from mlatlas.generative.diffusion.framework import SampleConfig
+from mlatlas.generative.diffusion.configs import SampleConfig
 from mlatlas.generative.flow_matching import rectified_flow as rf
 
 POINTS = ("two-moons", "8gaussians", "checkerboard")

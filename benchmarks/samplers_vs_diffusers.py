@@ -11,7 +11,7 @@ same start along the same noise levels (diffusers' own grid, fed to our sampler)
     Euler     samplers.euler + VP denoiser         EulerDiscreteScheduler ("linspace")
     Heun      samplers.heun  + VP denoiser         HeunDiscreteScheduler ("linspace")
     EDM Euler samplers.euler + EDM denoiser        EDMEulerScheduler
-    FM Euler  flow_matching.fm_euler               FlowMatchEulerDiscreteScheduler
+    FM Euler  samplers.euler + Velocity(FM net)    FlowMatchEulerDiscreteScheduler
 
 A "step" is one network evaluation (Heun makes 2N - 1 of them for N steps in both libraries);
 diffusers' side is a pipeline's loop (scale_model_input, t broadcast to the batch, the network,
@@ -43,8 +43,9 @@ import torch
 
 from mlatlas.generative.diffusion import edm, samplers
 from mlatlas.generative.diffusion.ddpm import Schedule
-from mlatlas.generative.diffusion.framework import VP, Preconditioned
-from mlatlas.generative.flow_matching.flow_matching import FlowMatching, fm_euler
+from mlatlas.generative.diffusion.formulations import VP, Preconditioned
+from mlatlas.generative.diffusion.samplers import Velocity
+from mlatlas.generative.flow_matching.flow_matching import FlowMatching
 from mlatlas.nn.unet import UNet
 
 try:
@@ -145,7 +146,8 @@ def make_pairs(steps: int) -> list[Pair]:
 
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=T)
     scheduler.set_timesteps(steps)
-    pairs.append(Pair("FM Euler", scheduler, steps, fm_euler, flow.velocity,
+    pairs.append(Pair("FM Euler", scheduler, steps, samplers.euler,
+                      lambda net: Velocity(flow.velocity(net)),
                       scheduler.sigmas.double(), flow.time_scale, 1.0, 1.0, time_divisor=T))
     return pairs
 

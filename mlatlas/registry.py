@@ -73,7 +73,8 @@ def _tabular(name: str, module: str, summary: str, *, config: str, train: str) -
 
 
 TABULAR_EVALUATE = "mlatlas.rl.tabular.common:evaluate"
-DIFFUSION = "mlatlas.generative.diffusion.framework"
+DIFFUSION = "mlatlas.generative.diffusion.loop"
+DIFFUSION_CONFIGS = "mlatlas.generative.diffusion.configs"
 DEEP_RL = "mlatlas.rl.deep.evaluation"
 CLIP = "mlatlas.contrastive.clip"
 
@@ -88,11 +89,12 @@ def _llm(name: str, summary: str, evaluate: str = "mlatlas.llm.common:evaluate")
                   evaluate=evaluate, sample_config="mlatlas.llm.common:EvalOptions")
 
 
-def _diffusion(name: str, config: str, summary: str, module: str = DIFFUSION,
+def _diffusion(name: str, config: str, summary: str, module: str = DIFFUSION_CONFIGS,
                family: str = "generative/diffusion") -> Method:
     return Method(name, family, summary, module, config=config,
                   train=f"{DIFFUSION}:train", sample=f"{DIFFUSION}:sample",
-                  evaluate=f"{DIFFUSION}:evaluate", sample_config=f"{DIFFUSION}:SampleConfig")
+                  evaluate=f"{DIFFUSION}:evaluate",
+                  sample_config=f"{DIFFUSION_CONFIGS}:SampleConfig")
 
 
 METHODS: dict[str, Method] = {
@@ -112,7 +114,7 @@ METHODS: dict[str, Method] = {
         Method("rectified_flow", "generative/flow_matching", "Rectified flow (Liu et al. 2023): "
                "1-RF by flow matching, reflow on its own pairs, one-step 2-RF sampling",
                "mlatlas.generative.flow_matching.rectified_flow",
-               sample_config=f"{DIFFUSION}:SampleConfig"),
+               sample_config=f"{DIFFUSION_CONFIGS}:SampleConfig"),
         _tabular("bellman", "dp", "Policy evaluation: closed form (I - gamma P_pi)^-1 r_pi "
                  "and iteration (Zhao ch. 2)", config="BellmanConfig", train="train_bellman"),
         _tabular("value_iteration", "dp", "Value iteration on the Bellman optimality equation "

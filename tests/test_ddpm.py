@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mlatlas.core.run import Run
-from mlatlas.generative.diffusion import framework
+from mlatlas.data import load_dataset
+from mlatlas.generative.diffusion import configs, loop
 from mlatlas.generative.diffusion.ddpm import (
     Schedule,
     ancestral_sample,
@@ -117,24 +118,24 @@ def test_sampler_with_the_exact_score_recovers_a_gaussian():
 
 
 def test_wrong_batch_size_is_a_clear_error(runs):
-    cfg = framework.DDPMConfig(dataset="8gaussians", batch_size=100_000, steps=5, eval_samples=0)
+    cfg = configs.DDPMConfig(dataset="8gaussians", batch_size=100_000, steps=5, eval_samples=0)
     with pytest.raises(ValueError, match="batch size 100000 must be between 1 and"):
-        framework.train(cfg, Run.create("ddpm", cfg, root=runs), progress=False)
+        loop.train(cfg, Run.create("ddpm", cfg, root=runs), progress=False)
 
 
 def test_learns_8gaussians(runs):
     """Behaviour: after a short run the MMD to held-out data falls far below an untrained
     model's. Measured (seed 0, 1,500 steps, 1,000 samples): untrained 0.52, trained 0.024,
     and a fresh draw of the data itself -0.001 (docs/methods/ddpm.md)."""
-    cfg = framework.DDPMConfig(dataset="8gaussians", steps=1500, batch_size=256, eval_samples=0)
-    untrained = Run.create("ddpm", framework.DDPMConfig(dataset="8gaussians", steps=1, lr=1e-12,
+    cfg = configs.DDPMConfig(dataset="8gaussians", steps=1500, batch_size=256, eval_samples=0)
+    untrained = Run.create("ddpm", configs.DDPMConfig(dataset="8gaussians", steps=1, lr=1e-12,
                                                eval_samples=0), root=runs)
-    framework.train(framework.load_config(untrained), untrained, progress=False)
-    run = framework.train(cfg, Run.create("ddpm", cfg, root=runs), progress=False)
+    loop.train(loop.load_config(untrained), untrained, progress=False)
+    run = loop.train(cfg, Run.create("ddpm", cfg, root=runs), progress=False)
     losses = [r["loss"] for r in run.metrics]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:2]) / 2
-    before = framework.evaluate(untrained, n=1000)["mmd"]
-    after = framework.evaluate(run, n=1000)["mmd"]
+    before = loop.evaluate(untrained, n=1000)["mmd"]
+    after = loop.evaluate(run, n=1000)["mmd"]
     assert after < 0.1 * before, (before, after)
 
 
@@ -148,13 +149,13 @@ def test_trains_and_samples_on_every_dataset(dataset, runs, tmp_path):
         dataset = str(tmp_path / "faces.npy")
         np.save(dataset, np.random.default_rng(0).random((40, 3, 4, 4)).astype("float32"))
     try:
-        cfg = framework.DDPMConfig(dataset=dataset, steps=2, batch_size=16, T=10, channels=8,
+        cfg = configs.DDPMConfig(dataset=dataset, steps=2, batch_size=16, T=10, channels=8,
                           eval_samples=0)
-        run = framework.train(cfg, Run.create("ddpm", cfg, root=runs), progress=False)
+        run = loop.train(cfg, Run.create("ddpm", cfg, root=runs), progress=False)
     except ValueError as err:  # fashion-mnist when Debian's package is absent
         pytest.skip(str(err))
-    x = framework.sample(run, 3)
-    data_shape = framework.load_dataset(dataset).sample_shape
+    x = loop.sample(run, 3)
+    data_shape = load_dataset(dataset).sample_shape
     assert x.shape == (3, *data_shape) and torch.isfinite(x).all()
 
 
@@ -163,7 +164,7 @@ def test_digits_reaches_the_real_data_floor(runs):
     """Behaviour on images, default config (7 minutes on one thread). Measured:
     the trained model's Frechet distance 12.5 against 10.7 for 500 real training images and
     658 for an untrained model (docs/methods/ddpm.md)."""
-    cfg = framework.DDPMConfig(dataset="digits")
-    run = framework.train(cfg, Run.create("ddpm", cfg, root=runs), progress=False)
-    metrics = run.summary()["eval"]
-    assert metrics["frechet_distance"] < 20 and metrics["precision"] > 0.85
+    cfg = configs.DDPMConfig(dataset="digits")
+    run = loop.train(cfg, Run.create("ddpm", cfg, root=runs), progress=False)
+    summary = run.summary()
+    assert summary["eval/frechet_distance"] < 20 and summary["eval/precision"] > 0.85

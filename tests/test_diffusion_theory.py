@@ -13,14 +13,14 @@ import torch
 
 from mlatlas.generative.diffusion import edm, samplers
 from mlatlas.generative.diffusion.ddpm import Schedule, ancestral_sample, cosine_betas
-from mlatlas.generative.diffusion.framework import VP, Preconditioned
+from mlatlas.generative.diffusion.formulations import VP, Preconditioned
 from mlatlas.generative.diffusion.parameterization import (
     PREDICTIONS,
     convert,
     from_x0_eps,
     to_x0_eps,
 )
-from mlatlas.generative.flow_matching.flow_matching import FlowMatching, fm_euler
+from mlatlas.generative.flow_matching.flow_matching import FlowMatching
 
 MU, S = 0.7, 0.5
 
@@ -257,6 +257,53 @@ def test_euler_is_first_order_and_heun_second_order():
     assert heun[0] < euler[-1]
 
 
+def test_heun_takes_algorithm_2s_steps_as_written():
+    """Two Heun steps by hand in Karras et al.'s notation (the last to sigma = 0 is Euler's)
+    equal the sampler bit for bit, and a flow's Velocity steps its times the same way."""
+    sigmas = torch.tensor([3.0, 0.8, 0.0])
+    x = torch.randn(16, 2) * 3
+    want = x
+    for i in range(2):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        d = (want - gaussian_denoiser(want, sigma)) / sigma
+        dt = sigma_next - sigma
+        x_next = want + d * dt
+        if sigma_next > 0:
+            d_prime = (x_next - gaussian_denoiser(x_next, sigma_next)) / sigma_next
+            x_next = want + (d + d_prime) / 2 * dt
+        want = x_next
+    assert torch.equal(samplers.heun(gaussian_denoiser, x, sigmas, progress=False), want)
+
+    def v(x, t):
+        return torch.sin(3 * x) + t
+
+    ts, x_t = torch.tensor([1.0, 0.6, 0.25, 0.0]), torch.randn(16, 2)
+    euler, heun = x_t, x_t
+    for i in range(3):
+        t, t_next = float(ts[i]), float(ts[i + 1])
+        dt = t_next - t
+        euler = euler + v(euler, t) * dt
+        d = v(heun, t)
+        x_next = heun + d * dt
+        heun = heun + (d + v(x_next, t_next)) / 2 * dt if t_next > 0 else x_next
+    assert torch.equal(samplers.euler(samplers.Velocity(v), x_t, ts, progress=False), euler)
+    assert torch.equal(samplers.heun(samplers.Velocity(v), x_t, ts, progress=False), heun)
+
+
+def test_a_velocity_takes_only_the_ode_samplers():
+    flow, x, ts = samplers.Velocity(lambda x, t: x), torch.randn(4, 2), torch.tensor([1.0, 0.0])
+    for sampler in (samplers.ddim, samplers.ddpm):
+        with pytest.raises(ValueError, match="needs a denoiser"):
+            sampler(flow, x, ts)
+    with pytest.raises(ValueError, match="churn"):
+        samplers.heun(flow, x, ts, S_churn=1.0)
+    with pytest.raises(ValueError, match=r"times must lie in \[0, 1\]"):
+        samplers.euler(flow, x, torch.tensor([2.0, 0.0]))
+    seen = []
+    samplers.euler(flow, x, ts, callback=lambda i, t, x_i, x0: seen.append((t, x0)))
+    assert seen[0][0] == 1.0 and torch.equal(seen[0][1], x - 1.0 * x)  # D = x - t v
+
+
 def test_ddim_eta0_is_euler_and_deterministic():
     sigmas = edm.karras_sigmas(20, 0.01, 20.0)
     x = torch.randn(64, 2) * 20
@@ -347,7 +394,7 @@ def test_flow_matching_euler_equals_ddim_in_sigma():
     net = exact_network(formulation)
     ts = torch.tensor([0.95, 0.7, 0.4, 0.1])
     x_t = torch.randn(16, 2)
-    ours = fm_euler(formulation.velocity(net), x_t, ts, progress=False)
+    ours = samplers.euler(samplers.Velocity(formulation.velocity(net)), x_t, ts, progress=False)
     sigmas = ts / (1 - ts)
     via_sigma = samplers.euler(formulation.denoiser(net), x_t / (1 - ts[0]), sigmas,
                                progress=False) * (1 - ts[-1])

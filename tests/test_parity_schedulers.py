@@ -62,8 +62,9 @@ import torch
 
 from mlatlas.generative.diffusion import edm, samplers
 from mlatlas.generative.diffusion.ddpm import Schedule
-from mlatlas.generative.diffusion.framework import VP, Preconditioned
-from mlatlas.generative.flow_matching.flow_matching import FlowMatching, fm_euler, fm_heun
+from mlatlas.generative.diffusion.formulations import VP, Preconditioned
+from mlatlas.generative.diffusion.samplers import Velocity
+from mlatlas.generative.flow_matching.flow_matching import FlowMatching
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -323,7 +324,7 @@ def test_fm_euler_matches_flow_match_euler_scheduler(steps):
     ts = fm_grid(scheduler)
     x = start(6)
 
-    ours = fm_euler(FlowMatching().velocity(velocity), x, ts, progress=False)
+    ours = samplers.euler(Velocity(FlowMatching().velocity(velocity)), x, ts, progress=False)
     assert_close(ours, peer_loop(scheduler, peer_velocity, x))
 
 
@@ -335,5 +336,5 @@ def test_fm_heun_matches_flow_match_heun_scheduler(steps):
     assert len(ts) == steps + 1 and math.isclose(float(ts[0]), 1.0)
     x = start(7)
 
-    ours = fm_heun(FlowMatching().velocity(velocity), x, ts, progress=False)
+    ours = samplers.heun(Velocity(FlowMatching().velocity(velocity)), x, ts, progress=False)
     assert_close(ours, peer_loop(scheduler, peer_velocity, x))

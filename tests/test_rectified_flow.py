@@ -12,7 +12,7 @@ from mlatlas.core.config import ConfigError, field_docs
 from mlatlas.core.io import load_tensors
 from mlatlas.core.run import Run
 from mlatlas.eval.metrics import mmd_rbf
-from mlatlas.generative.diffusion import framework
+from mlatlas.generative.diffusion import configs, loop
 from mlatlas.generative.flow_matching import flow_matching
 from mlatlas.generative.flow_matching import rectified_flow as rf
 from mlatlas.generative.flow_matching.flow_matching import times
@@ -78,9 +78,9 @@ def test_reflow_pairs_by_hand_and_for_the_gaussian_flow():
 
 def test_one_step_sample_is_z_minus_v():
     cfg = rf.Config(dataset="two-moons", hidden=16)
-    data = framework.load_data(cfg)
-    net = framework.build_model(cfg, data).eval()
-    options = framework.SampleConfig().resolve(cfg, data)
+    data = loop.load_data(cfg)
+    net = loop.build_model(cfg, data).eval()
+    options = configs.SampleConfig().resolve(cfg, data)
     draw = rf.draw_flow(cfg, data, net, 10, 3, options, progress=False)
     z = torch.randn((10, 2), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -170,7 +170,15 @@ def test_every_field_has_its_flag_text():
     docs = field_docs(rf.Config)
     assert {f.name for f in dataclasses.fields(rf.Config)} == set(docs)
     assert docs["steps"].startswith("Optimisation steps of both stages")
-    assert rf.Config.METHOD == "rectified_flow" and issubclass(rf.Config, flow_matching.Config)
+    assert rf.Config.METHOD == "rectified_flow"
+    assert rf.Config.__bases__ == (configs.DiffusionConfig,)
+    # Flat, yet every flag of flow matching with its default and text: stage 1 is flow matching.
+    fm_fields = {f.name: f.default for f in dataclasses.fields(flow_matching.Config)}
+    assert {n: d for n, d in fm_fields.items() if n != "steps"} == {
+        f.name: f.default for f in dataclasses.fields(rf.Config) if f.name in fm_fields
+        and f.name != "steps"}
+    fm_docs = field_docs(flow_matching.Config)
+    assert all(docs[n] == fm_docs[n] for n in fm_fields if n != "steps")
 
 
 TINY = dict(dataset="8gaussians", hidden=32, batch_size=64, reflow_pairs=256,
@@ -186,7 +194,7 @@ def test_first_stage_is_flow_matching_step_for_step(runs):
     fm_cfg = flow_matching.Config(**{f.name: getattr(cfg, f.name)
                                      for f in dataclasses.fields(flow_matching.Config)})
     ours = rf.train(cfg, Run.create("rectified_flow", cfg, root=runs), progress=False)
-    theirs = framework.train(fm_cfg, Run.create("flow_matching", fm_cfg, root=runs),
+    theirs = loop.train(fm_cfg, Run.create("flow_matching", fm_cfg, root=runs),
                              progress=False)
     a, b = checkpoint(ours), checkpoint(theirs)
     for name in b:
@@ -225,7 +233,7 @@ def test_resume_across_the_reflow_boundary_is_exact(runs):
 def one_step_mmds(run: Run, n: int = 500) -> dict[str, tuple[float, float, float]]:
     """(one-step MMD, Heun-18 MMD, straightness) of each flow of the run."""
     cfg, data, flows = rf.load_flows(run)
-    options = framework.SampleConfig().resolve(cfg, data)
+    options = configs.SampleConfig().resolve(cfg, data)
     out = {}
     for name, net in flows.items():
         d = rf.draw_flow(cfg, data, net, n, 0, options, progress=False)
@@ -264,7 +272,8 @@ def test_reflow_one_step_matches_the_multi_step_sampler(runs):
 def test_evaluate_scores_both_flows_and_draws_the_figures(runs):
     cfg = rf.Config(**{**TINY, "eval_samples": 50}, steps=12, reflow_after=6)
     run = rf.train(cfg, Run.create("rectified_flow", cfg, root=runs), progress=False)
-    metrics = run.summary()["eval"]
+    metrics = {k.removeprefix("eval/"): v for k, v in run.summary().items()
+               if k.startswith("eval/")}
     for prefix in ("", "rf1_"):
         for key in ("mmd", "one_step_mmd", "straightness", "test_nll_nats"):
             assert math.isfinite(metrics[prefix + key]), prefix + key
@@ -274,7 +283,7 @@ def test_evaluate_scores_both_flows_and_draws_the_figures(runs):
     assert rf.sample(run, 5).shape == (5, 2)
     for fn in (rf.evaluate, rf.sample):
         with pytest.raises(ConfigError, match="churn"):
-            fn(run, 10, options=framework.SampleConfig(churn=1.0))
+            fn(run, 10, options=configs.SampleConfig(churn=1.0))
 
 
 def test_evaluate_on_images(runs, tmp_path):
@@ -286,7 +295,7 @@ def test_evaluate_on_images(runs, tmp_path):
     cfg = rf.Config(dataset=path, steps=4, reflow_after=2, channels=8, batch_size=8,
                     reflow_pairs=16, reflow_ode_steps=2, eval_samples=0)
     run = rf.train(cfg, Run.create("rectified_flow", cfg, root=runs), progress=False)
-    metrics = rf.evaluate(run, 20, options=framework.SampleConfig(steps=3), progress=False)
+    metrics = rf.evaluate(run, 20, options=configs.SampleConfig(steps=3), progress=False)
     assert "note" in metrics and metrics["sampler_steps"] == 3
     assert metrics["straightness"] >= 0 and metrics["rf1_straightness"] >= 0
     assert run.path("reflow.png").is_file() and rf.sample(run, 3).shape == (3, 1, 4, 4)

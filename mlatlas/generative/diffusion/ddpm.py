@@ -37,8 +37,9 @@ In the unified view of Karras et al. (2022, Table 1) the discrete VP process is
 x_t = s_t (x_0 + sigma_t eps) with s_t = sqrt(alpha_bar_t) and sigma_t = sqrt((1 - alpha_bar_t) /
 alpha_bar_t); ``Schedule.sigmas`` holds that table and ``sigma_to_t`` / ``t_to_sigma`` extend it to
 fractional steps by linear interpolation in log sigma, so that samplers in sigma
-(``samplers.py``) can drive a network trained on step indices. Training, sampling and the CLI for
-DDPM live in ``framework.py`` with the other diffusion models.
+(``samplers.py``) can drive a network trained on step indices. Its config is
+``configs.DDPMConfig``; training, sampling and evaluation live in ``loop.py`` with the other
+diffusion models.
 """
 
 from __future__ import annotations

@@ -61,7 +61,8 @@ from mlatlas.generative.diffusion import edm
 from mlatlas.nn.unet import ResBlock, timestep_embedding
 
 # c_noise = ln(sigma) / 4 spans about [-1.6, 1.1] over [0.002, 80]; the sinusoidal embedding
-# was made for step indices in the hundreds (the framework stretches EDM's c_noise alike).
+# was made for step indices in the hundreds (``formulations.Preconditioned`` stretches EDM's
+# c_noise alike).
 TIME_SCALE = 250.0
 METADATA_KEY = "noisy_classifier"
 
@@ -119,8 +120,9 @@ class NoisyClassifier(nn.Module):
     """p_phi(y | x; sigma) on the scale-free x = x_0 + sigma eps: ``forward(x, sigma)`` returns
     logits (B, num_classes) for x of shape (B, *sample_shape) and sigma of shape (B,).
 
-    Images (C, H, W): three ResBlocks of ``core.nn`` (widths w, 2w, 2w, stride-2 convolutions
-    between them, so 8x8 -> 2x2 and 28x28 -> 7x7), global average pooling and a linear head.
+    Images (C, H, W): three ResBlocks of ``mlatlas.nn.unet`` (widths w, 2w, 2w, stride-2
+    convolutions between them, so 8x8 -> 2x2 and 28x28 -> 7x7), global average pooling and a
+    linear head.
     Points (D,): an MLP of three SiLU layers of width w on (c_in x, embedding of c_noise).
     SiLU rather than ReLU everywhere: guidance differentiates the classifier in x, and a
     smooth network gives a smooth gradient field.

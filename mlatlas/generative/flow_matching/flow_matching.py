@@ -11,11 +11,14 @@ whose velocity is the constant u = dx_t/dt = eps - x_0. The conditional flow-mat
 
 has the marginal velocity v(x, t) = E[eps - x_0 | x_t = x] as its minimiser, and the ODE
 dx/dt = v(x, t), run from t = 1 (pure noise) to t = 0, carries N(0, I) to the data. Samplers
-over a decreasing grid of times t_0 = 1 > ... > t_N = 0 (h = t_{i+1} - t_i < 0):
+over a decreasing grid of times t_0 = 1 > ... > t_N = 0 (dt = t_{i+1} - t_i < 0):
 
-    Euler  x_{i+1} = x_i + h v(x_i, t_i)
-    Heun   x' = x_i + h v(x_i, t_i),  x_{i+1} = x_i + h (v(x_i, t_i) + v(x', t_{i+1})) / 2
+    Euler  d = v(x_i, t_i),  x_{i+1} = x_i + d dt
+    Heun   x' = x_i + d dt,  d' = v(x', t_{i+1}),  x_{i+1} = x_i + (d + d') / 2 dt
            (the last step, to t = 0, stays Euler's, as in EDM: 2N - 1 evaluations)
+
+Both are the Euler and Heun of ``diffusion/samplers.py``, which take the velocity wrapped as
+``samplers.Velocity`` and step the times t_i where a diffusion model steps its noise levels.
 
 In the unified view (``diffusion/edm.py``) this is s(t) = 1 - t, sigma(t) = t / (1 - t): with
 x = x_t / (1 - t) the denoiser is D(x; sigma) = x_t - t v(x_t, t), and an Euler step in t equals
@@ -31,14 +34,9 @@ from typing import ClassVar
 import torch
 
 from mlatlas.core.config import ConfigError
-from mlatlas.core.progress import progress_bar
-from mlatlas.generative.diffusion.framework import (
-    DiffusionConfig,
-    Formulation,
-    Sampler,
-    batch_view,
-)
-from mlatlas.generative.diffusion.samplers import Callback
+from mlatlas.generative.diffusion.configs import DiffusionConfig, Sampler
+from mlatlas.generative.diffusion.formulations import Formulation, batch_view
+from mlatlas.generative.diffusion.samplers import ODE_SAMPLERS, SAMPLERS, Callback, Velocity
 
 
 def interpolate(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -65,45 +63,13 @@ def times(steps: int) -> torch.Tensor:
     return torch.linspace(1, 0, steps + 1, dtype=torch.float64)
 
 
-def _check_times(ts: torch.Tensor) -> list[float]:
-    values = [float(t) for t in ts]
-    if len(values) < 2 or any(not 0 <= t <= 1 for t in values):
-        raise ValueError("times must hold at least two values in [0, 1]")
-    return values
-
-
-@torch.no_grad()
-def _integrate(velocity, x: torch.Tensor, ts: torch.Tensor, second_order: bool,
-               progress: bool | None, callback: Callback) -> torch.Tensor:
-    values = _check_times(ts)
-    for i in progress_bar(range(len(values) - 1), desc="sampling", leave=False,
-                          progress=progress):
-        t, t_next = values[i], values[i + 1]
-        v = velocity(x, t)
-        if callback is not None:
-            callback(i, t, x, x - t * v)
-        x_next = torch.add(x, v, alpha=t_next - t)
-        if second_order and t_next > 0:
-            x_next = torch.add(x, v + velocity(x_next, t_next), alpha=(t_next - t) / 2)
-        x = x_next
-    return x
-
-
-def fm_euler(velocity, x: torch.Tensor, ts: torch.Tensor, *,
-             generator: torch.Generator | None = None, progress: bool | None = None,
-             callback: Callback = None) -> torch.Tensor:
-    """Euler steps of dx/dt = v(x, t) along the times ``ts`` (one evaluation per step)."""
-    return _integrate(velocity, x, ts, False, progress, callback)
-
-
-def fm_heun(velocity, x: torch.Tensor, ts: torch.Tensor, *,
-            generator: torch.Generator | None = None, progress: bool | None = None,
-            callback: Callback = None) -> torch.Tensor:
-    """Heun steps of dx/dt = v(x, t); the step to t = 0 is Euler's."""
-    return _integrate(velocity, x, ts, True, progress, callback)
-
-
-FM_SAMPLERS = {"euler": fm_euler, "heun": fm_heun}
+def integrate(velocity, x: torch.Tensor, ts: torch.Tensor, sampler: str = "heun", *,
+              progress: bool | None = None, callback: Callback = None) -> torch.Tensor:
+    """x at the end of dx/dt = velocity(x, t) from x at ts[0], by ``sampler`` ('euler' or 'heun')
+    along the decreasing times ``ts`` in [0, 1]; the callback sees (i, t_i, x_i, x_i - t_i v)."""
+    if sampler not in ODE_SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(ODE_SAMPLERS)}, got {sampler!r}")
+    return SAMPLERS[sampler](Velocity(velocity), x, ts, progress=progress, callback=callback)
 
 
 class FlowMatching(Formulation):
@@ -157,8 +123,8 @@ class FlowMatching(Formulation):
                               "(--churn and --eta apply to the diffusion samplers)")
         x = torch.randn(shape, generator=generator).to(device)
         velocity = self.velocity(net) if guide is None else self.guided_velocity(net, guide)
-        return FM_SAMPLERS[sampler](velocity, x, times(steps), progress=progress,
-                                    callback=callback, **options)
+        return integrate(velocity, x, times(steps), sampler, progress=progress,
+                         callback=callback)
 
 
 @dataclass

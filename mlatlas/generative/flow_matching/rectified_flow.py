@@ -48,14 +48,12 @@ from torch import nn
 from mlatlas.core.config import ConfigError, require_at_least
 from mlatlas.core.plots import metric_curves, plt, samples_figure, show_images
 from mlatlas.core.run import Run, fit
-from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.data import Dataset, EpochBatches
 from mlatlas.eval.samples import score_samples
-from mlatlas.generative.diffusion import framework
-from mlatlas.generative.diffusion.framework import SampleConfig
-from mlatlas.generative.diffusion.samplers import function_evaluations
-from mlatlas.generative.flow_matching import flow_matching
-from mlatlas.generative.flow_matching.flow_matching import FM_SAMPLERS, cfm_loss, times
+from mlatlas.generative.diffusion import loop
+from mlatlas.generative.diffusion.configs import DiffusionConfig, SampleConfig, Sampler
+from mlatlas.generative.diffusion.samplers import ODE_SAMPLERS, function_evaluations
+from mlatlas.generative.flow_matching.flow_matching import FlowMatching, cfm_loss, integrate, times
 
 # --- the maths ---------------------------------------------------------------------------------
 
@@ -65,11 +63,11 @@ def reflow_pairs(velocity, z: torch.Tensor, ts: torch.Tensor, sampler: str = "he
     """x_0_hat = Phi(z): the end of dx/dt = velocity(x, t) started at z (B, ...) and integrated
     along the decreasing times ``ts`` by ``sampler`` ('euler' or 'heun'), ``chunk`` samples at
     a time. (x_0_hat, z) are the reflow pairs."""
-    if sampler not in FM_SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(FM_SAMPLERS)}, got {sampler!r}")
+    if sampler not in ODE_SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(ODE_SAMPLERS)}, got {sampler!r}")
     if chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
-    return torch.cat([FM_SAMPLERS[sampler](velocity, part, ts, progress=progress)
+    return torch.cat([integrate(velocity, part, ts, sampler, progress=progress)
                       for part in z.split(chunk)])
 
 
@@ -104,21 +102,19 @@ def straightness(velocity, z: torch.Tensor, ts: torch.Tensor,
                  sampler: str = "heun") -> torch.Tensor:
     """S_hat of the flow dx/dt = velocity(x, t) from z (B, ...) along ``ts`` (integrated by
     'euler' or 'heun'; the velocities are those of each step's first evaluation)."""
-    if sampler not in FM_SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(FM_SAMPLERS)}, got {sampler!r}")
     velocities = []
 
     def record(i: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> None:
         velocities.append((x - x0) / t)  # the sampler reports x0 = x - t v
 
-    x_end = FM_SAMPLERS[sampler](velocity, z, ts, callback=record)
+    x_end = integrate(velocity, z, ts, sampler, callback=record)
     return path_straightness(ts, torch.stack(velocities), z, x_end)
 
 
 # --- config ------------------------------------------------------------------------------------
 
 @dataclass
-class Config(flow_matching.Config):
+class Config(DiffusionConfig):
     """1-rectified flow (flow matching), then one reflow: the 2-rectified flow."""
 
     METHOD: ClassVar[str] = "rectified_flow"
@@ -126,6 +122,10 @@ class Config(flow_matching.Config):
     steps: int = 3000
     """Optimisation steps of both stages: 1..reflow_after train the 1-rectified flow, the
     rest the 2-rectified flow on the reflow pairs (a resumed run may raise it)."""
+    sampler: Sampler = "heun"
+    """Sampler for the samples drawn at the end of training and the default of `mlatlas sample`."""
+    sample_steps: int = 18
+    """ODE steps (Heun makes 2 x steps - 1 network evaluations)."""
     reflow_after: int = 2000
     """Steps of the 1-rectified flow before the reflow (equal to --steps: no reflow)."""
     reflow_pairs: int = 2000
@@ -135,11 +135,8 @@ class Config(flow_matching.Config):
     reflow_ode_steps: int = 32
     """Solver steps that make each pair (Heun makes 2 x steps - 1 network evaluations)."""
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         require_at_least(self, 1, "reflow_after", "reflow_ode_steps")
-        if self.reflow_sampler not in FM_SAMPLERS:
-            raise ConfigError(f"--reflow-sampler must be one of {', '.join(FM_SAMPLERS)}, "
-                              f"got {self.reflow_sampler!r}")
         if self.reflow_after > self.steps:
             raise ConfigError(f"--reflow-after {self.reflow_after} exceeds --steps {self.steps}")
         if self.reflow_pairs < self.batch_size:
@@ -148,7 +145,10 @@ class Config(flow_matching.Config):
         if self.conditional or self.classifier_steps:
             raise ConfigError("rectified_flow takes neither --conditional nor --classifier-steps "
                               "(the reflow pairs would need one coupling per label)")
-        super().__post_init__()
+        super().check()
+
+    def formulation(self) -> FlowMatching:
+        return FlowMatching()
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -158,19 +158,12 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     weights and fine-tune those weights into the 2-rectified flow for the remaining steps. A run
     resumed from any checkpoint, before or after the reflow, continues exactly."""
     run = run or Run.create(cfg.METHOD, cfg)
-    device = resolve_device(cfg.device)
-    data = framework.load_data(cfg)
-    formulation = cfg.formulation()
-    # The same objects in the same order as framework.train: stage 1 is a flow-matching run.
-    generator = seed_everything(cfg.seed)
-    model = framework.build_model(cfg, data).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    x_train = framework.to_model_space(data.x_train, data).to(device)
-    batches = EpochBatches(len(x_train), cfg.batch_size, cfg.seed)
+    # The same start as loop.train's, drawn in the same order: stage 1 is a flow-matching run.
+    s = loop.setup(cfg)
+    model, ema, opt, generator, device = s.model, s.ema, s.optimizer, s.generator, s.device
     # Stage 2 state, checkpointed from the start so that every checkpoint has the same layout.
     ema_rf1 = copy.deepcopy(ema).eval()
-    shape = (cfg.reflow_pairs, *data.sample_shape)
+    shape = (cfg.reflow_pairs, *s.data.sample_shape)
     pairs = {"x0": torch.zeros(shape, device=device), "z": torch.zeros(shape, device=device)}
     pair_batches = EpochBatches(cfg.reflow_pairs, cfg.batch_size, cfg.seed)
 
@@ -179,16 +172,16 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
         model.load_state_dict(ema.state_dict())
         opt.state.clear()  # Adam's moments belong to the old objective and the raw weights
         z = torch.randn(shape, generator=generator).to(device)
-        pairs["x0"] = reflow_pairs(formulation.velocity(ema_rf1), z,
+        pairs["x0"] = reflow_pairs(s.formulation.velocity(ema_rf1), z,
                                    times(cfg.reflow_ode_steps), cfg.reflow_sampler,
                                    progress=progress)
         pairs["z"] = z
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         if step <= cfg.reflow_after:
-            index = batches(step).to(device)
-            loss = formulation.loss(model, x_train[index], None, generator)
-            framework.optimise(cfg, model, ema, opt, loss, step)
+            index = s.batches(step).to(device)
+            loss = s.formulation.loss(model, s.x_train[index], None, generator)
+            loop.optimise(cfg, model, ema, opt, loss, step)
             return {"loss": loss.detach()}
         stage_step = step - cfg.reflow_after
         if stage_step == 1:
@@ -197,7 +190,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
             pairs.update({k: v.to(device) for k, v in pairs.items()})
         index = pair_batches(stage_step).to(device)
         loss = reflow_loss(model, pairs["x0"][index], pairs["z"][index], generator)
-        framework.optimise(cfg, model, ema, opt, loss, stage_step)
+        loop.optimise(cfg, model, ema, opt, loss, stage_step)
         return {"reflow_loss": loss.detach()}
 
     fit(run, step_fn, total_steps=cfg.steps, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
@@ -208,8 +201,8 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     run.save_figure(metric_curves(run.metrics, names, title=f"{cfg.METHOD} training loss"),
                     "loss.png")
     last = run.metrics[-1]
-    run.write_summary({"steps": cfg.steps, "reflow_after": cfg.reflow_after,
-                       "final_loss": last.get("reflow_loss", last.get("loss"))})
+    run.write_summary({"train/steps": cfg.steps, "train/reflow_after": cfg.reflow_after,
+                       "train/loss": last.get("reflow_loss", last.get("loss"))})
     if cfg.eval_samples:
         evaluate(run, n=cfg.eval_samples, progress=progress)
     return run
@@ -221,7 +214,7 @@ def sample(run: Run, n: int = 64, seed: int = 0, progress: bool | None = None,
            options: SampleConfig | None = None) -> torch.Tensor:
     """n samples of the run's latest flow (the 2-rectified flow once reflowed), in data space."""
     _check_deterministic(options)
-    return framework.sample(run, n, seed, progress, options)
+    return loop.sample(run, n, seed, progress, options)
 
 
 def _check_deterministic(options: SampleConfig | None) -> None:
@@ -233,10 +226,10 @@ def _check_deterministic(options: SampleConfig | None) -> None:
 def load_flows(run: Run) -> tuple[Config, Dataset, dict[str, nn.Module]]:
     """The run's config, data and EMA networks: {'rf1': 1-rectified flow, 'rf2': 2-rectified
     flow} once the reflow has begun, else {'rf1': the flow trained so far}."""
-    cfg, data, model = framework.load_model(run)
+    cfg, data, model = loop.load_model(run)
     if (run.checkpoint_step() or 0) <= cfg.reflow_after:
         return cfg, data, {"rf1": model}
-    rf1 = framework.build_model(cfg, data)
+    rf1 = loop.build_model(cfg, data)
     run.load_weights(rf1, "ema_rf1")
     return cfg, data, {"rf1": rf1.to(next(model.parameters()).device).eval(), "rf2": model}
 
@@ -264,24 +257,27 @@ def draw_flow(cfg: Config, data: Dataset, model: nn.Module, n: int, seed: int,
         velocities.append(((x - x0) / t).cpu())  # x0 = x - t v
         frames.append((t, x[:keep].cpu(), x0[:keep].cpu()))
 
-    x, _ = framework.draw(cfg, data, model, n, seed, options, progress, callback=record)
+    x, _ = loop.draw(cfg, data, model, n, seed, options, progress, callback=record)
     one = SampleConfig(sampler="euler", steps=1).resolve(cfg, data)
-    x_one, _ = framework.draw(cfg, data, model, n, seed, one, progress)
+    x_one, _ = loop.draw(cfg, data, model, n, seed, one, progress)
     s = path_straightness(times(options.steps), torch.stack(velocities), start[0], x.cpu())
-    return Draw(framework.from_model_space(x.cpu(), data),
-                framework.from_model_space(x_one.cpu(), data), float(s), frames)
+    return Draw(loop.from_model_space(x.cpu(), data),
+                loop.from_model_space(x_one.cpu(), data), float(s), frames)
 
 
-def evaluate(run: Run, n: int = 500, seed: int = 0, progress: bool | None = None,
+def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | None = None,
              options: SampleConfig | None = None) -> dict:
-    """Score the latest flow by the run's sampler (unprefixed keys, as every diffusion run) and
-    by one Euler step (``one_step_*``), with its straightness; the 1-rectified flow's numbers
-    carry the prefix ``rf1_`` once the run has reflowed. Writes samples.png, trajectory.png,
-    reflow.png (1-RF against 2-RF) and, for points, vector_field.png."""
+    """Score n samples (None: the run's ``eval_samples``, all from the noise of ``seed``) of the
+    latest flow by the run's sampler (unprefixed keys, as every diffusion run) and by one Euler
+    step (``one_step_*``), with its straightness; the 1-rectified flow's numbers carry the
+    prefix ``rf1_`` once the run has reflowed. The metrics also go to summary.json as
+    ``eval/<name>``. Writes samples.png, trajectory.png, reflow.png (1-RF against 2-RF) and,
+    for points, vector_field.png."""
     from mlatlas.generative.diffusion.plots import trajectory_figure, vector_field_figure
 
     _check_deterministic(options)
     cfg, data, flows = load_flows(run)
+    n = loop.eval_count(cfg, n)
     options = (options or SampleConfig()).resolve(cfg, data)
     draws = {name: draw_flow(cfg, data, net, n, seed, options, progress)
              for name, net in flows.items()}
@@ -296,8 +292,8 @@ def evaluate(run: Run, n: int = 500, seed: int = 0, progress: bool | None = None
                     metrics["note"] = value
         metrics[f"{prefix}straightness"] = d.straightness
         if data.kind == "points":
-            metrics[f"{prefix}test_nll_nats"] = framework.held_out_nll(cfg.formulation(),
-                                                                  flows[name], data)
+            metrics[f"{prefix}test_nll_nats"] = loop.held_out_nll(cfg.formulation(),
+                                                             flows[name], data)
     metrics.update(sampler=options.sampler, sampler_steps=options.steps,
                    function_evaluations=function_evaluations(options.sampler, options.steps))
     final = draws[list(draws)[-1]]
@@ -310,7 +306,7 @@ def evaluate(run: Run, n: int = 500, seed: int = 0, progress: bool | None = None
         run.save_figure(vector_field_figure(cfg.formulation(), flows[list(flows)[-1]], data),
                         "vector_field.png")
     run.save_figure(reflow_figure(draws, data, options.describe()), "reflow.png")
-    run.write_summary({"eval": metrics})
+    loop.write_eval_summary(run, metrics)
     return metrics
 
 
