@@ -173,11 +173,12 @@ class QACConfig(GridConfig):
     alpha_w: float = 0.5
     """alpha_w: the critic's (Sarsa's) step size."""
     steps: int = 4000
-    """Steps of the num_envs episodes (each is one batched actor and critic update)."""
+    """Time steps of the num_envs episodes (each is one batched actor and critic update)."""
     log_every: int = 50
-    """Write a row of metrics.csv (with the exact-value metrics) every this many steps."""
+    """Write a row of metrics.csv (with the exact-value metrics) every this many time
+    steps."""
     ckpt_every: int = 500
-    """Write checkpoint.safetensors every this many steps (and always at the end)."""
+    """Write checkpoint.safetensors every this many time steps (and always at the end)."""
 
     def check(self) -> None:
         super().check()
@@ -202,11 +203,12 @@ class A2CConfig(GridConfig):
     alpha_w: float = 0.1
     """alpha_w: the critic's step size."""
     steps: int = 1000
-    """Steps of the num_envs episodes (each is one batched actor and critic update)."""
+    """Time steps of the num_envs episodes (each is one batched actor and critic update)."""
     log_every: int = 50
-    """Write a row of metrics.csv (with the exact-value metrics) every this many steps."""
+    """Write a row of metrics.csv (with the exact-value metrics) every this many time
+    steps."""
     ckpt_every: int = 500
-    """Write checkpoint.safetensors every this many steps (and always at the end)."""
+    """Write checkpoint.safetensors every this many time steps (and always at the end)."""
 
     def check(self) -> None:
         super().check()
@@ -231,11 +233,12 @@ class OffPolicyACConfig(GridConfig):
     alpha_w: float = 0.1
     """alpha_w: the critic's step size."""
     steps: int = 1000
-    """Steps of the num_envs episodes (each is one batched actor and critic update)."""
+    """Time steps of the num_envs episodes (each is one batched actor and critic update)."""
     log_every: int = 50
-    """Write a row of metrics.csv (with the exact-value metrics) every this many steps."""
+    """Write a row of metrics.csv (with the exact-value metrics) every this many time
+    steps."""
     ckpt_every: int = 500
-    """Write checkpoint.safetensors every this many steps (and always at the end)."""
+    """Write checkpoint.safetensors every this many time steps (and always at the end)."""
 
     def check(self) -> None:
         super().check()
@@ -550,11 +553,11 @@ class DeterministicACConfig(BaseConfig):
     alpha_w: float = 0.1
     """alpha_w: the critic's step size."""
     steps: int = 3000
-    """Steps of the num_envs episodes (each is one batched actor and critic update)."""
+    """Time steps of the num_envs episodes (each is one batched actor and critic update)."""
     log_every: int = 50
-    """Write a row of metrics.csv (with the exact objective) every this many steps."""
+    """Write a row of metrics.csv (with the exact objective) every this many time steps."""
     ckpt_every: int = 500
-    """Write checkpoint.safetensors every this many steps (and always at the end)."""
+    """Write checkpoint.safetensors every this many time steps (and always at the end)."""
 
     def check(self) -> None:
         super().check()

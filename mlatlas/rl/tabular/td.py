@@ -194,7 +194,7 @@ class TD0Config(GridConfig):
     """Time steps per episode; every episode starts in a uniformly drawn non-terminal cell, so a
     deterministic policy is evaluated at every state too."""
     steps: int = 50
-    """Training steps, each one batch of num_envs episodes."""
+    """Batches of num_envs episodes (each batch is one training step)."""
     log_every: int = 1
     """Write a row of metrics.csv every this many batches."""
     ckpt_every: int = 500
