@@ -85,8 +85,7 @@ def _deep(name: str, summary: str) -> Method:
 
 
 def _llm(name: str, summary: str, evaluate: str = "mlatlas.llm.common:evaluate") -> Method:
-    return Method(name, "llm", summary, f"mlatlas.llm.{name}", sample=None,
-                  evaluate=evaluate, sample_config="mlatlas.llm.common:EvalOptions")
+    return Method(name, "llm", summary, f"mlatlas.llm.{name}", sample=None, evaluate=evaluate)
 
 
 def _diffusion(name: str, config: str, summary: str, module: str = DIFFUSION_CONFIGS,

@@ -81,7 +81,7 @@ def test_stopped_and_resumed_run_with_refreshed_pairs_equals_an_uninterrupted_on
     assert all(r["chosen"] != r["rejected"] for r in rows)
     first = whole.metrics[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=0.05)  # pi = pi_ref at the start
-    assert 0.0 <= whole.summary()["final_accuracy"] <= 1.0
+    assert 0.0 <= whole.summary()["eval/accuracy"] <= 1.0
 
 
 def test_trains_on_a_pairs_file_with_ipo_and_rpo(runs, tiny_sft, tmp_path):
@@ -123,5 +123,5 @@ def test_dpo_raises_held_out_accuracy_above_the_sft_start(sft_run, runs):
     cfg = dpo.Config(init_from=str(sft_run.dir), steps=200, beta=0.5, rpo_alpha=1.0,
                      pair_prompts=2048)
     summary = dpo.train(cfg, Run.create("dpo", cfg, runs), progress=False).summary()
-    assert summary["final_accuracy"] >= summary["start_accuracy"] + 0.05
-    assert summary["final_format"] > 0.95
+    assert summary["eval/accuracy"] >= summary["baseline/accuracy"] + 0.05
+    assert summary["eval/format"] > 0.95

@@ -130,7 +130,7 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(runs, monkeypatch, 
         assert name in row, name
     assert 0.0 <= row["zero_std_frac"] <= 1.0 and row["kl"] >= 0.0
     summary = whole.summary()
-    assert {"start_accuracy", "final_accuracy", "final_kl"} <= set(summary)
+    assert {"baseline/accuracy", "eval/accuracy", "eval/kl"} <= set(summary)
     assert whole.path("hf/model.safetensors").is_file()
 
 
@@ -142,7 +142,7 @@ def test_command_line_trains_dr_grpo_and_evaluates(tmp_path, capsys, tiny_sft):
     run_dir = next(tmp_path.iterdir())
     assert json.loads((run_dir / "config.json").read_text())["config"]["loss_type"] == "dr_grpo"
     capsys.readouterr()
-    assert main(["eval", str(run_dir), "--problems", "10", "--no-progress"]) == 0
+    assert main(["eval", str(run_dir), "--n", "10", "--no-progress"]) == 0
     assert set(json.loads(capsys.readouterr().out)) >= {"accuracy", "length", "kl"}
 
 
@@ -154,7 +154,7 @@ MARGIN = 0.03
 def learns(sft_run, runs, **overrides):
     cfg = grpo.Config(init_from=str(sft_run.dir), **overrides)
     summary = grpo.train(cfg, Run.create("grpo", cfg, runs), progress=False).summary()
-    return summary["start_accuracy"], summary["final_accuracy"]
+    return summary["baseline/accuracy"], summary["eval/accuracy"]
 
 
 @pytest.mark.slow

@@ -95,7 +95,7 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(runs, tiny_sft, mon
     rows = whole.metrics
     assert rows[0]["max_level"] == 1 and rows[-1]["max_level"] == 2  # the curriculum
     assert {"loss", "reward", "len_reward", "kl", "length", "accuracy"} <= set(rows[1])
-    assert 0.0 <= whole.summary()["final_accuracy"] <= 1.0
+    assert 0.0 <= whole.summary()["eval/accuracy"] <= 1.0
 
 
 def test_bad_configs_are_one_line_errors():
@@ -116,8 +116,8 @@ def test_kimi_raises_held_out_accuracy_above_the_sft_start(sft_run, runs):
     # Measured with these defaults: 0.45 -> 0.51 on the 200 test problems (docs/methods/llm.md).
     cfg = kimi.Config(init_from=str(sft_run.dir))
     summary = kimi.train(cfg, Run.create("kimi", cfg, runs), progress=False).summary()
-    assert summary["final_accuracy"] >= summary["start_accuracy"] + 0.04
-    assert summary["final_format"] > 0.95
+    assert summary["eval/accuracy"] >= summary["baseline/accuracy"] + 0.04
+    assert summary["eval/format"] > 0.95
 
 
 
@@ -157,17 +157,17 @@ def cot_without_penalty(cot_sft, tmp_path_factory):
 @pytest.mark.slow
 def test_kimi_raises_chain_of_thought_accuracy(cot_without_penalty):
     summary = cot_without_penalty
-    assert summary["final_accuracy"] >= summary["start_accuracy"] + 0.05
+    assert summary["eval/accuracy"] >= summary["baseline/accuracy"] + 0.05
     # With no price on length it moves to the longer, more reliable scratchpad answers.
-    assert summary["final_length_correct"] > summary["start_length_correct"]
+    assert summary["eval/length_correct"] > summary["baseline/length_correct"]
 
 
 @pytest.mark.slow
 def test_length_penalty_shortens_correct_answers_without_losing_accuracy(
         cot_sft, cot_without_penalty, runs):
     on, off = cot_kimi(cot_sft, runs, COT_LENGTH_WEIGHT), cot_without_penalty
-    assert on["final_length_correct"] < 0.8 * off["final_length_correct"]
-    assert on["final_length_correct"] < on["start_length_correct"]
+    assert on["eval/length_correct"] < 0.8 * off["eval/length_correct"]
+    assert on["eval/length_correct"] < on["baseline/length_correct"]
     # Shorter than both the start and the unpenalised run, and no less accurate than the start
     # (the unpenalised run, twice as long, is a few points more accurate still).
-    assert on["final_accuracy"] >= on["start_accuracy"]
+    assert on["eval/accuracy"] >= on["baseline/accuracy"]

@@ -98,7 +98,7 @@ def test_ppo_run_resumes_exactly(tiny_sft, tiny_rm, runs):
     rows = whole.metrics
     assert rows[0]["policy_loss"] == 0.0  # the critic's warm-up step leaves the policy alone
     assert {"reward", "kl", "value_loss", "clip_fraction", "accuracy"} <= set(rows[1])
-    assert "final_kl" in whole.summary()
+    assert "eval/kl" in whole.summary()
 
 
 def test_bad_configs_are_clear(tiny_sft, capsys):
@@ -119,5 +119,5 @@ def test_ppo_with_the_verifier_reward_raises_held_out_accuracy(sft_run, tmp_path
     cfg = ppo_rlhf.Config(init_from=str(sft_run.dir), reward="verifier")
     summary = ppo_rlhf.train(cfg, Run.create("ppo_rlhf", cfg, tmp_path),
                              progress=False).summary()
-    assert summary["final_sampled_accuracy"] > summary["start_sampled_accuracy"] + 0.03
-    assert summary["final_accuracy"] > summary["start_accuracy"] - 0.02
+    assert summary["eval/sampled_accuracy"] > summary["baseline/sampled_accuracy"] + 0.03
+    assert summary["eval/accuracy"] > summary["baseline/accuracy"] - 0.02

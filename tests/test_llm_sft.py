@@ -49,12 +49,12 @@ def test_a_short_run_lowers_the_loss_and_leaves_a_loadable_policy(runs):
                  "hf/model.safetensors", "hf/tokenizer.json"):
         assert run.path(name).is_file(), name
     summary = run.summary()
-    assert 0.0 <= summary["final_accuracy"] <= 1.0 and summary["final_length"] >= 1.0
+    assert 0.0 <= summary["eval/accuracy"] <= 1.0 and summary["eval/length"] >= 1.0
     model, tokenizer = load_policy(run.dir)
     hf_model, _ = load_policy(run.path("hf"))
     for name, tensor in model.state_dict().items():
         assert torch.equal(hf_model.state_dict()[name], tensor)
-    assert evaluate(run, n=20)["accuracy"] == pytest.approx(summary["final_accuracy"], abs=0.35)
+    assert evaluate(run, n=20)["accuracy"] == pytest.approx(summary["eval/accuracy"], abs=0.35)
 
 
 def test_trains_on_a_prompt_completion_file_and_continues_from_a_run(runs, tmp_path):
@@ -64,7 +64,7 @@ def test_trains_on_a_prompt_completion_file_and_continues_from_a_run(runs, tmp_p
     first = sft.train(cfg, Run.create("sft", cfg, runs), progress=False)
     again = sft.Config(**TINY, steps=4, init_from=str(first.dir))
     second = sft.train(again, Run.create("sft", again, runs), progress=False)
-    assert "final_kl" in second.summary()  # a continued run has a reference
+    assert "eval/kl" in second.summary()  # a continued run has a reference
 
 
 def test_bad_configs_are_one_line_errors(tmp_path):
@@ -82,7 +82,7 @@ def test_command_line_train_and_eval(tmp_path, capsys):
                  *flags, "--no-progress"]) == 0
     run_dir = next(tmp_path.iterdir())
     capsys.readouterr()
-    assert main(["eval", str(run_dir), "--problems", "10", "--no-progress"]) == 0
+    assert main(["eval", str(run_dir), "--n", "10", "--no-progress"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert set(metrics) >= {"accuracy", "format", "length"}
     assert main(["train", "sft", "--task", "adition", "--out", str(tmp_path)]) == 2
@@ -93,5 +93,5 @@ def test_command_line_train_and_eval(tmp_path, capsys):
 def test_default_sft_reaches_partial_held_out_accuracy(sft_run):
     summary = sft_run.summary()
     # Learnt, yet short of mastery: the room the RL methods are measured on.
-    assert 0.25 < summary["final_accuracy"] < 0.8
-    assert summary["final_format"] > 0.95
+    assert 0.25 < summary["eval/accuracy"] < 0.8
+    assert summary["eval/format"] > 0.95

@@ -11,11 +11,24 @@ and the policy's log-probability of a completion factorises over its tokens,
 which :func:`completion_logprobs` returns per token (0 on padding) from one forward pass.
 The methods read the policy, its tokenizer and the frozen reference pi_ref from a previous run
 (``--init-from RUN_DIR``, usually an SFT run) or from a transformers Llama folder.
+
+What every method of the family shares (docs/architecture.md, "The family contract"):
+
+- the learning rate warms up linearly over ``warmup_steps(cfg)`` = max(1, floor(warmup_ratio *
+  steps)) steps, then decays along a cosine to 0 (``core.optim.warmup_cosine_lr``), set each step;
+- checkpoint groups: ``model`` (the policy, or the reward model), ``optimizer``, plus named
+  extras (PPO-RLHF's ``critic``, ``critic_optimizer``, ``score_stats``); no ``rng`` group, as
+  every step draws from ``step_generator(seed, step)``, a function of the step alone; the
+  frozen reference is not saved (it is ``--init-from`` read again);
+- summary.json: ``train/`` (steps, parameters, tokenizer), ``eval/`` (the held-out metrics of
+  the trained policy, with ``eval/problems`` and ``eval/seed``) and ``baseline/`` (the same
+  metrics of the starting policy, for methods that start from one).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +40,21 @@ import torch.nn.functional as F
 from mlatlas.core.config import BaseConfig, ConfigError, require_at_least, require_unit
 from mlatlas.core.io import read_json, write_json
 from mlatlas.core.run import Run, RunError
-from mlatlas.llm.model import LMConfig, TinyLM, generate, load_pretrained, save_pretrained
+from mlatlas.llm.model import (
+    LMConfig,
+    TinyLM,
+    count_parameters,
+    generate,
+    load_pretrained,
+    save_pretrained,
+)
 from mlatlas.llm.tasks import Problem, Task, get_task, parse_difficulties, problems
 from mlatlas.nn.tokenizers import Tokenizer
 
 LM_FILE = "lm.json"
 TOKENIZER_FILE = "tokenizer.json"
+EVAL_PROBLEMS = 500
+"""Held-out test problems that ``mlatlas eval RUN`` scores when no ``--n`` is given."""
 
 
 @dataclass
@@ -64,8 +86,11 @@ class LLMConfig(BaseConfig):
     log_every: int = 10
     ckpt_every: int = 100
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
+        # The task is a name in the tasks' registry (like a dataset), checked with the closest
+        # names as a hint; --difficulty is read against its levels.
+        parse_difficulties(self.difficulty, get_task(self.task))
         require_at_least(self, 1, "max_new_tokens", "eval_every", "eval_n")
         require_unit(self, "top_p", low_open=True)
         if self.temperature < 0 or self.lr <= 0 or self.max_grad_norm < 0:
@@ -75,7 +100,6 @@ class LLMConfig(BaseConfig):
                               f"--log-every {self.log_every}")
 
     def check_data(self) -> None:
-        parse_difficulties(self.difficulty, get_task(self.task))
         if self.init_from:
             policy_source(self.init_from)
 
@@ -104,7 +128,7 @@ def load_policy(path: str | Path, device: torch.device | str = "cpu"
         model = load_pretrained(path)
     else:
         model = TinyLM(LMConfig(**read_json(path / LM_FILE)))
-        Run.open(path).load_weights(model, "policy")
+        Run.open(path).load_weights(model, "model")
     return model.to(device), Tokenizer.load(path / TOKENIZER_FILE)
 
 
@@ -120,6 +144,12 @@ def export_hf(run: Run, model: TinyLM, tokenizer: Tokenizer) -> Path:
                                 eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     tokenizer.save_pretrained(directory, model.cfg.max_seq_len)
     return directory
+
+
+def warmup_steps(cfg: BaseConfig) -> int:
+    """Steps of linear learning-rate warm-up of a config with ``warmup_ratio``:
+    max(1, floor(warmup_ratio * steps)) (one step of warm-up is none: the full rate at step 1)."""
+    return max(1, math.floor(cfg.warmup_ratio * cfg.steps))
 
 
 def frozen_copy(model: TinyLM) -> TinyLM:
@@ -312,62 +342,74 @@ def setup(cfg: LLMConfig, run: Run, train_n: int = 20000) -> Setup:
     task = get_task(cfg.task)
     levels = parse_difficulties(cfg.difficulty, task)
     write_lm_files(run, policy, tokenizer)
+    write_train_summary(run, cfg, policy, tokenizer)
     return Setup(policy.train(), frozen_copy(policy), tokenizer, task,
                  problems(task, "train", train_n, levels, cfg.seed),
                  problems(task, "test", cfg.eval_n, levels, 0), device)
 
 
+def write_train_summary(run: Run, cfg: BaseConfig, model: TinyLM, tokenizer: Tokenizer
+                        ) -> None:
+    """``train/steps``, ``train/parameters`` and ``train/tokenizer`` into summary.json."""
+    run.write_summary({"train/steps": cfg.steps, "train/parameters": count_parameters(model),
+                       "train/tokenizer": tokenizer.describe()})
+
+
+def write_eval_summary(run: Run, prefix: str, metrics: dict[str, float], problems: int,
+                       seed: int) -> None:
+    """Held-out metrics as flat ``eval/<name>`` (the trained policy) or ``baseline/<name>``
+    (the starting policy) keys of summary.json, with the number of problems and their seed.
+    A key of an earlier evaluation that this one lacks (``length_correct`` when no answer is
+    right) becomes null rather than staying beside numbers it was not measured with."""
+    stale = {k: None for k in run.summary() if k.startswith(f"{prefix}/")}
+    run.write_summary({**stale, **{f"{prefix}/{k}": v for k, v in metrics.items()},
+                       f"{prefix}/problems": problems, f"{prefix}/seed": seed})
+
+
 def finish(run: Run, cfg: LLMConfig, s: Setup) -> dict[str, Any]:
-    """Final held-out metrics into summary.json, curves.png and the transformers export."""
+    """Final held-out metrics into summary.json (``eval/``), curves.png and the transformers
+    export."""
     from mlatlas.llm.plots import curves_figure
 
     metrics = evaluate_policy(s.policy, s.tokenizer, s.task, s.test_items, s.reference,
                               max_new_tokens=cfg.max_new_tokens)
-    run.write_summary({f"final_{k}": v for k, v in metrics.items()})
+    write_eval_summary(run, "eval", metrics, len(s.test_items), 0)
     run.save_figure(curves_figure(run.metrics, run.method), "curves.png")
     export_hf(run, s.policy, s.tokenizer)
     return metrics
 
 
 def start_metrics(run: Run, cfg: LLMConfig, s: Setup) -> None:
-    """Held-out metrics of the starting policy, once, into summary.json (as start_*)."""
-    if "start_accuracy" not in run.summary():
+    """Held-out metrics of the starting policy, once, into summary.json (``baseline/``)."""
+    if "baseline/accuracy" not in run.summary():
         metrics = evaluate_policy(s.policy, s.tokenizer, s.task, s.test_items,
                                   max_new_tokens=cfg.max_new_tokens)
-        run.write_summary({f"start_{k}": v for k, v in metrics.items()})
+        write_eval_summary(run, "baseline", metrics, len(s.test_items), 0)
 
 
-@dataclass
-class EvalOptions:
-    """Flags of ``mlatlas eval`` for language-model runs."""
-
-    problems: int = 500
-    """Held-out test problems to score."""
-
-    def __post_init__(self) -> None:
-        require_at_least(self, 1, "problems")
-
-
-def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | None = None,
-             options: EvalOptions | None = None) -> dict[str, float]:
-    """``mlatlas eval RUN``: held-out greedy accuracy, format rate, mean length and (for runs
-    that started from another policy) KL to that reference, on ``options.problems`` test
-    problems drawn with ``seed``."""
-    cfg = run.config
+def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | None = None
+             ) -> dict[str, float]:
+    """``mlatlas eval RUN``: held-out greedy accuracy, format rate, mean length, the sampled
+    accuracy and (for runs that started from another policy) KL to that reference, on ``n``
+    test problems (None: ``EVAL_PROBLEMS`` = 500). ``seed`` draws the problems and the sampled
+    completions; the metrics also go to summary.json under ``eval/``."""
     if not (run.dir / LM_FILE).is_file():
         raise RunError(f"{run.dir} holds no language model")
+    cfg = run.load_config()
     model, tokenizer = load_policy(run.dir)
     reference = None
-    if cfg.get("init_from"):
+    if cfg.init_from:
         try:
-            reference = frozen_copy(load_policy(cfg["init_from"])[0])
+            reference = frozen_copy(load_policy(cfg.init_from)[0])
         except ConfigError:
             reference = None  # the reference run was moved or deleted: report the rest
-    task = get_task(cfg["task"])
-    n = (options or EvalOptions()).problems if n is None else n
-    items = problems(task, "test", n, parse_difficulties(cfg["difficulty"], task), seed)
-    return evaluate_policy(model.eval(), tokenizer, task, items, reference,
-                           max_new_tokens=cfg.get("max_new_tokens", 24), seed=seed)
+    task = get_task(cfg.task)
+    n = EVAL_PROBLEMS if n is None else n
+    items = problems(task, "test", n, parse_difficulties(cfg.difficulty, task), seed)
+    metrics = evaluate_policy(model.eval(), tokenizer, task, items, reference,
+                              max_new_tokens=cfg.max_new_tokens, seed=seed)
+    write_eval_summary(run, "eval", metrics, n, seed)
+    return metrics
 
 
 def step_generator(seed: int, step: int, device=None) -> torch.Generator:

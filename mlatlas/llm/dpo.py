@@ -25,12 +25,14 @@ them from the current policy every N steps (online / iterative DPO).
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
-from mlatlas.core.config import ConfigError, require_at_least
+from mlatlas.core.config import ConfigError, require_at_least, require_unit
 from mlatlas.core.optim import set_lr, warmup_cosine_lr
 from mlatlas.core.run import Run, RunError, fit
 from mlatlas.core.runtime import seed_everything
@@ -49,22 +51,29 @@ from mlatlas.llm.common import (
     start_metrics,
     step_generator,
     step_problems,
+    warmup_steps,
 )
 from mlatlas.llm.tasks import read_jsonl, write_jsonl
 
 __all__ = ["Config", "dpo_loss", "train"]
 
-LOSS_TYPES = ("sigmoid", "ipo")
+LossType = Literal["sigmoid", "ipo"]
+LOSS_TYPES = typing.get_args(LossType)
 PAIR_KEYS = ("prompt", "chosen", "rejected")
 
 
 @dataclass
 class Config(LLMConfig):
+    METHOD: ClassVar[str] = "dpo"
+
     steps: int = 200
     lr: float = 1e-4
+    warmup_ratio: float = 0.05
+    """Fraction of --steps over which the learning rate warms up linearly, before its cosine
+    decay to 0: max(1, floor(ratio * steps)) steps."""
     beta: float = 0.1
     """beta: strength of the implicit KL to the reference (TRL's ``beta``)."""
-    loss_type: str = "sigmoid"
+    loss_type: LossType = "sigmoid"
     """'sigmoid' (DPO) or 'ipo' (TRL's ``loss_type`` names)."""
     batch_size: int = 32
     """Preference pairs per step."""
@@ -80,13 +89,11 @@ class Config(LLMConfig):
     refresh_every: int = 0
     """Rebuild the pairs from the current policy every this many steps (online DPO); 0 never."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         require_at_least(self, 1, "batch_size", "pair_prompts")
         require_at_least(self, 2, "samples")
-        if self.loss_type not in LOSS_TYPES:
-            raise ConfigError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}, "
-                              f"got {self.loss_type!r}")
+        require_unit(self, "warmup_ratio")
         if self.beta <= 0:
             raise ConfigError(f"--beta must be positive, got {self.beta}")
         if self.rpo_alpha < 0:
@@ -179,7 +186,7 @@ def pairs_file(run: Run, refresh_step: int):
 
 
 def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
-    run = run or Run.create("dpo", cfg)
+    run = run or Run.create(cfg.METHOD, cfg)
     seed_everything(cfg.seed)
     s = setup(cfg, run)
     start_metrics(run, cfg, s)
@@ -211,7 +218,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
 
     def step_fn(step: int) -> dict[str, float]:
         pairs = pair_set(step)
-        set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, max(1, cfg.steps // 20)))
+        set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, warmup_steps(cfg)))
         generator = step_generator(cfg.seed, step)
         idx = torch.randint(len(pairs["rows"]), (cfg.batch_size,), generator=generator)
         batch = encode_pairs(s, [pairs["rows"][i] for i in idx.tolist()])
@@ -240,7 +247,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
         metrics.update(periodic_eval(cfg, s, step))
         return metrics
 
-    fit(run, step_fn, total_steps=cfg.steps, objects={"policy": s.policy, "optimizer": optimizer},
+    fit(run, step_fn, total_steps=cfg.steps, objects={"model": s.policy, "optimizer": optimizer},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress,
         latest=("pairs",))
     finish(run, cfg, s)

@@ -29,11 +29,13 @@ so on the first one rho = 1, yet its gradient grad rho = grad log pi_theta is no
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 
-from mlatlas.core.config import ConfigError, require_at_least
+from mlatlas.core.config import ConfigError, require_at_least, require_unit
 from mlatlas.core.optim import set_lr, warmup_cosine_lr
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import seed_everything
@@ -49,17 +51,24 @@ from mlatlas.llm.common import (
     start_metrics,
     step_generator,
     step_problems,
+    warmup_steps,
 )
 
 __all__ = ["Config", "LOSS_TYPES", "group_advantages", "grpo_loss", "k3_kl", "train"]
 
-LOSS_TYPES = ("grpo", "token", "dr_grpo")
+LossType = Literal["grpo", "token", "dr_grpo"]
+LOSS_TYPES = typing.get_args(LossType)
 
 
 @dataclass
 class Config(LLMConfig):
+    METHOD: ClassVar[str] = "grpo"
+
     steps: int = 100
     lr: float = 5e-5
+    warmup_ratio: float = 0.1
+    """Fraction of --steps over which the learning rate warms up linearly, before its cosine
+    decay to 0: max(1, floor(ratio * steps)) steps."""
     prompts_per_step: int = 64
     """Prompts per step, each sampled group_size times."""
     group_size: int = 8
@@ -70,7 +79,7 @@ class Config(LLMConfig):
     """Ratio clip range epsilon (TRL's epsilon)."""
     num_iterations: int = 1
     """Gradient steps mu on each sampled batch (TRL's num_iterations)."""
-    loss_type: str = "grpo"
+    loss_type: LossType = "grpo"
     """Averaging of the per-token objective: grpo (per sequence, then over sequences), token
     (over all tokens of the batch) or dr_grpo (sum over tokens / max_new_tokens, no std)."""
     scale_rewards: bool = True
@@ -78,13 +87,11 @@ class Config(LLMConfig):
     format_weight: float = 0.1
     """Weight of the format reward added to the exact-match reward."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         require_at_least(self, 1, "prompts_per_step", "num_iterations")
         require_at_least(self, 2, "group_size")
-        if self.loss_type not in LOSS_TYPES:
-            raise ConfigError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}, "
-                              f"got {self.loss_type!r}")
+        require_unit(self, "warmup_ratio")
         if self.beta < 0 or self.clip_eps <= 0 or self.format_weight < 0:
             raise ConfigError("--beta and --format-weight must be >= 0 and --clip-eps > 0")
 
@@ -139,7 +146,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 
 
 def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
-    run = run or Run.create("grpo", cfg)
+    run = run or Run.create(cfg.METHOD, cfg)
     seed_everything(cfg.seed)
     s = setup(cfg, run)
     policy, reference = s.policy, s.reference if cfg.beta > 0 else None
@@ -149,7 +156,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     scale = cfg.scale_rewards and cfg.loss_type != "dr_grpo"
 
     def step_fn(step: int) -> dict[str, float]:
-        set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, max(1, cfg.steps // 10)))
+        set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, warmup_steps(cfg)))
         generator = step_generator(cfg.seed, step, s.device)
         items = step_problems(s.train_items, cfg.prompts_per_step, generator)
         batch = rollout(policy, s.tokenizer, s.task, [p for p in items for _ in range(G)],
@@ -182,7 +189,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
         metrics.update(periodic_eval(cfg, s, step))
         return metrics
 
-    fit(run, step_fn, total_steps=cfg.steps, objects={"policy": policy, "optimizer": optimizer},
+    fit(run, step_fn, total_steps=cfg.steps, objects={"model": policy, "optimizer": optimizer},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
     finish(run, cfg, s)
     return run

@@ -32,10 +32,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from mlatlas.core.config import ConfigError, require_at_least
+from mlatlas.core.config import ConfigError, require_at_least, require_unit
 from mlatlas.core.optim import set_lr, warmup_cosine_lr
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import seed_everything
@@ -50,6 +51,7 @@ from mlatlas.llm.common import (
     start_metrics,
     step_generator,
     step_problems,
+    warmup_steps,
 )
 from mlatlas.llm.tasks import parse_difficulties
 
@@ -58,9 +60,14 @@ __all__ = ["Config", "curriculum_levels", "kimi_loss", "length_penalty", "train"
 
 @dataclass
 class Config(LLMConfig):
+    METHOD: ClassVar[str] = "kimi"
+
     steps: int = 100
     """Iterations: each samples a rollout from pi_old and takes --inner-steps gradient steps."""
     lr: float = 1e-4
+    warmup_ratio: float = 0.05
+    """Fraction of --steps (iterations) over which the learning rate warms up linearly, before
+    its cosine decay to 0: max(1, floor(ratio * steps)) iterations."""
     tau: float = 1.0
     """tau: weight of the KL to pi_old; the target log-ratio of a sample is (r - r_bar) / tau."""
     prompts: int = 32
@@ -76,10 +83,11 @@ class Config(LLMConfig):
     curriculum_frac: float = 0.5
     """Fraction of the run after which every difficulty level is in play."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         require_at_least(self, 1, "prompts", "inner_steps")
         require_at_least(self, 2, "group_size")
+        require_unit(self, "warmup_ratio")
         if self.tau <= 0:
             raise ConfigError(f"--tau must be positive, got {self.tau}")
         if self.length_weight < 0:
@@ -121,7 +129,7 @@ def curriculum_levels(step: int, steps: int, levels: Sequence[int], frac: float 
 
 
 def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
-    run = run or Run.create("kimi", cfg)
+    run = run or Run.create(cfg.METHOD, cfg)
     seed_everything(cfg.seed)
     s = setup(cfg, run)
     start_metrics(run, cfg, s)
@@ -131,7 +139,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     P, k = cfg.prompts, cfg.group_size
 
     def step_fn(step: int) -> dict[str, float]:
-        set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, max(1, cfg.steps // 20)))
+        set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, warmup_steps(cfg)))
         in_play = (curriculum_levels(step, cfg.steps, levels, cfg.curriculum_frac)
                    if cfg.curriculum else levels)
         pool = [p for d in in_play for p in by_level[d]]
@@ -170,7 +178,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
                         for n, v in periodic_eval(cfg, s, step).items()})
         return metrics
 
-    fit(run, step_fn, total_steps=cfg.steps, objects={"policy": s.policy, "optimizer": optimizer},
+    fit(run, step_fn, total_steps=cfg.steps, objects={"model": s.policy, "optimizer": optimizer},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress,
         latest=("max_level",))
     finish(run, cfg, s)

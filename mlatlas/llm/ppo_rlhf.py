@@ -26,6 +26,7 @@ with ``--reward verifier``, the task's exact-match rule). PPO-max's choices, eac
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 
@@ -56,9 +57,11 @@ __all__ = ["Config", "normalise_scores", "clipped_value_loss", "ppo_policy_loss"
 
 @dataclass
 class Config(LLMConfig):
+    METHOD: ClassVar[str] = "ppo_rlhf"
+
     steps: int = 60
     lr: float = 5e-5
-    reward: str = "model"
+    reward: Literal["model", "verifier"] = "model"
     """'model' (the reward model of --reward-model) or 'verifier' (the task's exact match)."""
     reward_model: str = ""
     """A reward_model run: the reward, and the critic's starting point."""
@@ -87,12 +90,10 @@ class Config(LLMConfig):
     ptx_coef: float = 0.0
     """Weight of the pre-training (SFT) loss on worked solutions mixed into the policy loss."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         require_at_least(self, 1, "prompts_per_step", "ppo_epochs", "minibatch_size")
         require_unit(self, "gamma", "lam")
-        if self.reward not in ("model", "verifier"):
-            raise ConfigError(f"--reward must be model or verifier, got {self.reward!r}")
         if min(self.clip_eps, self.value_clip, self.beta, self.reward_clip, self.ptx_coef,
                self.critic_warmup) < 0:
             raise ConfigError("clip ranges, --beta, --reward-clip, --ptx-coef and "
@@ -157,7 +158,7 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
 
 def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
     cfg.check_data()
-    run = run or Run.create("ppo_rlhf", cfg)
+    run = run or Run.create(cfg.METHOD, cfg)
     seed_everything(cfg.seed)
     s = setup(cfg, run)
     if cfg.reward == "model":
@@ -239,7 +240,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
                 **periodic_eval(cfg, s, step)}
 
     fit(run, step_fn, total_steps=cfg.steps,
-        objects={"policy": s.policy, "critic": critic, "policy_optimizer": policy_optimizer,
+        objects={"model": s.policy, "optimizer": policy_optimizer, "critic": critic,
                  "critic_optimizer": critic_optimizer, "score_stats": score_stats},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
     finish(run, cfg, s)

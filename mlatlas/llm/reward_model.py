@@ -19,19 +19,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlatlas.core.config import ConfigError, require_at_least
+from mlatlas.core.config import ConfigError, require_at_least, require_unit
 from mlatlas.core.io import read_json
 from mlatlas.core.optim import set_lr, warmup_cosine_lr
 from mlatlas.core.run import Run, RunError, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.llm.common import (
+    EVAL_PROBLEMS,
     LM_FILE,
-    EvalOptions,
     LLMConfig,
     clip_and_step,
     encode_completions,
@@ -41,7 +42,10 @@ from mlatlas.llm.common import (
     preference_pairs,
     rollout,
     step_generator,
+    warmup_steps,
+    write_eval_summary,
     write_lm_files,
+    write_train_summary,
 )
 from mlatlas.llm.model import LMConfig, TinyLM
 from mlatlas.llm.tasks import get_task, parse_difficulties, problems, read_jsonl, write_jsonl
@@ -95,8 +99,13 @@ def pair_rewards(model: RewardModel, tokenizer: Tokenizer, rows: list[dict[str, 
 
 @dataclass
 class Config(LLMConfig):
+    METHOD: ClassVar[str] = "reward_model"
+
     steps: int = 300
     lr: float = 1e-3
+    warmup_ratio: float = 0.05
+    """Fraction of --steps over which the learning rate warms up linearly, before its cosine
+    decay to 0: max(1, floor(ratio * steps)) steps."""
     batch_size: int = 32
     """Preference pairs per step."""
     pair_prompts: int = 1500
@@ -107,10 +116,11 @@ class Config(LLMConfig):
     """A prompt/chosen/rejected JSONL file to train on instead of sampled pairs."""
     eval_every: int = 100
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         require_at_least(self, 1, "batch_size", "pair_prompts")
         require_at_least(self, 2, "samples")
+        require_unit(self, "warmup_ratio")
 
     def check_data(self) -> None:
         super().check_data()
@@ -127,7 +137,7 @@ def load_reward_model(path: str | Path, device="cpu") -> tuple[RewardModel, Toke
     if run.method != "reward_model" or not run.has_checkpoint():
         raise ConfigError(f"{path} is not a reward_model run with a checkpoint")
     model = RewardModel(LMConfig(**read_json(path / LM_FILE)))
-    run.load_weights(model, "reward_model")
+    run.load_weights(model, "model")
     return model.to(device), Tokenizer.load(path / "tokenizer.json")
 
 
@@ -146,7 +156,7 @@ def pair_accuracy(model: RewardModel, tokenizer: Tokenizer, rows: list[dict]) ->
 
 def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
     cfg.check_data()
-    run = run or Run.create("reward_model", cfg)
+    run = run or Run.create(cfg.METHOD, cfg)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     policy, tokenizer = load_policy(cfg.init_from, device)
@@ -165,10 +175,11 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
                           "to prefer against (use harder --difficulty or --pairs FILE)")
     model = RewardModel.from_policy(policy)
     write_lm_files(run, model, tokenizer)
+    write_train_summary(run, cfg, model, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
 
     def step_fn(step: int) -> dict[str, float]:
-        set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, max(1, cfg.steps // 20)))
+        set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, warmup_steps(cfg)))
         idx = torch.randint(len(train_rows), (cfg.batch_size,),
                             generator=step_generator(cfg.seed, step))
         r_w, r_l = pair_rewards(model, tokenizer, [train_rows[i] for i in idx.tolist()])
@@ -183,27 +194,29 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
             model.train()
         return metrics
 
-    fit(run, step_fn, total_steps=cfg.steps, objects={"reward_model": model,
-                                                      "optimizer": optimizer},
+    fit(run, step_fn, total_steps=cfg.steps, objects={"model": model, "optimizer": optimizer},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
     from mlatlas.llm.plots import curves_figure
 
     run.save_figure(curves_figure(run.metrics, run.method), "curves.png")
-    run.write_summary({"train_pairs": len(train_rows), "test_pairs": len(test_rows),
-                       "final_test_pair_accuracy": pair_accuracy(model.eval(), tokenizer,
-                                                                 test_rows)})
+    run.write_summary({"train/pairs": len(train_rows)})
+    write_eval_summary(run, "eval", {"pair_accuracy": pair_accuracy(model.eval(), tokenizer,
+                                                                    test_rows),
+                                     "pairs": float(len(test_rows))}, cfg.eval_n, 0)
     return run
 
 
 @torch.no_grad()
-def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | None = None,
-             options: EvalOptions | None = None) -> dict[str, float]:
-    """Held-out pair accuracy, and how well r ranks correct over wrong sampled answers across
-    all test prompts (the AUC: P(r(correct) > r(wrong)))."""
+def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | None = None
+             ) -> dict[str, float]:
+    """Held-out pair accuracy on the pairs of ``n`` test prompts (None: ``EVAL_PROBLEMS`` =
+    500), and how well r ranks correct over wrong answers sampled for those prompts (the AUC:
+    P(r(correct) > r(wrong))). ``seed`` draws the prompts and the sampled answers; the metrics
+    also go to summary.json under ``eval/``."""
     if run.method != "reward_model":
         raise RunError(f"{run.dir} is a {run.method} run, not a reward model")
-    cfg = Config(**{k: v for k, v in run.config.items()})
-    n = (options or EvalOptions()).problems if n is None else n
+    cfg = run.load_config(Config)
+    n = EVAL_PROBLEMS if n is None else n
     model, tokenizer = load_reward_model(run.dir)
     policy = frozen_copy(load_policy(cfg.init_from)[0])
     task = get_task(cfg.task)
@@ -218,4 +231,5 @@ def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | Non
                "pairs": float(len(rows))}
     if len(right) and len(wrong):
         metrics["auc_correct"] = (right[:, None] > wrong[None, :]).float().mean().item()
+    write_eval_summary(run, "eval", metrics, n, seed)
     return metrics

@@ -14,10 +14,11 @@ mastering the task, so that the RL methods have room to improve it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 
-from mlatlas.core.config import ConfigError, require_at_least
+from mlatlas.core.config import require_at_least, require_unit
 from mlatlas.core.optim import set_lr, warmup_cosine_lr
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
@@ -34,9 +35,11 @@ from mlatlas.llm.common import (
     step_generator,
     step_problems,
     token_logprobs,
+    warmup_steps,
     write_lm_files,
+    write_train_summary,
 )
-from mlatlas.llm.model import LMConfig, TinyLM, count_parameters
+from mlatlas.llm.model import LMConfig, TinyLM
 from mlatlas.llm.tasks import (
     Problem,
     completion_rows,
@@ -53,13 +56,18 @@ __all__ = ["Config", "sft_loss", "solution_loss", "train"]
 
 @dataclass
 class Config(LLMConfig):
+    METHOD: ClassVar[str] = "sft"
+
     steps: int = 600
     lr: float = 1e-3
+    warmup_ratio: float = 0.05
+    """Fraction of --steps over which the learning rate warms up linearly, before its cosine
+    decay to 0: max(1, floor(ratio * steps)) steps."""
     batch_size: int = 64
     """Prompt/completion pairs per step."""
     data: str = ""
     """A prompt/completion JSONL file to train on instead of the task's generated problems."""
-    tokenizer: str = "char"
+    tokenizer: Literal["char", "bpe"] = "char"
     """'char' (one token per character) or 'bpe' (merges learnt on the training texts)."""
     bpe_vocab: int = 64
     """Vocabulary size of the BPE tokenizer."""
@@ -76,12 +84,11 @@ class Config(LLMConfig):
     max_seq_len: int = 128
     """Longest prompt + completion in tokens."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         require_at_least(self, 1, "batch_size", "dim", "n_layers", "n_heads", "n_kv_heads",
                          "hidden_dim", "max_seq_len")
-        if self.tokenizer not in ("char", "bpe"):
-            raise ConfigError(f"--tokenizer must be char or bpe, got {self.tokenizer!r}")
+        require_unit(self, "warmup_ratio")
 
     def check_data(self) -> None:
         super().check_data()
@@ -107,7 +114,7 @@ def solution_loss(policy: TinyLM, tokenizer: Tokenizer, items: list[Problem]) ->
 
 
 def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
-    run = run or Run.create("sft", cfg)
+    run = run or Run.create(cfg.METHOD, cfg)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     task = get_task(cfg.task)
@@ -131,11 +138,12 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
                                  n_kv_heads=cfg.n_kv_heads, hidden_dim=cfg.hidden_dim,
                                  max_seq_len=cfg.max_seq_len)).to(device)
     write_lm_files(run, policy, tokenizer)
-    run.write_summary({"parameters": count_parameters(policy), "tokenizer": tokenizer.describe()})
+    write_train_summary(run, cfg, policy, tokenizer)
     reference = frozen_copy(policy) if cfg.init_from else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+
     def step_fn(step: int) -> dict[str, float]:
-        set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, max(1, cfg.steps // 20)))
+        set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, warmup_steps(cfg)))
         items = step_problems(train_items, cfg.batch_size, step_generator(cfg.seed, step))
         loss = solution_loss(policy, tokenizer, items)
         optimizer.zero_grad(set_to_none=True)
@@ -147,7 +155,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
                                            max_new_tokens=cfg.max_new_tokens))
         return metrics
 
-    fit(run, step_fn, total_steps=cfg.steps, objects={"policy": policy, "optimizer": optimizer},
+    fit(run, step_fn, total_steps=cfg.steps, objects={"model": policy, "optimizer": optimizer},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
     finish(run, cfg, Setup(policy, reference, tokenizer, task, train_items, test_items, device))
     return run
