@@ -16,8 +16,9 @@ same weights.
 
 GRPO, both libraries: the task's training problems (the same 20,000 drawn with ``--seed``),
 P prompts x G completions per optimizer step (TRL: ``per_device_train_batch_size = P G``,
-``num_generations = G``, one generation per step), the same lr with a cosine decay and no
-warm-up, beta (k3 KL to the reference), clip epsilon, max completion length, temperature, top-p,
+``num_generations = G``, one generation per step), the same lr with a cosine decay (not matched:
+ours warms up first, over ``grpo.Config.warmup_ratio`` = 0.1 of the steps, TRL's does not),
+beta (k3 KL to the reference), clip epsilon, max completion length, temperature, top-p,
 reward = exact match + format_weight * format (``task.rewards``), and the same loss averaging
 (ours grpo/token/dr_grpo = TRL's grpo/bnpo/dr_grpo) and std scaling. TRL 1.16 defaults changed
 to match DeepSeekMath's objective as ours computes it: ``use_bias_correction_kl=False`` (TRL's
@@ -27,7 +28,8 @@ autocast; ours runs float32).
 DPO: pairs built once from the SFT policy's own samples on training prompts (chosen correct,
 rejected wrong), written as prompt/chosen/rejected JSONL (``OUT/pairs.jsonl``), fed to TRL as a
 ``datasets.Dataset`` and to mlatlas as ``--pairs``; the same beta, loss (sigmoid), batch size, lr
-and schedule (linear warm-up over steps/20, cosine decay). Both compute the reference
+and schedule (linear warm-up over ``dpo.Config``'s ``warmup_steps``, steps/20, then cosine decay).
+Both compute the reference
 log-probabilities once (TRL: ``precompute_ref_log_probs=True``, done in its constructor; ours in
 its first step).
 
@@ -64,6 +66,7 @@ from mlatlas.llm.common import (
     preference_pairs,
     step_generator,
     step_problems,
+    warmup_steps,
 )
 from mlatlas.llm.model import TinyLM
 from mlatlas.llm.tasks import (
@@ -161,7 +164,7 @@ def start_policy(args, out: Path) -> tuple[str, Path]:
                      seed=args.seed, eval_every=args.sft_steps, log_every=args.sft_steps,
                      ckpt_every=args.sft_steps)
     t0 = time.perf_counter()
-    run = sft.train(cfg, Run.create("sft", cfg, root=out), progress=False)
+    run = sft.train(cfg, Run.create(cfg.METHOD, cfg, root=out), progress=False)
     print(f"SFT: {args.sft_steps} steps in {time.perf_counter() - t0:.0f} s -> {run.dir}")
     return str(run.dir), run.dir / "hf"
 
@@ -228,7 +231,7 @@ def grpo_ours(args, init: str, out: Path) -> tuple[Run, list[float]]:
                       format_weight=args.format_weight, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, eval_n=args.eval_n,
                       log_every=1, eval_every=args.grpo_steps, ckpt_every=args.grpo_steps)
-    run = grpo.train(cfg, Run.create("grpo", cfg, root=out), progress=False)
+    run = grpo.train(cfg, Run.create(cfg.METHOD, cfg, root=out), progress=False)
     return run, our_step_seconds(run)
 
 
@@ -286,7 +289,7 @@ def dpo_ours(args, init: str, pairs: Path, out: Path) -> tuple[Run, list[float]]
                      loss_type="sigmoid", batch_size=args.batch_size, pairs=str(pairs),
                      max_new_tokens=args.max_new_tokens, eval_n=args.eval_n, log_every=1,
                      eval_every=args.dpo_steps, ckpt_every=args.dpo_steps)
-    run = dpo.train(cfg, Run.create("dpo", cfg, root=out), progress=False)
+    run = dpo.train(cfg, Run.create(cfg.METHOD, cfg, root=out), progress=False)
     return run, our_step_seconds(run)
 
 
@@ -295,7 +298,9 @@ def dpo_trl(args, hf_dir: Path, pairs: list[dict], out: Path):
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    warmup = max(1, args.dpo_steps // 20)
+    from mlatlas.llm import dpo
+
+    warmup = warmup_steps(dpo.Config(steps=args.dpo_steps))  # ours, as dpo.train sets it
     config = DPOConfig(**trl_common(args, out / "trl_dpo", args.dpo_steps, args.dpo_lr, warmup),
                        per_device_train_batch_size=args.batch_size, beta=args.dpo_beta,
                        loss_type=["sigmoid"], precompute_ref_log_probs=True)
@@ -352,7 +357,7 @@ def main(argv=None) -> None:
             row["ours_accuracy"] = score(load_policy(run.dir)[0], tokenizer, task, test_items,
                                          args)
             row["ours_summary_final_accuracy"] = read_json(run.path("summary.json")).get(
-                "final_accuracy")
+                "eval/accuracy")
             row["ours_run"] = str(run.dir)
             print(f"{method} ours: {row['ours_s_per_step']:.3f} s/step, accuracy "
                   f"{row['ours_accuracy']:.3f} ({run.dir})")

@@ -131,6 +131,7 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(runs, monkeypatch, 
     assert 0.0 <= row["zero_std_frac"] <= 1.0 and row["kl"] >= 0.0
     summary = whole.summary()
     assert {"baseline/accuracy", "eval/accuracy", "eval/kl"} <= set(summary)
+    assert all(k.startswith(("train/", "eval/", "baseline/")) for k in summary)
     assert whole.path("hf/model.safetensors").is_file()
 
 

@@ -9,6 +9,7 @@ from crashes import assert_same_checkpoints, drop_wall
 
 from mlatlas.cli import main
 from mlatlas.core.config import ConfigError
+from mlatlas.core.io import load_tensors
 from mlatlas.core.run import Run
 from mlatlas.core.stats import RunningMeanStd
 from mlatlas.llm import ppo_rlhf, reward_model, sft
@@ -99,6 +100,9 @@ def test_ppo_run_resumes_exactly(tiny_sft, tiny_rm, runs):
     assert rows[0]["policy_loss"] == 0.0  # the critic's warm-up step leaves the policy alone
     assert {"reward", "kl", "value_loss", "clip_fraction", "accuracy"} <= set(rows[1])
     assert "eval/kl" in whole.summary()
+    groups = {k.split(".")[0] for k in load_tensors(whole.path("checkpoint.safetensors"))}
+    assert groups == {"model", "optimizer", "critic", "critic_optimizer", "score_stats",
+                      "rng_torch"}
 
 
 def test_bad_configs_are_clear(tiny_sft, capsys):

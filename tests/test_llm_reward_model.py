@@ -65,8 +65,12 @@ def test_reward_model_resumes_exactly_and_evaluates(tiny_sft, runs, monkeypatch)
     assert drop_wall(whole.metrics) == drop_wall(Run.open(stopped.dir).metrics)
     model, _ = reward_model.load_reward_model(whole.dir)
     assert model.score.weight.abs().sum() > 0
+    assert {"train/pairs", "eval/pairs", "eval/pair_accuracy"} <= set(whole.summary())
     metrics = reward_model.evaluate(Run.open(whole.dir), n=16)
     assert 0.0 <= metrics["pair_accuracy"] <= 1.0
+    assert reward_model.evaluate(Run.open(whole.dir), n=16) == metrics  # seed 0 both times
+    assert whole.summary()["eval/problems"] == 16 and whole.summary()["eval/pairs"] == \
+        metrics["pairs"]
 
 
 def test_bad_input_is_clear(tiny_sft, capsys):

@@ -10,9 +10,10 @@ from crashes import assert_same_checkpoints, crash_at, drop_wall
 
 from mlatlas.cli import main
 from mlatlas.core.config import ConfigError
+from mlatlas.core.io import load_tensors
 from mlatlas.core.run import Run
-from mlatlas.llm import sft
-from mlatlas.llm.common import evaluate, load_policy
+from mlatlas.llm import dpo, grpo, kimi, reward_model, sft
+from mlatlas.llm.common import evaluate, load_policy, warmup_steps
 from mlatlas.llm.tasks import write_jsonl
 
 TINY = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=64, batch_size=16,
@@ -55,6 +56,17 @@ def test_a_short_run_lowers_the_loss_and_leaves_a_loadable_policy(runs):
     for name, tensor in model.state_dict().items():
         assert torch.equal(hf_model.state_dict()[name], tensor)
     assert evaluate(run, n=20)["accuracy"] == pytest.approx(summary["eval/accuracy"], abs=0.35)
+    # The family contract: flat prefixed summary keys, canonical checkpoint groups, and an
+    # evaluation that the seed alone decides, recorded under eval/.
+    assert summary["train/steps"] == 60 and summary["train/parameters"] > 0
+    assert all(k.startswith(("train/", "eval/")) for k in summary)
+    groups = {k.split(".")[0] for k in load_tensors(run.path("checkpoint.safetensors"))}
+    assert groups == {"model", "optimizer", "rng_torch"}
+    first = evaluate(run, n=12, seed=5)
+    assert evaluate(run, n=12, seed=5) == first
+    summary = run.summary()
+    assert summary["eval/problems"] == 12 and summary["eval/seed"] == 5
+    assert summary["eval/accuracy"] == first["accuracy"]
 
 
 def test_trains_on_a_prompt_completion_file_and_continues_from_a_run(runs, tmp_path):
@@ -65,6 +77,18 @@ def test_trains_on_a_prompt_completion_file_and_continues_from_a_run(runs, tmp_p
     again = sft.Config(**TINY, steps=4, init_from=str(first.dir))
     second = sft.train(again, Run.create("sft", again, runs), progress=False)
     assert "eval/kl" in second.summary()  # a continued run has a reference
+
+
+def test_warmup_ratios_give_the_warmups_of_before():
+    """The default warmup_ratio of each method gives, for every step count, the warm-up it had
+    when it was written as an integer division: steps // 10 for GRPO, steps // 20 elsewhere."""
+    for steps in range(1, 2001):
+        assert warmup_steps(grpo.Config(steps=steps)) == max(1, steps // 10)
+        for method in (sft, dpo, kimi, reward_model):
+            assert warmup_steps(method.Config(steps=steps)) == max(1, steps // 20), method
+    assert warmup_steps(sft.Config(steps=100, warmup_ratio=0.0)) == 1  # the full rate at once
+    with pytest.raises(ConfigError, match="--warmup-ratio must be in"):
+        grpo.Config(warmup_ratio=1.5)
 
 
 def test_bad_configs_are_one_line_errors(tmp_path):
