@@ -405,6 +405,8 @@ def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | Non
             reference = None  # the reference run was moved or deleted: report the rest
     task = get_task(cfg.task)
     n = EVAL_PROBLEMS if n is None else n
+    if n < 1:
+        raise ConfigError(f"--n must be at least 1, got {n}")
     items = problems(task, "test", n, parse_difficulties(cfg.difficulty, task), seed)
     metrics = evaluate_policy(model.eval(), tokenizer, task, items, reference,
                               max_new_tokens=cfg.max_new_tokens, seed=seed)

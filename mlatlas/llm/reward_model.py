@@ -217,6 +217,8 @@ def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | Non
         raise RunError(f"{run.dir} is a {run.method} run, not a reward model")
     cfg = run.load_config(Config)
     n = EVAL_PROBLEMS if n is None else n
+    if n < 1:
+        raise ConfigError(f"--n must be at least 1, got {n}")
     model, tokenizer = load_reward_model(run.dir)
     policy = frozen_copy(load_policy(cfg.init_from)[0])
     task = get_task(cfg.task)
