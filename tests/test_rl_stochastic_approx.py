@@ -8,6 +8,7 @@ import torch
 
 from mlatlas.cli import main
 from mlatlas.core.config import ConfigError
+from mlatlas.core.optim import inverse_power
 from mlatlas.core.run import NonFiniteLossError, Run
 from mlatlas.rl.tabular import stochastic_approx as sa
 
@@ -20,8 +21,8 @@ def test_step_size_conditions_of_theorem_6_1():
     assert not sa.satisfies_theorem_6_1(0.0)  # constant step
     assert not sa.satisfies_theorem_6_1(0.5)  # sum 1/k diverges
     assert not sa.satisfies_theorem_6_1(2.0)  # sum 1/k^2 = pi^2/6 is finite
-    assert sa.step_size(4, 2.0, 0.5) == 1.0
-    partial = sum(sa.step_size(k, 1.0, 2.0) for k in range(1, 100_001))
+    assert inverse_power(2.0, 4, 0.5) == 1.0
+    partial = sum(inverse_power(1.0, k, 2.0) for k in range(1, 100_001))
     assert partial == pytest.approx(math.pi**2 / 6, abs=1e-4)  # the Basel problem
 
 

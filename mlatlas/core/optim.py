@@ -8,6 +8,8 @@ families from growing their own variants; the shapes, with ``k`` the step and ``
     warmup_cosine(lr, k, K, w)        = warmup_linear(lr, k, w) * (1 + cos(pi min(k, K) / K)) / 2
     linear_decay(lr, p)               = lr * max(0, 1 - p),   p = progress in [0, 1]
     linear_interpolate(a, b, k, s, d) = a, then linearly to b over steps [s, s + d], then b
+    exponential_decay(a, r, k)        = a * r^k
+    inverse_power(c, k, p)            = c / k^p   (Robbins-Monro step sizes a_k, k = 1, 2, ...)
 """
 
 from __future__ import annotations
@@ -37,6 +39,17 @@ def linear_interpolate(start: float, end: float, step: int, begin: int, duration
     """``start`` until ``begin``, then linearly to ``end`` over ``duration`` steps, then ``end``."""
     progress = min(max(step - begin, 0) / max(duration, 1), 1.0)
     return start + (end - start) * progress
+
+
+def exponential_decay(value: float, rate: float, step: int) -> float:
+    """``value`` multiplied by ``rate`` once per step (rate 1 keeps it constant)."""
+    return value * rate**step
+
+
+def inverse_power(scale: float, step: int, power: float = 1.0) -> float:
+    """a_k = c / k^p for k = 1, 2, ...: sum a_k diverges iff p <= 1 and sum a_k^2 converges iff
+    p > 1/2, Robbins and Monro's conditions (Zhao, Theorem 6.1)."""
+    return scale / step**power
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

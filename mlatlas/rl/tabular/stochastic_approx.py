@@ -42,6 +42,7 @@ from typing import ClassVar, Literal
 import torch
 
 from mlatlas.core.config import BaseConfig, ConfigError
+from mlatlas.core.optim import inverse_power
 from mlatlas.core.plots import plt
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import seed_everything
@@ -54,15 +55,6 @@ PROBLEMS = {
     "tanh": (lambda w: torch.tanh(w - 1.0), 1.0, "g(w) = tanh(w - 1)"),
     "cubic": (lambda w: w**3 - 5.0, 5.0 ** (1.0 / 3.0), "g(w) = w^3 - 5"),
 }
-
-
-def step_size(k: int, scale: float = 1.0, power: float = 1.0) -> float:
-    """a_k = c / k^p for k = 1, 2, ... (``scale`` c, ``power`` p).
-
-    A schedule of the step, but not one of ``mlatlas.core.optim``'s shapes (none decays as a
-    power of k), so it stays here, beside the theorem it illustrates.
-    """
-    return scale / k**power
 
 
 def satisfies_theorem_6_1(power: float) -> bool:
@@ -153,7 +145,7 @@ class StepSizeConfig(BaseConfig):
             raise ConfigError(f"--runs must be at least 1, got {self.runs}")
 
     def a(self, k: int) -> float:
-        return step_size(k, self.step_scale, self.step_power)
+        return inverse_power(self.step_scale, k, self.step_power)
 
 
 @dataclass

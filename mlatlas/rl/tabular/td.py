@@ -50,6 +50,7 @@ from typing import ClassVar
 import torch
 
 from mlatlas.core.config import ConfigError, require_at_least, require_unit
+from mlatlas.core.optim import exponential_decay
 from mlatlas.core.plots import metric_curves
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import seed_everything
@@ -146,7 +147,7 @@ def step_sizes(alpha: float, visits: torch.Tensor, exponent: float) -> torch.Ten
 def decayed_epsilon(epsilon: float, decay: float, k: int) -> float:
     """epsilon_k = epsilon * decay^(k - 1) for episode k = 1, 2, ... (Section 7.2.2's remedy for
     the late detours of a constant epsilon; decay 1 keeps it constant)."""
-    return epsilon * decay ** (k - 1)
+    return exponential_decay(epsilon, decay, k - 1)
 
 
 # Shared configuration ------------------------------------------------------------------------
