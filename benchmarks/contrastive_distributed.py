@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mlatlas.contrastive import clip
+from mlatlas.contrastive.common import optimizer_step
 from mlatlas.contrastive.data import load_captioned
 from mlatlas.contrastive.distributed import clip_loss_distributed, siglip_loss_distributed
 from mlatlas.contrastive.text import CaptionTokenizer
@@ -73,9 +74,7 @@ def worker(rank: int, world: int, per_process: int, args: argparse.Namespace, sh
     def step(s: int) -> float:
         index = batches(s)[rank * per_process:(rank + 1) * per_process]
         loss = module(images[index], ids[index], mask[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        optimizer_step(optimizer, loss, cfg.grad_clip)
         return loss.item()
 
     for s in range(1, args.warmup + 1):

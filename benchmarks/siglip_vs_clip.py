@@ -41,8 +41,8 @@ def main() -> None:
                 summary = clip.train(cfg, Run.create(cfg.METHOD, cfg, args.out),
                                      progress=False).summary()
                 seconds.append(time.perf_counter() - start)
-                zero_shot.append(summary["zero_shot_accuracy"])
-                t2i.append(summary["t2i_recall@1"])
+                zero_shot.append(summary["eval/zero_shot_top1"])
+                t2i.append(summary["eval/t2i_recall@1"])
 
             def cell(xs: list[float]) -> str:
                 spread = statistics.stdev(xs) if len(xs) > 1 else 0.0

@@ -160,7 +160,7 @@ def test_capfilt_keeps_pairs_above_the_threshold_and_scores_the_filter():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"image_tower": "resnet"}, "cnn or vit"),
+    ({"image_tower": "resnet"}, "--image-tower must be one of cnn, vit"),
     ({"corrupt": 1.0}, "--corrupt"),
     ({"filter_threshold": 0.0}, "--filter-threshold"),
     ({"top_p": 1.5}, "--top-p"),
@@ -215,11 +215,18 @@ def test_capfilt_run_stopped_in_its_second_stage_resumes_exactly(runs, monkeypat
     monkeypatch.undo()
     scores = blip.evaluate(Run.open(whole.dir))
     summary = whole.summary()
-    assert summary["t2i_recall@5"] == scores["t2i_recall@5"]
-    for name in ("zero_shot_accuracy", "t2i_recall@10", "noisy_t2i_recall@10",
-                 "caption_accuracy", "filter_removed_corrupted", "synthetic_kept"):
+    assert summary["eval/t2i_recall@5"] == scores["t2i_recall@5"]
+    for name in ("eval/zero_shot_top1", "eval/t2i_recall@10", "baseline/t2i_recall@10",
+                 "eval/caption_accuracy", "train/filter_removed_corrupted",
+                 "train/synthetic_kept"):
         assert 0.0 <= summary[name] <= 1.0
-    assert len(summary["caption_examples"]) == 8
+    assert len(summary["eval/caption_examples"]) == 8
+    assert summary["train/steps"] == cfg.steps and summary["train/corrupt"] == 0.3
+    assert all(k.split("/")[0] in ("train", "eval", "baseline") for k in summary)
+    # The seed draws the n held-out examples and the shuffle of the caption chance level.
+    some = blip.evaluate(Run.open(whole.dir), n=20, seed=4)
+    assert blip.evaluate(Run.open(whole.dir), n=20, seed=4) == some
+    assert Run.open(whole.dir).summary()["eval/examples"] == 20
     for figure in ("loss.png", "stage2/loss.png", "capfilt.png", "captions.png",
                    "retrieval.png", "zero_shot.png"):
         assert whole.path(figure).is_file()
@@ -238,7 +245,7 @@ def test_the_captioner_names_colour_and_shape_far_above_chance(runs):
     cfg = blip.Config(**SMALL, steps=400)
     run = blip.train(cfg, Run.create("blip", cfg, runs), progress=False)
     summary = run.summary()
-    assert summary["caption_accuracy"] > 4 * summary["caption_chance"]
+    assert summary["eval/caption_accuracy"] > 4 * summary["eval/caption_chance"]
     assert run.metrics[-1]["lm_loss"] < 0.3 * run.metrics[0]["lm_loss"]
 
 
@@ -251,4 +258,4 @@ def test_capfilt_improves_retrieval_when_a_third_of_the_captions_are_corrupted(r
     cfg = blip.Config(**{**SMALL, "n_train": 4000}, steps=1000, corrupt=1 / 3, capfilt=True)
     summary = blip.train(cfg, Run.create("blip", cfg, runs), progress=False).summary()
     for direction in ("i2t", "t2i"):
-        assert summary[f"{direction}_recall@5"] > summary[f"noisy_{direction}_recall@5"]
+        assert summary[f"eval/{direction}_recall@5"] > summary[f"baseline/{direction}_recall@5"]

@@ -7,9 +7,10 @@ import pytest
 import torch
 from crashes import assert_same_checkpoints, crash_at, drop_wall
 
-from mlatlas.contrastive import clip
+from mlatlas.contrastive import blip, clip, lit
+from mlatlas.contrastive.common import ContrastiveConfig
 from mlatlas.contrastive.text import load_minilm
-from mlatlas.core.config import ConfigError
+from mlatlas.core.config import BaseConfig, ConfigError, field_docs
 from mlatlas.core.io import load_tensors
 from mlatlas.core.run import Run
 
@@ -33,14 +34,23 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(runs, cls, monkeypa
     assert_same_checkpoints(*(r.path("checkpoint.safetensors") for r in (whole, run)))
     assert drop_wall(whole.metrics) == drop_wall(Run.open(run.dir).metrics)
     summary = whole.summary()
-    assert summary["zero_shot_chance"] == 0.1
-    for name in ("zero_shot_accuracy", "i2t_recall@1", "t2i_recall@10", "linear_probe_accuracy"):
-        assert 0.0 <= summary[name] <= 1.0
+    assert summary["eval/zero_shot_chance"] == 0.1
+    for name in ("zero_shot_top1", "i2t_recall@1", "t2i_recall@10", "linear_probe_accuracy"):
+        assert 0.0 <= summary[f"eval/{name}"] <= 1.0
+    assert summary["train/dataset"] == "digits" and summary["train/steps"] == 8
+    assert summary["train/loss"] == whole.metrics[-1]["loss"]
+    assert summary["eval/examples"] == 360 and summary["eval/seed"] == 0
+    assert all(k.split("/")[0] in ("train", "eval", "baseline") for k in summary)
     for figure in ("loss.png", "zero_shot.png", "retrieval.png"):
         assert whole.path(figure).is_file()
     # Scoring again from the checkpoint gives the same numbers.
     again = clip.evaluate(Run.open(whole.dir))
-    assert again["zero_shot_accuracy"] == pytest.approx(summary["zero_shot_accuracy"])
+    assert again["zero_shot_top1"] == pytest.approx(summary["eval/zero_shot_top1"])
+    # n held-out examples: the same seed draws the same ones and gives the same scores.
+    some = clip.evaluate(Run.open(whole.dir), n=40, seed=3)
+    assert clip.evaluate(Run.open(whole.dir), n=40, seed=3) == some
+    assert Run.open(whole.dir).summary()["eval/examples"] == 40
+    assert Run.open(whole.dir).summary()["eval/seed"] == 3
 
 
 def test_siglip_logs_its_temperature_and_bias_and_chunks_give_the_same_run(runs):
@@ -69,15 +79,46 @@ def test_frozen_minilm_text_tower_trains_only_the_projection(runs):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"image_tower": "resnet"}, "cnn or vit"),
-    ({"text_tower": "bert"}, "transformer or minilm"),
+    ({"image_tower": "resnet"}, "--image-tower must be one of cnn, vit"),
+    ({"text_tower": "bert"}, "--text-tower must be one of transformer, minilm"),
     ({"width": 12}, "multiple of 8"),
     ({"batch_size": 1}, "at least 2"),
     ({"lr": 0.0}, "--lr"),
+    ({"grad_clip": -1.0}, "--grad-clip"),
 ])
 def test_bad_config_is_a_config_error(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         clip.Config(**kwargs)
+
+
+def test_configs_have_one_family_base_and_their_copied_fields_agree():
+    """CLIP, SigLIP, LiT and BLIP each declare the text tower's fields (a config never extends
+    another method's): the copies keep one default and one help text."""
+    configs = (clip.Config, clip.SigLIPConfig, lit.Config, blip.Config)
+    for cls in configs:
+        assert cls.__mro__[1:3] == (ContrastiveConfig, BaseConfig)
+    shared = set.intersection(*({f.name for f in dataclasses.fields(c)} for c in configs)) - \
+        {f.name for f in dataclasses.fields(ContrastiveConfig)}
+    assert shared == {"text_depth", "embed_dim", "vocab_size", "max_len"}
+    for name in shared:
+        defaults = {next(f.default for f in dataclasses.fields(c) if f.name == name)
+                    for c in configs}
+        assert len(defaults) == 1, name
+        assert len({field_docs(c)[name] for c in configs}) == 1, name
+    names = [f.name for f in dataclasses.fields(clip.Config)]
+    for cls in configs[1:3]:  # SigLIP and LiT: CLIP's flags in CLIP's order, then their own
+        assert [f.name for f in dataclasses.fields(cls)][:len(names)] == names
+        for a, b in zip(dataclasses.fields(cls), dataclasses.fields(clip.Config), strict=False):
+            assert (a.default, field_docs(cls)[a.name]) == \
+                (b.default, field_docs(clip.Config)[b.name]), a.name
+
+
+def test_gradient_clipping_changes_the_run_and_zero_disables_it(runs):
+    cfg = clip.Config(**{**TINY, "log_every": 1}, steps=3)
+    rows = [drop_wall(clip.train(c, Run.create("clip", c, runs), progress=False).metrics)
+            for c in (cfg, dataclasses.replace(cfg, grad_clip=1e-3))]
+    assert rows[0][0] == rows[1][0]  # step 1's loss comes before any update ...
+    assert rows[0][-1]["loss"] != rows[1][-1]["loss"]  # ... the clipped updates differ
 
 
 # --- behaviour ---------------------------------------------------------------------------------
@@ -94,5 +135,5 @@ def test_zero_shot_on_held_out_colour_shape_pairs_is_far_above_chance(runs, cls)
     (colour, shape) classes (chance 4.2%) on the 7 held-out pairs 36.7% for CLIP, 31.3% for
     SigLIP; text-to-image recall@10 1.0 and 0.998."""
     summary = zero_shot(cls, runs)
-    assert summary["zero_shot_accuracy"] > 4 * summary["zero_shot_chance"]
-    assert summary["t2i_recall@10"] > 0.9
+    assert summary["eval/zero_shot_top1"] > 4 * summary["eval/zero_shot_chance"]
+    assert summary["eval/t2i_recall@10"] > 0.9

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from mlatlas.contrastive.common import held_out, held_out_data, optimizer_step
 from mlatlas.contrastive.data import DatasetError, load_captioned
 from mlatlas.contrastive.evaluation import class_embeddings, retrieval
 from mlatlas.contrastive.text import CaptionTokenizer, TextTower, load_tokenizer
@@ -119,3 +120,31 @@ def test_prompt_ensemble_is_the_normalised_mean():
     emb = class_embeddings(Fixed(), tok, ("red circle",), ("a {}", "the {}"))
     direct = Fixed().encode_text(tok.encode(["a red circle", "the red circle"])[0], None)
     assert torch.allclose(emb[0], torch.nn.functional.normalize(direct.mean(0), dim=0))
+
+
+def test_held_out_examples_are_all_in_order_or_n_drawn_by_the_seed():
+    assert torch.equal(held_out(10, None, seed=3), torch.arange(10))
+    assert torch.equal(held_out(10, 10, seed=3), torch.arange(10))
+    assert torch.equal(held_out(10, 25, seed=3), torch.arange(10))
+    a, b, c = held_out(100, 20, 0), held_out(100, 20, 0), held_out(100, 20, 1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert len(a.unique()) == 20 and torch.equal(a, a.sort().values)
+    with pytest.raises(ValueError, match="at least 1"):
+        held_out(10, 0, seed=0)
+    data = load_captioned("digits")
+    held = held_out_data(data, 50, seed=2)
+    # Digits' zero-shot split is its test split: one draw for both.
+    assert held.zero_shot is held.test and len(held.test) == 50
+    assert held.test.captions == [data.test.captions[i] for i in held_out(360, 50, 2).tolist()]
+    assert held.train is data.train
+
+
+def test_optimizer_step_clips_the_global_gradient_norm_and_zero_disables_it():
+    for grad_clip, moved in ((0.0, 50.0), (0.5, 0.5), (100.0, 50.0)):
+        p = torch.nn.Parameter(torch.zeros(4))
+        q = torch.nn.Parameter(torch.zeros(3))
+        optimizer = torch.optim.SGD([p, q], lr=1.0)
+        # |grad| = |(30, 0, 0, 0, 40, 0, 0)| = 50, shared by two parameters.
+        optimizer_step(optimizer, 30 * p[0] + 40 * q[0], grad_clip)
+        step = torch.cat([p.detach(), q.detach()]).norm()
+        assert float(step) == pytest.approx(moved, rel=1e-6)

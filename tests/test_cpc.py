@@ -128,6 +128,7 @@ def test_bad_input_is_a_clear_error():
     ({"prediction_steps": 0}, "--prediction-steps must be at least 1"),
     ({"batch_size": 1}, "--batch-size must be at least 2"),
     ({"lr": 0.0}, "--lr"),
+    ({"grad_clip": -1.0}, "--grad-clip"),
 ])
 def test_bad_config_is_a_config_error(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -179,15 +180,22 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(runs, monkeypatch):
     assert drop_wall(whole.metrics) == drop_wall(Run.open(run.dir).metrics)
     assert set(cpc.metric_names(2)) <= set(whole.metrics[-1])
     summary = whole.summary()
-    for prefix in ("", "random_"):
-        for name in ("linear_probe_accuracy", "linear_probe_accuracy_z", "test_accuracy_k1"):
+    for prefix in ("eval/", "baseline/"):
+        for name in ("linear_probe_accuracy", "linear_probe_accuracy_z", "accuracy_k1"):
             assert 0.0 <= summary[prefix + name] <= 1.0
-        assert summary[f"{prefix}test_mi_bound_k2"] <= summary["log_n"] == math.log(16)
+        assert summary[f"{prefix}mi_bound_k2"] <= summary["eval/log_n"] == math.log(16)
+    assert summary["train/steps"] == 8 and summary["train/dataset"] == "digits"
     for figure in ("loss.png", "prediction.png"):
         assert whole.path(figure).is_file()
     again = cpc.evaluate(Run.open(whole.dir))
-    assert again["linear_probe_accuracy"] == pytest.approx(summary["linear_probe_accuracy"])
-    assert again["test_mi_bound_k1"] == pytest.approx(summary["test_mi_bound_k1"])
+    assert again["linear_probe_accuracy"] == pytest.approx(summary["eval/linear_probe_accuracy"])
+    assert again["mi_bound_k1"] == pytest.approx(summary["eval/mi_bound_k1"])
+    # n held-out sequences drawn by the seed: the same seed, the same scores; N = min(B, n).
+    some = cpc.evaluate(Run.open(whole.dir), n=12, seed=5)
+    assert cpc.evaluate(Run.open(whole.dir), n=12, seed=5) == some
+    summary = Run.open(whole.dir).summary()
+    assert (summary["eval/examples"], summary["eval/seed"]) == (12, 5)
+    assert summary["eval/log_n"] == math.log(12)
 
 
 # --- behaviour ---------------------------------------------------------------------------------
@@ -200,10 +208,10 @@ def test_linear_probe_of_cpc_features_beats_the_random_encoder(runs):
     cfg = cpc.Config()
     run = cpc.train(cfg, Run.create("cpc", cfg, runs), progress=False)
     s = run.summary()
-    numbers = (f"probe {s['linear_probe_accuracy']:.3f} vs random "
-               f"{s['random_linear_probe_accuracy']:.3f}; loss {run.metrics[0]['loss']:.3f} -> "
+    numbers = (f"probe {s['eval/linear_probe_accuracy']:.3f} vs random "
+               f"{s['baseline/linear_probe_accuracy']:.3f}; loss {run.metrics[0]['loss']:.3f} -> "
                f"{run.metrics[-1]['loss']:.3f}")
-    assert s["linear_probe_accuracy"] > s["random_linear_probe_accuracy"] + 0.1, numbers
+    assert s["eval/linear_probe_accuracy"] > s["baseline/linear_probe_accuracy"] + 0.1, numbers
     assert run.metrics[-1]["loss"] < run.metrics[0]["loss"] - 0.3, numbers
     # The bound at k = 1 rises well above the random model's (about 0).
-    assert s["test_mi_bound_k1"] > s["random_test_mi_bound_k1"] + 0.5, numbers
+    assert s["eval/mi_bound_k1"] > s["baseline/mi_bound_k1"] + 0.5, numbers

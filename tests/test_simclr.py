@@ -75,8 +75,9 @@ def test_bad_images_are_a_value_error():
     ({"temperature": 0.0}, "--temperature"),
     ({"crop_scale": 0.0}, "--crop-scale"),
     ({"grayscale": 1.5}, "--grayscale"),
-    ({"image_tower": "resnet"}, "cnn or vit"),
+    ({"image_tower": "resnet"}, "--image-tower must be one of cnn, vit"),
     ({"width": 20}, "multiple of 8"),
+    ({"grad_clip": -0.5}, "--grad-clip"),
 ])
 def test_bad_config_is_a_config_error(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -99,10 +100,10 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(runs, monkeypatch):
     assert_same_checkpoints(*(r.path("checkpoint.safetensors") for r in (whole, run)))
     assert drop_wall(whole.metrics) == drop_wall(Run.open(run.dir).metrics)
     summary = whole.summary()
-    for name in ("linear_probe_accuracy", "projection_probe_accuracy",
-                 "random_encoder_probe_accuracy"):
+    for name in ("eval/linear_probe_accuracy", "eval/projection_probe_accuracy",
+                 "baseline/linear_probe_accuracy", "baseline/projection_probe_accuracy"):
         assert 0.0 <= summary[name] <= 1.0
-    assert math.isfinite(summary["final_loss"])
+    assert math.isfinite(summary["train/loss"]) and summary["train/steps"] == 8
     for figure in ("loss.png", "views.png"):
         assert whole.path(figure).is_file()
     _, encoder = simclr.load_encoder(Run.open(whole.dir))
@@ -110,7 +111,12 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(runs, monkeypatch):
     assert all(torch.equal(v, saved[f"model.encoder.{k}"])
                for k, v in encoder.state_dict().items())
     again = simclr.evaluate(Run.open(whole.dir))
-    assert again["linear_probe_accuracy"] == pytest.approx(summary["linear_probe_accuracy"])
+    assert again["linear_probe_accuracy"] == pytest.approx(summary["eval/linear_probe_accuracy"])
+    # n held-out test images drawn by the seed, which also draws the views of views.png.
+    some = simclr.evaluate(Run.open(whole.dir), n=30, seed=2)
+    assert simclr.evaluate(Run.open(whole.dir), n=30, seed=2) == some
+    summary = Run.open(whole.dir).summary()
+    assert (summary["eval/examples"], summary["eval/seed"]) == (30, 2)
 
 
 # --- behaviour ---------------------------------------------------------------------------------
@@ -123,7 +129,7 @@ def test_linear_probe_of_simclr_features_beats_the_random_encoder(runs):
     and SimCLR's colour jitter works against the (colour, shape) labels; see the method docs."""
     cfg = simclr.Config(dataset="digits", width=64, batch_size=128, steps=400, crop_scale=0.5)
     summary = simclr.train(cfg, Run.create("simclr", cfg, runs), progress=False).summary()
-    trained, random = (1 - summary[k] for k in ("linear_probe_accuracy",
-                                                "random_encoder_probe_accuracy"))
+    trained, random = (1 - summary[k] for k in ("eval/linear_probe_accuracy",
+                                                "baseline/linear_probe_accuracy"))
     # Test error: at least a quarter below the untrained encoder's.
     assert trained < 0.75 * random

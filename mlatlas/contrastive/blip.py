@@ -3,19 +3,19 @@
 An image I gives tokens v = (v_1 .. v_T) (``image_tower.tokens``) and a pooled feature v_cls.
 A caption T = (w_1 .. w_n) is read three ways by one set of weights:
 
-- unimodal text encoder: [BOS] w_1 .. w_n, bidirectional self-attention, no cross-attention;
-  its [BOS] output t_cls. Image-text contrastive loss on g_v(v_cls), g_w(t_cls), normalised:
+- unimodal text encoder: <bos> w_1 .. w_n, bidirectional self-attention, no cross-attention;
+  its <bos> output t_cls. Image-text contrastive loss on g_v(v_cls), g_w(t_cls), normalised:
 
       L_itc = (CE(s V W^T, diag) + CE(s W V^T, diag)) / 2          (CLIP's loss, s = exp t)
 
-- image-grounded text encoder: [ENC] w_1 .. w_n, bidirectional self-attention and
-  cross-attention to v; a linear head on the [ENC] output gives p_itm(I, T) = P(match). For each
+- image-grounded text encoder: <enc> w_1 .. w_n, bidirectional self-attention and
+  cross-attention to v; a linear head on the <enc> output gives p_itm(I, T) = P(match). For each
   image a negative text is drawn from the batch with probability softmax_j(s v_i . w_j) (the
   positive excluded), and likewise a negative image for each text (ALBEF's hard negatives):
 
       L_itm = CE over the B positive pairs (label 1) and the 2B negative pairs (label 0)
 
-- image-grounded text decoder: [BOS] w_1 .. w_n [EOS], causal self-attention and
+- image-grounded text decoder: <bos> w_1 .. w_n <eos>, causal self-attention and
   cross-attention to v; a language-modelling head gives
 
       L_lm = -1/|w| sum_t log P(w_t | w_<t, I)        (padding ignored)
@@ -35,8 +35,9 @@ CapFilt (``capfilt``): with ``capfilt`` on, the model trained on the noisy capti
 removes the original and synthetic captions with p_itm < ``filter_threshold`` (default 1/3,
 ITM's prior, not BLIP's 0.5: a small ITM stays near its prior), and a fresh model
 trains on what is kept for the same number of steps, in the nested run folder ``<run>/stage2``.
-The run's ``summary.json`` holds the final model's scores and, for CapFilt, the noisy model's
-as ``noisy_*`` and the filter's precision and recall against the known corrupted captions.
+The run's ``summary.json`` holds the final model's scores (``eval/``) and, for CapFilt, the noisy
+model's (``baseline/``) and the filter's precision and recall against the known corrupted
+captions (``train/``).
 """
 
 from __future__ import annotations
@@ -58,16 +59,21 @@ from mlatlas.contrastive.capfilt import (
 )
 from mlatlas.contrastive.common import (
     TOKENIZER,
-    ImageTextConfig,
+    ContrastiveConfig,
+    check_text_fields,
     encode_batched,
+    held_out_data,
+    optimizer_step,
+    prefixed,
     run_tokenizer,
+    train_summary,
 )
 from mlatlas.contrastive.data import NUMBER_WORDS, CaptionedData, load_captioned
 from mlatlas.contrastive.evaluation import evaluate_joint_space, save_joint_space_figures
 from mlatlas.contrastive.losses import CLIP_LOGIT_SCALE_INIT, CLIP_LOGIT_SCALE_MAX, clip_loss
 from mlatlas.contrastive.text import ENC, CaptionTokenizer, TextTower, load_tokenizer
 from mlatlas.contrastive.towers import ViTTower, image_tower
-from mlatlas.core.config import ConfigError, config_from_dict, require_at_least, require_unit
+from mlatlas.core.config import ConfigError, require_at_least, require_unit
 from mlatlas.core.io import read_json, write_json
 from mlatlas.core.optim import set_lr, warmup_cosine_lr
 from mlatlas.core.plots import metric_curves, plt, show_images
@@ -84,9 +90,17 @@ CAPTION_EVAL = 500
 
 
 @dataclass
-class Config(ImageTextConfig):
+class Config(ContrastiveConfig):
     METHOD: ClassVar[str] = "blip"
 
+    text_depth: int = 2
+    """Transformer blocks of the text tower."""
+    embed_dim: int = 64
+    """Dimension d of the joint (contrastive) embedding space."""
+    vocab_size: int = 256
+    """BPE vocabulary learnt from the training captions."""
+    max_len: int = 24
+    """Tokens per caption, <bos> and <eos> included (also the longest generated caption)."""
     heads: int = 4
     """Attention heads of the text Transformer."""
     corrupt: float = 0.0
@@ -104,8 +118,9 @@ class Config(ImageTextConfig):
     steps: int = 1500
     """Optimisation steps of each stage (the noisy model, then the CapFilt model)."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
+        check_text_fields(self)
         require_at_least(self, 1, "heads")
         if self.width % self.heads:
             raise ConfigError(f"--width must be a multiple of --heads, got {self.width}")
@@ -237,12 +252,12 @@ class BLIP(nn.Module):
         return transformer.norm(h)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Unimodal encoder: the normalised projection of the [BOS] output."""
+        """Unimodal encoder: the normalised projection of the <bos> output."""
         return F.normalize(self.text_projection(self.text_states(ids, mask)[:, 0]), dim=-1)
 
     def itm_logits(self, ids: torch.Tensor, mask: torch.Tensor | None,
                    context: torch.Tensor) -> torch.Tensor:
-        """(N, 2) no-match / match logits of the grounded encoder, [ENC] in place of [BOS]."""
+        """(N, 2) no-match / match logits of the grounded encoder, <enc> in place of <bos>."""
         ids = torch.cat([torch.full_like(ids[:, :1], ENC), ids[:, 1:]], dim=1)
         return self.itm_head(self.text_states(ids, mask, context)[:, 0])
 
@@ -358,9 +373,7 @@ def train_blip(run: Run, cfg: Config, model: BLIP, images: torch.Tensor, caption
         set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup_steps))
         index = batches(step).to(device)
         losses = model(images[index], ids[index], mask[index], generator)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        optimizer.step()
+        optimizer_step(optimizer, losses["loss"], cfg.grad_clip)
         return {**{k: v.detach() for k, v in losses.items()},
                 "logit_scale": model.logit_scale.detach().exp()}
 
@@ -379,7 +392,7 @@ def stage2_run(run: Run) -> Run:
     if (directory / "config.json").is_file():
         return Run.open(directory)
     directory.mkdir(exist_ok=True)
-    stage = Run(directory, run.method, run.config)
+    stage = Run(directory, run.method, run.config, config_class=run.config_class)
     stage.write_config()
     return stage
 
@@ -443,51 +456,62 @@ def captions_figure(images: torch.Tensor, references: list[str], generated: list
     return fig
 
 
-def caption_scores(model: BLIP, tokenizer: CaptionTokenizer, data: CaptionedData,
+def caption_scores(model: BLIP, tokenizer: CaptionTokenizer, data: CaptionedData, seed: int = 0,
                    ) -> tuple[dict[str, float], list[str]]:
-    """Greedy captions of the first test images: the share naming the right class, and the
-    chance level (the same captions scored against the classes of shuffled images)."""
+    """Greedy captions of the first ``CAPTION_EVAL`` test images: the share naming the right
+    class, and the chance level (the same captions scored against the classes of the images
+    shuffled by a generator seeded with ``seed``)."""
     split = data.test
     n = min(CAPTION_EVAL, len(split))
     generated = generate_captions(model, tokenizer, split.images[:n])
-    shuffled = split.labels[:n][torch.randperm(n, generator=torch.Generator().manual_seed(0))]
+    shuffled = split.labels[:n][torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
     return {"caption_accuracy": caption_accuracy(generated, split.labels[:n], data.class_names),
             "caption_chance": caption_accuracy(generated, shuffled, data.class_names)}, generated
 
 
-def report(run: Run, model: BLIP, tokenizer: CaptionTokenizer, data: CaptionedData,
-           noisy: BLIP | None = None, result: CapFiltResult | None = None) -> dict[str, float]:
-    """Score the final model (ITC joint space, captions), and for CapFilt the noisy model and
-    the filter; write ``summary.json`` and the figures; return the scores."""
+def model_scores(model: BLIP, tokenizer: CaptionTokenizer, data: CaptionedData, seed: int
+                 ) -> tuple[dict[str, float], dict[str, torch.Tensor], list[str]]:
+    """The ITC joint space's scores (zero-shot, retrieval, probe) and the captioner's; also the
+    tensors of the figures and the generated captions."""
     model.cpu().eval()
     scores, tensors = evaluate_joint_space(model, tokenizer, data)
-    captioning, generated = caption_scores(model, tokenizer, data)
-    scores.update(captioning)
+    captioning, generated = caption_scores(model, tokenizer, data, seed)
+    model.train()
+    return {**scores, **captioning}, tensors, generated
+
+
+def report(run: Run, model: BLIP, tokenizer: CaptionTokenizer, data: CaptionedData,
+           noisy: BLIP | None = None, result: CapFiltResult | None = None,
+           n: int | None = None, seed: int = 0) -> dict[str, float]:
+    """Score the final model (ITC joint space, captions; ``eval/``) on ``n`` held-out examples
+    drawn with ``seed`` (see :func:`evaluate`), and for CapFilt the noisy model
+    (``baseline/``) and the filter (``train/``); write ``summary.json`` and the figures; return
+    the final model's scores."""
+    held = held_out_data(data, n, seed)
+    scores, tensors, generated = model_scores(model, tokenizer, held, seed)
     final_run = stage2_run(run) if noisy is not None else run
-    scores["final_loss"] = final_run.metrics[-1]["loss"] if final_run.metrics else float("nan")
+    summary = {**train_summary(final_run, data.name, corrupt=run.config.get("corrupt", 0.0))}
     if noisy is not None and result is not None:
-        noisy.cpu().eval()
-        noisy_scores, _ = evaluate_joint_space(noisy, tokenizer, data)
-        noisy_scores.update(caption_scores(noisy, tokenizer, data)[0])
-        scores.update({f"noisy_{k}": v for k, v in noisy_scores.items()
-                       if k != "zero_shot_chance"})
-        scores.update(filter_scores(result, data.train.corrupted))
+        noisy_scores = model_scores(noisy, tokenizer, held, seed)[0]
+        summary.update(prefixed("baseline", {k: v for k, v in noisy_scores.items()
+                                             if k != "zero_shot_chance"}))
+        summary.update(prefixed("train", filter_scores(result, data.train.corrupted)))
         run.save_figure(capfilt_figure(data.train.images, data.train.captions,
                                        data.train.corrupted, result), "capfilt.png")
     examples = [{"reference": r, "generated": g}
-                for r, g in zip(data.test.captions[:8], generated[:8], strict=True)]
-    run.write_summary({"dataset": data.name, "corrupt": run.config.get("corrupt", 0.0),
-                       **scores, "caption_examples": examples})
-    save_joint_space_figures(run, data, scores, tensors)
-    run.save_figure(captions_figure(data.test.images, data.test.captions, generated,
+                for r, g in zip(held.test.captions[:8], generated[:8], strict=True)]
+    summary.update(prefixed("eval", {**scores, "examples": len(held.test), "seed": seed,
+                                     "caption_examples": examples}))
+    run.write_summary(summary)
+    save_joint_space_figures(run, held, scores, tensors)
+    run.save_figure(captions_figure(held.test.images, held.test.captions, generated,
                                     n=min(8, len(generated))), "captions.png")
-    model.train()
     return scores
 
 
 def load_model(run: Run) -> tuple[Config, BLIP, CaptionTokenizer, CaptionedData]:
     """The run's config, its (first-stage) model, tokenizer and data."""
-    cfg = config_from_dict(Config, run.config)
+    cfg = run.load_config(Config)
     data = load_data(cfg)
     tokenizer = load_tokenizer(run.path(TOKENIZER), cfg.max_len)
     model = build_model(cfg, data, tokenizer)
@@ -497,11 +521,18 @@ def load_model(run: Run) -> tuple[Config, BLIP, CaptionTokenizer, CaptionedData]
 
 def evaluate(run: Run, n: int | None = None, seed: int = 0,
              progress: bool | None = None) -> dict[str, float]:
-    """Recompute the run's scores from its checkpoints (both stages for CapFilt)."""
+    """The final model's ITC scores (zero-shot top-1, retrieval recall@K, linear probe) and
+    caption accuracy against its chance level, from the run's checkpoints (for CapFilt the
+    second stage's model, with the noisy first-stage model's scores as ``baseline/`` and the
+    filter's as ``train/`` in ``summary.json``), on ``n`` held-out examples of the test and
+    zero-shot splits (None: all of them); captions are written for the first 500 of them.
+    ``seed`` draws which ``n`` (with all of them, nothing is drawn) and the shuffle of the
+    caption chance level. Captions are greedy, the probe is L-BFGS from zero on a convex loss:
+    the rest is deterministic. Returns the final model's scores (``eval/`` in the summary)."""
     cfg, model, tokenizer, data = load_model(run)
     if not cfg.capfilt:
-        return report(run, model, tokenizer, data)
+        return report(run, model, tokenizer, data, n=n, seed=seed)
     fresh = build_model(cfg, data, tokenizer)
     Run.open(run.path(STAGE2)).load_weights(fresh)
     result = CapFiltResult.from_dict(read_json(run.path(CAPFILT)))
-    return report(run, fresh, tokenizer, data, noisy=model, result=result)
+    return report(run, fresh, tokenizer, data, noisy=model, result=result, n=n, seed=seed)

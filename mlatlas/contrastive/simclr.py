@@ -20,7 +20,8 @@ parameters come from the run's generator, so runs are deterministic and resume e
 
 The representation kept is h (f's output), not z: the paper finds a linear classifier on h
 far better than on z, since g learns to discard what the augmentations change. ``summary.json``
-holds the linear-probe accuracy of h, of z, and of h from the same encoder at initialisation.
+holds the linear-probe accuracy of h and of z (``eval/``) and the same probes of the model at its
+initialisation (``baseline/``).
 """
 
 from __future__ import annotations
@@ -34,14 +35,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlatlas.contrastive.common import (
-    ImageTowerConfig,
+    ContrastiveConfig,
     encode_batched,
+    held_out_data,
+    optimizer_step,
+    prefixed,
+    train_summary,
 )
 from mlatlas.contrastive.data import CaptionedData, load_captioned
 from mlatlas.contrastive.evaluation import PROBE_TRAIN
 from mlatlas.contrastive.losses import nt_xent
 from mlatlas.contrastive.towers import image_tower
-from mlatlas.core.config import ConfigError, config_from_dict, require_at_least, require_unit
+from mlatlas.core.config import ConfigError, require_at_least, require_unit
 from mlatlas.core.optim import set_lr, warmup_cosine_lr
 from mlatlas.core.plots import image_grid, metric_curves
 from mlatlas.core.run import Run, fit
@@ -54,7 +59,7 @@ LUMA = (0.299, 0.587, 0.114)
 
 
 @dataclass
-class Config(ImageTowerConfig):
+class Config(ContrastiveConfig):
     METHOD: ClassVar[str] = "simclr"
 
     projection_dim: int = 64
@@ -73,8 +78,8 @@ class Config(ImageTowerConfig):
     """Standard deviation of the pixel noise added to one-channel views."""
     steps: int = 1000
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         require_at_least(self, 8, "projection_dim")
         if self.temperature <= 0:
             raise ConfigError(f"--temperature must be positive, got {self.temperature}")
@@ -220,9 +225,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
         set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup_steps))
         x = images[batches(step).to(device)]
         loss = model(views(cfg, x, generator), views(cfg, x, generator), cfg.temperature)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        optimizer_step(optimizer, loss, cfg.grad_clip)
         return {"loss": loss.detach()}
 
     fit(run, step_fn, total_steps=cfg.steps, objects={"model": model, "optimizer": optimizer,
@@ -234,25 +237,35 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
 
 
 def probe(encode, data: CaptionedData) -> float:
-    """Linear-probe test accuracy of frozen features ``encode(images)`` on the class labels."""
+    """Linear-probe test accuracy of frozen features ``encode(images)`` on the class labels
+    (trained on the first ``PROBE_TRAIN`` training images, scored on ``data.test``)."""
     train = data.train.images[:PROBE_TRAIN]
     return linear_probe_accuracy(encode_batched(encode, train), data.train.labels[:PROBE_TRAIN],
                                  encode_batched(encode, data.test.images), data.test.labels)
 
 
-def report(run: Run, cfg: Config, model: SimCLR, data: CaptionedData) -> dict[str, float]:
-    """Probe h = f(x), z = g(f(x)) and h of the same encoder at initialisation; write
-    ``summary.json`` and ``views.png``; return the scores."""
+def probes(model: SimCLR, data: CaptionedData) -> dict[str, float]:
+    """Linear probes of h = f(x) and of z = g(f(x))."""
+    return {"linear_probe_accuracy": probe(model.encoder, data),
+            "projection_probe_accuracy": probe(lambda x: model.projection(model.encoder(x)),
+                                               data)}
+
+
+def report(run: Run, cfg: Config, model: SimCLR, data: CaptionedData, n: int | None = None,
+           seed: int = 0) -> dict[str, float]:
+    """Probe h and z of the trained model (``eval/``) and of the same model at initialisation
+    (``baseline/``) on ``n`` held-out test images drawn with ``seed`` (see :func:`evaluate`);
+    write ``summary.json`` and ``views.png``; return the trained model's scores."""
     model.eval()
+    held = held_out_data(data, n, seed)
     seed_everything(cfg.seed)
-    # The encoder as the run started: the same seed builds the same initial weights.
+    # The model as the run started: the same seed builds the same initial weights.
     initial = build_model(cfg, data.image_shape).eval()
-    scores = {"linear_probe_accuracy": probe(model.encoder, data),
-              "projection_probe_accuracy": probe(lambda x: model.projection(model.encoder(x)),
-                                                 data),
-              "random_encoder_probe_accuracy": probe(initial.encoder, data)}
-    run.write_summary({"dataset": data.name, "final_loss": run.metrics[-1]["loss"], **scores})
-    run.save_figure(views_figure(cfg, data.test.images[:8]), "views.png")
+    scores = probes(model, held)
+    run.write_summary({**train_summary(run, data.name),
+                       **prefixed("eval", {**scores, "examples": len(held.test), "seed": seed}),
+                       **prefixed("baseline", probes(initial, held))})
+    run.save_figure(views_figure(cfg, held.test.images[:8], seed), "views.png")
     model.train()
     return scores
 
@@ -266,7 +279,7 @@ def views_figure(cfg: Config, images: torch.Tensor, seed: int = 0):
 
 
 def load_model(run: Run) -> tuple[Config, SimCLR, CaptionedData]:
-    cfg = config_from_dict(Config, run.config)
+    cfg = run.load_config(Config)
     data = load_data(cfg)
     model = build_model(cfg, data.image_shape)
     run.load_weights(model)
@@ -275,7 +288,7 @@ def load_model(run: Run) -> tuple[Config, SimCLR, CaptionedData]:
 
 def load_encoder(run: Run) -> tuple[Config, nn.Module]:
     """The trained base encoder f of a SimCLR run (what LiT locks as its image tower)."""
-    cfg = config_from_dict(Config, run.config)
+    cfg = run.load_config(Config)
     data = load_data(cfg)
     encoder = build_model(cfg, data.image_shape).encoder
     run.load_weights(encoder, name="model.encoder")
@@ -284,6 +297,12 @@ def load_encoder(run: Run) -> tuple[Config, nn.Module]:
 
 def evaluate(run: Run, n: int | None = None, seed: int = 0,
              progress: bool | None = None) -> dict[str, float]:
-    """Recompute the run's linear-probe scores from its checkpoint."""
+    """Linear-probe test accuracy of h (``linear_probe_accuracy``) and of z
+    (``projection_probe_accuracy``) from the run's checkpoint, on ``n`` held-out test images
+    (None: all of them); the same probes of the model at its initialisation (rebuilt from the
+    run's seed) go to ``summary.json`` as ``baseline/``. ``seed`` draws which ``n`` test images
+    (with all of them, nothing is drawn) and the augmentations shown in ``views.png``; the
+    probes (L-BFGS from zero on a convex loss, on the first 5,000 training images) and the
+    encoders are deterministic. Returns the trained model's scores (``eval/`` in the summary)."""
     cfg, model, data = load_model(run)
-    return report(run, cfg, model, data)
+    return report(run, cfg, model, data, n, seed)

@@ -71,7 +71,7 @@ class CaptionTokenizer:
 
 class TextTower(nn.Module):
     """Token + position embeddings and a Transformer; ``forward`` gives the pooled (N, width)
-    feature at [BOS], ``tokens`` the whole (N, L, width) sequence."""
+    feature at <bos>, ``tokens`` the whole (N, L, width) sequence."""
 
     def __init__(self, vocab_size: int, max_len: int, width: int = 128, depth: int = 2,
                  heads: int = 4, cross: bool = False):
