@@ -16,7 +16,7 @@ import time
 import torch
 
 from mlatlas.data import load_dataset
-from mlatlas.generative.diffusion import ddpm, framework
+from mlatlas.generative.diffusion import configs, ddpm, loop
 
 
 def spin(stop) -> None:
@@ -26,12 +26,12 @@ def spin(stop) -> None:
 
 def seconds_per_step(dataset: str, threads: int, steps: int) -> float:
     torch.set_num_threads(threads)
-    cfg = framework.DDPMConfig(dataset=dataset)
+    cfg = configs.DDPMConfig(dataset=dataset)
     data = load_dataset(dataset)
-    model = framework.build_model(cfg, data)
+    model = loop.build_model(cfg, data)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     s = ddpm.Schedule.linear()
-    x = framework.to_model_space(data.x_train[: cfg.batch_size], data)
+    x = loop.to_model_space(data.x_train[: cfg.batch_size], data)
     times = []
     for i in range(steps + 5):
         start = time.perf_counter()

@@ -57,7 +57,7 @@ def test_train_sample_eval_resume(runs, capsys):
     assert main(["train", "ddpm", "--steps", "20", "--out", str(runs), *FAST]) == 0
     path = run_dir(runs)
     summary = json.loads((path / "summary.json").read_text())
-    assert summary["steps"] == 20 and summary["eval"]["n_samples"] == 50
+    assert summary["train/steps"] == 20 and summary["eval/n_samples"] == 50
     assert (path / "samples.png").is_file() and (path / "loss.png").is_file()
 
     assert main(["train", "--resume", str(path), "--steps", "30", "--no-progress"]) == 0
@@ -76,7 +76,7 @@ def test_train_sample_eval_resume(runs, capsys):
     capsys.readouterr()
     assert main(["eval", str(path), "--n", "100", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["mmd"] > 0
-    assert json.loads((path / "summary.json").read_text())["eval"]["n_samples"] == 100
+    assert json.loads((path / "summary.json").read_text())["eval/n_samples"] == 100
 
 
 def test_nan_loss_exits_nonzero_naming_the_step(runs, capsys):

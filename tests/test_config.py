@@ -10,7 +10,7 @@ from mlatlas.core.config import (
     config_from_dict,
     field_docs,
 )
-from mlatlas.generative.diffusion.framework import DDPMConfig as Config
+from mlatlas.generative.diffusion.configs import DDPMConfig as Config
 
 
 def test_every_field_is_documented():

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from mlatlas.core.optim import polyak_update
 from mlatlas.core.stats import RunningMeanStd
-from mlatlas.rl.deep.policies import polyak_update
 from mlatlas.rl.returns import gae
 
 sb3 = pytest.importorskip("stable_baselines3")

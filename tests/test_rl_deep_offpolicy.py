@@ -10,12 +10,12 @@ from torch import nn
 
 from mlatlas.core.config import ConfigError, config_to_dict
 from mlatlas.core.io import load_tensors
+from mlatlas.core.optim import polyak_update
 from mlatlas.core.run import Run
 from mlatlas.rl.deep import ddpg, td3
 from mlatlas.rl.deep.ddpg import GaussianNoise, OrnsteinUhlenbeckNoise, QEnsemble, ddpg_target
 from mlatlas.rl.deep.envs import Spaces
 from mlatlas.rl.deep.evaluation import evaluate
-from mlatlas.rl.deep.policies import polyak_update
 from mlatlas.rl.deep.replay import ReplayBuffer
 from mlatlas.rl.deep.td3 import target_policy_smoothing, td3_target
 from mlatlas.rl.deep.toy_envs import IDENTITY_CONTINUOUS_ID

@@ -8,11 +8,11 @@ import torch
 from mlatlas.core.config import BaseConfig
 from mlatlas.core.io import CheckpointError, atomic_path, load_tensors
 from mlatlas.core.run import InterruptedRun, NonFiniteLossError, Run, fit
-from mlatlas.generative.diffusion import framework
+from mlatlas.generative.diffusion import configs, loop
 
 
 def make_run(runs, steps=40, **kw):
-    cfg = framework.DDPMConfig(dataset="8gaussians", steps=steps, batch_size=64, log_every=5,
+    cfg = configs.DDPMConfig(dataset="8gaussians", steps=steps, batch_size=64, log_every=5,
                       ckpt_every=10, eval_samples=0, hidden=32, **kw)
     return cfg, Run.create("ddpm", cfg, root=runs)
 
@@ -24,7 +24,7 @@ def params(run, name="model"):
 
 def test_run_folder_layout(runs):
     cfg, run = make_run(runs, steps=20)
-    framework.train(cfg, run, progress=False)
+    loop.train(cfg, run, progress=False)
     for name in ("config.json", "metrics.csv", "checkpoint.safetensors", "checkpoint.json",
                  "loss.png", "summary.json"):
         assert run.path(name).is_file(), name
@@ -39,20 +39,20 @@ def test_same_seed_same_metrics(runs):
     rows = []
     for _ in range(2):
         cfg, run = make_run(runs, steps=20)
-        framework.train(cfg, run, progress=False)
+        loop.train(cfg, run, progress=False)
         rows.append([{k: v for k, v in r.items() if k != "wall_s"} for r in run.metrics])
     assert rows[0] == rows[1]
     cfg, run = make_run(runs, steps=20, seed=1)
-    framework.train(cfg, run, progress=False)
+    loop.train(cfg, run, progress=False)
     assert [r["loss"] for r in run.metrics] != [r["loss"] for r in rows[0]]
 
 
 def test_resume_is_exact(runs, monkeypatch):
     cfg, full = make_run(runs, steps=40)
-    framework.train(cfg, full, progress=False)
+    loop.train(cfg, full, progress=False)
 
     cfg, part = make_run(runs, steps=40)
-    real_fit = framework.fit
+    real_fit = loop.fit
 
     def stop_at_23(run, step_fn, **kw):
         def step(i):
@@ -61,13 +61,13 @@ def test_resume_is_exact(runs, monkeypatch):
             return step_fn(i)
         return real_fit(run, step, **kw)
 
-    monkeypatch.setattr(framework, "fit", stop_at_23)
+    monkeypatch.setattr(loop, "fit", stop_at_23)
     with pytest.raises(InterruptedRun) as stop:
-        framework.train(cfg, part, progress=False)
+        loop.train(cfg, part, progress=False)
     assert stop.value.step == 23
     assert json.loads(part.path("checkpoint.json").read_text())["step"] == 23
-    monkeypatch.setattr(framework, "fit", real_fit)
-    framework.train(cfg, Run.open(part.dir), progress=False)
+    monkeypatch.setattr(loop, "fit", real_fit)
+    loop.train(cfg, Run.open(part.dir), progress=False)
 
     for name in ("model", "ema", "optimizer"):
         a, b = params(full, name), params(part, name)
@@ -81,10 +81,10 @@ def test_resume_is_exact(runs, monkeypatch):
 def test_resume_from_periodic_checkpoint_drops_later_rows(runs):
     """A hard kill after step 25 leaves the step-20 checkpoint and rows up to 25."""
     cfg, run = make_run(runs, steps=20)
-    framework.train(cfg, run, progress=False)
+    loop.train(cfg, run, progress=False)
     run.log({"step": 25, "loss": 9.0, "wall_s": 0.0})  # a row the crash left behind
-    cfg40 = framework.DDPMConfig(**{**run.config, "steps": 40})
-    framework.train(cfg40, Run.open(run.dir), progress=False)
+    cfg40 = configs.DDPMConfig(**{**run.config, "steps": 40})
+    loop.train(cfg40, Run.open(run.dir), progress=False)
     steps = [r["step"] for r in Run.open(run.dir).metrics]
     assert steps == list(range(5, 45, 5))
 
@@ -117,10 +117,10 @@ def test_atomic_path_leaves_old_file_on_failure(tmp_path):
 
 def test_corrupt_checkpoint_is_a_clear_error(runs):
     cfg, run = make_run(runs, steps=10)
-    framework.train(cfg, run, progress=False)
+    loop.train(cfg, run, progress=False)
     run.path("checkpoint.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
-        framework.sample(run, 4)
+        loop.sample(run, 4)
 
 
 def test_optimizer_and_generator_round_trip(runs):
@@ -158,10 +158,10 @@ def test_metrics_with_sparse_columns_round_trip(runs):
 
 def test_checkpoint_that_does_not_fit_the_model_is_a_clear_error(runs):
     cfg, run = make_run(runs, steps=5)
-    framework.train(cfg, run, progress=False)
+    loop.train(cfg, run, progress=False)
     run.config["hidden"] = 64  # as if config.json had been edited by hand
     with pytest.raises(CheckpointError, match="checkpoint does not fit ema"):
-        framework.sample(run, 4)
+        loop.sample(run, 4)
 
 
 def test_tensor_dicts_round_trip_and_until_stops_early(runs):

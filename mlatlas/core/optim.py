@@ -10,6 +10,10 @@ families from growing their own variants; the shapes, with ``k`` the step and ``
     linear_interpolate(a, b, k, s, d) = a, then linearly to b over steps [s, s + d], then b
     exponential_decay(a, r, k)        = a * r^k
     inverse_power(c, k, p)            = c / k^p   (Robbins-Monro step sizes a_k, k = 1, 2, ...)
+
+and the one moving average of weights, theta' <- tau theta + (1 - tau) theta'
+(:func:`polyak_update`): DDPG/TD3's target networks (tau small) and the diffusion models' EMA
+weights (tau = 1 - decay).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 
 def warmup_linear_lr(lr: float, step: int, warmup_steps: int) -> float:
@@ -55,3 +60,11 @@ def inverse_power(scale: float, step: int, power: float = 1.0) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def polyak_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """theta' <- tau theta + (1 - tau) theta', parameter by parameter (buffers copied)."""
+    with torch.no_grad():
+        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+        for t, s in zip(target.buffers(), source.buffers(), strict=True):
+            t.copy_(s)

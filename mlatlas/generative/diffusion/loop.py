@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from mlatlas.core.config import ConfigError
-from mlatlas.core.optim import set_lr, warmup_linear_lr
+from mlatlas.core.optim import polyak_update, set_lr, warmup_linear_lr
 from mlatlas.core.plots import metric_curves, samples_figure
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
@@ -160,8 +160,7 @@ def optimise(cfg: DiffusionConfig, model: nn.Module, ema: nn.Module,
     opt.step()
     # EMA with the usual warm-up of the decay so early averages are not stuck at init.
     decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-    with torch.no_grad():
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+    polyak_update(ema, model, 1 - decay)
 
 
 def train_classifier(cfg: DiffusionConfig, data: Dataset, x_train: torch.Tensor,

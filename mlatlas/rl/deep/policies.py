@@ -116,12 +116,3 @@ class _Squeeze(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(-1)
-
-
-def polyak_update(target: nn.Module, source: nn.Module, tau: float) -> None:
-    """theta' <- tau theta + (1 - tau) theta', parameter by parameter (buffers copied)."""
-    with torch.no_grad():
-        target_params = list(target.parameters())
-        torch._foreach_lerp_(target_params, list(source.parameters()), tau)
-        for t, s in zip(target.buffers(), source.buffers(), strict=True):
-            t.copy_(s)
