@@ -27,6 +27,7 @@ from typing import NoReturn
 from mlatlas.core.config import (
     ConfigError,
     add_config_arguments,
+    check_choices,
     closest,
     config_from_dict,
     config_to_dict,
@@ -207,6 +208,7 @@ def _open_run(argv: list[str], prog: str, n_default: int | None):
     if options_cls is not None:
         extra["options"] = options_cls(**{f.name: getattr(args, f.name)
                                           for f in dataclasses.fields(options_cls)})
+        check_choices(extra["options"])
     return run, get_method(run.method), args, extra
 
 

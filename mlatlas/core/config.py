@@ -59,15 +59,7 @@ class BaseConfig:
         for name in ("steps", "log_every", "ckpt_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
-        for field in dataclasses.fields(self):
-            kind = _field_type(type(self), field)
-            if typing.get_origin(kind) is typing.Literal:
-                choices = typing.get_args(kind)
-                value = getattr(self, field.name)
-                if value not in choices:
-                    raise ConfigError(
-                        f"--{flag(field.name)} must be one of {', '.join(map(str, choices))}, "
-                        f"got {value!r}{closest(str(value), map(str, choices))}")
+        check_choices(self)
         self.check()
 
     def check(self) -> None:
@@ -83,6 +75,19 @@ class BaseConfig:
     def create(cls, **overrides: Any) -> BaseConfig:
         """The config for these command-line values (a family may fill in tuned defaults)."""
         return cls(**overrides)
+
+
+def check_choices(obj: Any) -> None:
+    """ConfigError naming the first ``Literal`` field of a dataclass holding another value."""
+    for field in dataclasses.fields(obj):
+        kind = _field_type(type(obj), field)
+        if typing.get_origin(kind) is typing.Literal:
+            choices = typing.get_args(kind)
+            value = getattr(obj, field.name)
+            if value not in choices:
+                raise ConfigError(
+                    f"--{flag(field.name)} must be one of {', '.join(map(str, choices))}, "
+                    f"got {value!r}{closest(str(value), map(str, choices))}")
 
 
 def flag(name: str) -> str:
@@ -160,7 +165,8 @@ def add_config_arguments(parser, cls: type, *, suppress_defaults: bool = False) 
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is typing.Literal:
-            kwargs["choices"] = typing.get_args(kind)
+            # No argparse ``choices``: BaseConfig rejects another value with the closest names,
+            # the same message a Python caller gets.
             kwargs["type"] = type(typing.get_args(kind)[0])
             kwargs["metavar"] = "{" + ",".join(map(str, typing.get_args(kind))) + "}"
         else:
