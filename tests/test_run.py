@@ -172,12 +172,40 @@ def test_tensor_dicts_round_trip_and_until_stops_early(runs):
         tables["v"] = tables["v"] + 1
         return {"left": 5 - k}
 
-    last = fit(run, step, total_steps=100, objects={"tables": tables}, log_every=10,
+    last = fit(run, step, total_steps=100, objects={"model": tables}, log_every=10,
                ckpt_every=50, until=lambda m: m["left"] <= 0)
     assert last == 5 and tables["v"].tolist() == [5.0, 5.0, 5.0]
     assert run.checkpoint_step() == 5 and run.metrics[-1]["step"] == 5
     restored = {"v": torch.empty(3)}
-    run.load_checkpoint({"tables": restored})
+    run.load_checkpoint({"model": restored})
     assert restored["v"].tolist() == [5.0, 5.0, 5.0]
-    with pytest.raises(CheckpointError, match="no tables.w"):
-        run.load_checkpoint({"tables": {"w": torch.zeros(1)}})
+    with pytest.raises(CheckpointError, match="no model.w"):
+        run.load_checkpoint({"model": {"w": torch.zeros(1)}})
+
+
+def test_summary_keys_follow_the_contract_and_an_evaluation_replaces_the_last(tmp_path):
+    run = Run.create("ddpm", configs.DDPMConfig(), tmp_path)
+    run.write_summary({"train/steps": 3})
+    with pytest.raises(ValueError, match="needs a prefix"):
+        run.write_summary({"final_loss": 1.0})
+    with pytest.raises(ValueError, match="flat"):
+        run.write_summary({"eval/scores": {"mmd": 1.0}})
+    run.write_evaluation({"mmd": 0.5, "label_accuracy": 0.9})
+    run.write_evaluation({"mmd": 0.4})
+    assert run.summary() == {"train/steps": 3, "eval/mmd": 0.4}
+    run.write_evaluation({"mmd": 0.7}, prefix="baseline")
+    assert run.summary()["baseline/mmd"] == 0.7 and run.summary()["eval/mmd"] == 0.4
+
+
+def test_fit_needs_a_model_group(tmp_path):
+    run = Run.create("ddpm", configs.DDPMConfig(), tmp_path)
+    with pytest.raises(ValueError, match="'model'"):
+        fit(run, lambda step: {}, total_steps=1, objects={"net": torch.nn.Linear(1, 1)},
+            log_every=1, ckpt_every=1)
+
+
+def test_config_json_names_the_config_class_and_load_config_rebuilds_it(tmp_path):
+    cfg = configs.DDPMConfig(steps=7)
+    run = Run.open(Run.create("ddpm", cfg, tmp_path).dir)
+    assert run.config_class == "mlatlas.generative.diffusion.configs:DDPMConfig"
+    assert run.load_config() == cfg

@@ -48,6 +48,9 @@ from mlatlas.core.io import (
 from mlatlas.core.progress import progress_bar
 
 CHECKPOINT = "checkpoint.safetensors"
+# summary.json's keys: what training did or used, the last evaluation of the trained model, and
+# the same evaluation of the reference it is compared with.
+SUMMARY_PREFIXES = ("train/", "eval/", "baseline/")
 
 
 class RunError(RuntimeError):
@@ -189,11 +192,28 @@ class Run:
         plt.close(fig)
         return path
 
-    def write_summary(self, summary: Mapping[str, Any]) -> Path:
+    def write_summary(self, summary: Mapping[str, Any], replace: str | None = None) -> Path:
+        """Merge flat ``train/``, ``eval/`` or ``baseline/`` keys into summary.json (the family
+        contract; any other key, or a nested value, is a programming error). With ``replace``,
+        the keys already there under that prefix go first, in the same atomic write."""
+        for key, value in summary.items():
+            if not key.startswith(SUMMARY_PREFIXES):
+                raise ValueError(f"summary key {key!r} needs a prefix: "
+                                 f"{', '.join(SUMMARY_PREFIXES)} (docs/architecture.md)")
+            if isinstance(value, Mapping):
+                raise ValueError(f"summary key {key!r} holds a mapping; summary.json is flat")
+        old = self.summary()
+        if replace is not None:
+            old = {k: v for k, v in old.items() if not k.startswith(replace)}
         path = self.path("summary.json")
-        old = read_json(path) if path.is_file() else {}
         write_json(path, {**old, **summary})
         return path
+
+    def write_evaluation(self, metrics: Mapping[str, Any], prefix: str = "eval") -> Path:
+        """``metrics`` as ``<prefix>/<name>`` keys, replacing every key an earlier evaluation
+        wrote under that prefix, so summary.json never mixes two evaluations."""
+        return self.write_summary({f"{prefix}/{name}": value for name, value in metrics.items()},
+                                  replace=f"{prefix}/")
 
     def summary(self) -> dict[str, Any]:
         path = self.path("summary.json")
@@ -308,6 +328,9 @@ def fit(run: Run, step_fn: StepFn, *, total_steps: int, objects: Mapping[str, An
     the run early after that step (an iterative solver that has converged). Returns the last
     step done.
     """
+    if "model" not in objects:
+        raise ValueError(f"fit needs what it trains under 'model' (the family contract's "
+                         f"checkpoint groups), got {sorted(objects)}")
     # The global torch RNG (dropout, init of lazily built parts) is checkpointed too.
     objects = {**objects, "rng_torch": _GlobalTorchRng()}
     start, window, elapsed = 0, {}, 0.0

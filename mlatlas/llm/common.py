@@ -359,11 +359,9 @@ def write_eval_summary(run: Run, prefix: str, metrics: dict[str, float], problem
                        seed: int) -> None:
     """Held-out metrics as flat ``eval/<name>`` (the trained policy) or ``baseline/<name>``
     (the starting policy) keys of summary.json, with the number of problems and their seed.
-    A key of an earlier evaluation that this one lacks (``length_correct`` when no answer is
-    right) becomes null rather than staying beside numbers it was not measured with."""
-    stale = {k: None for k in run.summary() if k.startswith(f"{prefix}/")}
-    run.write_summary({**stale, **{f"{prefix}/{k}": v for k, v in metrics.items()},
-                       f"{prefix}/problems": problems, f"{prefix}/seed": seed})
+    The keys of an earlier evaluation under that prefix go (``length_correct`` when no answer
+    is right this time), so none stays beside numbers it was not measured with."""
+    run.write_evaluation({**metrics, "problems": problems, "seed": seed}, prefix)
 
 
 def finish(run: Run, cfg: LLMConfig, s: Setup) -> dict[str, Any]:

@@ -311,4 +311,4 @@ def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | Non
 
 def write_eval_summary(run: Run, metrics: dict) -> None:
     """The metrics of the last evaluation as flat ``eval/<name>`` keys of summary.json."""
-    run.write_summary({f"eval/{name}": value for name, value in metrics.items()})
+    run.write_evaluation(metrics)

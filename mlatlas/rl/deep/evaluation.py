@@ -113,7 +113,7 @@ def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | Non
         raise ConfigError(f"--n must be at least 1, got {episodes}")
     policy = deterministic(actor)
     scores: dict[str, Any] = evaluate_policy(cfg.env, policy, spaces, episodes, seed, obs_norm)
-    run.write_summary(eval_summary(scores, seed))
+    run.write_summary(eval_summary(scores, seed), replace="eval/")
     if options.video:
         path = run.path(f"episode-seed{seed}.{options.video_format}")
         scores["video"] = str(record_video(cfg.env, policy, spaces, path, seed, obs_norm))
