@@ -15,7 +15,7 @@ CONFIGS = {name: method.config_cls for name, method in METHODS.items()}
 @pytest.mark.parametrize("name", METHODS)
 def test_config_names_its_method_and_has_at_most_one_family_base(name):
     cls = CONFIGS[name]
-    assert cls.METHOD == name
+    assert name == cls.METHOD
     between = [c for c in cls.__mro__[1:] if issubclass(c, BaseConfig) and c is not BaseConfig]
     assert len(between) <= 1, f"{cls.__qualname__} -> {[c.__qualname__ for c in between]}"
     assert not any(dataclasses.is_dataclass(c) and c.__name__ in {m.config for m in

@@ -81,7 +81,7 @@ class LLMConfig(BaseConfig):
     """Greedy accuracy on held-out problems every this many steps (a multiple of log_every)."""
     eval_n: int = 200
     """Held-out test problems per evaluation."""
-    max_grad_norm: float = 1.0
+    grad_clip: float = 1.0
     """Global gradient-norm clip; 0 turns it off."""
     log_every: int = 10
     ckpt_every: int = 100
@@ -93,8 +93,8 @@ class LLMConfig(BaseConfig):
         parse_difficulties(self.difficulty, get_task(self.task))
         require_at_least(self, 1, "max_new_tokens", "eval_every", "eval_n")
         require_unit(self, "top_p", low_open=True)
-        if self.temperature < 0 or self.lr <= 0 or self.max_grad_norm < 0:
-            raise ConfigError("--temperature, --max-grad-norm must be >= 0 and --lr > 0")
+        if self.temperature < 0 or self.lr <= 0 or self.grad_clip < 0:
+            raise ConfigError("--temperature, --grad-clip must be >= 0 and --lr > 0")
         if self.eval_every % self.log_every:
             raise ConfigError(f"--eval-every {self.eval_every} must be a multiple of "
                               f"--log-every {self.log_every}")
@@ -433,12 +433,12 @@ def periodic_eval(cfg: LLMConfig, s: Setup, step: int) -> dict[str, float]:
                            max_new_tokens=cfg.max_new_tokens)
 
 
-def clip_and_step(optimizer: torch.optim.Optimizer, parameters, max_grad_norm: float
+def clip_and_step(optimizer: torch.optim.Optimizer, parameters, grad_clip: float
                   ) -> float:
     """Global gradient-norm clipping (0 turns it off), then the optimizer step; returns the
     norm before clipping."""
     parameters = list(parameters)
-    norm = (torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm) if max_grad_norm > 0
+    norm = (torch.nn.utils.clip_grad_norm_(parameters, grad_clip) if grad_clip > 0
             else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters
                                                        if p.grad is not None])))
     optimizer.step()

@@ -237,7 +237,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
             metrics["nll"] = nll.item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        clip_and_step(optimizer, s.policy.parameters(), cfg.max_grad_norm)
+        clip_and_step(optimizer, s.policy.parameters(), cfg.grad_clip)
         margin = chosen_rewards - rejected_rewards
         metrics.update({"loss": loss.item(), "chosen_reward": chosen_rewards.mean().item(),
                    "rejected_reward": rejected_rewards.mean().item(),

@@ -180,7 +180,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
                                     cfg.loss_type, cfg.max_new_tokens)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = clip_and_step(optimizer, policy.parameters(), cfg.max_grad_norm)
+            grad_norm = clip_and_step(optimizer, policy.parameters(), cfg.grad_clip)
         metrics = {"loss": loss.item(), "reward": rewards.mean().item(),
                    "correct": batch.correct.mean().item(),
                    "sample_length": batch.lengths.float().mean().item(),

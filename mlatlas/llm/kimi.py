@@ -163,7 +163,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
             loss = kimi_loss(logp_seq, old_logp_seq, rewards, cfg.tau)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            clip_and_step(optimizer, s.policy.parameters(), cfg.max_grad_norm)
+            clip_and_step(optimizer, s.policy.parameters(), cfg.grad_clip)
             losses.append(loss.item())
         with torch.no_grad():
             log_ratio = (logp_seq.detach() - old_logp_seq).abs().mean()

@@ -217,7 +217,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
                                                 c_mask[idx], cfg.value_clip)
                 critic_optimizer.zero_grad(set_to_none=True)
                 value_loss.backward()
-                clip_and_step(critic_optimizer, critic.parameters(), cfg.max_grad_norm)
+                clip_and_step(critic_optimizer, critic.parameters(), cfg.grad_clip)
                 stats["value_loss"] += value_loss.item()
                 if update_policy:
                     logp = completion_logprobs(s.policy, *(t[idx] for t in args))
@@ -231,7 +231,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
                                                                  generator))
                     policy_optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    clip_and_step(policy_optimizer, s.policy.parameters(), cfg.max_grad_norm)
+                    clip_and_step(policy_optimizer, s.policy.parameters(), cfg.grad_clip)
                 updates += 1
         kl = ((old_logp - ref_logp) * c_mask).sum(-1).mean()
         return {"reward": raw_score.float().mean().item(), "correct": batch.correct.mean().item(),

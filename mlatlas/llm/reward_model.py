@@ -186,7 +186,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
         loss = bradley_terry_loss(r_w, r_l)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        clip_and_step(optimizer, model.parameters(), cfg.max_grad_norm)
+        clip_and_step(optimizer, model.parameters(), cfg.grad_clip)
         metrics = {"loss": loss.item(), "pair_accuracy": (r_w > r_l).float().mean().item(),
                    "margin": (r_w - r_l).mean().item()}
         if step % cfg.eval_every == 0 or step == cfg.steps:

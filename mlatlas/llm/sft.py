@@ -148,7 +148,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
         loss = solution_loss(policy, tokenizer, items)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        clip_and_step(optimizer, policy.parameters(), cfg.max_grad_norm)
+        clip_and_step(optimizer, policy.parameters(), cfg.grad_clip)
         metrics = {"loss": loss.item()}
         if step % cfg.eval_every == 0 and not cfg.data:
             metrics.update(evaluate_policy(policy, tokenizer, task, test_items,

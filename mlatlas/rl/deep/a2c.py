@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from mlatlas.core.config import require_at_least, require_unit
+from mlatlas.core.config import ConfigError, require_at_least, require_unit
 from mlatlas.core.optim import linear_decay, set_lr
 from mlatlas.core.run import Run
 from mlatlas.rl.deep.config import DeepRLConfig
@@ -49,8 +49,8 @@ class Config(DeepRLConfig):
     """c_2, weight of the entropy bonus."""
     vf_coef: float = 0.5
     """c_1, weight of the value loss."""
-    max_grad_norm: float = 0.5
-    """Clip the global gradient norm to this."""
+    grad_clip: float = 0.5
+    """Clip the global gradient norm to this (0 disables)."""
     anneal: bool = False
     """Decay the learning rate linearly to 0 over the run."""
     normalize_advantages: bool = False
@@ -74,6 +74,8 @@ class Config(DeepRLConfig):
         super().check()
         require_at_least(self, 1, "n_steps")
         require_unit(self, "lam")
+        if self.grad_clip < 0:
+            raise ConfigError(f"--grad-clip must be >= 0 (0 disables), got {self.grad_clip}")
 
 
 def a2c_loss(log_probs: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor,
@@ -115,7 +117,8 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
                                cfg.ent_coef)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
         optimizer.step()
         return parts
 

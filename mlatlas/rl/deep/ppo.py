@@ -46,8 +46,8 @@ class Config(DeepRLConfig):
     """c_2, weight of the entropy bonus."""
     vf_coef: float = 0.5
     """c_1, weight of the value loss."""
-    max_grad_norm: float = 0.5
-    """Clip the global gradient norm to this."""
+    grad_clip: float = 0.5
+    """Clip the global gradient norm to this (0 disables)."""
     anneal: bool = True
     """Decay the learning rate and eps linearly to 0 over the run."""
     batch_size: int = 256
@@ -74,7 +74,7 @@ class Config(DeepRLConfig):
                             normalize_reward=True, steps=300_000),
         "MountainCarContinuous-v0": dict(num_envs=1, n_steps=8, batch_size=256, lam=0.9,
                                          gamma=0.9999, epochs=10, ent_coef=0.00429,
-                                         lr=7.77e-5, clip_range=0.1, max_grad_norm=5.0,
+                                         lr=7.77e-5, clip_range=0.1, grad_clip=5.0,
                                          vf_coef=0.19, normalize_obs=True, steps=50_000),
     }
 
@@ -84,6 +84,8 @@ class Config(DeepRLConfig):
         require_unit(self, "lam")
         if self.clip_range <= 0 or self.clip_range_vf < 0:
             raise ConfigError("--clip-range must be positive and --clip-range-vf non-negative")
+        if self.grad_clip < 0:
+            raise ConfigError(f"--grad-clip must be >= 0 (0 disables), got {self.grad_clip}")
 
 
 def ppo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
@@ -156,7 +158,8 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
                     cfg.clip_range_vf, cfg.vf_coef, cfg.ent_coef)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
                 optimizer.step()
                 history.append(torch.stack(list(parts.values())))
         return dict(zip(parts, torch.stack(history).mean(0).tolist(), strict=True))
