@@ -58,3 +58,8 @@ def test_families_import_each_other_only_where_one_is_built_on_another():
 def test_core_imports_only_core():
     bad = [(f, n) for f, src, dst, n in edges() if src == "core" and dst not in {"core", "mlatlas"}]
     assert not bad, bad
+
+
+def test_nn_imports_only_core_and_nn():
+    bad = [(f, n) for f, src, dst, n in edges() if src == "nn" and dst not in {"core", "nn"}]
+    assert not bad, bad
