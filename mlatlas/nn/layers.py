@@ -3,9 +3,13 @@
     RMSNorm(x)          = g * x / sqrt(mean(x^2) + eps)                 (Zhang and Sennrich 2019)
     SwiGLU(x)           = W_down (silu(W_gate x) * W_up x)               (Shazeer 2020; Llama)
     feed_forward(x)     = W_2 GELU(W_1 x)                                (GPT-2, ViT, BERT)
+    mlp(x)              = W_L act(... act(W_1 x))                        (policies, critics,
+                                                                          TimeMLP, Q-networks)
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -38,3 +42,20 @@ class SwiGLU(nn.Module):
 def feed_forward(dim: int, hidden_dim: int) -> nn.Sequential:
     """Linear, GELU, Linear: the feed-forward layer of a pre-norm Transformer block."""
     return nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, dim))
+
+
+def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, activation: type[nn.Module] = nn.Tanh,
+        out_gain: float = 1.0, orthogonal: bool = True) -> nn.Sequential:
+    """A multilayer perceptron, Linear and ``activation`` in turn, no activation at the end.
+    With ``orthogonal``, orthogonal init with gain sqrt(2) inside and ``out_gain`` on the last
+    layer (a small policy head starts near uniform, Andrychowicz et al. 2021); otherwise torch's
+    default init."""
+    sizes = (in_dim, *hidden, out_dim)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False)):
+        linear = nn.Linear(a, b)
+        if orthogonal:
+            nn.init.orthogonal_(linear.weight, out_gain if i == len(sizes) - 2 else math.sqrt(2))
+            nn.init.zeros_(linear.bias)
+        layers += [linear, activation()]
+    return nn.Sequential(*layers[:-1])

@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from mlatlas.nn.layers import mlp
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of a (B,) tensor, as in "Attention Is All You Need" and DDPM."""
@@ -47,13 +49,7 @@ class TimeMLP(nn.Module):
         self.time_dim = time_dim
         self.time_scale = time_scale
         self.labels = LabelEmbedding(num_classes, time_dim) if num_classes else None
-        layers: list[nn.Module] = []
-        width = dim + time_dim
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.SiLU()]
-            width = hidden
-        layers.append(nn.Linear(width, dim))
-        self.net = nn.Sequential(*layers)
+        self.net = mlp(dim + time_dim, (hidden,) * depth, dim, nn.SiLU, orthogonal=False)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor,
                 y: torch.Tensor | None = None) -> torch.Tensor:

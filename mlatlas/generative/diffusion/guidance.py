@@ -58,6 +58,7 @@ from mlatlas.core.io import CheckpointError, load_tensors, read_metadata, save_t
 from mlatlas.core.progress import progress_bar
 from mlatlas.data import Dataset, EpochBatches
 from mlatlas.generative.diffusion import edm
+from mlatlas.nn.layers import mlp
 from mlatlas.nn.unet import ResBlock, timestep_embedding
 
 # c_noise = ln(sigma) / 4 spans about [-1.6, 1.1] over [0.002, 80]; the sinusoidal embedding
@@ -164,8 +165,7 @@ class NoisyClassifier(nn.Module):
 
     def _build_mlp(self, dim: int, w: int, num_classes: int) -> None:
         self.time_dim = 64
-        self.mlp = nn.Sequential(nn.Linear(dim + self.time_dim, w), nn.SiLU(), nn.Linear(w, w),
-                                 nn.SiLU(), nn.Linear(w, w), nn.SiLU(), nn.Linear(w, num_classes))
+        self.mlp = mlp(dim + self.time_dim, (w, w, w), num_classes, nn.SiLU, orthogonal=False)
 
     @classmethod
     def for_data(cls, data: Dataset, width: int | None = None,

@@ -52,11 +52,11 @@ from torch import nn
 from mlatlas.core.config import ConfigError, require_at_least, require_unit
 from mlatlas.core.optim import polyak_update
 from mlatlas.core.run import Run
+from mlatlas.nn.layers import mlp
 from mlatlas.rl.deep.config import DeepRLConfig
 from mlatlas.rl.deep.envs import Spaces, check_env_id, env_spaces
 from mlatlas.rl.deep.evaluation import evaluate
 from mlatlas.rl.deep.loop import Agent, prepare, train_agent
-from mlatlas.rl.deep.policies import mlp
 from mlatlas.rl.deep.replay import Batch, ReplayBuffer
 
 __all__ = ["Config", "GaussianNoise", "Learner", "OrnsteinUhlenbeckNoise", "QEnsemble",

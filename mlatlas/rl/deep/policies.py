@@ -22,24 +22,10 @@ import math
 import torch
 from torch import nn
 
+from mlatlas.nn.layers import mlp
 from mlatlas.rl.deep.envs import Spaces
 
 LOG_2PI = math.log(2 * math.pi)
-
-
-def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, activation: type[nn.Module] = nn.Tanh,
-        out_gain: float = 1.0, orthogonal: bool = True) -> nn.Sequential:
-    """A multilayer perceptron; orthogonal init with gain sqrt(2) inside and ``out_gain`` on the
-    last layer (a small policy head starts near uniform, Andrychowicz et al. 2021)."""
-    sizes = (in_dim, *hidden, out_dim)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False)):
-        linear = nn.Linear(a, b)
-        if orthogonal:
-            nn.init.orthogonal_(linear.weight, out_gain if i == len(sizes) - 2 else math.sqrt(2))
-            nn.init.zeros_(linear.bias)
-        layers += [linear, activation()]
-    return nn.Sequential(*layers[:-1])
 
 
 class Policy(nn.Module):

@@ -30,6 +30,7 @@ from mlatlas.core.config import ConfigError, require_at_least
 from mlatlas.core.optim import linear_interpolate, set_lr
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import seed_everything
+from mlatlas.nn.layers import mlp
 from mlatlas.rl.tabular.bellman import exact_values, optimal_values
 from mlatlas.rl.tabular.common import GridConfig, finish, make_world, rmse
 from mlatlas.rl.tabular.episodes import rollout, start_states
@@ -50,11 +51,7 @@ class QNetwork(nn.Module):
     def __init__(self, world: GridWorld, hidden: int = 100, layers: int = 2):
         super().__init__()
         self.shape = world.shape
-        widths = [2] + [hidden] * layers
-        blocks: list[nn.Module] = []
-        for n_in, n_out in zip(widths, widths[1:], strict=False):
-            blocks += [nn.Linear(n_in, n_out), nn.Tanh()]
-        self.net = nn.Sequential(*blocks, nn.Linear(widths[-1], len(ACTIONS)))
+        self.net = mlp(2, (hidden,) * layers, len(ACTIONS), nn.Tanh, orthogonal=False)
 
     def reset_parameters(self, generator: torch.Generator) -> QNetwork:
         """PyTorch's default Linear init, drawn from the run's generator."""
