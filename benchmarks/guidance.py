@@ -45,8 +45,6 @@ from mlatlas.generative.diffusion.guidance import (
 )
 from mlatlas.generative.diffusion.samplers import heun
 
-CLASSIFIER = "noisy_classifier.safetensors"
-
 
 def train_or_open(args: argparse.Namespace) -> Run:
     if args.run:
@@ -62,7 +60,7 @@ def train_or_open(args: argparse.Namespace) -> Run:
 
 
 def noisy_classifier(run: Run, data, args: argparse.Namespace):
-    path = run.path(CLASSIFIER)
+    path = run.path(loop.CLASSIFIER)
     if path.is_file():
         return load_noisy_classifier(path)
     start = time.perf_counter()
