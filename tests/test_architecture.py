@@ -3,7 +3,11 @@ families import core, nn, data and eval (and each other only where one method is
 another), and nothing below the top imports the registry or the command line."""
 
 import ast
+import importlib
+import sys
 from pathlib import Path
+
+import pytest
 
 import mlatlas
 
@@ -63,3 +67,14 @@ def test_core_imports_only_core():
 def test_nn_imports_only_core_and_nn():
     bad = [(f, n) for f, src, dst, n in edges() if src == "nn" and dst not in {"core", "nn"}]
     assert not bad, bad
+
+
+def test_the_old_language_model_path_is_a_deprecated_alias():
+    for name in [n for n in sys.modules if n.startswith("mlatlas.rl.llm")]:
+        del sys.modules[name]
+    with pytest.warns(DeprecationWarning, match="mlatlas.rl.llm moved to mlatlas.llm"):
+        old = importlib.import_module("mlatlas.rl.llm.grpo")
+    assert old is importlib.import_module("mlatlas.llm.grpo")
+    from mlatlas.rl.llm.model import TinyLM
+
+    assert TinyLM is importlib.import_module("mlatlas.llm.model").TinyLM
