@@ -64,9 +64,9 @@ from mlatlas.contrastive.common import (
     encode_batched,
     held_out_data,
     optimizer_step,
-    prefixed,
     run_tokenizer,
-    train_summary,
+    train_scores,
+    write_scores,
 )
 from mlatlas.contrastive.data import NUMBER_WORDS, CaptionedData, load_captioned
 from mlatlas.contrastive.evaluation import evaluate_joint_space, save_joint_space_figures
@@ -490,19 +490,18 @@ def report(run: Run, model: BLIP, tokenizer: CaptionTokenizer, data: CaptionedDa
     held = held_out_data(data, n, seed)
     scores, tensors, generated = model_scores(model, tokenizer, held, seed)
     final_run = stage2_run(run) if noisy is not None else run
-    summary = {**train_summary(final_run, data.name, corrupt=run.config.get("corrupt", 0.0))}
+    train = train_scores(final_run, data.name, corrupt=run.config.get("corrupt", 0.0))
+    baseline = None
     if noisy is not None and result is not None:
         noisy_scores = model_scores(noisy, tokenizer, held, seed)[0]
-        summary.update(prefixed("baseline", {k: v for k, v in noisy_scores.items()
-                                             if k != "zero_shot_chance"}))
-        summary.update(prefixed("train", filter_scores(result, data.train.corrupted)))
+        baseline = {k: v for k, v in noisy_scores.items() if k != "zero_shot_chance"}
+        train.update(filter_scores(result, data.train.corrupted))
         run.save_figure(capfilt_figure(data.train.images, data.train.captions,
                                        data.train.corrupted, result), "capfilt.png")
     examples = [{"reference": r, "generated": g}
                 for r, g in zip(held.test.captions[:8], generated[:8], strict=True)]
-    summary.update(prefixed("eval", {**scores, "examples": len(held.test), "seed": seed,
-                                     "caption_examples": examples}))
-    run.write_summary(summary)
+    write_scores(run, train, {**scores, "examples": len(held.test), "seed": seed,
+                              "caption_examples": examples}, baseline)
     save_joint_space_figures(run, held, scores, tensors)
     run.save_figure(captions_figure(held.test.images, held.test.captions, generated,
                                     n=min(8, len(generated))), "captions.png")

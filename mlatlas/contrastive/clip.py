@@ -33,9 +33,9 @@ from mlatlas.contrastive.common import (
     check_text_fields,
     held_out_data,
     optimizer_step,
-    prefixed,
     run_tokenizer,
-    train_summary,
+    train_scores,
+    write_scores,
 )
 from mlatlas.contrastive.data import CaptionedData, load_captioned
 from mlatlas.contrastive.evaluation import evaluate_joint_space, save_joint_space_figures
@@ -170,8 +170,8 @@ def report(run: Run, model, tokenizer: CaptionTokenizer, data: CaptionedData,
     model.cpu()
     held = held_out_data(data, n, seed)
     scores, tensors = evaluate_joint_space(model, tokenizer, held)
-    run.write_summary({**train_summary(run, data.name),
-                       **prefixed("eval", {**scores, "examples": len(held.test), "seed": seed})})
+    write_scores(run, train_scores(run, data.name),
+                 {**scores, "examples": len(held.test), "seed": seed})
     save_joint_space_figures(run, held, scores, tensors)
     return scores
 

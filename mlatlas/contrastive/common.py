@@ -142,14 +142,19 @@ def held_out_data(data: CaptionedData, n: int | None, seed: int) -> CaptionedDat
     return dataclasses.replace(data, test=test, zero_shot=zero_shot)
 
 
-def prefixed(prefix: str, scores: dict[str, Any]) -> dict[str, Any]:
-    """``{prefix/name: value}``: summary.json's ``train/``, ``eval/`` and ``baseline/`` keys."""
-    return {f"{prefix}/{name}": value for name, value in scores.items()}
-
-
-def train_summary(run: Run, dataset: str, **extra: Any) -> dict[str, Any]:
-    """``train/dataset``, ``train/steps`` and ``train/loss`` (the last logged row's) of a run,
-    with ``extra`` as more ``train/`` keys."""
+def train_scores(run: Run, dataset: str, **extra: Any) -> dict[str, Any]:
+    """What training did, for summary.json's ``train/`` keys: the dataset, the steps and the
+    last logged row's loss, with ``extra``."""
     last = run.metrics[-1] if run.metrics else {}
-    return prefixed("train", {"dataset": dataset, "steps": last.get("step", 0),
-                              "loss": last.get("loss", float("nan")), **extra})
+    return {"dataset": dataset, "steps": last.get("step", 0),
+            "loss": last.get("loss", float("nan")), **extra}
+
+
+def write_scores(run: Run, train: dict[str, Any], evaluation: dict[str, Any],
+                 baseline: dict[str, Any] | None = None) -> None:
+    """summary.json's ``train/`` keys (merged), then ``baseline/`` and ``eval/`` ones, each
+    replacing every key the last evaluation wrote under its prefix."""
+    run.write_summary({f"train/{name}": value for name, value in train.items()})
+    if baseline is not None:
+        run.write_evaluation(baseline, "baseline")
+    run.write_evaluation(evaluation)

@@ -44,8 +44,8 @@ from mlatlas.contrastive.common import (
     check_grad_clip,
     held_out,
     optimizer_step,
-    prefixed,
-    train_summary,
+    train_scores,
+    write_scores,
 )
 from mlatlas.core.config import BaseConfig, ConfigError, closest, require_at_least
 from mlatlas.core.optim import set_lr, warmup_cosine_lr
@@ -361,8 +361,7 @@ def report(run: Run, cfg: Config, model: CPC, data: SequenceData, n: int | None 
     random, random_per_k = scores(random_model(cfg, data).eval(), data, x_test, y_test, batch)
     context = {"examples": len(x_test), "seed": seed, "batch_size": batch,
                "log_n": math.log(batch), "probe_chance": 1 / len(data.classes)}
-    run.write_summary({**train_summary(run, data.name), **prefixed("eval", {**trained, **context}),
-                       **prefixed("baseline", random)})
+    write_scores(run, train_scores(run, data.name), {**trained, **context}, random)
     run.save_figure(prediction_figure(per_k, random_per_k, batch, data.name,
                                       trained["linear_probe_accuracy"],
                                       random["linear_probe_accuracy"]), "prediction.png")

@@ -39,8 +39,8 @@ from mlatlas.contrastive.common import (
     encode_batched,
     held_out_data,
     optimizer_step,
-    prefixed,
-    train_summary,
+    train_scores,
+    write_scores,
 )
 from mlatlas.contrastive.data import CaptionedData, load_captioned
 from mlatlas.contrastive.evaluation import PROBE_TRAIN
@@ -262,9 +262,8 @@ def report(run: Run, cfg: Config, model: SimCLR, data: CaptionedData, n: int | N
     # The model as the run started: the same seed builds the same initial weights.
     initial = build_model(cfg, data.image_shape).eval()
     scores = probes(model, held)
-    run.write_summary({**train_summary(run, data.name),
-                       **prefixed("eval", {**scores, "examples": len(held.test), "seed": seed}),
-                       **prefixed("baseline", probes(initial, held))})
+    write_scores(run, train_scores(run, data.name),
+                 {**scores, "examples": len(held.test), "seed": seed}, probes(initial, held))
     run.save_figure(views_figure(cfg, held.test.images[:8], seed), "views.png")
     model.train()
     return scores
