@@ -316,7 +316,7 @@ StepFn = Callable[[int], Mapping[str, Any]]
 def fit(run: Run, step_fn: StepFn, *, total_steps: int, objects: Mapping[str, Any],
         log_every: int, ckpt_every: int, progress: bool | None = None,
         until: Callable[[Mapping[str, float]], bool] | None = None,
-        latest: Collection[str] = ()) -> int:
+        latest: Collection[str] = (), step_size: int = 1) -> int:
     """Call ``step_fn(step)`` for steps 1..total_steps, resuming from the run's checkpoint.
 
     ``step_fn`` does one optimisation step and returns its metrics (floats or 0-d tensors);
@@ -325,9 +325,15 @@ def fit(run: Run, step_fn: StepFn, *, total_steps: int, objects: Mapping[str, An
     of each metric over the steps since the previous row, except those named in ``latest``
     (counters, running averages), which are logged as their last value. ``until(metrics)``
     returning True ends
-    the run early after that step (an iterative solver that has converged). Returns the last
-    step done.
+    the run early after that step (an iterative solver that has converged). ``step_size`` is
+    how many units of ``step`` one call covers (deep RL counts environment steps, many per
+    update): ``step_fn`` sees step_size, 2 step_size, ..., and ``total_steps``, ``log_every``
+    and ``ckpt_every`` must be multiples of it. Returns the last step done.
     """
+    for name, value in (("total_steps", total_steps), ("log_every", log_every),
+                        ("ckpt_every", ckpt_every)):
+        if value % step_size:
+            raise ValueError(f"{name} {value} is not a multiple of the step size {step_size}")
     if "model" not in objects:
         raise ValueError(f"fit needs what it trains under 'model' (the family contract's "
                          f"checkpoint groups), got {sorted(objects)}")
@@ -357,7 +363,7 @@ def fit(run: Run, step_fn: StepFn, *, total_steps: int, objects: Mapping[str, An
     # optimizer update and the checkpoint it leaves is a consistent one.
     with _stop_on_sigint() as stop:
         try:
-            for step in range(start + 1, total_steps + 1):
+            for step in range(start + step_size, total_steps + 1, step_size):
                 metrics = {k: float(v) for k, v in step_fn(step).items()}
                 for name, value in metrics.items():
                     if not math.isfinite(value):
@@ -372,7 +378,7 @@ def fit(run: Run, step_fn: StepFn, *, total_steps: int, objects: Mapping[str, An
                     window = {}
                     bar.set_postfix({k: f"{v:.4g}" for k, v in row.items()
                                      if k not in ("step", "wall_s")})
-                bar.update(1)
+                bar.update(step_size)
                 if step % ckpt_every == 0 or step == total_steps or stop.is_set() or done:
                     save(step)
                 if stop.is_set():

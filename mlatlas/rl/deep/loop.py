@@ -6,8 +6,8 @@ A method hands :func:`train_agent` an :class:`Agent`: its ``update(k)`` does the
 for DDPG and TD3 ``train_freq`` vector steps and their gradient steps). :func:`mlatlas.core.run.fit`
 counts environment steps, the unit of ``--steps``, ``--log-every``, ``--ckpt-every`` and of
 ``metrics.csv``'s ``step`` column; update k ends at environment step k E (E =
-``env_steps_per_update``), and the calls of the environment steps in between do nothing. So a
-run's rows and checkpoints fall on whole updates, ``step`` equals ``env_steps`` on every row, and
+``env_steps_per_update``), and fit, given ``step_size`` E, calls the agent once per update at that
+step. So a run's rows and checkpoints fall on whole updates, ``step`` equals ``env_steps`` on every row, and
 ``episode_return`` is the mean undiscounted return of the last ``RETURN_WINDOW`` finished
 training episodes, which is also what ``target_return`` stops on.
 """
@@ -27,8 +27,6 @@ from mlatlas.core.runtime import seed_everything
 from mlatlas.rl.deep.config import DeepRLConfig
 from mlatlas.rl.deep.envs import RETURN_WINDOW, Interaction, check_env_id
 from mlatlas.rl.deep.evaluation import eval_summary, evaluate_policy
-
-_NOTHING: Mapping[str, Any] = {}
 
 
 @dataclass
@@ -76,14 +74,14 @@ def train_agent(cfg: DeepRLConfig, run: Run, agent: Agent, progress: bool | None
     first = [True]
 
     def step_fn(step: int) -> Mapping[str, Any]:
+        # fit calls once per update, at the environment step that ends it.
+        update = step // per_update
         # On the first step of a resumed run fit has restored the counters from the checkpoint;
         # the fresh episodes are seeded by the number of the update that comes next.
-        if first and first.pop() and step > 1:
+        if first and first.pop() and update > 1:
             interaction.episodes.load(counters)
-            interaction.reseed(cfg.seed + 7919 * ((step - 1) // per_update + 1))
-        if step % per_update:
-            return _NOTHING  # inside an update: its environment steps are taken at its end
-        metrics = {**agent.update(step // per_update), **interaction.episodes.metrics()}
+            interaction.reseed(cfg.seed + 7919 * update)
+        metrics = {**agent.update(update), **interaction.episodes.metrics()}
         counters.update(interaction.episodes.state())
         # Like the peers' benchmarks, a target counts only over a full window of episodes.
         full = len(interaction.episodes.recent) == RETURN_WINDOW
@@ -98,7 +96,7 @@ def train_agent(cfg: DeepRLConfig, run: Run, agent: Agent, progress: bool | None
         fit(run, step_fn, total_steps=per_update * total_updates(cfg.steps, per_update),
             objects=objects, log_every=whole_updates(cfg.log_every, per_update),
             ckpt_every=whole_updates(cfg.ckpt_every, per_update), progress=progress,
-            until=until, latest=("env_steps", "episode_return"))
+            until=until, latest=("env_steps", "episode_return"), step_size=per_update)
     finally:
         interaction.close()
     # The counters as last checkpointed or updated (also when fit had nothing left to do).
