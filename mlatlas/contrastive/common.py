@@ -19,6 +19,7 @@ import torch
 from mlatlas.contrastive.data import CaptionedData, CaptionedSplit, check_captioned
 from mlatlas.contrastive.text import CaptionTokenizer, MiniLMTokenizer, load_tokenizer
 from mlatlas.core.config import BaseConfig, ConfigError, require_at_least
+from mlatlas.core.optim import clip_and_step
 from mlatlas.core.run import Run
 
 TOKENIZER = "tokenizer.json"
@@ -86,10 +87,8 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor,
     clipped to ``grad_clip`` (0: not clipped), the step."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups
-                                        for p in group["params"]], grad_clip)
-    optimizer.step()
+    clip_and_step(optimizer, [p for group in optimizer.param_groups for p in group["params"]],
+                  grad_clip)
 
 
 def run_tokenizer(run: Run, captions: list[str], vocab_size: int, max_len: int,

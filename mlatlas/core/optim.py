@@ -57,6 +57,17 @@ def inverse_power(scale: float, step: int, power: float = 1.0) -> float:
     return scale / step**power
 
 
+def clip_and_step(optimizer: torch.optim.Optimizer, parameters, grad_clip: float) -> float:
+    """Global gradient-norm clipping (0 turns it off), then the optimizer step; returns the
+    norm before clipping."""
+    parameters = list(parameters)
+    norm = (torch.nn.utils.clip_grad_norm_(parameters, grad_clip) if grad_clip > 0
+            else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters
+                                                       if p.grad is not None])))
+    optimizer.step()
+    return float(norm)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -431,15 +431,3 @@ def periodic_eval(cfg: LLMConfig, s: Setup, step: int) -> dict[str, float]:
         return {}
     return evaluate_policy(s.policy, s.tokenizer, s.task, s.test_items,
                            max_new_tokens=cfg.max_new_tokens)
-
-
-def clip_and_step(optimizer: torch.optim.Optimizer, parameters, grad_clip: float
-                  ) -> float:
-    """Global gradient-norm clipping (0 turns it off), then the optimizer step; returns the
-    norm before clipping."""
-    parameters = list(parameters)
-    norm = (torch.nn.utils.clip_grad_norm_(parameters, grad_clip) if grad_clip > 0
-            else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters
-                                                       if p.grad is not None])))
-    optimizer.step()
-    return float(norm)

@@ -33,13 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from mlatlas.core.config import ConfigError, require_at_least, require_unit
-from mlatlas.core.optim import set_lr, warmup_cosine_lr
+from mlatlas.core.optim import clip_and_step, set_lr, warmup_cosine_lr
 from mlatlas.core.run import Run, RunError, fit
 from mlatlas.core.runtime import seed_everything
 from mlatlas.llm.common import (
     LLMConfig,
     Setup,
-    clip_and_step,
     completion_logprobs,
     encode_completions,
     encode_prompts,

@@ -37,12 +37,11 @@ from typing import ClassVar
 import torch
 
 from mlatlas.core.config import ConfigError, require_at_least, require_unit
-from mlatlas.core.optim import set_lr, warmup_cosine_lr
+from mlatlas.core.optim import clip_and_step, set_lr, warmup_cosine_lr
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import seed_everything
 from mlatlas.llm.common import (
     LLMConfig,
-    clip_and_step,
     completion_logprobs,
     finish,
     periodic_eval,

@@ -31,12 +31,12 @@ from typing import ClassVar, Literal
 import torch
 
 from mlatlas.core.config import ConfigError, require_at_least, require_unit
+from mlatlas.core.optim import clip_and_step
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import seed_everything
 from mlatlas.core.stats import RunningMeanStd
 from mlatlas.llm.common import (
     LLMConfig,
-    clip_and_step,
     completion_logprobs,
     finish,
     masked_mean,

@@ -27,14 +27,13 @@ from torch import nn
 
 from mlatlas.core.config import ConfigError, require_at_least, require_unit
 from mlatlas.core.io import read_json
-from mlatlas.core.optim import set_lr, warmup_cosine_lr
+from mlatlas.core.optim import clip_and_step, set_lr, warmup_cosine_lr
 from mlatlas.core.run import Run, RunError, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.llm.common import (
     EVAL_PROBLEMS,
     LM_FILE,
     LLMConfig,
-    clip_and_step,
     encode_completions,
     encode_prompts,
     frozen_copy,

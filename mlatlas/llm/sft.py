@@ -19,13 +19,12 @@ from typing import ClassVar, Literal
 import torch
 
 from mlatlas.core.config import require_at_least, require_unit
-from mlatlas.core.optim import set_lr, warmup_cosine_lr
+from mlatlas.core.optim import clip_and_step, set_lr, warmup_cosine_lr
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.llm.common import (
     LLMConfig,
     Setup,
-    clip_and_step,
     encode_completions,
     encode_prompts,
     evaluate_policy,
