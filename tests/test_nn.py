@@ -17,6 +17,7 @@ from mlatlas.nn.attention import (
 from mlatlas.nn.layers import RMSNorm
 from mlatlas.nn.sampling import sample_token
 from mlatlas.nn.tokenizers import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, Tokenizer
+from mlatlas.nn.vit import PatchEmbedding
 
 
 def reference_attention(q, k, v, mask=None):
@@ -199,3 +200,20 @@ def test_sampling_rejects_bad_arguments():
         sample_token(torch.zeros(1, 3), 1.0, 0.0)
     with pytest.raises(ValueError, match="batch, vocab"):
         sample_token(torch.zeros(3), 1.0)
+
+
+def test_patch_embedding_is_cls_then_the_projected_patches_plus_positions():
+    torch.manual_seed(0)
+    embed = PatchEmbedding(in_channels=2, width=6, patch_size=2, image_size=4)
+    images = torch.randn(3, 2, 4, 4)
+    tokens = embed(images)
+    assert tokens.shape == (3, 1 + 4, 6)
+    # Patch (row 0, col 1) is pixels [0:2, 2:4], flattened as the convolution reads them.
+    patch = images[:, :, 0:2, 2:4].reshape(3, -1)
+    expected = patch @ embed.proj.weight.reshape(6, -1).T + embed.proj.bias
+    assert torch.allclose(tokens[:, 2], expected + embed.position[0, 2], atol=1e-5)
+    assert torch.allclose(tokens[:, 0], (embed.cls[0, 0] + embed.position[0, 0]).expand(3, 6))
+    with pytest.raises(ValueError, match="built for 4x4"):
+        embed(torch.randn(1, 2, 6, 6))
+    with pytest.raises(ValueError, match="divisible"):
+        PatchEmbedding(2, 6, patch_size=3, image_size=4)

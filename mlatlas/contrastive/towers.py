@@ -34,6 +34,7 @@ from mlatlas.contrastive.losses import (
 )
 from mlatlas.nn.transformer import Transformer
 from mlatlas.nn.unet import norm_groups
+from mlatlas.nn.vit import PatchEmbedding
 
 
 def _check_images(images: torch.Tensor, channels: int) -> None:
@@ -64,27 +65,18 @@ class ConvTower(nn.Module):
 
 
 class ViTTower(nn.Module):
+    """Patch embedding, then a Transformer; the [CLS] output is the image feature."""
+
     def __init__(self, in_channels: int = 3, image_size: int = 32, patch_size: int = 4,
                  width: int = 128, depth: int = 4, heads: int = 4):
         super().__init__()
-        if image_size % patch_size:
-            raise ValueError(f"image size {image_size} is not divisible by patch size "
-                             f"{patch_size}")
         self.in_channels, self.image_size, self.width = in_channels, image_size, width
-        self.patch_embedding = nn.Conv2d(in_channels, width, patch_size, patch_size)
-        self.cls = nn.Parameter(torch.zeros(1, 1, width))
-        self.position_embedding = nn.Parameter(
-            torch.randn(1, 1 + (image_size // patch_size) ** 2, width) * 0.02)
+        self.embed = PatchEmbedding(in_channels, width, patch_size, image_size)
         self.transformer = Transformer(width, depth, heads)
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         _check_images(images, self.in_channels)
-        if images.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"ViT tower was built for {self.image_size}x{self.image_size} "
-                             f"images, got {tuple(images.shape[-2:])}")
-        patches = self.patch_embedding(images).flatten(2).transpose(1, 2)
-        h = torch.cat([self.cls.expand(len(images), -1, -1), patches], dim=1)
-        return self.transformer(h + self.position_embedding)
+        return self.transformer(self.embed(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.tokens(images)[:, 0]

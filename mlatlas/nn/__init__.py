@@ -6,6 +6,7 @@
 - ``layers``: RMSNorm, SwiGLU, the GELU feed-forward layer.
 - ``unet``: sinusoidal time embedding, label embedding, TimeMLP (points) and the UNet (images)
   of the diffusion family.
+- ``vit``: the ViT patch embedding (patches, [CLS], learned positions).
 - ``tokenizers``: character and BPE tokenizers with one set of special ids.
 - ``sampling``: the next-token sampler (greedy, temperature, top-k, top-p).
 """
