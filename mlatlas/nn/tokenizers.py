@@ -59,10 +59,12 @@ class Tokenizer:
         texts = list(texts)
         specials = [*SPECIAL_TOKENS, *extra_special]
         backend = Backend(models.BPE(unk_token="<unk>"))
+        # Without word splitting every character of the texts, spaces included, must be a token;
+        # split into words, the trainer's own alphabet (of the words) is the right one.
+        alphabet = []
         if words:
             backend.normalizer = normalizers.Lowercase()
             backend.pre_tokenizer = pre_tokenizers.Whitespace()
-            alphabet = sorted(set("".join(texts).lower()))
         else:
             alphabet = sorted(set("".join(texts)))
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
