@@ -7,7 +7,7 @@ import torch
 
 from mlatlas.core.config import BaseConfig
 from mlatlas.core.io import CheckpointError, atomic_path, load_tensors
-from mlatlas.core.run import InterruptedRun, NonFiniteLossError, Run, fit
+from mlatlas.core.run import InterruptedRun, NonFiniteLossError, Run, RunError, fit
 from mlatlas.generative.diffusion import configs, loop
 
 
@@ -209,3 +209,15 @@ def test_config_json_names_the_config_class_and_load_config_rebuilds_it(tmp_path
     run = Run.open(Run.create("ddpm", cfg, tmp_path).dir)
     assert run.config_class == "mlatlas.generative.diffusion.configs:DDPMConfig"
     assert run.load_config() == cfg
+
+
+def test_a_run_of_0_1_without_a_config_class_still_loads_its_diffusion_config(tmp_path):
+    cfg = configs.EDMConfig(steps=5)
+    run = Run.create("edm", cfg, tmp_path)
+    meta = json.loads(run.path("config.json").read_text())
+    del meta["config_class"]
+    run.path("config.json").write_text(json.dumps(meta))
+    old = Run.open(run.dir)
+    with pytest.raises(RunError, match="names no config class"):
+        old.load_config()
+    assert loop.load_config(old) == cfg

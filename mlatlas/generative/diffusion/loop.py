@@ -182,14 +182,10 @@ def load_classifier(run: Run, options: SampleConfig, device: torch.device) -> nn
     return load_noisy_classifier(run.path(CLASSIFIER), device)
 
 
-# Where runs of mlatlas 0.2.0 recorded their config class, before this module's split.
-_FRAMEWORK = "mlatlas.generative.diffusion.framework:"
-
-
 def load_config(run: Run) -> DiffusionConfig:
     """The run's config, of the class config.json records; for a run that records none (made
-    before mlatlas 0.2) or the old ``framework`` module, the family's config of its method."""
-    if run.config_class and not run.config_class.startswith(_FRAMEWORK):
+    before mlatlas 0.2), the family's config of its method."""
+    if run.config_class:
         return run.load_config()
     from mlatlas.generative.diffusion import configs
     from mlatlas.generative.flow_matching import flow_matching, rectified_flow
