@@ -6,10 +6,10 @@ A method hands :func:`train_agent` an :class:`Agent`: its ``update(k)`` does the
 for DDPG and TD3 ``train_freq`` vector steps and their gradient steps). :func:`mlatlas.core.run.fit`
 counts environment steps, the unit of ``--steps``, ``--log-every``, ``--ckpt-every`` and of
 ``metrics.csv``'s ``step`` column; update k ends at environment step k E (E =
-``env_steps_per_update``), and fit, given ``step_size`` E, calls the agent once per update at that
-step. So a run's rows and checkpoints fall on whole updates, ``step`` equals ``env_steps`` on every row, and
-``episode_return`` is the mean undiscounted return of the last ``RETURN_WINDOW`` finished
-training episodes, which is also what ``target_return`` stops on.
+``env_steps_per_update``), and fit, given ``step_size`` E, calls the agent once per update, at
+that step. So a run's rows and checkpoints fall on whole updates, ``step`` equals ``env_steps``
+on every row, and ``episode_return`` is the mean undiscounted return of the last
+``RETURN_WINDOW`` finished training episodes, which is also what ``target_return`` stops on.
 """
 
 from __future__ import annotations
