@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -114,14 +115,18 @@ def cmd_train(argv: list[str]) -> int:
                         help="continue the run in RUN_DIR from its last checkpoint")
     parser.add_argument("--out", type=Path, default=Path("runs"),
                         help="folder in which the run folder is made (default: runs)")
+    parser.add_argument("--nproc", type=int, metavar="N",
+                        help="train data-parallel in N processes on this machine (the global "
+                             "batch is split over them; across machines use torchrun)")
     _common(parser)
     args = parser.parse(rest)
     overrides = {k: v for k, v in vars(args).items()
-                 if k not in ("resume", "out", "threads", "progress")}
+                 if k not in ("resume", "out", "threads", "progress", "nproc")}
     if args.resume is not None and resume is None:
         resume = Run.open(args.resume)
         if resume.method != method.name:
             raise UsageError(f"{args.resume} is a {resume.method} run, not {method.name}")
+    world = _check_parallel(method, args.nproc)
     _set_threads(args.threads)
     if resume is not None:
         changed = {k for k, v in overrides.items() if resume.config.get(k) != v}
@@ -135,28 +140,85 @@ def cmd_train(argv: list[str]) -> int:
         if done is not None and cfg.steps < done:
             raise UsageError(f"--steps {cfg.steps} is below the step {done} that "
                              f"{resume.dir} has reached")
+        _join_job(cfg, world)
         resume.config = config_to_dict(cfg)
         resume.write_config()
         run = resume
     else:
         cfg = cls.create(**overrides)
         # Check the device and data before a run folder is made, so a typo leaves nothing.
-        from mlatlas.core.runtime import resolve_device
-
-        resolve_device(cfg.device)
+        _join_job(cfg, world)
         cfg.check_data()
         run = Run.create(method.name, cfg, root=args.out)
-    print(f"run folder: {run.dir}", file=sys.stderr)
+    from mlatlas.core import distributed
+
+    if distributed.is_main():
+        print(f"run folder: {run.dir}", file=sys.stderr)
+    if world > 1 and not distributed.launched():
+        from mlatlas.launch import launch_train
+
+        flags = [f"--threads={args.threads}"] if args.threads is not None else []
+        if args.progress is not None:
+            flags.append("--progress" if args.progress else "--no-progress")
+        code = launch_train(run.dir, world, flags)
+        if code == EXIT_USAGE and resume is None and not run.has_checkpoint():
+            shutil.rmtree(run.dir)
+        if code == 0:
+            _report(Run.open(run.dir))
+        return code
     try:
         method.train_fn(cfg, run, progress=args.progress)
     except ConfigError:
         # A problem found once the method looks at its data or environment (e.g. DDPG given
         # discrete actions): a new run that never reached its first checkpoint leaves nothing.
-        if resume is None and not run.has_checkpoint():
+        if resume is None and not run.has_checkpoint() and distributed.is_main():
             shutil.rmtree(run.dir)
         raise
-    _report(run)
+    if distributed.is_main():
+        _report(run)
     return 0
+
+
+def _check_parallel(method, nproc: int | None) -> int:
+    """The world size a train command asks for (``--nproc``, or the job torchrun started), after
+    refusing what cannot run data-parallel."""
+    from mlatlas.core import distributed
+    from mlatlas.core.config import BatchConfig
+    from mlatlas.registry import METHODS
+
+    if nproc is not None and nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {nproc}")
+    if nproc is not None and distributed.launched():
+        raise UsageError("--nproc starts its own processes; under torchrun leave it out "
+                         "(torchrun's --nproc-per-node sets them)")
+    world = nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not issubclass(method.config_cls, BatchConfig):
+        batch = [m.name for m in METHODS.values() if issubclass(m.config_cls, BatchConfig)]
+        hint = ("; its environments step in parallel with --num-envs and --vector async"
+                if method.family == "rl/deep" else "")
+        raise UsageError(f"{method.name} runs in one process (only the mini-batch trainers "
+                         f"run data-parallel: {', '.join(batch)}){hint}")
+    return world
+
+
+def _join_job(cfg, world: int) -> None:
+    """Check the device and that every global batch splits over ``world`` ranks; inside a
+    torchrun job, join its process group."""
+    from mlatlas.core import distributed
+    from mlatlas.core.runtime import resolve_device
+
+    from mlatlas.core.config import BatchConfig
+    from mlatlas.core.precision import check_compile, check_precision
+
+    device = resolve_device(cfg.device)
+    if isinstance(cfg, BatchConfig):
+        check_precision(cfg.precision, device)
+        if cfg.compile:
+            check_compile(device)
+        for name in cfg.SHARDED:
+            distributed.check_divisible(getattr(cfg, name), name, world)
+    if distributed.launched():
+        distributed.setup(device)
 
 
 def _report(run) -> None:

@@ -77,6 +77,20 @@ class BaseConfig:
         return cls(**overrides)
 
 
+@dataclasses.dataclass
+class BatchConfig(BaseConfig):
+    """The base of every method trained on mini-batches by gradient steps: it can run
+    data-parallel (``mlatlas train METHOD --nproc N`` or ``torchrun``), in mixed precision and
+    compiled. ``SHARDED`` names the fields that are global batch sizes, split over the ranks."""
+
+    SHARDED: ClassVar[tuple[str, ...]] = ("batch_size",)
+
+    precision: typing.Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Forward pass under autocast in bf16 or fp16 (fp16 with loss scaling), or fp32."""
+    compile: bool = False
+    """Compile the network with torch.compile (the first steps pay for the compilation)."""
+
+
 def check_choices(obj: Any) -> None:
     """ConfigError naming the first ``Literal`` field of a dataclass holding another value."""
     for field in dataclasses.fields(obj):

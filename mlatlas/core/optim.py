@@ -23,6 +23,8 @@ import math
 import torch
 from torch import nn
 
+from mlatlas.core import distributed
+
 
 def warmup_linear_lr(lr: float, step: int, warmup_steps: int) -> float:
     """Linear warm-up from 0 to ``lr`` over ``warmup_steps`` (steps count from 1), then ``lr``."""
@@ -57,14 +59,24 @@ def inverse_power(scale: float, step: int, power: float = 1.0) -> float:
     return scale / step**power
 
 
-def clip_and_step(optimizer: torch.optim.Optimizer, parameters, grad_clip: float) -> float:
-    """Global gradient-norm clipping (0 turns it off), then the optimizer step; returns the
-    norm before clipping."""
-    parameters = list(parameters)
+def clip_and_step(optimizer: torch.optim.Optimizer, parameters, grad_clip: float,
+                  scaler: torch.amp.GradScaler | None = None) -> float:
+    """The optimizer step from the gradients the backward pass left: averaged over the ranks
+    of a data-parallel job (:mod:`mlatlas.core.distributed`), unscaled by an fp16 ``scaler``,
+    the global norm clipped to ``grad_clip`` (0 turns it off), then the step (which the scaler
+    skips on inf/NaN gradients). Returns the norm before clipping."""
+    parameters = [p for p in parameters if p.requires_grad]
+    distributed.all_reduce_gradients(parameters)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     norm = (torch.nn.utils.clip_grad_norm_(parameters, grad_clip) if grad_clip > 0
             else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters
                                                        if p.grad is not None])))
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
     return float(norm)
 
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from mlatlas.core import distributed
 from mlatlas.core.config import config_from_dict, config_to_dict
 from mlatlas.core.io import (
     CheckpointError,
@@ -86,6 +87,17 @@ class Run:
 
     @classmethod
     def create(cls, method: str, config: Any, root: str | Path = "runs") -> Run:
+        """A new run folder. In a data-parallel job every rank calls it; rank 0 makes the
+        folder and the others learn its name."""
+        if not distributed.is_main():
+            return cls(Path(distributed.broadcast_object(None)), method, config_to_dict(config),
+                       config_class=f"{type(config).__module__}:{type(config).__qualname__}")
+        run = cls._create(method, config, root)
+        distributed.broadcast_object(str(run.dir))
+        return run
+
+    @classmethod
+    def _create(cls, method: str, config: Any, root: str | Path) -> Run:
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -134,6 +146,8 @@ class Run:
     def write_config(self) -> None:
         import mlatlas
 
+        if not distributed.is_main():
+            return
         write_json(self.path("config.json"), {"method": self.method,
                                               "config_class": self.config_class,
                                               "config": self.config,
@@ -142,6 +156,8 @@ class Run:
     # metrics -----------------------------------------------------------------------------------
     def log(self, row: Mapping[str, Any]) -> None:
         self._rows.append(dict(row))
+        if not distributed.is_main():
+            return
         path = self.path("metrics.csv")
         if self._columns and list(row) == self._columns and path.is_file():
             # Same columns as the file: append one line (a single write) instead of rewriting
@@ -176,7 +192,8 @@ class Run:
     def truncate_metrics(self, step: int) -> None:
         """Drop rows logged after ``step`` (they will be logged again by the resumed run)."""
         self._rows = [r for r in self._rows if r["step"] <= step]
-        self._write_metrics()
+        if distributed.is_main():
+            self._write_metrics()
 
     @property
     def metrics(self) -> list[dict[str, Any]]:
@@ -187,8 +204,9 @@ class Run:
         import matplotlib.pyplot as plt
 
         path = self.path(name)
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        if distributed.is_main():
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
         plt.close(fig)
         return path
 
@@ -206,7 +224,8 @@ class Run:
         if replace is not None:
             old = {k: v for k, v in old.items() if not k.startswith(replace)}
         path = self.path("summary.json")
-        write_json(path, {**old, **summary})
+        if distributed.is_main():
+            write_json(path, {**old, **summary})
         return path
 
     def write_evaluation(self, metrics: Mapping[str, Any], prefix: str = "eval") -> Path:
@@ -224,6 +243,10 @@ class Run:
         return self.path(CHECKPOINT).is_file()
 
     def save_checkpoint(self, objects: Mapping[str, Any], state: dict[str, Any]) -> None:
+        """Write every object's state (rank 0 of a data-parallel job alone: all ranks hold the
+        same state)."""
+        if not distributed.is_main():
+            return
         tensors, object_state = flatten_state(objects)
         state = {**state, "objects": object_state}
         text = json.dumps(state, sort_keys=True)
@@ -329,6 +352,9 @@ def fit(run: Run, step_fn: StepFn, *, total_steps: int, objects: Mapping[str, An
     how many units of ``step`` one call covers (deep RL counts environment steps, many per
     update): ``step_fn`` sees step_size, 2 step_size, ..., and ``total_steps``, ``log_every``
     and ``ckpt_every`` must be multiples of it. Returns the last step done.
+
+    In a data-parallel job every rank calls ``fit`` with its shard of each batch: the logged
+    metrics are the means over ranks, and rank 0 alone writes rows and checkpoints.
     """
     for name, value in (("total_steps", total_steps), ("log_every", log_every),
                         ("ckpt_every", ckpt_every)):
@@ -340,31 +366,35 @@ def fit(run: Run, step_fn: StepFn, *, total_steps: int, objects: Mapping[str, An
     # The global torch RNG (dropout, init of lazily built parts) is checkpointed too.
     objects = {**objects, "rng_torch": _GlobalTorchRng()}
     start, window, elapsed = 0, {}, 0.0
-    if run.has_checkpoint():
+    # Rank 0 decides, so no rank sees the step-0 checkpoint rank 0 is about to write.
+    resumed = distributed.broadcast_object(run.has_checkpoint())
+    if resumed:
         state = run.load_checkpoint(objects)
         start, window, elapsed = state["step"], state["window"], state["elapsed"]
         if start > total_steps:
             raise RunError(f"{run.dir} is already at step {start}, past {total_steps} steps")
         run.truncate_metrics(start)
-    last_good = start if run.has_checkpoint() else None
+    last_good = start if resumed else None
 
     def save(step: int) -> None:
         nonlocal last_good
         run.save_checkpoint(objects, {"step": step, "window": window,
-                                      "elapsed": elapsed + time.perf_counter() - t0})
+                                      "elapsed": elapsed + time.perf_counter() - t0,
+                                      "world_size": distributed.world_size()})
         last_good = step
 
     t0 = time.perf_counter()
     if last_good is None:
         save(0)
     step = start
-    bar = progress_bar(total=total_steps, initial=start, desc=run.method, progress=progress)
+    bar = progress_bar(total=total_steps, initial=start, desc=run.method,
+                       progress=progress if distributed.is_main() else False)
     # Ctrl-C sets a flag that is read between steps, so a run never stops halfway through an
     # optimizer update and the checkpoint it leaves is a consistent one.
     with _stop_on_sigint() as stop:
         try:
             for step in range(start + step_size, total_steps + 1, step_size):
-                metrics = {k: float(v) for k, v in step_fn(step).items()}
+                metrics, stopping = _reduce(step_fn(step), stop.is_set())
                 for name, value in metrics.items():
                     if not math.isfinite(value):
                         raise NonFiniteLossError(run, step, name, value, last_good)
@@ -379,15 +409,29 @@ def fit(run: Run, step_fn: StepFn, *, total_steps: int, objects: Mapping[str, An
                     bar.set_postfix({k: f"{v:.4g}" for k, v in row.items()
                                      if k not in ("step", "wall_s")})
                 bar.update(step_size)
-                if step % ckpt_every == 0 or step == total_steps or stop.is_set() or done:
+                if step % ckpt_every == 0 or step == total_steps or stopping or done:
                     save(step)
-                if stop.is_set():
+                if stopping:
                     raise InterruptedRun(run, step)
                 if done:
                     break
         finally:
             bar.close()
     return step
+
+
+def _reduce(metrics: Mapping[str, Any], stop: bool) -> tuple[dict[str, float], bool]:
+    """The step's metrics averaged over the ranks of a data-parallel job, and whether any rank
+    was asked to stop: one small all-reduce, so every rank logs, stops on a non-finite value
+    and saves at the same step."""
+    if not distributed.active():
+        return {k: float(v) for k, v in metrics.items()}, stop
+    values = torch.tensor([*(float(v) for v in metrics.values()), float(stop)],
+                          dtype=torch.float64)
+    # NCCL reduces only CUDA tensors; gloo only CPU ones.
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    values = distributed.all_reduce_mean(values.to(device)).tolist()
+    return dict(zip(metrics, values[:-1], strict=True)), values[-1] > 0
 
 
 @contextlib.contextmanager

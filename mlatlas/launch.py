@@ -1,0 +1,55 @@
+"""``mlatlas train METHOD --nproc N``: N ranks on this machine through PyTorch's elastic agent.
+
+The command line makes the run folder first (so a bad flag leaves nothing and the folder's name
+is known here), then starts ``python -m mlatlas train --resume RUN_DIR`` N times through
+``torch.distributed.run``'s elastic agent with a c10d rendezvous on a free local port: the very
+processes ``torchrun --standalone --nproc-per-node N -m mlatlas train ...`` would start. A rank
+that fails takes the others down (the agent stops them); this process then names the rank, how
+it ended, and the checkpoint that survives.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+
+EXIT_USAGE, EXIT_FAILED = 2, 1
+
+
+def launch_train(run_dir: Path, nproc: int, flags: list[str]) -> int:
+    """Train the run in ``run_dir`` with ``nproc`` local ranks; returns the exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from mlatlas.core.run import Run
+
+    # The agent's own log lines repeat what the ranks and this function print.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0",
+                          run_id=str(uuid.uuid4()), max_restarts=0, monitor_interval=0.2)
+    args = ["-m", "mlatlas", "train", "--resume", str(run_dir), *flags]
+    try:
+        elastic_launch(config, entrypoint=sys.executable)(*args)
+    except ChildFailedError as err:
+        codes = {failure.exitcode for failure in err.failures.values()}
+        if codes <= {EXIT_USAGE}:
+            return EXIT_USAGE  # a bad value every rank reported; rank 0 printed it
+        if codes <= {130}:
+            return 130
+        rank, failure = min(err.failures.items())
+        how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
+               else f"exited with code {failure.exitcode}")
+        run = Run.open(run_dir)
+        step = run.checkpoint_step()
+        kept = (f"the last checkpoint (step {step}) in {run_dir} is intact; continue with: "
+                f"mlatlas train --resume {run_dir} --nproc {nproc}" if step is not None
+                else "no checkpoint had been written")
+        print(f"mlatlas train: error: rank {rank} (pid {failure.pid}) {how}; the job was "
+              f"stopped on every rank; {kept}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
