@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from mlatlas.core.config import BaseConfig, ConfigError, flag, require_unit
+from mlatlas.core.config import BatchConfig, ConfigError, flag, require_unit
 from mlatlas.generative.diffusion import edm
 from mlatlas.generative.diffusion.ddpm import Schedule
 from mlatlas.generative.diffusion.formulations import VP, Formulation, Preconditioned
@@ -26,11 +26,11 @@ Sampler = Literal["ddpm", "ddim", "euler", "heun"]
 
 
 @dataclass
-class DiffusionConfig(BaseConfig):
+class DiffusionConfig(BatchConfig):
     """Fields shared by every diffusion and flow-matching model."""
 
     METHOD: ClassVar[str] = ""
-    RESUMABLE: ClassVar[frozenset[str]] = BaseConfig.RESUMABLE | {"eval_samples"}
+    RESUMABLE: ClassVar[frozenset[str]] = BatchConfig.RESUMABLE | {"eval_samples"}
 
     dataset: str = "digits"
     """Training data: a name from `mlatlas list` or a path to an image folder or .npy file."""

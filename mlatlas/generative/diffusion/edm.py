@@ -45,6 +45,8 @@ import math
 
 import torch
 
+from mlatlas.core import distributed
+
 SIGMA_MIN, SIGMA_MAX, RHO, SIGMA_DATA = 0.002, 80.0, 7.0, 0.5
 P_MEAN, P_STD = -1.2, 1.2
 
@@ -102,11 +104,11 @@ def edm_loss_weight(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torc
 def log_normal_sigmas(n: int, generator: torch.Generator | None = None, p_mean: float = P_MEAN,
                       p_std: float = P_STD) -> torch.Tensor:
     """EDM's training noise levels: ln sigma ~ N(P_mean, P_std^2), shape (n,)."""
-    return (p_mean + p_std * torch.randn(n, generator=generator)).exp()
+    return (p_mean + p_std * distributed.randn((n,), generator=generator)).exp()
 
 
 def log_uniform_sigmas(n: int, sigma_min: float, sigma_max: float,
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """VE's training noise levels: ln sigma ~ U(ln sigma_min, ln sigma_max), shape (n,)."""
-    u = torch.rand(n, generator=generator)
+    u = distributed.rand((n,), generator=generator)
     return (math.log(sigma_min) + u * (math.log(sigma_max) - math.log(sigma_min))).exp()

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from mlatlas.core import distributed
 from mlatlas.core.config import ConfigError
 from mlatlas.generative.diffusion import edm, samplers
 from mlatlas.generative.diffusion.ddpm import Schedule
@@ -108,8 +109,8 @@ class VP(Formulation):
 
     def loss(self, net, x0, y, generator):
         s = self.schedule
-        t = torch.randint(0, s.T, (len(x0),), generator=generator).to(x0.device)
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        t = distributed.randint(0, s.T, (len(x0),), generator=generator).to(x0.device)
+        eps = distributed.randn(x0.shape, generator=generator).to(x0.device)
         alpha = batch_view(s.sqrt_alpha_bar[t.cpu()], x0)
         sigma = batch_view(s.sqrt_one_minus_alpha_bar[t.cpu()], x0)
         x_t = alpha * x0 + sigma * eps  # q_sample, with the coefficients the target needs too
@@ -178,7 +179,7 @@ class Preconditioned(Formulation):
         n = len(x0)
         sigma = (edm.log_normal_sigmas(n, generator, self.p_mean, self.p_std) if self.kind == "edm"
                  else edm.log_uniform_sigmas(n, self.sigma_min, self.sigma_max, generator))
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        eps = distributed.randn(x0.shape, generator=generator).to(x0.device)
         c_skip, c_out, c_in, c_noise = (batch_view(c, x0) for c in self.coefficients(sigma))
         x = x0 + batch_view(sigma, x0) * eps
         denoised = c_skip * x + c_out * net(c_in * x, c_noise.flatten(), y)

@@ -28,9 +28,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mlatlas.core import distributed
 from mlatlas.core.config import ConfigError
 from mlatlas.core.optim import polyak_update, set_lr, warmup_linear_lr
 from mlatlas.core.plots import metric_curves, samples_figure
+from mlatlas.core.precision import Precision, compile_module
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.data import Dataset, EpochBatches, load_dataset
@@ -101,6 +103,7 @@ class Setup:
     x_train: torch.Tensor
     batches: EpochBatches
     device: torch.device
+    precision: Precision
 
 
 def setup(cfg: DiffusionConfig) -> Setup:
@@ -110,10 +113,12 @@ def setup(cfg: DiffusionConfig) -> Setup:
     generator = seed_everything(cfg.seed)
     model = build_model(cfg, data).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
+    compile_module(model, cfg.compile)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     x_train = to_model_space(data.x_train, data).to(device)
     batches = EpochBatches(len(x_train), cfg.batch_size, cfg.seed)
-    return Setup(data, formulation, generator, model, ema, optimizer, x_train, batches, device)
+    return Setup(data, formulation, generator, model, ema, optimizer, x_train, batches, device,
+                 Precision(cfg.precision, device))
 
 
 def train(cfg: DiffusionConfig, run: Run | None = None, progress: bool | None = None) -> Run:
@@ -125,17 +130,21 @@ def train(cfg: DiffusionConfig, run: Run | None = None, progress: bool | None = 
     y_train = data.y_train.to(device) if cfg.conditional else None
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
-        index = s.batches(step).to(device)
+        # This rank's rows of the global batch; the random draws below are the global batch's.
+        index = distributed.shard(s.batches(step)).to(device)
         y = None
         if y_train is not None:
-            drop = torch.rand(len(index), generator=generator).to(device) < cfg.label_dropout
+            drop = distributed.rand((len(index),), generator=generator).to(device) < \
+                cfg.label_dropout
             y = torch.where(drop, data.num_classes, y_train[index])
-        loss = s.formulation.loss(s.model, s.x_train[index], y, generator)
-        optimise(cfg, s.model, s.ema, s.optimizer, loss, step)
+        with s.precision.autocast():
+            loss = s.formulation.loss(s.model, s.x_train[index], y, generator)
+        optimise(cfg, s.model, s.ema, s.optimizer, loss, step, s.precision)
         return {"loss": loss.detach()}
 
     fit(run, step_fn, total_steps=cfg.steps, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
-        objects={"model": s.model, "ema": s.ema, "optimizer": s.optimizer, "rng": generator},
+        objects={"model": s.model, "ema": s.ema, "optimizer": s.optimizer, "rng": generator,
+                 "precision": s.precision},
         progress=progress)
     run.save_figure(metric_curves(run.metrics, ["loss"], title=f"{cfg.METHOD} training loss"),
                     "loss.png")
@@ -149,15 +158,14 @@ def train(cfg: DiffusionConfig, run: Run | None = None, progress: bool | None = 
 
 
 def optimise(cfg: DiffusionConfig, model: nn.Module, ema: nn.Module,
-             opt: torch.optim.Optimizer, loss: torch.Tensor, step: int) -> None:
-    """One Adam step on ``loss``: learning-rate warm-up, gradient clipping, then the EMA update
-    (``step`` counts from 1; a method with stages may restart it)."""
+             opt: torch.optim.Optimizer, loss: torch.Tensor, step: int,
+             precision: Precision) -> None:
+    """One Adam step on ``loss``: learning-rate warm-up, gradients averaged over the ranks and
+    clipped, then the EMA update (``step`` counts from 1; a method with stages may restart it)."""
     set_lr(opt, warmup_linear_lr(cfg.lr, step, cfg.warmup_steps))
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.grad_clip > 0:
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    opt.step()
+    precision.backward(loss)
+    precision.step(opt, model.parameters(), cfg.grad_clip)
     # EMA with the usual warm-up of the decay so early averages are not stuck at init.
     decay = min(cfg.ema_decay, (1 + step) / (10 + step))
     polyak_update(ema, model, 1 - decay)

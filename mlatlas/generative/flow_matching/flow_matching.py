@@ -33,6 +33,7 @@ from typing import ClassVar
 
 import torch
 
+from mlatlas.core import distributed
 from mlatlas.core.config import ConfigError
 from mlatlas.generative.diffusion.configs import DiffusionConfig, Sampler
 from mlatlas.generative.diffusion.formulations import Formulation, batch_view
@@ -79,8 +80,8 @@ class FlowMatching(Formulation):
     time_scale = 1000.0  # t in [0, 1] spread over the step-index range of the embedding
 
     def loss(self, net, x0, y, generator):
-        t = torch.rand(len(x0), generator=generator).to(x0.device)
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        t = distributed.rand((len(x0),), generator=generator).to(x0.device)
+        eps = distributed.randn(x0.shape, generator=generator).to(x0.device)
         return cfm_loss(net, x0, eps, t, y)
 
     def velocity(self, net):

@@ -45,6 +45,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
+from mlatlas.core import distributed
 from mlatlas.core.config import ConfigError, require_at_least
 from mlatlas.core.plots import metric_curves, plt, samples_figure, show_images
 from mlatlas.core.run import Run, fit
@@ -77,7 +78,7 @@ def reflow_loss(net, x0_hat: torch.Tensor, z: torch.Tensor,
     unlike flow matching's loss, z is the pair's own noise, not a fresh draw."""
     if x0_hat.shape != z.shape:
         raise ValueError(f"x0_hat {tuple(x0_hat.shape)} and z {tuple(z.shape)} must match")
-    t = torch.rand(len(x0_hat), generator=generator).to(x0_hat.device)
+    t = distributed.rand((len(x0_hat),), generator=generator).to(x0_hat.device)
     return cfm_loss(net, x0_hat, z, t)
 
 
@@ -171,6 +172,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
         ema_rf1.load_state_dict(ema.state_dict())
         model.load_state_dict(ema.state_dict())
         opt.state.clear()  # Adam's moments belong to the old objective and the raw weights
+        # Every rank makes all the pairs (the same ones): its batches may come from any of them.
         z = torch.randn(shape, generator=generator).to(device)
         pairs["x0"] = reflow_pairs(s.formulation.velocity(ema_rf1), z,
                                    times(cfg.reflow_ode_steps), cfg.reflow_sampler,
@@ -179,23 +181,25 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         if step <= cfg.reflow_after:
-            index = s.batches(step).to(device)
-            loss = s.formulation.loss(model, s.x_train[index], None, generator)
-            loop.optimise(cfg, model, ema, opt, loss, step)
+            index = distributed.shard(s.batches(step)).to(device)
+            with s.precision.autocast():
+                loss = s.formulation.loss(model, s.x_train[index], None, generator)
+            loop.optimise(cfg, model, ema, opt, loss, step, s.precision)
             return {"loss": loss.detach()}
         stage_step = step - cfg.reflow_after
         if stage_step == 1:
             start_reflow()
         elif pairs["z"].device != device:  # restored from a checkpoint, which loads on the CPU
             pairs.update({k: v.to(device) for k, v in pairs.items()})
-        index = pair_batches(stage_step).to(device)
-        loss = reflow_loss(model, pairs["x0"][index], pairs["z"][index], generator)
-        loop.optimise(cfg, model, ema, opt, loss, stage_step)
+        index = distributed.shard(pair_batches(stage_step)).to(device)
+        with s.precision.autocast():
+            loss = reflow_loss(model, pairs["x0"][index], pairs["z"][index], generator)
+        loop.optimise(cfg, model, ema, opt, loss, stage_step, s.precision)
         return {"reflow_loss": loss.detach()}
 
     fit(run, step_fn, total_steps=cfg.steps, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
         objects={"model": model, "ema": ema, "optimizer": opt, "rng": generator,
-                 "ema_rf1": ema_rf1, "pairs": pairs},
+                 "ema_rf1": ema_rf1, "pairs": pairs, "precision": s.precision},
         progress=progress)
     names = [k for k in ("loss", "reflow_loss") if any(k in r for r in run.metrics)]
     run.save_figure(metric_curves(run.metrics, names, title=f"{cfg.METHOD} training loss"),
