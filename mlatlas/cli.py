@@ -34,6 +34,7 @@ from mlatlas.core.config import (
     config_to_dict,
     flag,
 )
+from mlatlas.launch import EXIT_PEER_LOST, LAUNCHED_BY_NPROC
 
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 COMMANDS = ("list", "train", "sample", "eval", "demo", "classifier")
@@ -152,7 +153,9 @@ def cmd_train(argv: list[str]) -> int:
         run = Run.create(method.name, cfg, root=args.out)
     from mlatlas.core import distributed
 
-    if distributed.is_main():
+    # Under --nproc the launching process prints the folder and the report, not the ranks.
+    speaks = distributed.is_main() and not os.environ.get(LAUNCHED_BY_NPROC)
+    if speaks:
         print(f"run folder: {run.dir}", file=sys.stderr)
     if world > 1 and not distributed.launched():
         from mlatlas.launch import launch_train
@@ -174,7 +177,7 @@ def cmd_train(argv: list[str]) -> int:
         if resume is None and not run.has_checkpoint() and distributed.is_main():
             shutil.rmtree(run.dir)
         raise
-    if distributed.is_main():
+    if speaks:
         _report(run)
     return 0
 
@@ -205,10 +208,9 @@ def _join_job(cfg, world: int) -> None:
     """Check the device and that every global batch splits over ``world`` ranks; inside a
     torchrun job, join its process group."""
     from mlatlas.core import distributed
-    from mlatlas.core.runtime import resolve_device
-
     from mlatlas.core.config import BatchConfig
     from mlatlas.core.precision import check_compile, check_precision
+    from mlatlas.core.runtime import resolve_device
 
     device = resolve_device(cfg.device)
     if isinstance(cfg, BatchConfig):
@@ -337,6 +339,20 @@ def cmd_classifier(argv: list[str]) -> int:
     return 0
 
 
+def _in_job() -> bool:
+    from mlatlas.core import distributed
+
+    return distributed.launched()
+
+
+def _from_collective(err: BaseException) -> bool:
+    """Whether ``err`` was raised inside torch.distributed (gloo raises plain RuntimeErrors)."""
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and f"torch{os.sep}distributed" in frames[-1].filename
+
+
 def _set_threads(threads: int | None) -> None:
     from mlatlas.core.runtime import set_threads
 
@@ -361,20 +377,45 @@ def main(argv: list[str] | None = None) -> int:
                              f"(commands: {', '.join(COMMANDS)})")
         return handlers[command](rest)
     except (UsageError, ConfigError, DatasetError, RunError, CheckpointError) as err:
-        print(f"mlatlas {command}: error: {err}", file=sys.stderr)
+        _say(command, f"error: {err}")
         return EXIT_USAGE
     except NonFiniteLossError as err:
-        print(f"mlatlas {command}: error: {err}", file=sys.stderr)
+        _say(command, f"error: {err}")
         return EXIT_FAILED
     except InterruptedRun as err:
-        print(f"mlatlas {command}: {err}", file=sys.stderr)
+        _say(command, f"{err}")
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:  # outside a training loop, e.g. while sampling
-        print(f"mlatlas {command}: interrupted", file=sys.stderr)
+        _say(command, "interrupted")
         return EXIT_INTERRUPTED
+    except RuntimeError as err:
+        if not (_in_job() and _from_collective(err)):
+            raise
+        # A peer died mid-collective: its own failure is the story, this rank only says so.
+        _say(command, f"stopped: another rank of the job is gone "
+             f"({str(err).splitlines()[0][:120]})", every_rank=True)
+        return EXIT_PEER_LOST
     except OSError as err:  # a folder that cannot be written, a full disk
-        print(f"mlatlas {command}: error: {err}", file=sys.stderr)
+        _say(command, f"error: {err}", every_rank=True)
         return EXIT_FAILED
+    finally:
+        if _in_job():
+            from mlatlas.core import distributed
+
+            distributed.shutdown()
+
+
+def _say(command: str, message: str, every_rank: bool = False) -> None:
+    """An error line on stderr; in a torchrun job, once (rank 0) for what every rank hits
+    alike, or from every rank, with its number."""
+    if _in_job():
+        from mlatlas.core import distributed
+
+        if not every_rank and not distributed.is_main():
+            return
+        if every_rank:
+            message = f"rank {distributed.rank()}: {message}"
+    print(f"mlatlas {command}: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

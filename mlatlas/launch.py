@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
+EXIT_PEER_LOST = 3
+"""A rank's exit code when another rank vanished in the middle of a collective."""
+LAUNCHED_BY_NPROC = "MLATLAS_NPROC_RANK"
+"""Set in the ranks that ``mlatlas train --nproc`` starts."""
 
 
 def launch_train(run_dir: Path, nproc: int, flags: list[str]) -> int:
@@ -29,6 +35,7 @@ def launch_train(run_dir: Path, nproc: int, flags: list[str]) -> int:
     # The agent's own log lines repeat what the ranks and this function print.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ[LAUNCHED_BY_NPROC] = "1"  # the ranks leave the folder and report to us
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0",
                           run_id=str(uuid.uuid4()), max_restarts=0, monitor_interval=0.2)
@@ -41,7 +48,7 @@ def launch_train(run_dir: Path, nproc: int, flags: list[str]) -> int:
             return EXIT_USAGE  # a bad value every rank reported; rank 0 printed it
         if codes <= {130}:
             return 130
-        rank, failure = min(err.failures.items())
+        rank, failure = first_failure(err.failures)
         how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
                else f"exited with code {failure.exitcode}")
         run = Run.open(run_dir)
@@ -53,3 +60,11 @@ def launch_train(run_dir: Path, nproc: int, flags: list[str]) -> int:
               f"stopped on every rank; {kept}", file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+def first_failure(failures: dict) -> tuple[int, Any]:
+    """The rank that failed first: not one the agent stopped afterwards (SIGTERM) nor one that
+    only lost its peer (EXIT_PEER_LOST)."""
+    after = (-signal.SIGTERM, EXIT_PEER_LOST)
+    causes = {rank: f for rank, f in failures.items() if f.exitcode not in after}
+    return min((causes or failures).items())
