@@ -14,7 +14,7 @@ import mlatlas
 ROOT = Path(mlatlas.__file__).parent
 FAMILIES = {"generative", "rl", "llm", "contrastive"}
 SHARED = {"core", "nn", "data", "eval"}
-TOP = {"registry", "cli"}
+TOP = {"registry", "cli", "launch", "__main__"}
 # Where one family is truly built on another (docs/architecture.md, "Which package imports
 # which"): GRPO and PPO-RLHF reuse RL's returns and GAE.
 BUILT_ON = {("llm", "mlatlas.rl.returns")}

@@ -6,7 +6,7 @@ import typing
 
 import pytest
 
-from mlatlas.core.config import BaseConfig, ConfigError, field_docs
+from mlatlas.core.config import BaseConfig, BatchConfig, ConfigError, field_docs
 from mlatlas.registry import METHODS
 
 CONFIGS = {name: method.config_cls for name, method in METHODS.items()}
@@ -16,11 +16,24 @@ CONFIGS = {name: method.config_cls for name, method in METHODS.items()}
 def test_config_names_its_method_and_has_at_most_one_family_base(name):
     cls = CONFIGS[name]
     assert name == cls.METHOD
-    between = [c for c in cls.__mro__[1:] if issubclass(c, BaseConfig) and c is not BaseConfig]
+    between = [c for c in cls.__mro__[1:] if issubclass(c, BaseConfig)
+               and c not in (BaseConfig, BatchConfig)]
     assert len(between) <= 1, f"{cls.__qualname__} -> {[c.__qualname__ for c in between]}"
     assert not any(dataclasses.is_dataclass(c) and c.__name__ in {m.config for m in
                                                                   METHODS.values()}
                    and c.METHOD for c in between), "a method's Config extends another method's"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_mini_batch_trainers_can_run_data_parallel(name):
+    """Every method trained by gradient steps on mini-batches is a BatchConfig (data-parallel,
+    --precision, --compile); the RL methods step environments and are not, and each global
+    batch field it names for sharding exists."""
+    cls, family = CONFIGS[name], METHODS[name].family
+    assert issubclass(cls, BatchConfig) == (not family.startswith("rl/")), family
+    if issubclass(cls, BatchConfig):
+        assert cls.SHARDED and all(s in {f.name for f in dataclasses.fields(cls)}
+                                   for s in cls.SHARDED)
 
 
 @pytest.mark.parametrize("name", METHODS)
