@@ -383,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         _say(command, f"error: {err}")
         return EXIT_FAILED
     except InterruptedRun as err:
-        _say(command, f"{err}")
+        if not os.environ.get(LAUNCHED_BY_NPROC):  # else the launcher says it, with --nproc
+            _say(command, f"{err}")
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:  # outside a training loop, e.g. while sampling
         _say(command, "interrupted")

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-EXIT_USAGE, EXIT_FAILED = 2, 1
+EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 EXIT_PEER_LOST = 3
 """A rank's exit code when another rank vanished in the middle of a collective."""
 LAUNCHED_BY_NPROC = "MLATLAS_NPROC_RANK"
@@ -27,13 +27,16 @@ LAUNCHED_BY_NPROC = "MLATLAS_NPROC_RANK"
 
 def launch_train(run_dir: Path, nproc: int, flags: list[str]) -> int:
     """Train the run in ``run_dir`` with ``nproc`` local ranks; returns the exit code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from mlatlas.core.run import Run
 
     # The agent's own log lines repeat what the ranks and this function print.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ[LAUNCHED_BY_NPROC] = "1"  # the ranks leave the folder and report to us
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
@@ -42,12 +45,20 @@ def launch_train(run_dir: Path, nproc: int, flags: list[str]) -> int:
     args = ["-m", "mlatlas", "train", "--resume", str(run_dir), *flags]
     try:
         elastic_launch(config, entrypoint=sys.executable)(*args)
+    except SignalException:
+        # Ctrl-C: the agent passed the signal on and waited for the ranks to stop, which they
+        # do together after a step, saving a checkpoint first.
+        step = Run.open(run_dir).checkpoint_step()
+        print(f"mlatlas train: interrupted; the checkpoint (step {step}) in {run_dir} is saved; "
+              f"continue with: mlatlas train --resume {run_dir} --nproc {nproc}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ChildFailedError as err:
         codes = {failure.exitcode for failure in err.failures.values()}
         if codes <= {EXIT_USAGE}:
             return EXIT_USAGE  # a bad value every rank reported; rank 0 printed it
-        if codes <= {130}:
-            return 130
+        if codes <= {EXIT_INTERRUPTED}:
+            return EXIT_INTERRUPTED
         rank, failure = first_failure(err.failures)
         how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
                else f"exited with code {failure.exitcode}")

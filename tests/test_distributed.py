@@ -84,6 +84,17 @@ def test_killed_rank_stops_the_job_and_the_checkpoint_resumes(one_rank_run, tmp_
     assert_close_params(one_rank_run, directory, 1e-6)
 
 
+def test_interrupt_stops_every_rank_at_one_step_and_resumes_exactly(one_rank_run, tmp_path):
+    proc = start(tmp_path, "ddpm", *DDPM, "--steps", "100000")
+    directory = wait_for_checkpoint(tmp_path, 20, proc)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C reaches the launcher; it passes it to the ranks
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "--nproc 2" in stderr
+    assert Run.open(directory).checkpoint_step() <= 60
+    train(tmp_path, "ddpm", "--steps", "60", nproc=2, resume=directory)
+    assert_close_params(one_rank_run, directory, 1e-6)
+
+
 def test_refusals(tmp_path, capsys, monkeypatch):
     out = tmp_path / "runs"
     assert cli.main(["train", "td0", "--nproc", "2", "--out", str(out)]) == cli.EXIT_USAGE
