@@ -120,3 +120,13 @@ def test_readme_llm_tour(runs, capsys):
             first = sorted(runs.glob(f"{method}-*"))[0]
             argv = [argv[0], str(first), "--n", "8", "--no-progress"]
         assert main(argv) == 0, argv
+
+
+def test_readme_distributed_command(runs):
+    """The README's --nproc line, with a tiny budget, runs at two processes."""
+    from parallel import train
+
+    (argv,) = [c for c in tour_commands("--nproc 2") if "--nproc" in c]
+    proc = train(runs, argv[1], *argv[2:argv.index("--nproc")], "--steps", "4",
+                 "--eval-samples", "0", nproc=2)
+    assert "run: " in proc.stdout
