@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ LAUNCHED_BY_NPROC = "MLATLAS_NPROC_RANK"
 
 def launch_train(run_dir: Path, nproc: int, flags: list[str]) -> int:
     """Train the run in ``run_dir`` with ``nproc`` local ranks; returns the exit code."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -39,10 +41,13 @@ def launch_train(run_dir: Path, nproc: int, flags: list[str]) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ[LAUNCHED_BY_NPROC] = "1"  # the ranks leave the folder and report to us
+    args = ["-m", "mlatlas", "train", "--resume", str(run_dir), *flags]
+    # The agent keeps per-rank files in a folder of its own, left behind unless we own it.
+    logs = tempfile.TemporaryDirectory(prefix="mlatlas-ranks-")
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0",
-                          run_id=str(uuid.uuid4()), max_restarts=0, monitor_interval=0.2)
-    args = ["-m", "mlatlas", "train", "--resume", str(run_dir), *flags]
+                          run_id=str(uuid.uuid4()), max_restarts=0, monitor_interval=0.2,
+                          logs_specs=DefaultLogsSpecs(log_dir=logs.name))
     try:
         elastic_launch(config, entrypoint=sys.executable)(*args)
     except SignalException:
@@ -70,6 +75,8 @@ def launch_train(run_dir: Path, nproc: int, flags: list[str]) -> int:
         print(f"mlatlas train: error: rank {rank} (pid {failure.pid}) {how}; the job was "
               f"stopped on every rank; {kept}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        logs.cleanup()
     return 0
 
 
