@@ -146,6 +146,8 @@ def train(cfg: DiffusionConfig, run: Run | None = None, progress: bool | None = 
         objects={"model": s.model, "ema": s.ema, "optimizer": s.optimizer, "rng": generator,
                  "precision": s.precision},
         progress=progress)
+    if not distributed.is_main():
+        return run  # the figures, the noisy classifier and the evaluation are rank 0's
     run.save_figure(metric_curves(run.metrics, ["loss"], title=f"{cfg.METHOD} training loss"),
                     "loss.png")
     run.write_summary({"train/steps": cfg.steps, "train/loss": run.metrics[-1]["loss"]})

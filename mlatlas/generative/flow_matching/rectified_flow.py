@@ -201,6 +201,8 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
         objects={"model": model, "ema": ema, "optimizer": opt, "rng": generator,
                  "ema_rf1": ema_rf1, "pairs": pairs, "precision": s.precision},
         progress=progress)
+    if not distributed.is_main():
+        return run  # the figures and the evaluation are rank 0's
     names = [k for k in ("loss", "reflow_loss") if any(k in r for r in run.metrics)]
     run.save_figure(metric_curves(run.metrics, names, title=f"{cfg.METHOD} training loss"),
                     "loss.png")
