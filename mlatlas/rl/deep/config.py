@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from mlatlas.core.config import BaseConfig, ConfigError, require_at_least, require_unit
 from mlatlas.rl.deep.envs import check_env_id
@@ -29,6 +29,9 @@ class DeepRLConfig(BaseConfig):
     whole updates, at least one)."""
     num_envs: int = 8
     """Parallel environments in the vector environment."""
+    vector: Literal["sync", "async"] = "sync"
+    """Step the environments in this process (sync) or each in a subprocess (async: for
+    environments whose step is expensive; the same transitions). Evaluation steps in-process."""
     gamma: float = 0.99
     """Discount factor."""
     lr: float = 3e-4
@@ -53,7 +56,7 @@ class DeepRLConfig(BaseConfig):
     updates; and always at the end)."""
 
     RESUMABLE: ClassVar[frozenset[str]] = BaseConfig.RESUMABLE | {"eval_episodes",
-                                                                   "target_return"}
+                                                                   "target_return", "vector"}
     # Tuned values per environment, applied by ``create`` under the caller's own choices.
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
 

@@ -54,11 +54,13 @@ def check_env_id(env_id: str) -> None:
             raise ConfigError(f"{env_id} needs MuJoCo: pip install 'mlatlas[mujoco]'") from None
 
 
-def make_envs(env_id: str, num_envs: int, seed: int, **kwargs: Any) -> gym.vector.VectorEnv:
+def make_envs(env_id: str, num_envs: int, seed: int, vector: str = "sync",
+              **kwargs: Any) -> gym.vector.VectorEnv:
     """``num_envs`` copies of ``env_id``, not yet reset (``reset(seed=s)`` seeds copy i with
-    s + i)."""
+    s + i), stepped in this process (``vector="sync"``) or each in a subprocess of its own
+    (``"async"``, gymnasium's AsyncVectorEnv: the same transitions, computed in parallel)."""
     check_env_id(env_id)
-    envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync",
+    envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode=vector,
                         vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
                         **kwargs)
     return envs
@@ -154,7 +156,7 @@ class Interaction:
     the two normalisation flags are read)."""
 
     def __init__(self, cfg: Any):
-        self.envs = make_envs(cfg.env, cfg.num_envs, cfg.seed)
+        self.envs = make_envs(cfg.env, cfg.num_envs, cfg.seed, cfg.vector)
         self.spaces = spaces = spaces_of(self.envs)
         self.obs_norm = ObsNormalizer(spaces.obs_dim) if cfg.normalize_obs else None
         self.reward_scaler = (RewardScaler(cfg.num_envs, cfg.gamma)
