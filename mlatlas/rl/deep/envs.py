@@ -1,22 +1,26 @@
 """Environments: gymnasium vector environments and the loop around one step of them.
 
-The vector environments (``SyncVectorEnv``) reset an episode in the same step it ends and hand
-its last observation over in ``info["final_obs"]``, so an agent can tell a true terminal state
-(v = 0) from a time-limit cut (bootstrap v(s_final)). :class:`Interaction` steps them with an
-agent's actions and keeps what surrounds a step consistent: the current observation (normalised,
+The vector environments (``SyncVectorEnv``, or ``AsyncVectorEnv`` with a subprocess per copy)
+reset an episode in the same step it ends and hand its last observation over in
+``info["final_obs"]``, so an agent can tell a true terminal state (v = 0) from a time-limit cut
+(bootstrap v(s_final)). :class:`Interaction` steps them with an agent's actions and keeps what
+surrounds a step consistent: the current observation (normalised,
 :mod:`~mlatlas.rl.deep.normalize`), the rewards (scaled), the counts of :class:`Episodes`, and
 the final observation of each episode that ended, normalised like the others.
 """
 
 from __future__ import annotations
 
+import functools
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
 import torch
+from gymnasium.vector.async_vector_env import _async_worker
 from torch import nn
 
 from mlatlas.core.config import ConfigError, closest
@@ -54,16 +58,28 @@ def check_env_id(env_id: str) -> None:
             raise ConfigError(f"{env_id} needs MuJoCo: pip install 'mlatlas[mujoco]'") from None
 
 
-def make_envs(env_id: str, num_envs: int, seed: int, vector: str = "sync",
+def make_envs(env_id: str, num_envs: int, seed: int, vector: Literal["sync", "async"] = "sync",
               **kwargs: Any) -> gym.vector.VectorEnv:
     """``num_envs`` copies of ``env_id``, not yet reset (``reset(seed=s)`` seeds copy i with
     s + i), stepped in this process (``vector="sync"``) or each in a subprocess of its own
     (``"async"``, gymnasium's AsyncVectorEnv: the same transitions, computed in parallel)."""
     check_env_id(env_id)
-    envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode=vector,
-                        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
-                        **kwargs)
-    return envs
+    # gym.make of the spec itself, so a worker needs no registry: a partial of module-level
+    # functions, which plain pickle carries under every start method (fork, spawn, forkserver).
+    factory = functools.partial(gym.make, gym.spec(env_id), **kwargs)
+    autoreset = gym.vector.AutoresetMode.SAME_STEP
+    if vector == "async":
+        return gym.vector.AsyncVectorEnv([factory] * num_envs, autoreset_mode=autoreset,
+                                         worker=worker_ignoring_sigint)
+    return gym.vector.SyncVectorEnv([factory] * num_envs, autoreset_mode=autoreset)
+
+
+def worker_ignoring_sigint(*args: Any) -> None:
+    """gymnasium's worker loop, deaf to Ctrl-C. A terminal sends it to the workers too; the
+    training process alone must act on it (a checkpoint at the next whole update, as with sync
+    environments) and then close them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _async_worker(*args)
 
 
 def env_spaces(env_id: str) -> Spaces:
@@ -207,5 +223,7 @@ class Interaction:
             out["reward_scaler"] = self.reward_scaler
         return out
 
-    def close(self) -> None:
-        self.envs.close()
+    def close(self, terminate: bool = False) -> None:
+        """Close the environments; ``terminate`` ends async workers at once instead of waiting
+        on them (after an error, when a step may have been left half received)."""
+        self.envs.close(terminate=terminate)

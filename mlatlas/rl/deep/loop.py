@@ -97,8 +97,10 @@ def train_agent(cfg: DeepRLConfig, run: Run, agent: Agent, progress: bool | None
             objects=objects, log_every=whole_updates(cfg.log_every, per_update),
             ckpt_every=whole_updates(cfg.ckpt_every, per_update), progress=progress,
             until=until, latest=("env_steps", "episode_return"), step_size=per_update)
-    finally:
-        interaction.close()
+    except BaseException:
+        interaction.close(terminate=True)
+        raise
+    interaction.close()
     # The counters as last checkpointed or updated (also when fit had nothing left to do).
     interaction.episodes.load(counters)
     evaluation_start = time.perf_counter()
