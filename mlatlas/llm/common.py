@@ -12,12 +12,25 @@ which :func:`completion_logprobs` returns per token (0 on padding) from one forw
 The methods read the policy, its tokenizer and the frozen reference pi_ref from a previous run
 (``--init-from RUN_DIR``, usually an SFT run) or from a transformers Llama folder.
 
+Data-parallel (``--nproc N``, :mod:`mlatlas.core.distributed`): rank r of W takes its shard of
+each step's global batch. A loss that is a mean over examples averages over the ranks to the
+one-process loss; one that is a mean over the N_tok tokens of the whole batch does not (the
+ranks hold different numbers of tokens), so each rank's share is
+
+    L_r = (W / N_tok) sum_{tokens t of rank r} l_t,   N_tok summed over the ranks,
+
+whose mean over ranks is (1 / N_tok) sum_t l_t (:func:`token_mean`). Rollouts are sharded too
+(:func:`rollout` with ``sharded``): a rank samples the completions of its rows of the step's
+prompts, padded as the whole batch is and with the whole batch's random draws, so it samples
+what a one-process run samples for those rows.
+
 What every method of the family shares (docs/architecture.md, "The family contract"):
 
 - the learning rate warms up linearly over ``warmup_steps(cfg)`` = max(1, floor(warmup_ratio *
   steps)) steps, then decays along a cosine to 0 (``core.optim.warmup_cosine_lr``), set each step;
-- checkpoint groups: ``model`` (the policy, or the reward model), ``optimizer``, plus named
-  extras (PPO-RLHF's ``critic``, ``critic_optimizer``, ``score_stats``); no ``rng`` group, as
+- checkpoint groups: ``model`` (the policy, or the reward model), ``optimizer``,
+  ``precision`` (the fp16 loss scale), plus named extras (PPO-RLHF's ``critic``,
+  ``critic_optimizer``, ``critic_precision``, ``score_stats``); no ``rng`` group, as
   every step draws from ``step_generator(seed, step)``, a function of the step alone; the
   frozen reference is not saved (it is ``--init-from`` read again);
 - summary.json: ``train/`` (steps, parameters, tokenizer), ``eval/`` (the held-out metrics of
@@ -37,8 +50,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mlatlas.core.config import BaseConfig, ConfigError, require_at_least, require_unit
+from mlatlas.core import distributed
+from mlatlas.core.config import (
+    BaseConfig,
+    BatchConfig,
+    ConfigError,
+    require_at_least,
+    require_unit,
+)
 from mlatlas.core.io import read_json, write_json
+from mlatlas.core.precision import compile_module
 from mlatlas.core.run import Run, RunError
 from mlatlas.llm.model import (
     LMConfig,
@@ -58,8 +79,9 @@ EVAL_PROBLEMS = 500
 
 
 @dataclass
-class LLMConfig(BaseConfig):
-    """Fields every language-model method has."""
+class LLMConfig(BatchConfig):
+    """Fields every language-model method has; each names its global batch sizes (split over
+    the ranks of a data-parallel job) in ``SHARDED``."""
 
     task: str = "addition"
     """Task: addition, addition_cot or countdown."""
@@ -134,12 +156,17 @@ def load_policy(path: str | Path, device: torch.device | str = "cpu"
 
 def write_lm_files(run: Run, model: TinyLM, tokenizer: Tokenizer) -> None:
     """What makes a run's checkpoint a loadable policy: the model's shape and the tokenizer."""
+    if not distributed.is_main():
+        return
     write_json(run.path(LM_FILE), vars(model.cfg))
     tokenizer.save(run.path(TOKENIZER_FILE))
 
 
 def export_hf(run: Run, model: TinyLM, tokenizer: Tokenizer) -> Path:
-    """The policy as a transformers folder ``RUN/hf`` (``LlamaForCausalLM.from_pretrained``)."""
+    """The policy as a transformers folder ``RUN/hf`` (``LlamaForCausalLM.from_pretrained``),
+    written by rank 0."""
+    if not distributed.is_main():
+        return run.path("hf")
     directory = save_pretrained(model, run.path("hf"), bos_id=tokenizer.bos_id,
                                 eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     tokenizer.save_pretrained(directory, model.cfg.max_seq_len)
@@ -210,6 +237,16 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
+def token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x`` over the masked tokens of a data-parallel job's global batch, as this
+    rank's share: (W / N_tok) times the sum over this rank's tokens, N_tok the tokens of all
+    ranks, so that the ranks' mean is the global mean (every rank calls it together). In one
+    process: :func:`masked_mean`."""
+    mask = mask.to(x.dtype)
+    count = distributed.all_reduce_sum(mask.sum().detach())
+    return (x * mask).sum() / count.clamp(min=1) * distributed.world_size()
+
+
 # rollouts -------------------------------------------------------------------------------------
 
 @dataclass
@@ -234,16 +271,24 @@ class Rollout:
 
 def rollout(model: TinyLM, tokenizer: Tokenizer, task: Task, items: Sequence[Problem], *,
             max_new_tokens: int, temperature: float, top_p: float = 1.0,
-            generator: torch.Generator | None = None) -> Rollout:
-    """Sample one completion per problem (repeat problems in ``items`` for groups)."""
+            generator: torch.Generator | None = None, sharded: bool = False) -> Rollout:
+    """Sample one completion per problem (repeat problems in ``items`` for groups).
+
+    ``sharded``: ``items`` is a data-parallel job's global batch and this rank samples its rows
+    of it (every rank calls this together): the prompts are padded to the whole batch's width
+    and the draws are the whole batch's (``generate``), so each row's completion is the one a
+    one-process run samples, and every rank's tensors have the same width."""
     device = model.lm_head.weight.device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [p.prompt for p in items], device)
+    if sharded:
+        items = distributed.shard_list(items)
+        prompt_ids, prompt_mask = distributed.shard(prompt_ids), distributed.shard(prompt_mask)
     was_training = model.training
     model.eval()
     completion_ids, completion_mask = generate(
         model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
         eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=temperature,
-        top_p=top_p, generator=generator)
+        top_p=top_p, generator=generator, sharded=sharded)
     model.train(was_training)
     texts = tokenizer.decode_batch(completion_ids.tolist())
     correct, formatted = task.rewards(items, texts)
@@ -330,8 +375,8 @@ class Setup:
 
 
 def setup(cfg: LLMConfig, run: Run, train_n: int = 20000) -> Setup:
-    """Load ``cfg.init_from`` as the policy and frozen reference, draw the problems and write
-    the run's policy files."""
+    """Load ``cfg.init_from`` as the policy and frozen reference (both compiled with
+    ``--compile``), draw the problems and write the run's policy files."""
     from mlatlas.core.runtime import resolve_device
 
     if not cfg.init_from:
@@ -343,7 +388,8 @@ def setup(cfg: LLMConfig, run: Run, train_n: int = 20000) -> Setup:
     levels = parse_difficulties(cfg.difficulty, task)
     write_lm_files(run, policy, tokenizer)
     write_train_summary(run, cfg, policy, tokenizer)
-    return Setup(policy.train(), frozen_copy(policy), tokenizer, task,
+    reference = compile_module(frozen_copy(policy), cfg.compile)
+    return Setup(compile_module(policy.train(), cfg.compile), reference, tokenizer, task,
                  problems(task, "train", train_n, levels, cfg.seed),
                  problems(task, "test", cfg.eval_n, levels, 0), device)
 

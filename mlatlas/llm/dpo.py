@@ -21,6 +21,12 @@ At pi_theta = pi_ref, h = 0 and the DPO loss is ln 2. Here the pairs are the pol
 samples on training problems, chosen correct and rejected wrong (``RUN/pairs.jsonl``, TRL's
 prompt/chosen/rejected format), or any such file (``--pairs``); ``--refresh-every N`` rebuilds
 them from the current policy every N steps (online / iterative DPO).
+
+Data-parallel, every rank builds the same pair set (the same samples from the same policy with
+the generator of (seed, step)) and its reference log-probabilities, then takes its shard of
+each step's pairs: the losses are means over pairs, and RPO's likelihood term a mean over the
+chosen tokens of the whole batch (``common.token_mean``), so the ranks' mean is the one-process
+loss.
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
+from mlatlas.core import distributed
 from mlatlas.core.config import ConfigError, require_at_least, require_unit
-from mlatlas.core.optim import clip_and_step, set_lr, warmup_cosine_lr
+from mlatlas.core.optim import set_lr, warmup_cosine_lr
+from mlatlas.core.precision import Precision
 from mlatlas.core.run import Run, RunError, fit
 from mlatlas.core.runtime import seed_everything
 from mlatlas.llm.common import (
@@ -43,13 +51,13 @@ from mlatlas.llm.common import (
     encode_completions,
     encode_prompts,
     finish,
-    masked_mean,
     periodic_eval,
     preference_pairs,
     setup,
     start_metrics,
     step_generator,
     step_problems,
+    token_mean,
     warmup_steps,
 )
 from mlatlas.llm.tasks import read_jsonl, write_jsonl
@@ -64,6 +72,7 @@ PAIR_KEYS = ("prompt", "chosen", "rejected")
 @dataclass
 class Config(LLMConfig):
     METHOD: ClassVar[str] = "dpo"
+    SHARDED: ClassVar[tuple[str, ...]] = ("batch_size",)
 
     steps: int = 200
     lr: float = 1e-4
@@ -190,6 +199,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     s = setup(cfg, run)
     start_metrics(run, cfg, s)
     optimizer = torch.optim.AdamW(s.policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    precision = Precision(cfg.precision, s.device)
     current: dict = {}  # the pair set in use and its reference log-probs
 
     def pair_set(step: int) -> dict:
@@ -205,7 +215,8 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
             rows = read_jsonl(cfg.pairs, PAIR_KEYS)
         elif step == refresh_step:
             rows = build_pairs(cfg, s, refresh_step)
-            write_jsonl(path, rows)
+            if distributed.is_main():
+                write_jsonl(path, rows)
         elif path.is_file():
             rows = read_jsonl(path, PAIR_KEYS)
         else:
@@ -216,14 +227,17 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
         return current
 
     def step_fn(step: int) -> dict[str, float]:
-        pairs = pair_set(step)
+        with precision.autocast():
+            pairs = pair_set(step)
         set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, warmup_steps(cfg)))
         generator = step_generator(cfg.seed, step)
         idx = torch.randint(len(pairs["rows"]), (cfg.batch_size,), generator=generator)
+        idx = distributed.shard(idx)  # this rank's pairs of the step's batch
         batch = encode_pairs(s, [pairs["rows"][i] for i in idx.tolist()])
         idx = idx.to(s.device)
         ref_chosen, ref_rejected = pairs["ref"][0][idx], pairs["ref"][1][idx]
-        token_logps = pair_token_logps(s.policy, batch)
+        with precision.autocast():
+            token_logps = pair_token_logps(s.policy, batch)
         chosen, rejected = token_logps.sum(-1).chunk(2)
         loss, chosen_rewards, rejected_rewards = dpo_loss(
             chosen, rejected, ref_chosen, ref_rejected, cfg.beta, cfg.loss_type)
@@ -231,12 +245,12 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
         if cfg.rpo_alpha:
             # Preference losses can lower log pi(y_w) as long as log pi(y_l) falls faster; the
             # likelihood term keeps the chosen (correct) answers probable.
-            nll = -masked_mean(token_logps.chunk(2)[0], batch.completion_mask.chunk(2)[0])
+            nll = -token_mean(token_logps.chunk(2)[0], batch.completion_mask.chunk(2)[0])
             loss = loss + cfg.rpo_alpha * nll
             metrics["nll"] = nll.item()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_and_step(optimizer, s.policy.parameters(), cfg.grad_clip)
+        precision.backward(loss)
+        precision.step(optimizer, s.policy.parameters(), cfg.grad_clip)
         margin = chosen_rewards - rejected_rewards
         metrics.update({"loss": loss.item(), "chosen_reward": chosen_rewards.mean().item(),
                    "rejected_reward": rejected_rewards.mean().item(),
@@ -246,7 +260,8 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
         metrics.update(periodic_eval(cfg, s, step))
         return metrics
 
-    fit(run, step_fn, total_steps=cfg.steps, objects={"model": s.policy, "optimizer": optimizer},
+    fit(run, step_fn, total_steps=cfg.steps,
+        objects={"model": s.policy, "optimizer": optimizer, "precision": precision},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress,
         latest=("pairs",))
     finish(run, cfg, s)

@@ -25,10 +25,18 @@ long wrong ones (a bias toward long wrong answers), and the std division up-weig
 that are nearly all right or all wrong; Dr. GRPO removes both. Each batch of P prompts x G
 completions takes ``num_iterations`` (mu) gradient steps: pi_old is the policy that sampled,
 so on the first one rho = 1, yet its gradient grad rho = grad log pi_theta is not zero.
+
+Data-parallel, rank r of W samples the groups of its P / W prompts (a group never spans two
+ranks, so its advantages are computed where it lives). grpo's and dr_grpo's losses are means
+over completions; token's divides by the token count of the whole batch
+(``common.token_mean``); so the ranks' mean is the one-process loss. The tokens are drawn with
+the whole batch's random numbers (``common.rollout``): a run at W ranks samples what one
+process samples, up to the order of floating-point sums in the forward passes.
 """
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -36,7 +44,8 @@ from typing import ClassVar, Literal
 import torch
 
 from mlatlas.core.config import ConfigError, require_at_least, require_unit
-from mlatlas.core.optim import clip_and_step, set_lr, warmup_cosine_lr
+from mlatlas.core.optim import set_lr, warmup_cosine_lr
+from mlatlas.core.precision import Precision
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import seed_everything
 from mlatlas.llm.common import (
@@ -50,6 +59,7 @@ from mlatlas.llm.common import (
     start_metrics,
     step_generator,
     step_problems,
+    token_mean,
     warmup_steps,
 )
 
@@ -62,6 +72,7 @@ LOSS_TYPES = typing.get_args(LossType)
 @dataclass
 class Config(LLMConfig):
     METHOD: ClassVar[str] = "grpo"
+    SHARDED: ClassVar[tuple[str, ...]] = ("prompts_per_step",)
 
     steps: int = 100
     lr: float = 5e-5
@@ -122,6 +133,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     may be None when beta is 0); advantages (B,). ``max_tokens`` is dr_grpo's constant L_max
     (default L). Stats: kl (k3 summed over each completion, mean over completions) and
     clip_frac (fraction of tokens whose clipped branch is active, so get no gradient).
+    Data-parallel, the token means are this rank's shares of the global batch's
+    (``token_mean``; every rank calls this together).
     """
     if loss_type not in LOSS_TYPES:
         raise ConfigError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
@@ -130,7 +143,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     ratio = torch.exp(logp - old_logp)
     unclipped, clipped = ratio * A, torch.clamp(ratio, 1 - eps, 1 + eps) * A
     objective = torch.minimum(unclipped, clipped)
-    stats = {"clip_frac": masked_mean((clipped < unclipped).to(logp.dtype), mask).detach()}
+    stats = {"clip_frac": token_mean((clipped < unclipped).to(logp.dtype), mask).detach()}
     if ref_logp is not None and beta > 0:
         kl = k3_kl(logp, ref_logp)
         objective = objective - beta * kl
@@ -138,7 +151,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     if loss_type == "grpo":
         loss = -masked_mean(objective, mask, dim=-1).mean()
     elif loss_type == "token":
-        loss = -masked_mean(objective, mask)
+        loss = -token_mean(objective, mask)
     else:
         loss = -(objective * mask).sum() / (mask.shape[0] * (max_tokens or mask.shape[1]))
     return loss, stats
@@ -150,6 +163,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     s = setup(cfg, run)
     policy, reference = s.policy, s.reference if cfg.beta > 0 else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    precision = Precision(cfg.precision, s.device)
     start_metrics(run, cfg, s)
     G = cfg.group_size
     scale = cfg.scale_rewards and cfg.loss_type != "dr_grpo"
@@ -158,9 +172,10 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
         set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, warmup_steps(cfg)))
         generator = step_generator(cfg.seed, step, s.device)
         items = step_problems(s.train_items, cfg.prompts_per_step, generator)
-        batch = rollout(policy, s.tokenizer, s.task, [p for p in items for _ in range(G)],
-                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                        top_p=cfg.top_p, generator=generator)
+        with precision.autocast():  # this rank's groups
+            batch = rollout(policy, s.tokenizer, s.task, [p for p in items for _ in range(G)],
+                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                            top_p=cfg.top_p, generator=generator, sharded=True)
         rewards = batch.correct + cfg.format_weight * batch.formatted
         grouped = rewards.view(-1, G)
         advantages = group_advantages(grouped, scale).view(-1)
@@ -168,27 +183,31 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
                 batch.completion_mask)
         ref_logp = None
         if reference is not None:
-            with torch.no_grad():
+            with torch.no_grad(), precision.autocast():
                 ref_logp = completion_logprobs(reference, *args)
         for iteration in range(cfg.num_iterations):
-            logp = completion_logprobs(policy, *args)
+            with precision.autocast():
+                logp = completion_logprobs(policy, *args)
             if iteration == 0:
                 old_logp = logp.detach()  # the sampling policy: no second forward needed
             loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages,
                                     batch.completion_mask, cfg.clip_eps, cfg.beta,
                                     cfg.loss_type, cfg.max_new_tokens)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = clip_and_step(optimizer, policy.parameters(), cfg.grad_clip)
+            precision.backward(loss)
+            grad_norm = precision.step(optimizer, policy.parameters(), cfg.grad_clip)
         metrics = {"loss": loss.item(), "reward": rewards.mean().item(),
                    "correct": batch.correct.mean().item(),
                    "sample_length": batch.lengths.float().mean().item(),
                    "zero_std_frac": (grouped.std(-1) == 0).float().mean().item(),
                    "grad_norm": grad_norm, **{k: v.item() for k, v in stats.items()}}
+        if not math.isfinite(grad_norm):  # an fp16 step the loss scaler skipped (overflow)
+            del metrics["grad_norm"]
         metrics.update(periodic_eval(cfg, s, step))
         return metrics
 
-    fit(run, step_fn, total_steps=cfg.steps, objects={"model": policy, "optimizer": optimizer},
+    fit(run, step_fn, total_steps=cfg.steps,
+        objects={"model": policy, "optimizer": optimizer, "precision": precision},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
     finish(run, cfg, s)
     return run

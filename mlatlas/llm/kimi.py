@@ -25,6 +25,12 @@ shorter earn more, and long wrong ones are penalised.
 
 Curriculum: problems are drawn from the easiest difficulty levels first, one more level joining
 at regular intervals until every level is in play (``--curriculum-frac`` of the run).
+
+Data-parallel, rank r of W samples the groups of its P / W prompts (a group's r_bar and length
+range are computed where it lives); L is a mean over samples, so the ranks' mean is the
+one-process loss. The tokens are drawn with the whole batch's random numbers
+(``common.rollout``): W ranks sample what one process samples, up to the order of
+floating-point sums in the forward passes.
 """
 
 from __future__ import annotations
@@ -36,8 +42,10 @@ from typing import ClassVar
 
 import torch
 
+from mlatlas.core import distributed
 from mlatlas.core.config import ConfigError, require_at_least, require_unit
-from mlatlas.core.optim import clip_and_step, set_lr, warmup_cosine_lr
+from mlatlas.core.optim import set_lr, warmup_cosine_lr
+from mlatlas.core.precision import Precision
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import seed_everything
 from mlatlas.llm.common import (
@@ -60,6 +68,7 @@ __all__ = ["Config", "curriculum_levels", "kimi_loss", "length_penalty", "train"
 @dataclass
 class Config(LLMConfig):
     METHOD: ClassVar[str] = "kimi"
+    SHARDED: ClassVar[tuple[str, ...]] = ("prompts",)
 
     steps: int = 100
     """Iterations: each samples a rollout from pi_old and takes --inner-steps gradient steps."""
@@ -135,7 +144,8 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     levels = parse_difficulties(cfg.difficulty, s.task)
     by_level = {d: [p for p in s.train_items if p.difficulty == d] for d in levels}
     optimizer = torch.optim.AdamW(s.policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-    P, k = cfg.prompts, cfg.group_size
+    precision = Precision(cfg.precision, s.device)
+    k = cfg.group_size
 
     def step_fn(step: int) -> dict[str, float]:
         set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, warmup_steps(cfg)))
@@ -143,26 +153,28 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
                    if cfg.curriculum else levels)
         pool = [p for d in in_play for p in by_level[d]]
         generator = step_generator(cfg.seed, step, s.device)
-        items = step_problems(pool, P, generator)
-        batch = rollout(s.policy, s.tokenizer, s.task, [p for p in items for _ in range(k)],
-                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                        top_p=cfg.top_p, generator=generator)
+        items = step_problems(pool, cfg.prompts, generator)
+        with precision.autocast():  # this rank's groups
+            batch = rollout(s.policy, s.tokenizer, s.task, [p for p in items for _ in range(k)],
+                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                            top_p=cfg.top_p, generator=generator, sharded=True)
         args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
                 batch.completion_mask)
-        correct = batch.correct.view(P, k)
-        lengths = batch.lengths.view(P, k)
+        correct = batch.correct.view(-1, k)
+        lengths = batch.lengths.view(-1, k)
         len_reward = length_penalty(lengths, correct)
         rewards = correct + cfg.length_weight * len_reward
-        with torch.no_grad():
-            old_logp_seq = completion_logprobs(s.policy, *args).sum(-1).view(P, k)
-            kl = (old_logp_seq - completion_logprobs(s.reference, *args).sum(-1).view(P, k))
+        with torch.no_grad(), precision.autocast():
+            old_logp_seq = completion_logprobs(s.policy, *args).sum(-1).view(-1, k)
+            kl = (old_logp_seq - completion_logprobs(s.reference, *args).sum(-1).view(-1, k))
         losses = []
         for _ in range(cfg.inner_steps):
-            logp_seq = completion_logprobs(s.policy, *args).sum(-1).view(P, k)
+            with precision.autocast():
+                logp_seq = completion_logprobs(s.policy, *args).sum(-1).view(-1, k)
             loss = kimi_loss(logp_seq, old_logp_seq, rewards, cfg.tau)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            clip_and_step(optimizer, s.policy.parameters(), cfg.grad_clip)
+            precision.backward(loss)
+            precision.step(optimizer, s.policy.parameters(), cfg.grad_clip)
             losses.append(loss.item())
         with torch.no_grad():
             log_ratio = (logp_seq.detach() - old_logp_seq).abs().mean()
@@ -171,13 +183,17 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
                    "length": lengths.float().mean().item(),
                    "kl": kl.mean().item(), "log_ratio": log_ratio.item(),
                    "max_level": float(max(in_play))}
-        if correct.any():
-            metrics["length_correct"] = lengths[correct > 0].float().mean().item()
+        # Over the correct samples of every rank (the ranks hold different numbers of them).
+        n_correct = distributed.all_reduce_sum(correct.sum())
+        if n_correct > 0:
+            total = distributed.all_reduce_sum((lengths * correct).sum())
+            metrics["length_correct"] = (total / n_correct).item()
         metrics.update({f"eval_{n}" if n in ("length", "length_correct") else n: v
                         for n, v in periodic_eval(cfg, s, step).items()})
         return metrics
 
-    fit(run, step_fn, total_steps=cfg.steps, objects={"model": s.policy, "optimizer": optimizer},
+    fit(run, step_fn, total_steps=cfg.steps,
+        objects={"model": s.policy, "optimizer": optimizer, "precision": precision},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress,
         latest=("max_level",))
     finish(run, cfg, s)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mlatlas.core import distributed
 from mlatlas.core.config import ConfigError
 from mlatlas.core.io import load_tensors, read_json, save_tensors, write_json
 from mlatlas.nn.attention import (
@@ -183,14 +184,19 @@ def _init_weights(module: nn.Module) -> None:
 @torch.no_grad()
 def generate(model: TinyLM, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
              max_new_tokens: int, eos_id: int, pad_id: int, temperature: float = 1.0,
-             top_p: float = 1.0, generator: torch.Generator | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             top_p: float = 1.0, generator: torch.Generator | None = None,
+             sharded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample completions of left-padded prompts (B, P) with a KV cache.
 
     ``temperature`` 0 is greedy decoding; otherwise tokens are drawn from softmax(logits / T)
     restricted to the smallest set whose probability reaches ``top_p`` (nucleus sampling).
     Returns (completion_ids, completion_mask), both (B, L) with L <= max_new_tokens: each row
     holds its tokens up to and including the first EOS, then ``pad_id`` with mask 0.
+
+    ``sharded``: the B prompts are this rank's shard of a data-parallel job's global batch
+    (every rank calls this together). Each token is drawn with the global batch's random
+    numbers, and decoding goes on while a row of *any* rank is unfinished, so L and the
+    generator's state are those of a one-process run of the whole batch.
     """
     B, P = prompt_ids.shape
     device = prompt_ids.device
@@ -203,12 +209,13 @@ def generate(model: TinyLM, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     next_position = mask.sum(-1, keepdim=True)
     tokens, alive = [], torch.ones(B, dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
-        token = sample_token(model.lm_head(h), temperature, top_p, generator)
+        token = sample_token(model.lm_head(h), temperature, top_p, generator, sharded=sharded)
         token = torch.where(alive, token, torch.full_like(token, pad_id))
         tokens.append(token)
         alive_mask = alive.long()
         alive = alive & (token != eos_id)
-        if not alive.any():
+        unfinished = alive.sum()
+        if not (distributed.all_reduce_sum(unfinished) if sharded else unfinished):
             break
         mask = torch.cat([mask, alive_mask[:, None]], dim=1)
         h = model.hidden(token[:, None], mask, cache, next_position)[:, -1]

@@ -21,6 +21,13 @@ with ``--reward verifier``, the task's exact-match rule). PPO-max's choices, eac
   - R_t)^2) ] / 2 with returns R_t = A_t + V_old, global gradient-norm clipping, and an optional
   pre-training term: ``ptx_coef`` times the SFT loss on the task's worked solutions (InstructGPT's
   PPO-ptx), which holds the policy near the supervised data.
+
+Data-parallel, rank r of W samples and scores its shard of the step's prompts, then every rank
+gathers the whole rollout, so the score statistics, GAE and the advantage whitening are the
+global batch's, and each minibatch (drawn from the whole rollout) is split over the ranks, its
+token means divided by the minibatch's global token count (``common.token_mean``). The tokens
+are drawn with the whole batch's random numbers (``common.rollout``): W ranks sample what one
+process samples, up to the order of floating-point sums in the forward passes.
 """
 
 from __future__ import annotations
@@ -30,8 +37,9 @@ from typing import ClassVar, Literal
 
 import torch
 
+from mlatlas.core import distributed
 from mlatlas.core.config import ConfigError, require_at_least, require_unit
-from mlatlas.core.optim import clip_and_step
+from mlatlas.core.precision import Precision, compile_module
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import seed_everything
 from mlatlas.core.stats import RunningMeanStd
@@ -46,6 +54,7 @@ from mlatlas.llm.common import (
     start_metrics,
     step_generator,
     step_problems,
+    token_mean,
 )
 from mlatlas.llm.reward_model import RewardModel, load_reward_model
 from mlatlas.llm.sft import solution_loss
@@ -58,6 +67,7 @@ __all__ = ["Config", "normalise_scores", "clipped_value_loss", "ppo_policy_loss"
 @dataclass
 class Config(LLMConfig):
     METHOD: ClassVar[str] = "ppo_rlhf"
+    SHARDED: ClassVar[tuple[str, ...]] = ("prompts_per_step", "minibatch_size")
 
     steps: int = 60
     lr: float = 5e-5
@@ -137,23 +147,24 @@ def token_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Te
 
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                     mask: torch.Tensor, clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L^CLIP averaged over real tokens, fraction of tokens clipped)."""
+    """(L^CLIP averaged over real tokens, fraction of tokens clipped); data-parallel, this
+    rank's shares of the global minibatch's token means (``token_mean``)."""
     ratio = torch.exp(logp - old_logp)
     surrogate = torch.min(ratio * advantages,
                           ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
     clipped = ((ratio - 1).abs() > clip_eps).float()
-    return -masked_mean(surrogate, mask), masked_mean(clipped, mask)
+    return -token_mean(surrogate, mask), token_mean(clipped, mask)
 
 
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                        mask: torch.Tensor, value_clip: float) -> torch.Tensor:
     """E_t[max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)] / 2 over real tokens;
-    eps_v = 0 is the plain squared error."""
+    eps_v = 0 is the plain squared error (data-parallel: this rank's share, ``token_mean``)."""
     loss = (values - returns) ** 2
     if value_clip > 0:
         clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
         loss = torch.max(loss, (clipped - returns) ** 2)
-    return 0.5 * masked_mean(loss, mask)
+    return 0.5 * token_mean(loss, mask)
 
 
 def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
@@ -166,6 +177,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
         if rm_tokenizer.backend.to_str() != s.tokenizer.backend.to_str():
             raise ConfigError(f"{cfg.reward_model} uses another tokenizer than {cfg.init_from}")
         reward_model.eval().requires_grad_(False)
+        compile_module(reward_model, cfg.compile)
         critic = RewardModel(reward_model.cfg).to(s.device)
         critic.load_state_dict(reward_model.state_dict())
     else:
@@ -173,28 +185,44 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     start_metrics(run, cfg, s)
     policy_optimizer = torch.optim.Adam(s.policy.parameters(), lr=cfg.lr)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr)
+    precision = Precision(cfg.precision, s.device)
+    critic_precision = Precision(cfg.precision, s.device)  # its own fp16 loss scale
     # No prior count: the first batch of scores sets the statistics alone.
     score_stats = RunningMeanStd(dtype=torch.float32, count=0.0).to(s.device)
+    # The critic is read through values(), not forward(), so that is what --compile compiles.
+    values_fn = torch.compile(critic.values) if cfg.compile else critic.values
 
     def critic_values(ids, mask, P):
         # V(x, y_<t) is read where the logits for y_t are: the position before the token.
-        return critic.values(ids, mask)[:, P - 1:-1]
+        return values_fn(ids, mask)[:, P - 1:-1]
+
+    def sequences(prompt_ids, prompt_mask, completion_ids, completion_mask):
+        return (torch.cat([prompt_ids, completion_ids], 1),
+                torch.cat([prompt_mask, completion_mask], 1))
 
     def step_fn(step: int) -> dict[str, float]:
         generator = step_generator(cfg.seed, step)
         items = step_problems(s.train_items, cfg.prompts_per_step, generator)
-        batch = rollout(s.policy, s.tokenizer, s.task, items, max_new_tokens=cfg.max_new_tokens,
-                        temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
+        with precision.autocast():  # this rank's rows
+            batch = rollout(s.policy, s.tokenizer, s.task, items,
+                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                            top_p=cfg.top_p, generator=generator, sharded=True)
         P = batch.prompt_ids.shape[1]
-        ids = torch.cat([batch.prompt_ids, batch.completion_ids], 1)
-        mask = torch.cat([batch.prompt_mask, batch.completion_mask], 1)
-        c_mask = batch.completion_mask.float()
         args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+        ids, mask = sequences(*args)
+        with torch.no_grad(), precision.autocast():
+            scored = (completion_logprobs(s.policy, *args),
+                      completion_logprobs(s.reference, *args),
+                      critic_values(ids, mask, P) * batch.completion_mask,
+                      reward_model(ids, mask) if reward_model is not None else batch.correct,
+                      batch.correct, batch.lengths)
+        # Every rank holds the whole rollout from here on, as one process does.
+        args = tuple(map(distributed.all_gather, args))
+        old_logp, ref_logp, old_values, raw_score, correct, lengths = map(distributed.all_gather,
+                                                                           scored)
+        ids, mask = sequences(*args)
+        c_mask = args[3].float()
         with torch.no_grad():
-            old_logp = completion_logprobs(s.policy, *args)
-            ref_logp = completion_logprobs(s.reference, *args)
-            old_values = critic_values(ids, mask, P) * c_mask
-            raw_score = reward_model(ids, mask) if reward_model is not None else batch.correct
             if cfg.reward_clip > 0:
                 score_stats.update(raw_score)
                 score = normalise_scores(raw_score, score_stats, cfg.reward_clip)
@@ -211,37 +239,43 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
         updates = 0
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(len(items), generator=generator)
-            for idx in order.split(cfg.minibatch_size):
-                values = critic_values(ids[idx], mask[idx], P)
-                value_loss = clipped_value_loss(values, old_values[idx], returns[idx],
-                                                c_mask[idx], cfg.value_clip)
+            for minibatch in order.split(cfg.minibatch_size):
+                idx = distributed.shard(minibatch)  # this rank's rows of the minibatch
+                with precision.autocast():
+                    values = critic_values(ids[idx], mask[idx], P)
+                    value_loss = clipped_value_loss(values, old_values[idx], returns[idx],
+                                                    c_mask[idx], cfg.value_clip)
                 critic_optimizer.zero_grad(set_to_none=True)
-                value_loss.backward()
-                clip_and_step(critic_optimizer, critic.parameters(), cfg.grad_clip)
+                critic_precision.backward(value_loss)
+                critic_precision.step(critic_optimizer, critic.parameters(), cfg.grad_clip)
                 stats["value_loss"] += value_loss.item()
                 if update_policy:
-                    logp = completion_logprobs(s.policy, *(t[idx] for t in args))
-                    loss, clip_fraction = ppo_policy_loss(logp, old_logp[idx], advantages[idx],
-                                                          c_mask[idx], cfg.clip_eps)
+                    with precision.autocast():
+                        logp = completion_logprobs(s.policy, *(t[idx] for t in args))
+                        loss, clip_fraction = ppo_policy_loss(logp, old_logp[idx],
+                                                              advantages[idx], c_mask[idx],
+                                                              cfg.clip_eps)
                     stats["policy_loss"] += loss.item()
                     stats["clip_fraction"] += clip_fraction.item()
                     if cfg.ptx_coef > 0:
-                        loss = loss + cfg.ptx_coef * solution_loss(
-                            s.policy, s.tokenizer, step_problems(s.train_items, len(idx),
-                                                                 generator))
+                        solutions = step_problems(s.train_items, len(minibatch), generator)
+                        with precision.autocast():
+                            loss = loss + cfg.ptx_coef * solution_loss(
+                                s.policy, s.tokenizer, distributed.shard_list(solutions))
                     policy_optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    clip_and_step(policy_optimizer, s.policy.parameters(), cfg.grad_clip)
+                    precision.backward(loss)
+                    precision.step(policy_optimizer, s.policy.parameters(), cfg.grad_clip)
                 updates += 1
         kl = ((old_logp - ref_logp) * c_mask).sum(-1).mean()
-        return {"reward": raw_score.float().mean().item(), "correct": batch.correct.mean().item(),
-                "kl": kl.item(), "length": batch.lengths.float().mean().item(),
+        return {"reward": raw_score.float().mean().item(), "correct": correct.mean().item(),
+                "kl": kl.item(), "length": lengths.float().mean().item(),
                 **{k: v / updates for k, v in stats.items()},
                 **periodic_eval(cfg, s, step)}
 
     fit(run, step_fn, total_steps=cfg.steps,
-        objects={"model": s.policy, "optimizer": policy_optimizer, "critic": critic,
-                 "critic_optimizer": critic_optimizer, "score_stats": score_stats},
+        objects={"model": s.policy, "optimizer": policy_optimizer, "precision": precision,
+                 "critic": critic, "critic_optimizer": critic_optimizer,
+                 "critic_precision": critic_precision, "score_stats": score_stats},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
     finish(run, cfg, s)
     return run

@@ -13,6 +13,10 @@ so r_phi is fitted by maximum likelihood on pairs (x, y_w, y_l):
 Pairs come from the SFT policy's own samples (a correct answer over a wrong one, the reference
 solution when no sample was right) or a prompt/chosen/rejected JSONL file. The per-position
 head (``values``) is what PPO-RLHF's critic starts from.
+
+Data-parallel, every rank builds the same pairs (a function of the seed and the policy) and
+takes its shard of each step's pairs; L_RM is a mean over pairs, so the mean over ranks is the
+loss of the global batch.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlatlas.core import distributed
 from mlatlas.core.config import ConfigError, require_at_least, require_unit
 from mlatlas.core.io import read_json
-from mlatlas.core.optim import clip_and_step, set_lr, warmup_cosine_lr
+from mlatlas.core.optim import set_lr, warmup_cosine_lr
+from mlatlas.core.precision import Precision, compile_module
 from mlatlas.core.run import Run, RunError, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.llm.common import (
@@ -70,8 +76,9 @@ class RewardModel(TinyLM):
         return model
 
     def values(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) scalar at every position (the head read everywhere, as a critic)."""
-        return self.score(self.hidden(ids, mask))[..., 0]
+        """(B, T) scalar at every position (the head read everywhere, as a critic), in float32
+        under autocast too."""
+        return self.score(self.hidden(ids, mask))[..., 0].float()
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B,) r_phi(x, y) read at the last real token of each row."""
@@ -99,6 +106,7 @@ def pair_rewards(model: RewardModel, tokenizer: Tokenizer, rows: list[dict[str, 
 @dataclass
 class Config(LLMConfig):
     METHOD: ClassVar[str] = "reward_model"
+    SHARDED: ClassVar[tuple[str, ...]] = ("batch_size",)
 
     steps: int = 300
     lr: float = 1e-3
@@ -162,12 +170,14 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     task = get_task(cfg.task)
     if cfg.pairs:
         train_rows = read_jsonl(cfg.pairs, ("prompt", "chosen", "rejected"))
-    elif run.path("pairs.jsonl").is_file():  # a resumed run trains on the very same pairs
+    elif distributed.broadcast_object(run.path("pairs.jsonl").is_file()):
+        # a resumed run trains on the very same pairs
         train_rows = read_jsonl(run.path("pairs.jsonl"), ("prompt", "chosen", "rejected"))
     else:
         train_rows = _pairs(cfg, policy.eval(), tokenizer, task, "train", cfg.pair_prompts,
                             cfg.seed)
-        write_jsonl(run.path("pairs.jsonl"), train_rows)
+        if distributed.is_main():
+            write_jsonl(run.path("pairs.jsonl"), train_rows)
     test_rows = _pairs(cfg, policy.eval(), tokenizer, task, "test", cfg.eval_n, 0)
     if not train_rows or not test_rows:
         raise ConfigError("the policy answered every sampled prompt correctly: no wrong answer "
@@ -175,17 +185,21 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     model = RewardModel.from_policy(policy)
     write_lm_files(run, model, tokenizer)
     write_train_summary(run, cfg, model, tokenizer)
+    compile_module(model, cfg.compile)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    precision = Precision(cfg.precision, device)
 
     def step_fn(step: int) -> dict[str, float]:
         set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, warmup_steps(cfg)))
         idx = torch.randint(len(train_rows), (cfg.batch_size,),
                             generator=step_generator(cfg.seed, step))
-        r_w, r_l = pair_rewards(model, tokenizer, [train_rows[i] for i in idx.tolist()])
-        loss = bradley_terry_loss(r_w, r_l)
+        rows = [train_rows[i] for i in distributed.shard(idx).tolist()]
+        with precision.autocast():
+            r_w, r_l = pair_rewards(model, tokenizer, rows)
+            loss = bradley_terry_loss(r_w, r_l)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_and_step(optimizer, model.parameters(), cfg.grad_clip)
+        precision.backward(loss)
+        precision.step(optimizer, model.parameters(), cfg.grad_clip)
         metrics = {"loss": loss.item(), "pair_accuracy": (r_w > r_l).float().mean().item(),
                    "margin": (r_w - r_l).mean().item()}
         if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -193,7 +207,8 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
             model.train()
         return metrics
 
-    fit(run, step_fn, total_steps=cfg.steps, objects={"model": model, "optimizer": optimizer},
+    fit(run, step_fn, total_steps=cfg.steps,
+        objects={"model": model, "optimizer": optimizer, "precision": precision},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
     from mlatlas.llm.plots import curves_figure
 

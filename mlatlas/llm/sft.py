@@ -9,6 +9,10 @@ the completion only; the prompt conditions but is not predicted:
 The result is the starting policy and the reference pi_ref of every alignment method here (the
 InstructGPT pipeline, Ouyang et al. 2022). Its default length is chosen to stop short of
 mastering the task, so that the RL methods have room to improve it.
+
+Data-parallel, rank r of W takes its shard of each step's pairs and the token count in the
+denominator is the whole batch's (``common.token_mean``), so the mean over ranks of the ranks'
+losses, and of their gradients, is L_SFT of the global batch.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from typing import ClassVar, Literal
 
 import torch
 
+from mlatlas.core import distributed
 from mlatlas.core.config import require_at_least, require_unit
-from mlatlas.core.optim import clip_and_step, set_lr, warmup_cosine_lr
+from mlatlas.core.optim import set_lr, warmup_cosine_lr
+from mlatlas.core.precision import Precision, compile_module
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.llm.common import (
@@ -34,6 +40,7 @@ from mlatlas.llm.common import (
     step_generator,
     step_problems,
     token_logprobs,
+    token_mean,
     warmup_steps,
     write_lm_files,
     write_train_summary,
@@ -56,6 +63,7 @@ __all__ = ["Config", "sft_loss", "solution_loss", "train"]
 @dataclass
 class Config(LLMConfig):
     METHOD: ClassVar[str] = "sft"
+    SHARDED: ClassVar[tuple[str, ...]] = ("batch_size",)
 
     steps: int = 600
     lr: float = 1e-3
@@ -97,12 +105,13 @@ class Config(LLMConfig):
 
 def sft_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood of the masked targets: logits (B, T, V), targets and mask
-    (B, T), where position t of the logits predicts targets[:, t]."""
-    return -(token_logprobs(logits, targets) * mask).sum() / mask.sum().clamp(min=1)
+    (B, T), where position t of the logits predicts targets[:, t] (data-parallel: this rank's
+    share of the global batch's mean, ``token_mean``)."""
+    return -token_mean(token_logprobs(logits, targets), mask)
 
 
 def solution_loss(policy: TinyLM, tokenizer: Tokenizer, items: list[Problem]) -> torch.Tensor:
-    """L_SFT on the worked solutions of ``items``."""
+    """L_SFT on the worked solutions of ``items`` (this rank's rows of the global batch)."""
     device = policy.lm_head.weight.device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [p.prompt for p in items], device)
     target_ids, target_mask = encode_completions(tokenizer, [p.solution for p in items], device)
@@ -123,7 +132,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
                        for r in read_jsonl(cfg.data, ("prompt", "completion"))]
     else:
         train_items = problems(task, "train", 20000, levels, cfg.seed)
-        if not run.path("train.jsonl").is_file():
+        if distributed.is_main() and not run.path("train.jsonl").is_file():
             write_jsonl(run.path("train.jsonl"), completion_rows(train_items))
     test_items = problems(task, "test", cfg.eval_n, levels, 0)
     if cfg.init_from:
@@ -139,22 +148,26 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     write_lm_files(run, policy, tokenizer)
     write_train_summary(run, cfg, policy, tokenizer)
     reference = frozen_copy(policy) if cfg.init_from else None
+    compile_module(policy, cfg.compile)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    precision = Precision(cfg.precision, device)
 
     def step_fn(step: int) -> dict[str, float]:
         set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, warmup_steps(cfg)))
         items = step_problems(train_items, cfg.batch_size, step_generator(cfg.seed, step))
-        loss = solution_loss(policy, tokenizer, items)
+        with precision.autocast():
+            loss = solution_loss(policy, tokenizer, distributed.shard_list(items))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_and_step(optimizer, policy.parameters(), cfg.grad_clip)
+        precision.backward(loss)
+        precision.step(optimizer, policy.parameters(), cfg.grad_clip)
         metrics = {"loss": loss.item()}
         if step % cfg.eval_every == 0 and not cfg.data:
             metrics.update(evaluate_policy(policy, tokenizer, task, test_items,
                                            max_new_tokens=cfg.max_new_tokens))
         return metrics
 
-    fit(run, step_fn, total_steps=cfg.steps, objects={"model": policy, "optimizer": optimizer},
+    fit(run, step_fn, total_steps=cfg.steps,
+        objects={"model": policy, "optimizer": optimizer, "precision": precision},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
     finish(run, cfg, Setup(policy, reference, tokenizer, task, train_items, test_items, device))
     return run
