@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mlatlas.cli import main
-from mlatlas.core.config import BaseConfig, ConfigError
+from mlatlas.core.config import BatchConfig, ConfigError
 from mlatlas.core.run import Run
 from mlatlas.data import load_dataset
 from mlatlas.eval.metrics import mmd_rbf
@@ -106,12 +106,12 @@ FAMILY = {"ddpm": configs.DDPMConfig, "vp": configs.VPConfig, "ve": configs.VECo
 
 @pytest.mark.parametrize("method", FAMILY)
 def test_configs_follow_the_family_contract(method):
-    """METHOD names the method; one family base between the config and BaseConfig; checks in
+    """METHOD names the method; one family base between the config and BatchConfig; checks in
     check(), not in __post_init__ overrides; choices are Literal and BaseConfig rejects others."""
     cls = FAMILY[method]
     assert method == cls.METHOD and get_method(method).config_cls is cls
     assert cls.__bases__ == (configs.DiffusionConfig,)
-    assert configs.DiffusionConfig.__bases__ == (BaseConfig,)
+    assert configs.DiffusionConfig.__bases__ == (BatchConfig,)
     assert "__post_init__" not in cls.__dict__ and "__post_init__" not in vars(
         configs.DiffusionConfig)
     with pytest.raises(ConfigError, match="--sampler must be one of"):
