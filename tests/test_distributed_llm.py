@@ -104,6 +104,7 @@ def test_grpo_two_ranks_sample_and_train_as_one(tiny_sft, tmp_path):
     assert_same_metrics(one, two, exact=("correct", "sample_length", "zero_std_frac"))
 
 
+@pytest.mark.slow  # GRPO's rollout sharding, tested by default, is Kimi's too
 def test_kimi_two_ranks_equal_one(tiny_sft, tmp_path):
     one, two = one_and_two_ranks(tmp_path, "kimi", *COMMON, *ROLLOUT, str(tiny_sft),
                                  "--prompts", "4", "--group-size", "4", "--length-weight", "0.5")
