@@ -10,7 +10,7 @@ from crashes import assert_same_checkpoints, crash_at, drop_wall
 from mlatlas.contrastive import blip, clip, lit
 from mlatlas.contrastive.common import ContrastiveConfig
 from mlatlas.contrastive.text import load_minilm
-from mlatlas.core.config import BaseConfig, ConfigError, field_docs
+from mlatlas.core.config import BaseConfig, BatchConfig, ConfigError, field_docs
 from mlatlas.core.io import load_tensors
 from mlatlas.core.run import Run
 
@@ -96,7 +96,7 @@ def test_configs_have_one_family_base_and_their_copied_fields_agree():
     another method's): the copies keep one default and one help text."""
     configs = (clip.Config, clip.SigLIPConfig, lit.Config, blip.Config)
     for cls in configs:
-        assert cls.__mro__[1:3] == (ContrastiveConfig, BaseConfig)
+        assert cls.__mro__[1:4] == (ContrastiveConfig, BatchConfig, BaseConfig)
     shared = set.intersection(*({f.name for f in dataclasses.fields(c)} for c in configs)) - \
         {f.name for f in dataclasses.fields(ContrastiveConfig)}
     assert shared == {"text_depth", "embed_dim", "vocab_size", "max_len"}

@@ -1,4 +1,5 @@
-"""Distributed CLIP and SigLIP losses in 2 and 4 gloo processes against the single-process losses.
+"""Distributed CLIP, SigLIP and NT-Xent losses in 2 and 4 gloo processes against the
+single-process losses.
 
 One launch per world size runs every check; each process saves its losses and gradients and the
 test process compares them with the losses of the concatenated batch. The gradients are compared
@@ -16,8 +17,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mlatlas.contrastive.distributed import clip_loss_distributed, siglip_loss_distributed
-from mlatlas.contrastive.losses import CLIP_LOGIT_SCALE_INIT, clip_loss, siglip_loss
+from mlatlas.contrastive.distributed import (
+    clip_loss_distributed,
+    nt_xent_distributed,
+    siglip_loss_distributed,
+)
+from mlatlas.contrastive.losses import CLIP_LOGIT_SCALE_INIT, clip_loss, nt_xent, siglip_loss
 
 N_LOCAL, RAW, DIM = 3, 6, 5
 LAUNCH_TIMEOUT_S = 120
@@ -25,6 +30,7 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 # A temperature and bias off SigLIP's start (t = 10, b = -10) so that every pair's sigmoid, and
 # so every gradient, is far from saturated.
 T_PRIME, BIAS = math.log(4.0), -1.5
+TAU = 0.3
 
 
 def batch(world: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -41,7 +47,7 @@ def batch(world: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 def loss_and_grads(loss_fn, name: str, leaves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     leaves = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
-    scalars = ("logit_scale",) if name == "clip" else ("t_prime", "bias")
+    scalars = SCALARS[name]
     image, text = leaves["image"] @ leaves["projection"], leaves["text"] @ leaves["projection"]
     loss = loss_fn(image, text, *(leaves[s] for s in scalars))
     loss.backward()
@@ -49,8 +55,12 @@ def loss_and_grads(loss_fn, name: str, leaves: dict[str, torch.Tensor]) -> dict[
                                                                    *scalars)}}
 
 
-LOSSES = {"clip": (clip_loss_distributed, clip_loss), "siglip": (siglip_loss_distributed,
-                                                                 siglip_loss)}
+LOSSES = {"clip": (clip_loss_distributed, clip_loss),
+          "siglip": (siglip_loss_distributed, siglip_loss),
+          # SimCLR's two views of each image stand in the places of the image and its caption.
+          "nt_xent": (functools.partial(nt_xent_distributed, temperature=TAU),
+                      functools.partial(nt_xent, temperature=TAU))}
+SCALARS = {"clip": ("logit_scale",), "siglip": ("t_prime", "bias"), "nt_xent": ()}
 
 
 def worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -79,7 +89,7 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
     x, y = torch.randn(n, DIM), torch.randn(n, DIM)
     for name, (distributed, _) in LOSSES.items():
         try:
-            distributed(x, y, *[torch.tensor(0.0)] * (1 if name == "clip" else 2))
+            distributed(x, y, *[torch.tensor(0.0)] * len(SCALARS[name]))
             results[name, "unequal"] = "no error"
         except ValueError as error:
             results[name, "unequal"] = str(error)

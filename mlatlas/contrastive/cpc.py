@@ -18,6 +18,11 @@ predictions W_k c_t (one per sequence) and the B latents z_{t+k} form a B x B sc
 diagonal holds the positives, so N = B. Same-time negatives keep the task about what tells one
 sequence from another (its waveform, its digit) rather than where in a sequence a step lies.
 
+Data-parallel, rank r holds n = B / W of the B sequences and scores its own predictions against
+the latents of all B, gathered with their gradient (``all_gather_with_grad``): its loss L_k,r
+averages the cross-entropy of its n (T - k) rows over B columns (labels r n + i), so the mean
+over ranks is the whole batch's L_k, with N = B as in one process.
+
 The encoder is a stack of strided 1-D convolutions padded on the left only, so z_t sees the raw
 samples of windows <= t and nothing later; the GRU is causal too, so c_t depends on x_<=t alone.
 Sequences are digit images read top to bottom, one row per step (mnist 28x28, the default;
@@ -47,9 +52,12 @@ from mlatlas.contrastive.common import (
     train_scores,
     write_scores,
 )
-from mlatlas.core.config import BaseConfig, ConfigError, closest, require_at_least
+from mlatlas.contrastive.distributed import all_gather_with_grad
+from mlatlas.core import distributed
+from mlatlas.core.config import BatchConfig, ConfigError, closest, require_at_least
 from mlatlas.core.optim import set_lr, warmup_cosine_lr
 from mlatlas.core.plots import metric_curves, plt
+from mlatlas.core.precision import Precision, compile_module
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.data import DatasetError, EpochBatches, load_digits, load_mnist
@@ -67,8 +75,9 @@ ENCODERS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 
 
 @dataclass
-class Config(BaseConfig):
+class Config(BatchConfig):
     METHOD: ClassVar[str] = "cpc"
+    SHARDED: ClassVar[tuple[str, ...]] = ("batch_size",)
 
     dataset: str = "mnist"
     """Sequences: mnist (28 rows of 28 pixels, read top to bottom), digits (8 rows of 8 pixels)
@@ -118,8 +127,8 @@ class Config(BaseConfig):
 
 # --- the loss ----------------------------------------------------------------------------------
 
-def cpc_loss(c: torch.Tensor, z: torch.Tensor,
-             w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cpc_loss(c: torch.Tensor, z: torch.Tensor, w: torch.Tensor, across_ranks: bool = False,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CPC's InfoNCE with same-time negatives from the other sequences of the batch.
 
     ``c`` (B, T, D_c) contexts, ``z`` (B, T, D_z) latents, ``w`` (K, D_z, D_c) the maps W_k.
@@ -127,6 +136,10 @@ def cpc_loss(c: torch.Tensor, z: torch.Tensor,
     (sequence, t) pairs whose positive scores highest (K,). Each L_k averages the cross-entropy
     of the B x B scores z_{t+k}^T W_k c_t over t = 0 .. T-k-1 (the rows of one t are
     ``info_nce(W_k c_t, z_{t+k}, temperature=1, normalize=False)``).
+
+    ``across_ranks`` (training in a data-parallel job): the columns are every rank's latents,
+    all-gathered with their gradient, and the B rows are this rank's share of them, so the mean
+    over ranks of the returned values is their value for the global batch.
     """
     if c.dim() != 3 or z.dim() != 3 or c.shape[:2] != z.shape[:2]:
         raise ValueError(f"cpc_loss needs c (B, T, D_c) and z (B, T, D_z) with the same B and "
@@ -135,19 +148,22 @@ def cpc_loss(c: torch.Tensor, z: torch.Tensor,
         raise ValueError(f"cpc_loss needs w (K, D_z, D_c) = (K, {z.shape[2]}, {c.shape[2]}), "
                          f"got {tuple(w.shape)}")
     (b, t_len, _), k_max = c.shape, len(w)
-    if b < 2:
+    # The keys z_j: this batch's latents, or every rank's, this rank's rows from ``first`` on.
+    keys = all_gather_with_grad(z) if across_ranks else z
+    first = distributed.rank() * b if across_ranks else 0
+    if len(keys) < 2:
         raise ValueError(f"cpc_loss needs at least 2 sequences (one positive, one negative), "
-                         f"got {b}")
+                         f"got {len(keys)}")
     if k_max >= t_len:
         raise ValueError(f"cpc_loss: K={k_max} prediction steps need sequences longer than K "
                          f"steps, got T={t_len}")
     losses, accuracies = [], []
     for k in range(1, k_max + 1):
         prediction = c[:, :t_len - k] @ w[k - 1].T                           # W_k c_t
-        # scores[t, i, j] = z_{j, t+k}^T W_k c_{i, t}: row i's positive is column i.
-        scores = torch.einsum("itd,jtd->tij", prediction, z[:, k:])
-        labels = torch.arange(b, device=c.device).expand(t_len - k, b)
-        losses.append(F.cross_entropy(scores.reshape(-1, b), labels.reshape(-1)))
+        # scores[t, i, j] = z_{j, t+k}^T W_k c_{i, t}: row i's positive is column first + i.
+        scores = torch.einsum("itd,jtd->tij", prediction, keys[:, k:])
+        labels = torch.arange(first, first + b, device=c.device).expand(t_len - k, b)
+        losses.append(F.cross_entropy(scores.reshape(-1, len(keys)), labels.reshape(-1)))
         accuracies.append((scores.argmax(-1) == labels).float().mean())
     losses_k = torch.stack(losses)
     return losses_k.mean(), losses_k, torch.stack(accuracies).detach()
@@ -208,10 +224,14 @@ class CPC(nn.Module):
         """c_t = g_ar(z_<=t): (B, T, D_z) -> (B, T, D_c)."""
         return self.g_ar(z)[0]
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(L, L_k per k, accuracy per k) of a batch of sequences (B, C, L)."""
+    def forward(self, x: torch.Tensor, across_ranks: bool = False,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(L, L_k per k, accuracy per k) of a batch of sequences (B, C, L), the scores in
+        float32 whatever autocast the networks ran under; ``across_ranks``: see ``cpc_loss``."""
         z = self.encode(x)
-        return cpc_loss(self.context(z), z, self.w)
+        c = self.context(z)
+        with torch.autocast(x.device.type, enabled=False):
+            return cpc_loss(c.float(), z.float(), self.w, across_ranks)
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, batch_size: int = 500) -> dict[str, torch.Tensor]:
@@ -288,6 +308,9 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
                           f"training sequences of {cfg.dataset}")
     device = resolve_device(cfg.device)
     model = random_model(cfg, data).to(device)
+    for network in (model.g_enc, model.g_ar):
+        compile_module(network, cfg.compile)
+    precision = Precision(cfg.precision, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     x = data.x_train.to(device)
     batches = EpochBatches(len(x), cfg.batch_size, cfg.seed)
@@ -295,15 +318,20 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup_steps))
-        loss, losses_k, accuracies = model(x[batches(step).to(device)])
-        optimizer_step(optimizer, loss, cfg.grad_clip)
+        with precision.autocast():
+            loss, losses_k, accuracies = model(x[distributed.shard(batches(step)).to(device)],
+                                               across_ranks=True)
+        optimizer_step(optimizer, loss, cfg.grad_clip, precision)
         bounds = log_n - losses_k.detach()
         return {"loss": loss.detach(),
                 **{f"mi_bound_k{k + 1}": v for k, v in enumerate(bounds)},
                 **{f"accuracy_k{k + 1}": v for k, v in enumerate(accuracies)}}
 
-    fit(run, step_fn, total_steps=cfg.steps, objects={"model": model, "optimizer": optimizer},
+    fit(run, step_fn, total_steps=cfg.steps, objects={"model": model, "optimizer": optimizer,
+                                                       "precision": precision},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
+    if not distributed.is_main():
+        return run  # the figures and the evaluation are rank 0's
     run.save_figure(metric_curves(run.metrics, ["loss"], title="CPC training loss"), "loss.png")
     report(run, cfg, model.cpu(), data)
     return run

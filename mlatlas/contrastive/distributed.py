@@ -1,4 +1,5 @@
-"""CLIP and SigLIP losses across processes with ``torch.distributed``.
+"""Contrastive losses across processes with ``torch.distributed``: CLIP, SigLIP, NT-Xent, and the
+all-gather with gradient that they, CPC's InfoNCE and BLIP's matching loss build on.
 
 W processes (ranks r = 0..W-1) each hold a local batch of n pairs, with L2-normalised image
 features x and text features y (n, D); the global batch has N = W n pairs, rank r's pairs being
@@ -32,12 +33,27 @@ one n x n block of logits and a few (n, D) buffers are alive at a time (the forw
 block for the backward pass, at the cost of recomputing each block once), never the N columns.
 Sending the next block overlaps with scoring the current one.
 
-Both losses return the per-rank loss L_r whose mean over ranks is the single-process loss. That is
-what DistributedDataParallel wants: it averages parameter gradients over ranks, so the parameters
-receive d((1/W) sum_r L_r)/dtheta, the gradient of the full-batch loss. (The gradient that reaches
-rank r's local features is W times the full-batch loss's, DDP's 1/W undoes it.) When
-``torch.distributed`` is not initialised or the group has one process, both reduce to the plain
-``clip_loss`` and ``siglip_loss`` of ``mlatlas.contrastive.losses``.
+NT-Xent (Chen et al. 2020, SimCLR), by all-gather. Rank r holds two views of its n images,
+normalised to u1^(r), u2^(r); the gathered U1, U2 (N, D) give the 2N keys K = [U1; U2]. Rank r's
+2n queries q = [u1^(r); u2^(r)] sit at the global rows r n + i and N + r n + i, whose positives
+are each other, and each query's own column leaves the softmax:
+
+    L_r = 1/(2n) sum_{q} -log( exp(q . k_pos / tau) / sum_{k in K, k != q} exp(q . k / tau) ),
+
+so (1/W) sum_r L_r = 1/(2N) sum over all 2N views, the single-process NT-Xent.
+
+``all_gather_with_grad`` is the gather of CLIP's loss on its own: every rank's rows of any
+(n, ...) tensor, concatenated in rank order, whose backward pass hands each rank the sum over
+ranks of the gradient of its rows. CPC scores its predictions against every rank's latents with
+it, and BLIP picks the images of its hard negatives from every rank's image tokens.
+
+All the losses return the per-rank loss L_r whose mean over ranks is the single-process loss.
+That is what an average of the parameter gradients over ranks wants (DistributedDataParallel's,
+or ``mlatlas.core.distributed.all_reduce_gradients`` in the trainers): the parameters receive
+d((1/W) sum_r L_r)/dtheta, the gradient of the full-batch loss. (The gradient that reaches rank
+r's local features is W times the full-batch loss's; the average's 1/W undoes it.) When
+``torch.distributed`` is not initialised or the group has one process, they reduce to the plain
+``clip_loss``, ``siglip_loss`` and ``nt_xent`` of ``mlatlas.contrastive.losses``.
 """
 
 from __future__ import annotations
@@ -50,6 +66,7 @@ from torch.autograd.function import once_differentiable
 from mlatlas.contrastive.losses import (
     CLIP_LOGIT_SCALE_MAX,
     clip_loss,
+    nt_xent,
     siglip_block_loss,
     siglip_loss,
 )
@@ -101,6 +118,17 @@ class _AllGather(torch.autograd.Function):
         return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None, None, None
 
 
+def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's (n, ...) ``x`` concatenated in rank order, (W n, ...), this rank's rows at
+    r n .. r n + n - 1; the backward pass returns each rank the sum over ranks of the gradient of
+    its rows. Every rank must pass the same shape. Without a group of several processes: ``x``."""
+    world = _world(group)
+    if world is None:
+        return x
+    rank, size = world
+    return _AllGather.apply(x, group, rank, size)
+
+
 def clip_loss_distributed(image_features: torch.Tensor, text_features: torch.Tensor,
                           logit_scale: torch.Tensor, group=None) -> torch.Tensor:
     """This rank's CLIP loss L_r: its n pairs' rows against all N gathered columns, in both
@@ -118,6 +146,30 @@ def clip_loss_distributed(image_features: torch.Tensor, text_features: torch.Ten
     s = logit_scale.exp().clamp(max=CLIP_LOGIT_SCALE_MAX)
     labels = torch.arange(rank * n, (rank + 1) * n, device=x.device)
     return (F.cross_entropy(s * x @ Y.T, labels) + F.cross_entropy(s * y @ X.T, labels)) / 2
+
+
+def nt_xent_distributed(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5,
+                        group=None) -> torch.Tensor:
+    """This rank's NT-Xent L_r: its 2n views against all 2N gathered ones. The mean of L_r over
+    ranks is ``nt_xent`` of the concatenated pairs."""
+    world = _world(group)
+    if world is None:
+        return nt_xent(z1, z2, temperature)
+    rank, size = world
+    _check_local_batches("nt_xent_distributed", z1, z2, group, size)
+    n, d = z1.shape
+    u1, u2 = F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)
+    gathered = _AllGather.apply(torch.cat([u1, u2], dim=1), group, rank, size)
+    keys = torch.cat([gathered[:, :d], gathered[:, d:]])  # [U1; U2], (2N, D)
+    logits = torch.cat([u1, u2]) @ keys.T / temperature   # (2n, 2N)
+    # The queries' own columns (global rows r n + i and N + r n + i) leave the softmax; the
+    # positive of each view is the other view of its image.
+    mine = torch.arange(rank * n, (rank + 1) * n, device=z1.device)
+    own = torch.cat([mine, mine + n * size])
+    rows = torch.arange(2 * n, device=z1.device)
+    itself = torch.zeros_like(logits, dtype=torch.bool)
+    itself[rows, own] = True
+    return F.cross_entropy(logits.masked_fill(itself, float("-inf")), own.roll(n))
 
 
 def _exchange(send: list[torch.Tensor], receive: list[torch.Tensor], to: int, source: int,

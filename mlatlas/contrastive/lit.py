@@ -13,7 +13,9 @@ survives the (small, noisy) image-text data and only the text side has to be lea
 The tower comes from ``image_run``, a finished SimCLR, CLIP, SigLIP or LiT run; with no
 ``image_run``, LiT first pre-trains a SimCLR tower for ``pretrain_steps`` steps in a run folder
 nested inside its own (``<run>/image_tower/``), so a resumed LiT run resumes whichever stage was
-interrupted. The summary holds CLIP's scores under ``eval/``: zero-shot top-1 accuracy on
+interrupted. Data-parallel, LiT trains as CLIP does (``clip.train_pairs``: the all-gather loss
+over the global batch), and so does its SimCLR pre-training (NT-Xent over the global batch). The
+summary holds CLIP's scores under ``eval/``: zero-shot top-1 accuracy on
 held-out (colour, shape) pairs, retrieval recall@K, and the linear probe of the (unchanged)
 tower.
 """
@@ -32,11 +34,13 @@ from mlatlas.contrastive.common import (
     TOKENIZER,
     ContrastiveConfig,
     check_text_fields,
+    nested_run,
     run_tokenizer,
 )
 from mlatlas.contrastive.data import CaptionedData
 from mlatlas.contrastive.text import CaptionTokenizer, load_tokenizer
 from mlatlas.contrastive.towers import DualEncoder, image_tower
+from mlatlas.core import distributed
 from mlatlas.core.config import ConfigError, config_to_dict, require_at_least
 from mlatlas.core.run import Run, RunError
 from mlatlas.core.runtime import seed_everything
@@ -100,27 +104,25 @@ class LockedTower(nn.Module):
 
 def pretrain_config(cfg: Config) -> simclr.Config:
     """The SimCLR run LiT makes when it has no ``image_run``: the same data, seed, tower, batch
-    size and gradient clipping, SimCLR's own defaults otherwise."""
+    size, gradient clipping, precision and compilation, SimCLR's own defaults otherwise."""
     return simclr.Config(dataset=cfg.dataset, n_train=cfg.n_train, seed=cfg.seed,
                          device=cfg.device, image_tower=cfg.image_tower, width=cfg.width,
                          batch_size=cfg.batch_size, steps=cfg.pretrain_steps,
                          grad_clip=cfg.grad_clip, log_every=cfg.log_every,
-                         ckpt_every=cfg.ckpt_every)
+                         ckpt_every=cfg.ckpt_every, precision=cfg.precision,
+                         compile=cfg.compile)
 
 
 def pretrain(run: Run, cfg: Config, progress: bool | None = None) -> Run:
     """Train (or resume, or reuse) the nested SimCLR run ``<run>/image_tower/``."""
-    path = run.path(PRETRAIN_DIR)
-    if (path / "config.json").is_file():
-        nested = Run.open(path)
-    else:
-        path.mkdir(parents=True, exist_ok=True)
-        tower_cfg = pretrain_config(cfg)
-        nested = Run(path, tower_cfg.METHOD, config_to_dict(tower_cfg),
-                     config_class=f"{simclr.__name__}:{simclr.Config.__qualname__}")
-        nested.write_config()
-    if nested.checkpoint_step() != cfg.pretrain_steps or not nested.summary():
+    tower_cfg = pretrain_config(cfg)
+    nested = nested_run(run.path(PRETRAIN_DIR), tower_cfg.METHOD, config_to_dict(tower_cfg),
+                        f"{simclr.__name__}:{simclr.Config.__qualname__}")
+    # Rank 0 decides, so that every rank trains or none does.
+    if distributed.broadcast_object(nested.checkpoint_step() != cfg.pretrain_steps
+                                    or not nested.summary()):
         simclr.train(nested.load_config(simclr.Config), nested, progress)
+        distributed.barrier()  # the other ranks read the tower rank 0 has just written
     return nested
 
 
@@ -185,7 +187,8 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     tokenizer = run_tokenizer(run, data.train.captions, cfg.vocab_size, cfg.max_len)
     model = build_model(cfg, data, tokenizer, tower)
     clip.train_pairs(run, cfg, model, data, tokenizer, progress)
-    clip.report(run, model, tokenizer, data)
+    if distributed.is_main():  # the evaluation and its figures are rank 0's
+        clip.report(run, model, tokenizer, data)
     return run
 
 

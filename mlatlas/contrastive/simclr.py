@@ -18,6 +18,13 @@ images of themselves, so they get a small rotation and pixel noise instead of th
 colours. Every view of a batch is one ``affine_grid`` + ``grid_sample`` call whose per-image
 parameters come from the run's generator, so runs are deterministic and resume exactly.
 
+Data-parallel, each of W ranks augments and encodes n = N / W images of the global batch. Its
+augmentations draw the parameters of the whole batch's views and keep its rows
+(``random=mlatlas.core.distributed``), so the generator, and every view, are those of a
+one-process run; the loss is NT-Xent over all 2N views (``mlatlas.contrastive.distributed``: rank
+r's 2n views against the all-gathered 2N, whose mean over ranks is the one-process loss). Neither
+f nor g has batch normalisation, so nothing else couples the images of a batch.
+
 The representation kept is h (f's output), not z: the paper finds a linear classifier on h
 far better than on z, since g learns to discard what the augmentations change. ``summary.json``
 holds the linear-probe accuracy of h and of z (``eval/``) and the same probes of the model at its
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import ModuleType
 from typing import ClassVar
 
 import torch
@@ -43,12 +51,14 @@ from mlatlas.contrastive.common import (
     write_scores,
 )
 from mlatlas.contrastive.data import CaptionedData, load_captioned
+from mlatlas.contrastive.distributed import nt_xent_distributed
 from mlatlas.contrastive.evaluation import PROBE_TRAIN
-from mlatlas.contrastive.losses import nt_xent
 from mlatlas.contrastive.towers import image_tower
+from mlatlas.core import distributed
 from mlatlas.core.config import ConfigError, require_at_least, require_unit
 from mlatlas.core.optim import set_lr, warmup_cosine_lr
 from mlatlas.core.plots import image_grid, metric_curves
+from mlatlas.core.precision import Precision, compile_module
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.data import EpochBatches
@@ -91,25 +101,30 @@ class Config(ContrastiveConfig):
 
 # --- augmentations ------------------------------------------------------------------------------
 
-def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
-    return low + (high - low) * torch.rand(n, generator=generator)
+# Every draw below is ``random.rand`` or ``random.randn`` of ``generator``, ``random`` being
+# ``torch`` (the draws of this batch) or ``mlatlas.core.distributed`` (this rank's rows of the
+# draws of the global batch, in a data-parallel job).
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator,
+             random: ModuleType) -> torch.Tensor:
+    return low + (high - low) * random.rand((n,), generator=generator)
 
 
 def crop_affine(n: int, crop_scale: float, flip: bool, rotation: float,
-                generator: torch.Generator) -> torch.Tensor:
+                generator: torch.Generator, random: ModuleType = torch) -> torch.Tensor:
     """(n, 2, 3) matrices for ``F.affine_grid``: a random resized crop (area share
     s ~ U(crop_scale, 1), aspect r ~ log-U(3/4, 4/3)), mirrored with probability 1/2 if ``flip``,
     rotated by up to ``rotation`` degrees. They map output coordinates in [-1, 1] to input ones."""
-    s = _uniform(n, crop_scale, 1.0, generator)
-    log_r = _uniform(n, math.log(3 / 4), math.log(4 / 3), generator)
+    s = _uniform(n, crop_scale, 1.0, generator, random)
+    log_r = _uniform(n, math.log(3 / 4), math.log(4 / 3), generator, random)
     # Crop sides as shares of the image side; clamped so that the crop stays inside the image.
     w = (s * log_r.exp()).sqrt().clamp(max=1.0)
     h = (s / log_r.exp()).sqrt().clamp(max=1.0)
-    cx = (1 - w) * _uniform(n, -1.0, 1.0, generator)
-    cy = (1 - h) * _uniform(n, -1.0, 1.0, generator)
-    mirror = torch.rand(n, generator=generator) < 0.5
+    cx = (1 - w) * _uniform(n, -1.0, 1.0, generator, random)
+    cy = (1 - h) * _uniform(n, -1.0, 1.0, generator, random)
+    mirror = random.rand((n,), generator=generator) < 0.5
     sx = torch.where(mirror & flip, -w, w)
-    angle = torch.deg2rad(_uniform(n, -rotation, rotation, generator))
+    angle = torch.deg2rad(_uniform(n, -rotation, rotation, generator, random))
     cos, sin = angle.cos(), angle.sin()
     return torch.stack([torch.stack([cos * sx, -sin * h, cx], 1),
                         torch.stack([sin * sx, cos * h, cy], 1)], 1)
@@ -134,17 +149,17 @@ def _rotate_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
 
 
 def colour_jitter(x: torch.Tensor, strength: float, generator: torch.Generator,
-                  p: float = 0.8) -> torch.Tensor:
+                  p: float = 0.8, random: ModuleType = torch) -> torch.Tensor:
     """SimCLR's colour distortion, applied to each image with probability ``p``: brightness,
     contrast and saturation factors ~ U(1 - 0.8 s, 1 + 0.8 s) and a hue shift ~ U(-0.2 s, 0.2 s)
     turns (the last two only for RGB), clamped to [0, 1] after each."""
     n, c = x.shape[:2]
     spread = 0.8 * strength
     brightness, contrast, saturation = (
-        _uniform(n, max(0.0, 1 - spread), 1 + spread, generator).view(n, 1, 1, 1).to(x)
+        _uniform(n, max(0.0, 1 - spread), 1 + spread, generator, random).view(n, 1, 1, 1).to(x)
         for _ in range(3))
-    hue = _uniform(n, -0.2 * strength, 0.2 * strength, generator).to(x)
-    apply = (torch.rand(n, generator=generator) < p).view(n, 1, 1, 1).to(x.device)
+    hue = _uniform(n, -0.2 * strength, 0.2 * strength, generator, random).to(x)
+    apply = (random.rand((n,), generator=generator) < p).view(n, 1, 1, 1).to(x.device)
     y = (x * brightness).clamp(0, 1)
     mean = (_gray(y) if c == 3 else y).mean((1, 2, 3), keepdim=True)
     y = ((y - mean) * contrast + mean).clamp(0, 1)
@@ -157,30 +172,34 @@ def colour_jitter(x: torch.Tensor, strength: float, generator: torch.Generator,
 
 def augment(x: torch.Tensor, generator: torch.Generator, *, crop_scale: float = 0.3,
             jitter: float = 0.5, grayscale: float = 0.2, rotation: float = 15.0,
-            noise: float = 0.05) -> torch.Tensor:
+            noise: float = 0.05, random: ModuleType = torch) -> torch.Tensor:
     """One random view t(x) of every image of a (N, C, H, W) batch in [0, 1], all drawn from
     ``generator`` (on the CPU, whatever the images' device): crop + flip + colour jitter +
-    grayscale for RGB, crop + rotation + brightness/contrast + noise for one channel."""
+    grayscale for RGB, crop + rotation + brightness/contrast + noise for one channel. With
+    ``random=mlatlas.core.distributed``, ``x`` is this rank's rows of the global batch and the
+    views are the ones the global batch's draws give them."""
     if x.dim() != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"augment needs (N, 1 or 3, H, W) images, got {tuple(x.shape)}")
     n, c = x.shape[:2]
     rgb = c == 3
     theta = crop_affine(n, crop_scale, flip=rgb, rotation=0.0 if rgb else rotation,
-                        generator=generator).to(x)
+                        generator=generator, random=random).to(x)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     view = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    view = colour_jitter(view, jitter, generator)
+    view = colour_jitter(view, jitter, generator, random=random)
     if rgb:
-        to_gray = (torch.rand(n, generator=generator) < grayscale).view(n, 1, 1, 1)
+        to_gray = (random.rand((n,), generator=generator) < grayscale).view(n, 1, 1, 1)
         view = torch.where(to_gray.to(x.device), _gray(view).expand_as(view), view)
     else:
-        view = (view + noise * torch.randn(view.shape, generator=generator).to(x)).clamp(0, 1)
+        view = (view + noise * random.randn(view.shape, generator=generator).to(x)).clamp(0, 1)
     return view
 
 
-def views(cfg: Config, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def views(cfg: Config, x: torch.Tensor, generator: torch.Generator,
+          random: ModuleType = torch) -> torch.Tensor:
     return augment(x, generator, crop_scale=cfg.crop_scale, jitter=cfg.jitter,
-                   grayscale=cfg.grayscale, rotation=cfg.rotation, noise=cfg.noise)
+                   grayscale=cfg.grayscale, rotation=cfg.rotation, noise=cfg.noise,
+                   random=random)
 
 
 # --- model ----------------------------------------------------------------------------------
@@ -196,10 +215,12 @@ class SimCLR(nn.Module):
                                         nn.Linear(width, projection_dim))
 
     def forward(self, x_i: torch.Tensor, x_j: torch.Tensor, temperature: float) -> torch.Tensor:
-        """NT-Xent of the projections of two views of the same images."""
+        """NT-Xent of the projections of two views of the same images (this rank's L_r against
+        the global batch's views; in float32 whatever autocast the networks ran under)."""
         z = self.projection(self.encoder(torch.cat([x_i, x_j])))
         z_i, z_j = z.chunk(2)
-        return nt_xent(z_i, z_j, temperature)
+        with torch.autocast(z.device.type, enabled=False):
+            return nt_xent_distributed(z_i.float(), z_j.float(), temperature)
 
 
 def build_model(cfg: Config, image_shape: tuple[int, int, int]) -> SimCLR:
@@ -217,20 +238,28 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     data = load_data(cfg)
     generator = seed_everything(cfg.seed)
     model = build_model(cfg, data.image_shape).to(device)
+    for network in (model.encoder, model.projection):
+        compile_module(network, cfg.compile)
+    precision = Precision(cfg.precision, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     images = data.train.images.to(device)
     batches = EpochBatches(len(images), cfg.batch_size, cfg.seed)
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         set_lr(optimizer, warmup_cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup_steps))
-        x = images[batches(step).to(device)]
-        loss = model(views(cfg, x, generator), views(cfg, x, generator), cfg.temperature)
-        optimizer_step(optimizer, loss, cfg.grad_clip)
+        x = images[distributed.shard(batches(step)).to(device)]
+        x_i = views(cfg, x, generator, random=distributed)
+        x_j = views(cfg, x, generator, random=distributed)
+        with precision.autocast():
+            loss = model(x_i, x_j, cfg.temperature)
+        optimizer_step(optimizer, loss, cfg.grad_clip, precision)
         return {"loss": loss.detach()}
 
     fit(run, step_fn, total_steps=cfg.steps, objects={"model": model, "optimizer": optimizer,
-                                                       "rng": generator},
+                                                       "rng": generator, "precision": precision},
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, progress=progress)
+    if not distributed.is_main():
+        return run  # the figures and the evaluation are rank 0's
     run.save_figure(metric_curves(run.metrics, ["loss"], title="simclr NT-Xent loss"), "loss.png")
     report(run, cfg, model.cpu(), data)
     return run

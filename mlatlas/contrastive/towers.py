@@ -13,7 +13,10 @@ sequence of tokens (N, T, width) with ``tokens`` (what BLIP's text side cross-at
     x_i = W_img f(image_i) / |.|,   y_j = W_txt g(text_j) / |.|,
 
 and holds the loss's learnable scalars: CLIP's log-scale t (s = exp t, init log 1/0.07), or
-SigLIP's t' and b (init log 10 and -10).
+SigLIP's t' and b (init log 10 and -10). Its loss is taken over the global batch of a
+data-parallel job (``mlatlas.contrastive.distributed``: CLIP's all-gather, SigLIP's ring; a
+rank's loss L_r averages to the one-process loss), and in float32 whatever autocast the towers
+ran under.
 """
 
 from __future__ import annotations
@@ -24,14 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlatlas.contrastive.distributed import clip_loss_distributed, siglip_loss_distributed
 from mlatlas.contrastive.losses import (
     CLIP_LOGIT_SCALE_INIT,
     SIGLIP_BIAS_INIT,
     SIGLIP_T_PRIME_INIT,
-    clip_loss,
-    siglip_loss,
     siglip_loss_chunked,
 )
+from mlatlas.core import distributed
 from mlatlas.nn.transformer import Transformer
 from mlatlas.nn.unet import norm_groups
 from mlatlas.nn.vit import PatchEmbedding
@@ -116,16 +119,21 @@ class DualEncoder(nn.Module):
 
     def contrastive_loss(self, image_features: torch.Tensor,
                          text_features: torch.Tensor) -> torch.Tensor:
+        """This rank's loss L_r of its pairs against the global batch's (the plain loss of the
+        batch in one process). SigLIP's ``chunk`` applies in one process; across processes the
+        ring scores one block of n x n pairs at a time, n the local batch."""
         if self.loss_name == "clip":
-            return clip_loss(image_features, text_features, self.logit_scale)
-        if self.chunk:
+            return clip_loss_distributed(image_features, text_features, self.logit_scale)
+        if self.chunk and not distributed.active():
             return siglip_loss_chunked(image_features, text_features, self.t_prime, self.bias,
                                        self.chunk)
-        return siglip_loss(image_features, text_features, self.t_prime, self.bias)
+        return siglip_loss_distributed(image_features, text_features, self.t_prime, self.bias)
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.contrastive_loss(self.encode_image(images), self.encode_text(ids, mask))
+        x, y = self.encode_image(images), self.encode_text(ids, mask)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.contrastive_loss(x.float(), y.float())
 
     def temperature_metrics(self) -> dict[str, torch.Tensor]:
         """The loss's scalars for logging: CLIP's scale s, or SigLIP's t and b."""
