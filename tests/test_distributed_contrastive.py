@@ -114,7 +114,14 @@ def assert_runs_agree(one: Path, two: Path, nested: tuple[str, ...] = ()) -> Non
     assert Run.open(one).summary().keys() == Run.open(two).summary().keys()
 
 
-@pytest.mark.parametrize("method", ["clip", "siglip", "simclr", "cpc", "blip", "lit"])
+# CLIP's all-gather, SigLIP's ring and SimCLR's NT-Xent by default; the others, which reuse
+# those losses (LiT, BLIP's ITC) or the same gather (CPC), with `pytest -m slow`.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("method", ["clip", "siglip", "simclr", pytest.param("cpc", marks=SLOW),
+                                    pytest.param("blip", marks=SLOW),
+                                    pytest.param("lit", marks=SLOW)])
 def test_two_ranks_equal_one_rank(method, tmp_path):
     one = train_run(tmp_path / "one", method, *RUNS[method])
     two = train_run(tmp_path / "two", method, *RUNS[method], nproc=2)
@@ -177,6 +184,7 @@ def test_mixed_precision_trains(method, precision, runs, no_reports):
     assert ("precision.scale" in tensors) == (precision == "fp16")
 
 
+@pytest.mark.slow  # one process in mixed precision is tested by default, above
 @pytest.mark.parametrize("method, precision", [("blip", "bf16"), ("simclr", "fp16")])
 def test_mixed_precision_two_ranks(method, precision, tmp_path):
     """Half-precision tensors through the collectives (BLIP gathers bf16 image tokens), and
