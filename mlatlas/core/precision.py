@@ -37,7 +37,11 @@ def check_precision(precision: str, device: torch.device) -> None:
 
 def check_compile(device: torch.device) -> None:
     """One-line ConfigError where ``torch.compile`` cannot run here."""
-    from torch._dynamo.eval_frame import is_dynamo_supported
+    try:  # a private function of torch's; a torch without it reports its own errors
+        from torch._dynamo.eval_frame import is_dynamo_supported
+    except ImportError:
+        def is_dynamo_supported() -> bool:
+            return True
 
     if not is_dynamo_supported():
         raise ConfigError(f"--compile: torch.compile does not support Python "
