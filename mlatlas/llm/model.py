@@ -11,11 +11,15 @@ For tokens x_1..x_T the model computes, with h^0_t = E[x_t] and for each layer l
 Attention is causal; queries and keys are rotated by their position (RoPE, Su et al. 2021):
 each pair (x_i, x_{i+d/2}) of a head of width d turns by the angle m * theta^(-2i/d) at position
 m, so q_m . k_n depends on m - n alone. Keys and values may have fewer heads than queries
-(grouped-query attention).
+(grouped-query attention), and a head's width d may differ from dim / n_heads. ``rope_scaling``
+stretches the rotation to longer contexts: linear position interpolation (m -> m / s), dynamic
+NTK scaling (the base b grows to b (s L / L0 - (s - 1))^(d / (d - 2)) for sequences of L > L0
+tokens) and Llama 3.1's per-wavelength blend; :mod:`mlatlas.nn.attention` gives the equations.
 
 Attribute names follow transformers' ``LlamaForCausalLM``, so ``state_dict()`` keys are its
 keys one to one (``model.layers.0.self_attn.q_proj.weight`` ...): :func:`save_pretrained` writes a
-folder that ``LlamaForCausalLM.from_pretrained`` reads, and :func:`load_pretrained` reads one back.
+folder that ``LlamaForCausalLM.from_pretrained`` reads, and :func:`load_pretrained` reads one back,
+refusing with a :class:`ConfigError` any config field whose value this model does not compute.
 
 Sequences in a batch are left-padded prompts followed by completions: ``attention_mask`` is 1 on
 real tokens and each token's position is the number of real tokens before it, so a padded row
@@ -43,6 +47,21 @@ from mlatlas.nn.attention import (
 from mlatlas.nn.layers import RMSNorm, SwiGLU
 from mlatlas.nn.sampling import sample_token
 
+# transformers' rope types this model computes, with the parameters each needs ("default", plain
+# RoPE, is ``rope_scaling`` None).
+ROPE_SCALINGS = {"linear": ("factor",), "dynamic": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                            "original_max_position_embeddings")}
+
+# Llama config.json fields that change what the model computes, with the values it implements; a
+# missing field has LlamaConfig's default, an implemented value. The other fields leave the logits
+# as they are: use_cache, torch_dtype, token ids, initializer_range, and pretraining_tp, whose
+# sliced projections add up the same products.
+IMPLEMENTED_HF_FIELDS = {"hidden_act": ("silu", "swish"), "attention_bias": (False,),
+                         "mlp_bias": (False,), "tie_word_embeddings": (False,),
+                         "attention_dropout": (0.0,), "sliding_window": (None,),
+                         "quantization_config": (None,)}
+
 
 @dataclass
 class LMConfig:
@@ -55,17 +74,31 @@ class LMConfig:
     max_seq_len: int = 256
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    head_dim: int | None = None
+    """Width d of an attention head; None is dim / n_heads."""
+    rope_scaling: dict | None = None
+    """None (plain RoPE) or ``rope_type`` linear, dynamic or llama3 with the parameters that
+    :data:`ROPE_SCALINGS` names (transformers' ``rope_scaling`` keys)."""
 
     def __post_init__(self) -> None:
-        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+        if (self.head_dim is None and self.dim % self.n_heads) or self.n_heads % self.n_kv_heads:
             raise ConfigError(f"dim {self.dim} must divide into n_heads {self.n_heads}, which "
                               f"must divide into n_kv_heads {self.n_kv_heads} groups")
-        if (self.dim // self.n_heads) % 2:
-            raise ConfigError("the head width dim / n_heads must be even for rotary embeddings")
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.head_dim % 2:
+            raise ConfigError(f"the head width {self.head_dim} must be even for rotary "
+                              "embeddings")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def context_length(self) -> int:
+        """The longest sequence the model takes: max_seq_len, which dynamic scaling (meant to
+        run past the trained length) stretches to factor * max_seq_len."""
+        if self.rope_scaling is not None and self.rope_scaling["rope_type"] == "dynamic":
+            return int(self.rope_scaling["factor"] * self.max_seq_len)
+        return self.max_seq_len
 
     def to_hf(self, bos_id: int, eos_id: int, pad_id: int) -> dict:
         """The fields of transformers' ``LlamaConfig``."""
@@ -75,24 +108,66 @@ class LMConfig:
                 "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
                 "head_dim": self.head_dim, "max_position_embeddings": self.max_seq_len,
                 "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
-                "rope_scaling": None, "hidden_act": "silu", "attention_bias": False,
+                "rope_scaling": self.rope_scaling, "hidden_act": "silu", "attention_bias": False,
                 "mlp_bias": False, "tie_word_embeddings": False, "torch_dtype": "float32",
                 "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
 
     @classmethod
     def from_hf(cls, hf: dict) -> LMConfig:
+        """The config of a transformers ``LlamaConfig`` dict; a ConfigError names the first
+        field whose value this model does not compute."""
         if hf.get("model_type") != "llama":
-            raise ConfigError(f"not a Llama config (model_type {hf.get('model_type')!r})")
-        if hf.get("tie_word_embeddings") or hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise ConfigError("tied embeddings and attention/MLP biases are not supported")
-        rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get(
-            "rope_theta", 10000.0)
+            raise ConfigError(f"model_type {hf.get('model_type')!r} is not supported: only "
+                              "Llama folders (model_type 'llama') can be imported")
+        for field, implemented in IMPLEMENTED_HF_FIELDS.items():
+            if hf.get(field, implemented[0]) not in implemented:
+                raise ConfigError(f"{field} {hf[field]!r} is not supported (supported: "
+                                  f"{' or '.join(map(repr, implemented))})")
+        # transformers 5 writes the base and the scaling in rope_parameters, earlier versions
+        # rope_theta and rope_scaling (whose type was once named 'type').
+        rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+        partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+        if partial not in (None, 1.0):
+            raise ConfigError(f"partial_rotary_factor {partial!r} is not supported (supported: "
+                              "1.0, every pair of a head rotates)")
+        max_positions = hf.get("max_position_embeddings", 256)
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        scaling = None
+        if kind != "default":
+            # A llama3 dict without its original length takes the top-level field or
+            # max_position_embeddings, as transformers fills it in.
+            rope = {"original_max_position_embeddings": hf.get(
+                "original_max_position_embeddings", max_positions), **rope}
+            scaling = {"rope_type": kind,
+                       **{key: rope.get(key) for key in ROPE_SCALINGS.get(kind, ())}}
+        rope_theta = rope.get("rope_theta") or hf.get("rope_theta") or 10000.0
         return cls(vocab_size=hf["vocab_size"], dim=hf["hidden_size"],
                    hidden_dim=hf["intermediate_size"], n_layers=hf["num_hidden_layers"],
                    n_heads=hf["num_attention_heads"],
                    n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                   max_seq_len=hf.get("max_position_embeddings", 256),
-                   rope_theta=float(rope_theta), norm_eps=hf.get("rms_norm_eps", 1e-6))
+                   max_seq_len=max_positions, rope_theta=float(rope_theta),
+                   norm_eps=hf.get("rms_norm_eps", 1e-6), head_dim=hf.get("head_dim"),
+                   rope_scaling=scaling)
+
+
+def check_rope_scaling(scaling: dict) -> None:
+    """ConfigError unless ``scaling`` is a rope type of :data:`ROPE_SCALINGS` with exactly its
+    parameters, each usable in the equations of :mod:`mlatlas.nn.attention`."""
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_SCALINGS:
+        raise ConfigError(f"rope_type {kind!r} is not supported (supported: default, "
+                          f"{', '.join(ROPE_SCALINGS)})")
+    for key in ROPE_SCALINGS[kind]:
+        if not isinstance(scaling.get(key), int | float) or scaling[key] <= 0:
+            raise ConfigError(f"{kind} rope scaling needs a positive {key}, got "
+                              f"{scaling.get(key)!r}")
+    extra = set(scaling) - {"rope_type", *ROPE_SCALINGS[kind]}
+    if extra:
+        raise ConfigError(f"{kind} rope scaling has no parameter {sorted(extra)[0]!r}")
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ConfigError(f"llama3 rope scaling needs high_freq_factor "
+                          f"{scaling['high_freq_factor']} above low_freq_factor "
+                          f"{scaling['low_freq_factor']}")
 
 
 class DecoderLayer(nn.Module):
@@ -148,11 +223,12 @@ class TinyLM(nn.Module):
         if positions is None:
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         past = cache.length if cache is not None else 0
-        if past + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len "
-                             f"{self.cfg.max_seq_len}")
+        if past + T > self.cfg.context_length:
+            raise ValueError(f"sequence of {past + T} tokens exceeds the context of "
+                             f"{self.cfg.context_length} (max_seq_len {self.cfg.max_seq_len})")
         mask = attention_bias(attention_mask.bool(), T)
-        rotary = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        rotary = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta,
+                                self.cfg.rope_scaling, self.cfg.max_seq_len)
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
             x = layer(x, rotary, mask, cache)
@@ -248,12 +324,21 @@ def load_pretrained(directory: str | Path) -> TinyLM:
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise ConfigError(f"{directory} has no config.json")
-    model = TinyLM(LMConfig.from_hf(read_json(directory / "config.json")))
+    try:
+        cfg = LMConfig.from_hf(read_json(directory / "config.json"))
+    except ConfigError as err:
+        raise ConfigError(f"{directory}/config.json: {err}") from None
+    model = TinyLM(cfg)
     tensors = load_tensors(directory / "model.safetensors")
     # transformers leaves out buffers it can rebuild; our model has none, so keys must match.
     missing = set(model.state_dict()) - set(tensors)
     if missing:
         raise ConfigError(f"{directory}/model.safetensors lacks {sorted(missing)[0]}")
+    for name, tensor in model.state_dict().items():
+        if tensors[name].shape != tensor.shape:
+            raise ConfigError(f"{directory}/model.safetensors: {name} is "
+                              f"{tuple(tensors[name].shape)}, config.json makes it "
+                              f"{tuple(tensor.shape)}")
     model.load_state_dict({k: tensors[k] for k in model.state_dict()})
     return model
 

@@ -16,6 +16,22 @@ Rotary position embeddings (RoPE, Su et al. 2021) turn q and k before the produc
 depends on m - n alone. A :class:`KVCache` keeps the keys and values of earlier tokens for
 decoding one token at a time.
 
+Rotary scaling stretches a model trained on L0 positions to longer sequences by changing the
+inverse frequencies theta_i = b^(-2i/d), i = 0 .. d/2 - 1, of base b (``rope_theta``):
+
+    linear   (position interpolation, Chen et al. 2023): m -> m / s, i.e. theta_i -> theta_i / s
+    dynamic  (NTK-aware scaling, bloc97 2023, made dynamic by emozilla): for a sequence of
+             L > L0 tokens the base grows to b' = b * (s L / L0 - (s - 1))^(d / (d - 2)), so the
+             fastest pair keeps its frequency and the slowest one's is divided by exactly
+             s L / L0 - (s - 1); L <= L0 is plain RoPE
+    llama3   (Meta, Llama 3.1 report 2024): with wavelengths lambda_i = 2 pi / theta_i, L0 the
+             original context and alpha < beta the low- and high-frequency factors,
+                 gamma_i  = clamp((L0 / lambda_i - alpha) / (beta - alpha), 0, 1)
+                 theta_i' = (1 - gamma_i) theta_i / s + gamma_i theta_i
+             so pairs turning more than beta times in L0 (lambda_i < L0 / beta) are kept, pairs
+             turning fewer than alpha times (lambda_i > L0 / alpha) are interpolated by s, and the
+             band between blends the two smoothly.
+
 The projections are named as transformers' Llama names them (``q_proj``, ``k_proj``, ``v_proj``,
 ``o_proj``), so a language model's state_dict keys are Llama's; ``fused_kv`` computes keys and
 values with one matrix ``kv_proj`` instead (the layout of the contrastive towers, one matmul over
@@ -23,6 +39,8 @@ the context).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +58,40 @@ def causal_mask(T: int, S: int, device: torch.device | None = None) -> torch.Ten
     return torch.arange(S, device=device)[None, :] <= rows
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+                   scaling: dict | None = None, max_positions: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of m * theta^(-2i/d) for positions (B, T): each (B, 1, T, head_dim), the
-    d/2 angles written twice (the first and second halves of a head form the pairs)."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32,
-                                       device=positions.device) / head_dim)
+    """cos and sin of m * theta_i for positions (B, T): each (B, 1, T, head_dim), the
+    d/2 angles written twice (the first and second halves of a head form the pairs).
+
+    ``scaling`` is None for plain RoPE, or a dict with ``rope_type`` ``linear`` or ``dynamic``
+    and its ``factor`` s, or ``llama3`` with ``factor``, ``low_freq_factor`` alpha,
+    ``high_freq_factor`` beta and ``original_max_position_embeddings`` L0 (transformers'
+    names); see the module text. Dynamic scaling stretches beyond L0 = ``max_positions``, and L
+    is each row's own length (its last position + 1), so a padded row turns as it would alone;
+    transformers takes the longest row of the batch, the same for one row or rows of one length.
+    """
+    exponents = -torch.arange(0, head_dim, 2, dtype=torch.float32,
+                              device=positions.device) / head_dim
+    kind = None if scaling is None else scaling["rope_type"]
+    if kind == "dynamic":
+        if max_positions is None:
+            raise ValueError("dynamic rotary scaling needs max_positions, the trained length L0")
+        s = scaling["factor"]
+        length = (positions.amax(-1, keepdim=True).float() + 1).clamp(min=max_positions)
+        theta = theta * (s * length / max_positions - (s - 1)) ** (head_dim / (head_dim - 2))
+        theta = theta[..., None]  # (B, 1, 1): one base per row
+    inv_freq = theta ** exponents
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        alpha, beta = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelength = 2 * math.pi / inv_freq
+        gamma = ((scaling["original_max_position_embeddings"] / wavelength - alpha)
+                 / (beta - alpha)).clamp(0, 1)
+        inv_freq = (1 - gamma) * inv_freq / scaling["factor"] + gamma * inv_freq
+    elif kind not in (None, "dynamic"):
+        raise ValueError(f"unknown rotary scaling {kind!r} (linear, dynamic or llama3)")
     angles = positions.float()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)[:, None]
     return angles.cos(), angles.sin()
