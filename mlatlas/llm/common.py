@@ -67,6 +67,7 @@ from mlatlas.llm.model import (
     count_parameters,
     generate,
     load_pretrained,
+    read_hf_config,
     save_pretrained,
 )
 from mlatlas.llm.tasks import Problem, Task, get_task, parse_difficulties, problems
@@ -133,6 +134,7 @@ def policy_source(path: str | Path) -> str:
     path = Path(path)
     if (path / "config.json").is_file():
         if "model_type" in read_json(path / "config.json"):
+            read_hf_config(path)  # refuse what the model does not compute before a run starts
             return "hf"
         if (path / LM_FILE).is_file() and Run.open(path).has_checkpoint():
             if Run.open(path).method == "reward_model":

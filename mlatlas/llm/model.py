@@ -319,16 +319,22 @@ def save_pretrained(model: TinyLM, directory: str | Path, *, bos_id: int, eos_id
     return directory
 
 
-def load_pretrained(directory: str | Path) -> TinyLM:
-    """A TinyLM from a transformers Llama folder (``config.json`` + ``model.safetensors``)."""
+def read_hf_config(directory: str | Path) -> LMConfig:
+    """The LMConfig of a transformers Llama folder, or one line saying what in its
+    ``config.json`` the model does not compute."""
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise ConfigError(f"{directory} has no config.json")
     try:
-        cfg = LMConfig.from_hf(read_json(directory / "config.json"))
+        return LMConfig.from_hf(read_json(directory / "config.json"))
     except ConfigError as err:
         raise ConfigError(f"{directory}/config.json: {err}") from None
-    model = TinyLM(cfg)
+
+
+def load_pretrained(directory: str | Path) -> TinyLM:
+    """A TinyLM from a transformers Llama folder (``config.json`` + ``model.safetensors``)."""
+    directory = Path(directory)
+    model = TinyLM(read_hf_config(directory))
     tensors = load_tensors(directory / "model.safetensors")
     # transformers leaves out buffers it can rebuild; our model has none, so keys must match.
     missing = set(model.state_dict()) - set(tensors)
