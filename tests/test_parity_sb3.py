@@ -1,4 +1,5 @@
-"""Parity with Stable-Baselines3 (a dev extra): GAE, running statistics and Polyak averaging."""
+"""Parity with Stable-Baselines3 (a dev extra): GAE, running statistics, Polyak averaging and
+the gSDE distribution."""
 
 import numpy as np
 import pytest
@@ -69,3 +70,38 @@ def test_polyak_update_matches_sb3():
     sb3_polyak_update(source.parameters(), theirs.parameters(), 0.05)
     for a, b in zip(target.parameters(), theirs.parameters(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_gsde_distribution_matches_sb3_state_dependent_noise():
+    """On the same weights and exploration matrices: the actions, log-probabilities, entropies
+    and deterministic actions of our gSDE policy and SB3's ActorCriticPolicy(use_sde=True)."""
+    import gymnasium as gym
+    from stable_baselines3.common.policies import ActorCriticPolicy
+
+    from mlatlas.rl.deep.envs import Spaces
+    from mlatlas.rl.deep.gsde import StateDependentPolicy
+
+    torch.manual_seed(0)
+    obs_dim, act_dim, hidden, log_std_init = 3, 2, (64, 64), -0.5
+    ours = StateDependentPolicy(Spaces(obs_dim, False, False, act_dim), hidden, log_std_init)
+    theirs = ActorCriticPolicy(gym.spaces.Box(-10, 10, (obs_dim,)),
+                               gym.spaces.Box(-2, 2, (act_dim,)), lambda _: 3e-4,
+                               net_arch=dict(pi=list(hidden), vf=list(hidden)), use_sde=True,
+                               log_std_init=log_std_init)
+    with torch.no_grad():
+        # Our net is [Linear, Tanh, Linear, Tanh, Linear]: SB3's policy_net and action_net.
+        for i in (0, 2):
+            theirs.mlp_extractor.policy_net[i].load_state_dict(ours.net[i].state_dict())
+        theirs.action_net.load_state_dict(ours.net[4].state_dict())
+        ours.log_std.add_(0.3 * torch.randn_like(ours.log_std))  # distinct entries
+        theirs.log_std.copy_(ours.log_std)
+    obs = torch.randn(4, obs_dim) * 3  # four environments, each with its own theta_eps
+    with torch.no_grad():
+        dist, actions = ours.explore(obs, torch.Generator().manual_seed(0), 0)
+        theirs.action_dist.exploration_matrices = ours.theta_eps.clone()
+        sb3_dist = theirs.get_distribution(obs)
+        for a, b in ((actions, sb3_dist.sample()),
+                     (ours.log_prob(dist, actions), sb3_dist.log_prob(actions)),
+                     (ours.entropy(dist), sb3_dist.entropy()),
+                     (ours.act(obs), theirs._predict(obs, deterministic=True))):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

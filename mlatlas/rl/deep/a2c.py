@@ -9,6 +9,7 @@ gradient step on
 
 follows each rollout (RMSprop, as in the paper). This is the deep form of the notes' advantage
 actor-critic (Zhao Alg. 10.2), with a batch of n-step advantages in place of one TD error.
+With ``sde`` a continuous policy explores by gSDE (:mod:`~mlatlas.rl.deep.gsde`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from mlatlas.core.config import ConfigError, require_at_least, require_unit
 from mlatlas.core.optim import linear_decay, set_lr
 from mlatlas.core.run import Run
-from mlatlas.rl.deep.config import DeepRLConfig
+from mlatlas.rl.deep.config import DeepRLConfig, check_sde
 from mlatlas.rl.deep.evaluation import evaluate
 from mlatlas.rl.deep.loop import Agent, prepare, total_updates, train_agent
 from mlatlas.rl.deep.rollout import actor_and_critic, collect, make_actor, standardize
@@ -44,7 +45,15 @@ class Config(DeepRLConfig):
     lam: float = 1.0
     """GAE lambda; 1 is A3C's n-step return."""
     log_std_init: float = 0.0
-    """Initial log sigma of a Gaussian policy (continuous actions)."""
+    """Initial log sigma of a Gaussian policy (continuous actions); with --sde, of every entry
+    of gSDE's (features x actions) matrix log sigma."""
+    sde: bool = False
+    """Explore by generalised state-dependent exploration (gSDE; continuous actions): the noise
+    z(s) theta_eps of the policy's features and a random matrix held fixed between draws,
+    instead of fresh Gaussian noise at every step."""
+    sde_sample_freq: int = -1
+    """Steps between draws of gSDE's exploration matrix theta_eps; -1 draws it once at the
+    start of each rollout."""
     ent_coef: float = 0.0
     """c_2, weight of the entropy bonus."""
     vf_coef: float = 0.5
@@ -72,6 +81,7 @@ class Config(DeepRLConfig):
 
     def check(self) -> None:
         super().check()
+        check_sde(self)
         require_at_least(self, 1, "n_steps")
         require_unit(self, "lam")
         if self.grad_clip < 0:

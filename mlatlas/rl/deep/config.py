@@ -5,7 +5,8 @@ its own fields: the on-policy agents their rollout length, the off-policy ones t
 buffer. ``steps``, ``log_every`` and ``ckpt_every`` all count environment steps, summed over the
 parallel environments, as Stable-Baselines3's and CleanRL's ``total_timesteps`` do; a run ends,
 logs and checkpoints only between whole updates, so the three are rounded to whole updates of
-the agent (:func:`mlatlas.rl.deep.loop.update_steps`).
+the agent (:func:`mlatlas.rl.deep.loop.whole_updates`). Checks that several methods' configs
+share are functions here (:func:`check_sde`).
 """
 
 from __future__ import annotations
@@ -83,3 +84,11 @@ class DeepRLConfig(BaseConfig):
     @property
     def hidden_sizes(self) -> tuple[int, ...]:
         return (self.hidden,) * self.layers
+
+
+def check_sde(cfg: DeepRLConfig) -> None:
+    """The gSDE fields of an actor-critic config (PPO, A2C, TRPO): the exploration matrix is
+    redrawn every ``sde_sample_freq`` steps, or with -1 once per rollout."""
+    if cfg.sde_sample_freq == 0 or cfg.sde_sample_freq < -1:
+        raise ConfigError(f"--sde-sample-freq must be -1 (once per rollout) or positive, "
+                          f"got {cfg.sde_sample_freq}")

@@ -80,6 +80,14 @@ class Policy(nn.Module):
         mu, log_std = dist.chunk(2, -1)
         return mu + log_std.exp() * torch.randn(mu.shape, generator=generator)
 
+    def explore(self, obs: torch.Tensor, generator: torch.Generator, t: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """pi(. | s) and an action drawn from it, at step t of a rollout (t matters only to the
+        state-dependent exploration of :mod:`~mlatlas.rl.deep.gsde`, which redraws its noise by
+        it)."""
+        dist = self.distribution(obs)
+        return dist, self.sample(dist, generator)
+
     @torch.no_grad()
     def act(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """An action drawn from pi, or the most likely one when ``generator`` is None."""

@@ -12,6 +12,7 @@ around its old prediction (as in the PPO2 baselines code):
 
 The loss minimised is  -L^CLIP + c_1 L^V - c_2 H[pi_theta(. | s_t)], over ``epochs`` passes of
 shuffled minibatches of each rollout; the learning rate and eps may decay linearly to 0.
+With ``sde`` a continuous policy explores by gSDE (:mod:`~mlatlas.rl.deep.gsde`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from mlatlas.core.config import ConfigError, require_at_least, require_unit
 from mlatlas.core.optim import linear_decay, set_lr
 from mlatlas.core.run import Run
-from mlatlas.rl.deep.config import DeepRLConfig
+from mlatlas.rl.deep.config import DeepRLConfig, check_sde
 from mlatlas.rl.deep.evaluation import evaluate
 from mlatlas.rl.deep.loop import Agent, prepare, total_updates, train_agent
 from mlatlas.rl.deep.rollout import actor_and_critic, collect, make_actor, standardize
@@ -41,7 +42,15 @@ class Config(DeepRLConfig):
     lam: float = 0.95
     """GAE lambda: 1 gives the discounted return minus v(s), 0 the one-step TD error."""
     log_std_init: float = 0.0
-    """Initial log sigma of a Gaussian policy (continuous actions)."""
+    """Initial log sigma of a Gaussian policy (continuous actions); with --sde, of every entry
+    of gSDE's (features x actions) matrix log sigma."""
+    sde: bool = False
+    """Explore by generalised state-dependent exploration (gSDE; continuous actions): the noise
+    z(s) theta_eps of the policy's features and a random matrix held fixed between draws,
+    instead of fresh Gaussian noise at every step."""
+    sde_sample_freq: int = -1
+    """Steps between draws of gSDE's exploration matrix theta_eps; -1 draws it once at the
+    start of each rollout."""
     ent_coef: float = 0.0
     """c_2, weight of the entropy bonus."""
     vf_coef: float = 0.5
@@ -80,6 +89,7 @@ class Config(DeepRLConfig):
 
     def check(self) -> None:
         super().check()
+        check_sde(self)
         require_at_least(self, 1, "n_steps", "batch_size", "epochs")
         require_unit(self, "lam")
         if self.clip_range <= 0 or self.clip_range_vf < 0:

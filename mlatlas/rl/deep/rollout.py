@@ -1,6 +1,8 @@
 """On-policy rollouts: T steps of B parallel environments under the current policy, stored
 time-major, with the values an advantage estimate needs (REINFORCE, A2C, PPO and TRPO share it),
-and the actor and critic of the agents that learn from GAE advantages (A2C, PPO, TRPO).
+and the actor and critic of the agents that learn from GAE advantages (A2C, PPO, TRPO): a
+Gaussian policy with fresh noise at every step, or with ``sde`` the state-dependent exploration
+of :mod:`~mlatlas.rl.deep.gsde`.
 """
 
 from __future__ import annotations
@@ -12,14 +14,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from mlatlas.core.config import ConfigError
 from mlatlas.rl.deep.envs import Interaction, Spaces
+from mlatlas.rl.deep.gsde import StateDependentPolicy
 from mlatlas.rl.deep.policies import Policy, value_net
 from mlatlas.rl.returns import gae
 
 
 def make_actor(cfg: Any, spaces: Spaces) -> Policy:
-    """pi_theta of an actor-critic config (its ``hidden_sizes`` and ``log_std_init``)."""
-    return Policy(spaces, cfg.hidden_sizes, cfg.log_std_init)
+    """pi_theta of an actor-critic config (its ``hidden_sizes``, ``log_std_init`` and
+    ``sde``, ``sde_sample_freq``): explored by gSDE with ``sde``, which needs Box actions."""
+    if not cfg.sde:
+        return Policy(spaces, cfg.hidden_sizes, cfg.log_std_init)
+    if spaces.discrete:
+        raise ConfigError(f"--sde needs continuous (Box) actions; {cfg.env} has discrete ones")
+    return StateDependentPolicy(spaces, cfg.hidden_sizes, cfg.log_std_init, cfg.sde_sample_freq)
 
 
 def actor_and_critic(cfg: Any, spaces: Spaces) -> tuple[Policy, nn.Module]:
@@ -56,10 +65,8 @@ def collect(interaction: Interaction, policy: Policy,
             generator: torch.Generator) -> Rollout:
     """Act for ``n_steps`` steps in every environment of ``interaction``."""
     steps = []
-    for _ in range(n_steps):
-        obs = interaction.obs
-        dist = policy.distribution(obs)
-        actions = policy.sample(dist, generator)
+    for t in range(n_steps):
+        dist, actions = policy.explore(interaction.obs, generator, t)
         steps.append((policy.log_prob(dist, actions), interaction.step(actions)))
     log_probs = torch.stack([s[0] for s in steps])
     ts = [s[1] for s in steps]

@@ -26,6 +26,8 @@ KL_bar <= delta and L(theta) > L(theta_old); when none passes, theta stays theta
 
 The critic v_phi is fitted separately, after the policy step, by ``n_critic_updates`` epochs of
 minibatch Adam on  E_t[(v_phi(s_t) - R_t)^2]  with R_t = A_t + v_old(s_t) (un-normalised A_t).
+With ``sde`` a continuous policy explores by gSDE (:mod:`~mlatlas.rl.deep.gsde`); the KL is then
+that of the state-dependent Gaussians, and the Fisher includes the gSDE scale matrix log sigma.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from torch import nn
 
 from mlatlas.core.config import ConfigError, require_at_least, require_unit
 from mlatlas.core.run import Run
-from mlatlas.rl.deep.config import DeepRLConfig
+from mlatlas.rl.deep.config import DeepRLConfig, check_sde
 from mlatlas.rl.deep.evaluation import evaluate
 from mlatlas.rl.deep.loop import Agent, prepare, train_agent
 from mlatlas.rl.deep.rollout import actor_and_critic, collect, make_actor, standardize
@@ -64,7 +66,15 @@ class Config(DeepRLConfig):
     lam: float = 0.95
     """GAE lambda: 1 gives the discounted return minus v(s), 0 the one-step TD error."""
     log_std_init: float = 0.0
-    """Initial log sigma of a Gaussian policy (continuous actions)."""
+    """Initial log sigma of a Gaussian policy (continuous actions); with --sde, of every entry
+    of gSDE's (features x actions) matrix log sigma."""
+    sde: bool = False
+    """Explore by generalised state-dependent exploration (gSDE; continuous actions): the noise
+    z(s) theta_eps of the policy's features and a random matrix held fixed between draws,
+    instead of fresh Gaussian noise at every step."""
+    sde_sample_freq: int = -1
+    """Steps between draws of gSDE's exploration matrix theta_eps; -1 draws it once at the
+    start of each rollout."""
     batch_size: int = 128
     """Minibatch size of the critic's regression."""
     n_critic_updates: int = 10
@@ -100,6 +110,7 @@ class Config(DeepRLConfig):
 
     def check(self) -> None:
         super().check()
+        check_sde(self)
         require_at_least(self, 1, "n_steps", "batch_size", "n_critic_updates", "cg_iters",
                          "line_search_steps")
         require_unit(self, "lam")
