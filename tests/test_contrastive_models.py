@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from mlatlas.contrastive.clip import trim_padding
 from mlatlas.contrastive.common import held_out, held_out_data, optimizer_step
 from mlatlas.contrastive.data import DatasetError, load_captioned
 from mlatlas.contrastive.evaluation import class_embeddings, retrieval
@@ -31,12 +32,35 @@ def test_tokenizer_truncates_long_captions():
     assert ids.shape == (1, 5) and mask.all() and ids[0, -1] == EOS
 
 
-def test_padding_does_not_change_the_text_feature():
+@pytest.mark.parametrize("pool", ["bos", "mean"])
+def test_padding_does_not_change_the_text_feature(pool):
     tok = CaptionTokenizer.train(CAPTIONS, vocab_size=60, max_len=16)
-    tower = TextTower(tok.vocab_size, 16, width=32, depth=2).eval()
+    tower = TextTower(tok.vocab_size, 16, width=32, depth=2, pool=pool).eval()
     ids, mask = tok.encode(CAPTIONS)
-    short = int(mask.sum(1).max())
-    assert torch.allclose(tower(ids, mask), tower(ids[:, :short], mask[:, :short]), atol=1e-5)
+    trimmed = trim_padding(ids, mask)
+    assert trimmed[0].shape[1] == int(mask.sum(1).max()) < 16
+    assert torch.allclose(tower(ids, mask), tower(*trimmed), atol=1e-5)
+
+
+def test_mean_pooling_is_the_mean_of_the_real_token_outputs():
+    tok = CaptionTokenizer.train(CAPTIONS, vocab_size=60, max_len=16)
+    tower = TextTower(tok.vocab_size, 16, width=32, depth=1, pool="mean").eval()
+    ids, mask = tok.encode(CAPTIONS[:2])
+    h = tower.tokens(ids, mask)
+    expected = torch.stack([h[i, mask[i]].mean(0) for i in range(2)])
+    assert torch.allclose(tower(ids, mask), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="pool"):
+        TextTower(10, 8, pool="max")
+
+
+@pytest.mark.parametrize("stages, side", [(1, 32), (3, 8), (4, 4)])
+def test_conv_tower_stages_halve_the_resolution(stages, side):
+    tower = ConvTower(3, 32, stages)
+    assert tower.tokens(torch.rand(2, 3, 32, 32)).shape == (2, side * side, 32)
+    assert tower(torch.rand(2, 3, 32, 32)).shape == (2, 32)
+    # Three stages keep the parameter names of the tower before stages existed.
+    assert [k for k in tower.state_dict() if k.endswith("weight")][-2:] == (
+        [f"net.{3 * stages - 3}.weight", f"net.{3 * stages - 2}.weight"])
 
 
 def test_causal_mask_hides_the_future():

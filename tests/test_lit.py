@@ -23,7 +23,8 @@ def no_probes(monkeypatch):
 
 def simclr_run(runs, **overrides):
     cfg = simclr.Config(**{**dict(dataset="digits", width=16, projection_dim=8, batch_size=16,
-                                  warmup_steps=2), **overrides}, steps=3)
+                                  warmup_steps=2, cnn_stages=lit.Config.cnn_stages),
+                           **overrides}, steps=3)
     return simclr.train(cfg, Run.create("simclr", cfg, runs), progress=False)
 
 
@@ -55,6 +56,7 @@ def test_locked_image_tower_is_bit_identical_after_training_and_the_text_tower_m
 @pytest.mark.parametrize("overrides, match", [
     ({"width": 24}, "width 16"),
     ({"image_tower": "vit"}, "cnn tower"),
+    ({"cnn_stages": 3}, "cnn tower of 4 stages; this LiT run asks for --cnn-stages 3"),
     ({"dataset": "shapes", "n_train": 64}, "1-channel"),
 ])
 def test_a_tower_that_does_not_fit_is_a_config_error(runs, overrides, match):

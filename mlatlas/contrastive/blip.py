@@ -384,8 +384,9 @@ def caption_accuracy(captions: list[str], labels: torch.Tensor,
 
 def build_model(cfg: Config, data: CaptionedData, tokenizer: CaptionTokenizer) -> BLIP:
     channels, size, _ = data.image_shape
-    return BLIP(image_tower(cfg.image_tower, channels, size, cfg.width), tokenizer.vocab_size,
-                cfg.max_len, cfg.width, cfg.text_depth, cfg.heads, cfg.embed_dim, size)
+    return BLIP(image_tower(cfg.image_tower, channels, size, cfg.width, cfg.cnn_stages),
+                tokenizer.vocab_size, cfg.max_len, cfg.width, cfg.text_depth, cfg.heads,
+                cfg.embed_dim, size)
 
 
 def load_data(cfg: Config) -> CaptionedData:

