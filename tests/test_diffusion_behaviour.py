@@ -48,13 +48,17 @@ def test_learns_a_2d_toy(name, runs):
 @pytest.mark.parametrize("name", ["edm", "flow_matching", "vp-eps"])
 def test_likelihood_of_held_out_points_rises(name, runs):
     """The probability-flow ODE's exact log-likelihood of 300 test points: a trained model's
-    beats an untrained one's by over a nat per point."""
+    beats an untrained one's by over a nat per point. A tolerance of 1e-3 suffices for a margin
+    of a nat (on 500 points it was within 2e-3 nats of the converged mean, docs/methods/
+    diffusion.md) and takes a quarter of the default's evaluations."""
     cls, kw, _ = CONFIGS[name]
     x = load_dataset("8gaussians").x_test[:300]
     nll = []
     for steps, lr in ((1, 1e-12), (600, 1e-3)):
         cfg, _, model = loop.load_model(trained(cls, runs, steps, lr=lr, **kw))
-        nll.append(-formulations.log_likelihood(cfg.formulation(), model, x, 32).mean().item())
+        likelihood = formulations.log_likelihood(cfg.formulation(), model, x, rtol=1e-3,
+                                                 atol=1e-3)
+        nll.append(-likelihood.log_p.mean().item())
     assert nll[1] < nll[0] - 1, nll
 
 
@@ -80,6 +84,10 @@ def test_every_sampler_applies_to_a_vp_run(runs):
     # 400 steps measured 4.06 nats against the true 2.89 (an untrained network: 12.0).
     assert true_nll - 0.1 < metrics["test_nll_nats"] < true_nll + 1.5, (metrics["test_nll_nats"],
                                                                          true_nll)
+    assert metrics["test_nll_rtol"] == metrics["test_nll_atol"] == 1e-5
+    assert metrics["test_nll_nfe"] > 100
+    summary = run.summary()
+    assert summary["eval/test_nll_nfe"] == metrics["test_nll_nfe"]
     for name in ("samples.png", "trajectory.png", "vector_field.png", "loss.png"):
         assert (run.dir / name).is_file()
 

@@ -275,8 +275,9 @@ def test_evaluate_scores_both_flows_and_draws_the_figures(runs):
     metrics = {k.removeprefix("eval/"): v for k, v in run.summary().items()
                if k.startswith("eval/")}
     for prefix in ("", "rf1_"):
-        for key in ("mmd", "one_step_mmd", "straightness", "test_nll_nats"):
+        for key in ("mmd", "one_step_mmd", "straightness", "test_nll_nats", "test_nll_nfe"):
             assert math.isfinite(metrics[prefix + key]), prefix + key
+        assert metrics[prefix + "test_nll_rtol"] == metrics[prefix + "test_nll_atol"] == 1e-5
     assert metrics["function_evaluations"] == 35
     for name in ("samples.png", "trajectory.png", "reflow.png", "vector_field.png", "loss.png"):
         assert run.path(name).is_file(), name

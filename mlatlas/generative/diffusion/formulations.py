@@ -203,13 +203,14 @@ class Preconditioned(Formulation):
         return edm.karras_sigmas(steps, self.sigma_min, self.sigma_max, self.rho)
 
 
-def log_likelihood(formulation: Formulation, net: Network, x0: torch.Tensor, steps: int = 100,
+def log_likelihood(formulation: Formulation, net: Network, x0: torch.Tensor,
                    trace: Literal["exact", "hutchinson"] = "exact",
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """log p(x0) in nats per example under the model's probability-flow ODE, integrated with
-    ``steps`` Heun steps over the trained noise range (``samplers.log_likelihood``)."""
+                   generator: torch.Generator | None = None, rtol: float = samplers.RTOL,
+                   atol: float = samplers.ATOL) -> samplers.Likelihood:
+    """log p(x0) in nats per example under the model's probability-flow ODE over the trained
+    noise range, integrated to the tolerances rtol and atol (``samplers.log_likelihood``), with
+    the function evaluations it took."""
     sigma_min, sigma_max = formulation.sigma_range()
-    sigmas = edm.karras_sigmas(steps, sigma_min, sigma_max).flip(0)[1:]
-    return samplers.log_likelihood(formulation.denoiser(net), x0, sigmas,
+    return samplers.log_likelihood(formulation.denoiser(net), x0, sigma_min, sigma_max,
                                    formulation.prior_std(sigma_max), trace=trace,
-                                   generator=generator, progress=False)
+                                   generator=generator, rtol=rtol, atol=atol)

@@ -49,7 +49,13 @@ from mlatlas.generative.diffusion.guidance import (
     save_noisy_classifier,
     train_noisy_classifier,
 )
-from mlatlas.generative.diffusion.samplers import Callback, Denoiser, function_evaluations
+from mlatlas.generative.diffusion.samplers import (
+    ATOL,
+    RTOL,
+    Callback,
+    Denoiser,
+    function_evaluations,
+)
 from mlatlas.nn.unet import TimeMLP, UNet
 
 # The noisy classifier of classifier guidance, in the run folder beside the checkpoint.
@@ -269,11 +275,14 @@ def sample(run: Run, n: int = 64, seed: int = 0, progress: bool | None = None,
 
 
 def held_out_nll(formulation: Formulation, net: nn.Module, data: Dataset, n: int = 500,
-                 steps: int = 64) -> float:
+                 rtol: float = RTOL, atol: float = ATOL) -> dict[str, float]:
     """Mean negative log-likelihood in nats of the first n held-out points of 2D ``data``, with
-    the exact divergence (2 backward passes a step in 2D; no random draw)."""
+    the exact divergence (2 backward passes an evaluation in 2D; no random draw), as
+    ``test_nll_nats`` beside the tolerances and function evaluations that produced it."""
     test = to_model_space(data.x_test[:n], data).to(next(net.parameters()).device)
-    return -float(log_likelihood(formulation, net, test, steps).mean())
+    likelihood = log_likelihood(formulation, net, test, rtol=rtol, atol=atol)
+    return {"test_nll_nats": -float(likelihood.log_p.mean()), "test_nll_rtol": rtol,
+            "test_nll_atol": atol, "test_nll_nfe": likelihood.nfe}
 
 
 def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | None = None,
@@ -310,7 +319,7 @@ def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | Non
     if data.kind == "points":
         run.save_figure(vector_field_figure(formulation, model, data), "vector_field.png")
         if labels is None:
-            metrics["test_nll_nats"] = held_out_nll(formulation, model, data)
+            metrics.update(held_out_nll(formulation, model, data))
     write_eval_summary(run, metrics)
     return metrics
 

@@ -46,14 +46,30 @@ change of variables of Chen et al. 2018): integrating from sigma_min up to sigma
                           + int_{sigma_min}^{sigma_max} div_x d(x(sigma), sigma) dsigma
 
 with the divergence exact (one backward pass per dimension) or Hutchinson's estimate
-E_z[z^T (d d / dx) z], z Rademacher.
+E_z[z^T (d d / dx) z], z Rademacher, its probes drawn once per call so that the integrand stays
+one smooth ODE. In u = ln sigma the augmented state y = [x, delta] follows
+
+    dx/du = x - D(x; sigma),    d delta/du = div_x (x - D(x; sigma)),    sigma = e^u,
+
+which spreads the five decades of sigma evenly. ``dopri5`` integrates it with the embedded
+Runge-Kutta pair of Dormand & Prince (1980), fifth order with a fourth-order error estimate
+e = h sum_i (b_i - b_hat_i) k_i, at Song et al.'s tolerances rtol = atol = 1e-5 by default: a
+step of size h is accepted when
+
+    err = max_b RMS_i(e_bi / (atol + rtol max(|y_bi|, |y_new,bi|))) <= 1
+
+(the worst example of the batch, which shares one step size), and the next step is
+h min(10, max(0.2, 0.9 err^(-1/5))) (Hairer, Norsett & Wanner, Solving ODEs I, II.4). Seven
+stages, the last reused as the next step's first, make six evaluations a step; a cap on the
+evaluations turns a tolerance the model cannot meet into an error instead of a hang.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -235,55 +251,205 @@ def function_evaluations(sampler: str, steps: int) -> int:
     return 2 * steps - 1 if sampler == "heun" else steps
 
 
+# --- exact likelihood ----------------------------------------------------------------------------
+
+# Dormand & Prince's RK5(4)7M (Hairer, Norsett & Wanner, Solving ODEs I, Table II.5.2; scipy's
+# RK45): nodes c, stage weights a, the fifth-order weights b and e = b - b_hat over all seven
+# stages, the seventh being f at the new point, which is the next step's first (FSAL).
+DOPRI_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0)
+DOPRI_A = ((),
+           (1 / 5,),
+           (3 / 40, 9 / 40),
+           (44 / 45, -56 / 15, 32 / 9),
+           (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+           (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656))
+DOPRI_B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)
+DOPRI_E = (-71 / 57600, 0.0, 71 / 16695, -71 / 1920, 17253 / 339200, -22 / 525, 1 / 40)
+# The step-size controller of Hairer et al. (II.4) with scipy's constants.
+SAFETY, MIN_FACTOR, MAX_FACTOR, ERROR_ORDER = 0.9, 0.2, 10.0, 4
+# Song et al. 2021 (Appendix D.2) ran scipy's RK45 at these tolerances.
+RTOL = ATOL = 1e-5
+# Several times what the 2D models need at 1e-6 (a VP model's kinked t(sigma): 2,822).
+MAX_NFE = 20_000
+
+# f(t, y) -> dy/dt for a batch y of shape (B, ...): B systems that share one step size.
+ODE = Callable[[float, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Solution:
+    """y(t1), the function evaluations it took and the steps accepted and rejected."""
+
+    y: torch.Tensor
+    nfe: int
+    accepted: int
+    rejected: int
+
+
+def worst_row_rms(v: torch.Tensor) -> float:
+    """max_b sqrt(mean_i v_bi^2): each row's RMS norm, then the largest, so a step shared by the
+    batch is only as large as its hardest example allows (the RMS over the whole batch would let
+    one example's error hide among the others')."""
+    return float(v.flatten(1).pow(2).mean(1).sqrt().max())
+
+
+def error_norm(error: torch.Tensor, y: torch.Tensor, y_new: torch.Tensor, rtol: float,
+               atol: float) -> float:
+    """||e / (atol + rtol max(|y|, |y_new|))||, the local error against the tolerance: a step is
+    accepted when this is at most 1."""
+    return worst_row_rms(error / (atol + rtol * torch.maximum(y.abs(), y_new.abs())))
+
+
+def step_factor(err: float, after_rejection: bool) -> float:
+    """h_new / h = 0.9 err^(-1/5) within [0.2, 10], and at most 1 right after a rejection (an
+    error that has just proved too large should not be risked again). A non-finite error, an
+    overflow of too long a step, takes the smallest factor."""
+    if not math.isfinite(err):
+        return MIN_FACTOR
+    factor = MAX_FACTOR if err == 0 else SAFETY * err ** (-1 / (ERROR_ORDER + 1))
+    return max(MIN_FACTOR, min(1.0 if after_rejection else MAX_FACTOR, factor))
+
+
+def initial_step(f: ODE, t0: float, y0: torch.Tensor, f0: torch.Tensor, t1: float,
+                 rtol: float, atol: float) -> float:
+    """Hairer et al.'s starting step (II.4; scipy's ``select_initial_step``) towards t1, from the
+    sizes of y0, f0 and one more evaluation of f: h = min(100 h0, (0.01 / max(d1, d2))^(1/5)),
+    and never past t1 (a nearly constant f would otherwise ask for a step beyond the interval)."""
+    direction, length = math.copysign(1.0, t1 - t0), abs(t1 - t0)
+    scale = atol + rtol * y0.abs()
+    d0, d1 = worst_row_rms(y0 / scale), worst_row_rms(f0 / scale)
+    h0 = min(length, 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1)
+    f1 = f(t0 + direction * h0, y0 + direction * h0 * f0)
+    d2 = worst_row_rms((f1 - f0) / scale) / h0
+    h1 = (max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15
+          else (0.01 / max(d1, d2)) ** (1 / (ERROR_ORDER + 1)))
+    return min(100 * h0, h1, length)
+
+
+def dopri_step(f: ODE, t: float, y: torch.Tensor, h: float,
+               k1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Dormand-Prince step of size h from y(t), given k1 = f(t, y):
+
+        k_i = f(t + c_i h, y + h sum_j a_ij k_j),    y_new = y + h sum_i b_i k_i,
+        error = h sum_i e_i k_i  with k_7 = f(t + h, y_new)
+
+    Returns (y_new, k_7, error); six new evaluations of f."""
+    k = [k1]
+    for c, a in zip(DOPRI_C[1:], DOPRI_A[1:], strict=True):
+        k.append(f(t + c * h, y + h * sum(a_j * k_j for a_j, k_j in zip(a, k, strict=True))))
+    y_new = y + h * sum(b * k_i for b, k_i in zip(DOPRI_B, k, strict=True))
+    k.append(f(t + h, y_new))
+    error = h * sum(e * k_i for e, k_i in zip(DOPRI_E, k, strict=True))
+    return y_new, k[-1], error
+
+
+def dopri5(f: ODE, t0: float, t1: float, y0: torch.Tensor, *, rtol: float = RTOL,
+           atol: float = ATOL, max_nfe: int = MAX_NFE) -> Solution:
+    """y(t1) of dy/dt = f(t, y), y(t0) = y0, by adaptive Dormand-Prince 5(4) steps (local
+    extrapolation: the fifth-order solution goes on, the embedded fourth-order one measures the
+    error). Raises RuntimeError rather than make more than ``max_nfe`` evaluations of f."""
+    if t1 == t0:
+        raise ValueError("the ODE needs an interval, got t0 = t1")
+    direction = 1.0 if t1 > t0 else -1.0
+    t, y, k1 = t0, y0, f(t0, y0)
+    h, nfe = initial_step(f, t0, y0, k1, t1, rtol, atol), 2
+    accepted = rejected = 0
+    after_rejection = False
+    while direction * (t1 - t) > 0:
+        if nfe + 6 > max_nfe:
+            raise RuntimeError(
+                f"the ODE solver stopped at t = {t:.6g} of [{t0:.6g}, {t1:.6g}] after {nfe} "
+                f"function evaluations ({accepted} steps accepted, {rejected} rejected, the last "
+                f"of size {h:.3g}): loosen rtol = {rtol:g} and atol = {atol:g} or raise max_nfe "
+                f"= {max_nfe}")
+        last = h >= abs(t1 - t)
+        h = min(h, abs(t1 - t))
+        y_new, k7, error = dopri_step(f, t, y, direction * h, k1)
+        nfe += 6
+        err = error_norm(error, y, y_new, rtol, atol)
+        ok = err <= 1  # False for a non-finite error too
+        if ok:
+            t = t1 if last else t + direction * h
+            y, k1 = y_new, k7
+            accepted += 1
+        else:
+            rejected += 1
+        h *= step_factor(err, after_rejection)
+        after_rejection = not ok
+    return Solution(y, nfe, accepted, rejected)
+
+
+def rademacher(shape: torch.Size, probes: int,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """``probes`` vectors z of shape ``shape`` with entries +-1 at random, (probes, *shape); drawn
+    on the CPU so that a seed gives the same probes on any device."""
+    return torch.randint(0, 2, (probes, *shape), generator=generator) * 2 - 1
+
+
 def divergence(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-               trace: Literal["exact", "hutchinson"] = "exact", probes: int = 1,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fn(x), div fn(x)) for a batch x of shape (B, ...): the exact trace of the Jacobian,
-    one backward pass per dimension, or Hutchinson's estimate with ``probes`` Rademacher
-    vectors."""
+               z: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fn(x), div fn(x)) for a batch x of shape (B, ...): the exact trace of the Jacobian, one
+    backward pass per dimension, or, given probes z of shape (P, B, ...), Hutchinson's estimate
+    (1/P) sum_p z_p^T (d fn / dx) z_p, one backward pass per probe."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         out = fn(x)
-        flat_out, dims = out.flatten(1), x[0].numel()
-        div = torch.zeros(len(x), dtype=x.dtype, device=x.device)
-        if trace == "exact":
-            for d in range(dims):
-                grad = torch.autograd.grad(flat_out[:, d].sum(), x, retain_graph=True)[0]
-                div = div + grad.flatten(1)[:, d]
-        elif trace == "hutchinson":
-            for _ in range(probes):
-                z = torch.randint(0, 2, x.shape, generator=generator).to(x) * 2 - 1
-                grad = torch.autograd.grad((out * z).sum(), x, retain_graph=True)[0]
-                div = div + (grad * z).flatten(1).sum(1) / probes
+
+        if z is None:
+            flat = out.flatten(1)
+            div = sum(torch.autograd.grad(flat[:, i].sum(), x, retain_graph=True)[0]
+                      .flatten(1)[:, i] for i in range(flat.shape[1]))
         else:
-            raise ValueError(f"trace must be 'exact' or 'hutchinson', got {trace!r}")
+            div = sum((torch.autograd.grad((out * z_p).sum(), x, retain_graph=True)[0] * z_p)
+                      .flatten(1).sum(1) for z_p in z.to(x)) / len(z)
     return out.detach(), div.detach()
 
 
-def log_likelihood(denoiser: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, prior_std: float,
-                   *, trace: Literal["exact", "hutchinson"] = "exact", probes: int = 1,
-                   generator: torch.Generator | None = None,
-                   progress: bool | None = None) -> torch.Tensor:
-    """log p(x0) in nats per example, by Heun steps of the probability-flow ODE along the
-    increasing ``sigmas`` (from a small sigma_min to sigma_max) and the prior
-    N(0, prior_std^2 I) at the end; shape (B,)."""
-    values = _check_sigmas(sigmas)
-    if any(b <= a for a, b in zip(values, values[1:], strict=False)) or values[0] <= 0:
-        raise ValueError("likelihood sigmas must increase from a positive sigma_min")
+def likelihood_ode(denoiser: Denoiser, shape: torch.Size, z: torch.Tensor | None = None) -> ODE:
+    """The probability-flow ODE and its divergence in u = ln sigma, on the state y = [x, delta]
+    flattened to (B, dims + 1):
 
-    def drift(sigma: float) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda x: to_d(x, sigma, denoiser(x, sigma))
+        dx/du = sigma d = x - D(x; sigma),    d delta/du = div_x (x - D(x; sigma)),
 
-    x, delta = x0, torch.zeros(len(x0), dtype=x0.dtype, device=x0.device)
-    for i in _steps(len(values) - 1, progress):
-        sigma, sigma_next = values[i], values[i + 1]
-        dt = sigma_next - sigma
-        d, div = divergence(drift(sigma), x, trace, probes, generator)
-        x_next = x + d * dt
-        d_prime, div_prime = divergence(drift(sigma_next), x_next, trace, probes, generator)
-        x = x + (d + d_prime) / 2 * dt
-        delta = delta + (div + div_prime) / 2 * dt
-    dims = x0[0].numel()
-    prior = (-0.5 * (x / prior_std).flatten(1).pow(2).sum(1)
-             - dims * (math.log(prior_std) + 0.5 * math.log(2 * math.pi)))
-    return prior + delta
+    the divergence exact, or Hutchinson's with the probes z, the same at every evaluation so that
+    the integrand stays a smooth function of u."""
+    def f(u: float, y: torch.Tensor) -> torch.Tensor:
+        sigma = math.exp(u)
+        dx, div = divergence(lambda x: x - denoiser(x, sigma), y[:, :-1].reshape(shape), z)
+        return torch.cat([dx.flatten(1), div[:, None]], 1)
+
+    return f
+
+
+def log_normal(x: torch.Tensor, std: float) -> torch.Tensor:
+    """log N(x; 0, std^2 I) per example, (B,)."""
+    dims = x[0].numel()
+    return (-0.5 * (x / std).flatten(1).pow(2).sum(1)
+            - dims * (math.log(std) + 0.5 * math.log(2 * math.pi)))
+
+
+class Likelihood(NamedTuple):
+    """log p(x0) per example in nats, (B,), and the function evaluations it took (each one a
+    denoiser call and its divergence)."""
+
+    log_p: torch.Tensor
+    nfe: int
+
+
+def log_likelihood(denoiser: Denoiser, x0: torch.Tensor, sigma_min: float, sigma_max: float,
+                   prior_std: float, *, trace: Literal["exact", "hutchinson"] = "exact",
+                   probes: int = 1, generator: torch.Generator | None = None,
+                   rtol: float = RTOL, atol: float = ATOL, max_nfe: int = MAX_NFE) -> Likelihood:
+    """log p(x0) by the probability-flow ODE from sigma_min up to sigma_max (``dopri5`` at the
+    tolerances rtol and atol) and the prior N(0, prior_std^2 I) at the end. Hutchinson's trace
+    draws its ``probes`` once, from ``generator``."""
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    if trace not in ("exact", "hutchinson"):
+        raise ValueError(f"trace must be 'exact' or 'hutchinson', got {trace!r}")
+    z = rademacher(x0.shape, probes, generator) if trace == "hutchinson" else None
+    y0 = torch.cat([x0.flatten(1), x0.new_zeros(len(x0), 1)], 1)
+    solution = dopri5(likelihood_ode(denoiser, x0.shape, z), math.log(sigma_min),
+                      math.log(sigma_max), y0, rtol=rtol, atol=atol, max_nfe=max_nfe)
+    x, delta = solution.y[:, :-1], solution.y[:, -1]
+    return Likelihood(log_normal(x, prior_std) + delta, solution.nfe)

@@ -298,8 +298,8 @@ def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | Non
                     metrics["note"] = value
         metrics[f"{prefix}straightness"] = d.straightness
         if data.kind == "points":
-            metrics[f"{prefix}test_nll_nats"] = loop.held_out_nll(cfg.formulation(),
-                                                             flows[name], data)
+            nll = loop.held_out_nll(cfg.formulation(), flows[name], data)
+            metrics.update({f"{prefix}{key}": value for key, value in nll.items()})
     metrics.update(sampler=options.sampler, sampler_steps=options.steps,
                    function_evaluations=function_evaluations(options.sampler, options.steps))
     final = draws[list(draws)[-1]]
