@@ -311,18 +311,48 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_demo(argv: list[str]) -> int:
+    from mlatlas.core.runtime import idle_cores
+
     parser = Parser(prog="mlatlas demo",
-                    description="Train DDPM on the 8x8 digits with its defaults (a few minutes).")
+                    description="Train DDPM on the 8x8 digits with its defaults (about 5 minutes "
+                                "on 2 idle cores).")
     parser.add_argument("--out", type=Path, default=Path("runs"))
     _common(parser)
     args = parser.parse(argv)
-    # The demo runs alone, so it takes every core (1.4x faster than one thread on 2 idle
-    # cores, benchmarks/threads.py); `train` keeps the one-thread default that is safe when
-    # other work shares the machine.
-    threads = 0 if args.threads is None else args.threads
-    return cmd_train(["ddpm", "--dataset", "digits", "--out", str(args.out),
+    # The demo takes the cores no other process is using: a second thread is 1.4x faster on
+    # an idle core and 8x slower on a busy one (benchmarks/threads.py).
+    threads = idle_cores() if args.threads is None else args.threads
+    before = set(args.out.glob("ddpm-*"))
+    code = cmd_train(["ddpm", "--dataset", "digits", "--out", str(args.out),
                       "--threads", str(threads),
                       *({True: ["--progress"], False: ["--no-progress"]}.get(args.progress, []))])
+    made = sorted(set(args.out.glob("ddpm-*")) - before)
+    if code == 0 and made:
+        _demo_guide(made[-1])
+    return code
+
+
+def _demo_guide(run_dir: Path) -> None:
+    """What a newcomer should look at once the demo has run: the pictures, and the samples'
+    scores beside those of as many real digits (the floor the sample size allows)."""
+    from mlatlas.core.run import Run
+    from mlatlas.data import load_dataset
+    from mlatlas.eval.samples import real_data_floor
+
+    summary = Run.open(run_dir).summary()
+    n = int(summary.get("eval/n_samples", 500))
+    floor = real_data_floor(load_dataset("digits"), n)
+    print(f"\nWhat to look at, in {run_dir}:\n"
+          f"  samples.png      {n} generated digits beside real test digits\n"
+          f"  trajectory.png   one sampling run from noise to digits\n"
+          f"  loss.png         the training loss\n"
+          f"Scores of the {n} samples against the held-out test digits, and of {n} real "
+          f"training digits (the floor):")
+    for name in ("frechet_distance", "precision", "recall"):
+        if f"eval/{name}" in summary and name in floor:
+            print(f"  {name:17s} {summary[f'eval/{name}']:8.3f}   real digits {floor[name]:8.3f}")
+    print("Lower Frechet distance is better; near the floor, the samples are as close to the test"
+          " digits as real digits are. More: docs/methods/ddpm.md")
 
 
 def cmd_classifier(argv: list[str]) -> int:

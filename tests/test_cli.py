@@ -97,3 +97,32 @@ def test_unwritable_output_is_one_line(tmp_path, capsys):
     assert main(["train", "ddpm", "--steps", "2", "--out", str(blocker / "runs"), *FAST]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Not a directory" in err
+
+
+def test_demo_takes_the_idle_cores_and_says_what_to_look_at(runs, capsys, monkeypatch):
+    import mlatlas.cli as cli
+    from mlatlas.core import runtime
+
+    seen = {}
+    train = cli.cmd_train
+
+    def tiny_train(argv):  # the demo's own command, on a budget of seconds
+        seen["argv"] = argv
+        return train([*argv, "--steps", "2", "--channels", "8", "--eval-samples", "10",
+                      "--no-progress"])
+
+    monkeypatch.setattr(cli, "cmd_train", tiny_train)
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert main(["demo", "--out", str(runs)]) == 0
+    assert seen["argv"][seen["argv"].index("--threads") + 1] == "1"  # 4 cores, 3 busy
+    out = capsys.readouterr().out
+    assert "What to look at" in out and "samples.png" in out
+    assert "frechet_distance" in out and "real digits" in out
+
+
+def test_idle_cores_count_the_load_and_keep_one():
+    from mlatlas.core import runtime
+
+    cores = runtime.os.cpu_count()
+    assert 1 <= runtime.idle_cores() <= cores

@@ -125,3 +125,14 @@ def test_ppo_with_the_verifier_reward_raises_held_out_accuracy(sft_run, tmp_path
                              progress=False).summary()
     assert summary["eval/sampled_accuracy"] > summary["baseline/sampled_accuracy"] + 0.03
     assert summary["eval/accuracy"] > summary["baseline/accuracy"] - 0.02
+
+
+def test_accuracy_warning_names_reward_hacking_only_beyond_the_noise():
+    from mlatlas.llm.common import accuracy_warning
+
+    # 500 problems at p = 0.45: two standard errors of the difference are 0.063.
+    assert accuracy_warning(0.45, 0.40, 500, [0.1, 0.9]) is None
+    assert accuracy_warning(None, 0.0, 500) is None
+    hacked = accuracy_warning(0.45, 0.08, 500, [0.1, 0.9])
+    assert "0.450 to 0.080" in hacked and "reward hacking" in hacked
+    assert "reward hacking" not in accuracy_warning(0.45, 0.08, 500, [0.9, 0.1])

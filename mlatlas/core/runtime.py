@@ -38,6 +38,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def idle_cores() -> int:
+    """Cores no other process is using now: the core count minus the 1-minute load average
+    (rounded), at least 1. A second thread on a busy core made the digits UNet 8x slower, not
+    faster (benchmarks/threads.py), so a command that would take every core takes only these.
+    The load average lags by about a minute; where it is unknown (Windows), every core."""
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return cores
+    return max(1, cores - round(load))
+
+
 def set_threads(threads: int | None) -> int:
     """Set torch's intra-op threads: an explicit number, $MLATLAS_THREADS, or the default."""
     if threads is None:

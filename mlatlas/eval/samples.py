@@ -25,3 +25,10 @@ def score_samples(x: torch.Tensor, data: Dataset) -> dict:
     metrics["frechet_distance"] = frechet_distance_features(real, fake)
     metrics["precision"], metrics["recall"] = precision_recall(real, fake)
     return metrics
+
+
+def real_data_floor(data: Dataset, n: int, seed: int = 0) -> dict:
+    """The scores of ``n`` real training examples (drawn with ``seed``) against the test split:
+    the best a sampler can show with ``n`` samples, since finite samples leave a distance."""
+    index = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed))
+    return score_samples(data.x_train[index[:n]], data)

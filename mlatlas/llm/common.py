@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -420,9 +421,33 @@ def finish(run: Run, cfg: LLMConfig, s: Setup) -> dict[str, Any]:
     metrics = evaluate_policy(s.policy, s.tokenizer, s.task, s.test_items, s.reference,
                               max_new_tokens=cfg.max_new_tokens)
     write_eval_summary(run, "eval", metrics, len(s.test_items), 0)
+    rewards = [row["reward"] for row in run.metrics if "reward" in row]
+    warning = accuracy_warning(run.summary().get("baseline/accuracy"), metrics["accuracy"],
+                               len(s.test_items), rewards)
+    if warning and distributed.is_main():
+        print(f"warning: {run.method}: {warning}", file=sys.stderr)
     run.save_figure(curves_figure(run.metrics, run.method), "curves.png")
     export_hf(run, s.policy, s.tokenizer)
     return metrics
+
+
+def accuracy_warning(baseline: float | None, accuracy: float, n: int,
+                     rewards: Sequence[float] = ()) -> str | None:
+    """What to tell the user when held-out greedy accuracy fell below the start's by more than
+    two standard errors of the difference of two accuracies on ``n`` problems,
+    2 sqrt(2 p (1 - p) / n); None otherwise. If the logged training ``rewards`` rose meanwhile,
+    the policy has learnt to please its reward rather than to solve the task (reward hacking)."""
+    if baseline is None:
+        return None
+    p = min(max(baseline, 1 / n), 1 - 1 / n)
+    if accuracy >= baseline - 2 * math.sqrt(2 * p * (1 - p) / n):
+        return None
+    text = f"held-out accuracy fell from {baseline:.3f} to {accuracy:.3f}"
+    if len(rewards) >= 2 and rewards[-1] > rewards[0]:
+        return (f"{text} while the training reward rose ({rewards[0]:.3g} -> {rewards[-1]:.3g}): "
+                "the policy is exploiting its reward (reward hacking); try a larger --beta, "
+                "fewer --steps or a reward model with a higher held-out AUC")
+    return f"{text}; try a smaller --lr or fewer --steps"
 
 
 def start_metrics(run: Run, cfg: LLMConfig, s: Setup) -> None:
