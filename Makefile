@@ -11,10 +11,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	@echo "installing mlatlas and torch into $(VENV) (about 3 minutes the first time)..."
 	$(PIP) -e .
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
+	@echo "installing the dev extras: pytest, ruff, diffusers, transformers, trl, stable-baselines3 (about 2 minutes)..."
 	$(PIP) -e '.[dev]'
 	touch $@
 
