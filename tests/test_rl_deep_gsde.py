@@ -159,6 +159,8 @@ def test_sde_configs_and_discrete_actions_are_refused(runs):
         with pytest.raises(ConfigError, match=r"^--sde needs continuous \(Box\) actions; "
                                               r"CartPole-v1 has discrete ones$"):
             module.train(cfg, Run.create(module.Config.METHOD, cfg, root=runs), progress=False)
+    # rl-zoo explores Pendulum with gSDE in PPO and A2C; so do the presets.
+    assert ppo.Config.create(env="Pendulum-v1").sde and a2c.Config.create(env="Pendulum-v1").sde
 
 
 def short_sde_ppo(**kw) -> ppo.Config:
