@@ -11,7 +11,13 @@ from mlatlas.core.io import load_tensors
 from mlatlas.core.run import Run
 from mlatlas.rl.returns import discounted_returns
 from mlatlas.rl.tabular import policy_gradient as pg
-from mlatlas.rl.tabular.bellman import evaluate_closed_form, reward_pi, transition_pi
+from mlatlas.rl.tabular.bellman import (
+    evaluate_closed_form,
+    optimal_values,
+    reward_pi,
+    transition_pi,
+)
+from mlatlas.rl.tabular.common import greedy_value_gap
 from mlatlas.rl.tabular.episodes import rollout
 from mlatlas.rl.tabular.gridworld import GridWorld
 
@@ -136,25 +142,50 @@ def test_reinforce_estimate_matches_exact_gradient_on_2x2():
     g = torch.Generator().manual_seed(0)
     T, B, chunks = 100, 4000, 10
     weights = GAMMA ** torch.arange(T, dtype=torch.float64)[:, None].expand(T, B)
-    estimates = []
+    # Any b(s) fixed before the batch, here far from v_pi, leaves the mean unchanged.
+    b = 10 * torch.randn(4, generator=g, dtype=torch.float64)
+    estimates = {"none": [], "state": []}
     for _ in range(chunks):
         s0 = torch.randint(4, (B,), generator=g)
         episodes = rollout(model, pi, s0, T, g)
+        states = episodes.states[:-1]
         G = discounted_returns(episodes.rewards, GAMMA, bootstrap=v[episodes.states[-1]])
-        estimates.append(pg.reinforce_gradient(pi, episodes.states[:-1], episodes.actions, G,
-                                               weights))
-    estimates = torch.stack(estimates)
-    mean = estimates.mean(dim=0)
-    stderr = estimates.std(dim=0) / chunks**0.5
-    z = ((mean - exact).abs() / stderr.clamp(min=1e-3)).max()
-    assert z < 5, (mean, exact, stderr)
-    # Not vacuous: the gradient is far from zero compared with the sampling error.
-    assert exact.abs().max() > 10 * stderr.max()
-    # And a baseline changes the estimate's noise, not its mean.
+        for name, q in (("none", G), ("state", G - b[states])):
+            estimates[name].append(pg.reinforce_gradient(pi, states, episodes.actions, q,
+                                                         weights))
+    for name, chunk_estimates in estimates.items():
+        chunk_estimates = torch.stack(chunk_estimates)
+        mean = chunk_estimates.mean(dim=0)
+        stderr = chunk_estimates.std(dim=0) / chunks**0.5
+        z = ((mean - exact).abs() / stderr.clamp(min=1e-3)).max()
+        assert z < 5, (name, mean, exact, stderr)
+        # Not vacuous: the gradient is far from zero compared with the sampling error.
+        assert exact.abs().max() > 10 * stderr.max(), name
+    # The batch's mean return at time t changes the noise too, not the mean (up to O(1/B)).
     base = G - pg.mean_return_baseline(G, episodes.alive)
-    with_baseline = pg.reinforce_gradient(pi, episodes.states[:-1], episodes.actions, base,
-                                          weights)
+    with_baseline = pg.reinforce_gradient(pi, states, episodes.actions, base, weights)
     assert ((with_baseline - exact).abs() / (stderr * chunks**0.5).clamp(min=1e-3)).max() < 5
+
+
+def test_state_baseline_is_a_running_mean_of_the_returns_from_each_state():
+    """b(s) + beta (mean of G over the visits of s - b(s)) where s was visited while alive; the
+    rest of b unchanged. With beta = 1 it is the batch's mean return from s."""
+    b = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    states = torch.tensor([[0, 1], [0, 3]])
+    returns = torch.tensor([[2.0, 6.0], [4.0, 10.0]], dtype=torch.float64)
+    alive = torch.tensor([[True, True], [True, False]])
+    new = pg.update_state_baseline(b, states, returns, alive, 0.5)
+    # s0: visits 2, 4 (mean 3); s1: 6; s2 unvisited; s3's only visit is after the end.
+    assert torch.allclose(new, torch.tensor([2.0, 4.0, 3.0, 4.0], dtype=torch.float64))
+    assert torch.allclose(pg.update_state_baseline(b, states, returns, alive, 1.0)[:2],
+                          torch.tensor([3.0, 6.0], dtype=torch.float64))
+
+
+def test_normalised_step_has_length_alpha():
+    g = random_theta(3, seed=8)
+    assert pg.normalised(g).norm().item() == pytest.approx(1.0)
+    assert torch.allclose(pg.normalised(g) * g.norm(), g)
+    assert torch.equal(pg.normalised(torch.zeros(2, 5)), torch.zeros(2, 5))
 
 
 def test_exact_gradient_ascent_stalls_on_the_book_world():
@@ -177,6 +208,23 @@ def test_exact_gradient_ascent_stalls_on_the_book_world():
     assert pg.exact_policy_gradient(model, theta, GAMMA, d0)[s, 2] < 1e-4
 
 
+def test_normalised_exact_ascent_leaves_the_plateau():
+    """From the same start, steps of length 0.3 along the exact gradient (Mei et al. 2021's
+    normalised ascent) reach the optimal greedy policy, in 75 steps (measured), where plain
+    ascent stalls at 0.368 (above): dividing by ||grad v_bar|| removes the vanishing factor
+    pi(down|(1,3)) from the step length, not from the direction."""
+    world = GridWorld.parse("book")
+    model = world.model
+    d0 = torch.full((25,), 1 / 25, dtype=torch.float64)
+    theta = torch.zeros(25, 5, dtype=torch.float64)
+    for _ in range(100):
+        theta = theta + 0.3 * pg.normalised(pg.exact_policy_gradient(model, theta, GAMMA, d0))
+    pi = pg.softmax_policy(theta)
+    assert pi[world.state(1, 3), 2] > 0.9  # down
+    v_star = optimal_values(model, GAMMA)
+    assert greedy_value_gap(model, theta, v_star, GAMMA) < 1e-6
+
+
 # Behaviour -------------------------------------------------------------------------------------
 
 
@@ -187,25 +235,28 @@ def train(tmp_path, **kwargs):
 
 
 def test_reinforce_learns_on_the_book_world(tmp_path):
-    """Measured (seed 0): after 150 updates x 64 episodes of 50 steps the greedy policy is 0.368
-    from optimal (only cell (1,3) still takes its second-best action), against 19.19 for the
-    greedy version of the uniform initial policy (up everywhere); the stochastic policy's v_bar is
-    7.22 (optimal 7.80, uniform policy -3.52)."""
+    """Measured (seed 0, the defaults: state baseline, normalised steps of 0.3, 256 episodes of
+    50 steps per update): the greedy policy is optimal from update 76 on, against 19.19 from
+    optimal for the greedy version of the uniform initial policy (up everywhere); after 150
+    updates the stochastic policy's v_bar is within 0.1 of the optimal 7.80 (uniform: -3.52)."""
     run = train(tmp_path, steps=150, log_every=50)
     summary = run.summary()
     assert summary["baseline/greedy_value_gap"] == pytest.approx(19.19, abs=0.01)
-    assert summary["eval/greedy_value_gap"] < 1.0
+    assert summary["eval/policy_optimal"], summary
     rows = run.metrics
     assert rows[-1]["average_value"] > rows[0]["average_value"] + 0.5
-    assert summary["eval/average_value"] > summary["eval/optimal_average_value"] - 1.0
+    assert summary["eval/average_value"] > summary["eval/optimal_average_value"] - 0.1
 
 
 @pytest.mark.slow
-def test_reinforce_default_budget_reaches_optimal(tmp_path):
-    """The defaults (1000 updates x 64 episodes, seed 0) reach the optimal greedy policy
-    (measured: from about update 280 on). Other seeds can stay 0.1 or 0.368 away (docs)."""
-    summary = train(tmp_path).summary()
-    assert summary["eval/policy_optimal"], summary
+def test_reinforce_defaults_reach_optimal_on_eight_seeds(tmp_path):
+    """The defaults (300 updates x 256 episodes) reach the optimal greedy policy on seeds 0-7
+    (measured: from updates 76, 94, 87, 77, 110, 111, 64, 110; seeds 8-15 by 194). Each
+    ingredient alone reached it on 3 of these 8 seeds: the plain step with the state baseline
+    or the normalised step with the time baseline (docs)."""
+    for seed in range(8):
+        summary = train(tmp_path / str(seed), seed=seed).summary()
+        assert summary["eval/policy_optimal"], (seed, summary)
 
 
 # Interface -------------------------------------------------------------------------------------
@@ -213,7 +264,7 @@ def test_reinforce_default_budget_reaches_optimal(tmp_path):
 
 def test_cli_smoke(tmp_path):
     argv = ["train", "reinforce_tabular", "--steps", "5", "--episodes-per-step", "8",
-            "--out", str(tmp_path), "--no-progress"]
+            "--baseline", "time", "--no-normalise", "--out", str(tmp_path), "--no-progress"]
     assert main(argv) == 0
     (run_dir,) = tmp_path.iterdir()
     for name in ("values.csv", "policy.csv", "values.png", "trajectories.png", "summary.json"):
@@ -245,3 +296,7 @@ def test_bad_configs():
         pg.ReinforceConfig(start="middle")
     with pytest.raises(ConfigError, match="--episode-length"):
         pg.ReinforceConfig(episode_length=0)
+    with pytest.raises(ConfigError, match="--baseline-rate"):
+        pg.ReinforceConfig(baseline_rate=0)
+    with pytest.raises(ConfigError, match="baseline"):
+        pg.ReinforceConfig(baseline="mean")

@@ -26,20 +26,44 @@ q_t(s_t, a_t) = sum_{k=t+1}^T gamma^{k-t-1} r_k, and ascends:
 Here ``episodes_per_step`` = B episodes of length T, from states drawn from d0, run side by side
 and one update uses all of them:
 
-    theta <- theta + alpha (1/B) sum_b sum_t gamma^t grad ln pi(a_t^b|s_t^b) (q_t^b - b_t).
+    g_k = (1/B) sum_b sum_t gamma^t grad ln pi(a_t^b|s_t^b) (q_t^b - b(s_t^b)).
 
 The factor gamma^t (``discount_weight``, on by default) makes the estimate unbiased for
 grad v_bar (up to the truncation at T): the states then enter with the weights rho of
 Theorem 9.2. Algorithm 9.1 leaves it out (``--no-discount-weight``), which weights states by their
 undiscounted visits instead; on the book's world that version ended further from optimal in the
-seeds measured (docs/methods/rl-tabular-policy_gradient.md). The optional baseline b_t is the
-batch's mean return at time t; a baseline that does not depend on the action leaves the
-expectation unchanged, since sum_a pi(a|s) grad ln pi(a|s) = 0.
+seeds measured (docs/methods/rl-tabular-policy_gradient.md).
+
+The baseline b (baseline invariance, Zhao Chapter 10) is by default (``--baseline state``) a
+running mean of the returns from each state, an estimate of v_pi(s):
+
+    b_{k+1}(s) = b_k(s) + beta (G_bar_k(s) - b_k(s))   for every state s the batch visited,
+
+G_bar_k(s) the mean return of the batch's visits to s. The batch's update uses b_k, made from
+earlier batches only, so E[grad ln pi(A|s) b_k(s)] = b_k(s) sum_a grad pi(a|s) = 0 exactly and g_k
+stays unbiased. ``--baseline time`` takes instead the batch's mean return at time t (which
+contains each episode's own return, a bias of order 1/B) and ``--baseline none`` none.
+
+The step (``--normalise``, on by default) is the normalised gradient of Mei et al. (2021,
+"Leveraging non-uniformity in first-order non-convex optimization", GNPG):
+
+    theta_{k+1} = theta_k + alpha g_k / ||g_k||,
+
+a step of fixed length alpha in the ascent direction; ``--no-normalise`` takes Algorithm 9.1's
+theta_{k+1} = theta_k + alpha g_k.
 
 Softmax policy gradients slow down where pi(b|s) -> 0 for an action b that later turns out to be
 the best: the gradient carries the factor pi(b|s). On the book's world this can leave a state on
 its second-best action for a long time, and exact gradient ascent on v_bar does the same
 (``tests/test_rl_policy_gradient.py::test_exact_gradient_ascent_stalls_on_the_book_world``).
+Normalising divides that vanishing factor out of the step length: the exact normalised ascent
+leaves the same plateau in 75 steps of length 0.3. With sampled gradients the normalised step
+needs a quiet estimate, which is what the state baseline and B = 256 episodes give: with them
+all 16 seeds measured reach the optimal policy within 194 updates, against 4 of 8 seeds in
+1000 updates for the plain step with the time baseline and B = 64
+(docs/methods/rl-tabular-policy_gradient.md). The normalised expected step is not exactly
+parallel to grad v_bar (the length 1/||g_k|| is random and correlated with g_k); the baseline's
+unbiasedness is a statement about g_k.
 
 The episodes never end on the book's world (the target is not absorbing), so returns are
 truncated at T; with gamma = 0.9 and T = 50 the neglected tail is at most gamma^(T-t) times the
@@ -49,7 +73,7 @@ value of the state reached.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
@@ -71,7 +95,7 @@ from mlatlas.rl.tabular.common import (
     make_world,
     policy_score,
 )
-from mlatlas.rl.tabular.episodes import rollout
+from mlatlas.rl.tabular.episodes import Episodes, rollout
 from mlatlas.rl.tabular.gridworld import GridWorld, TabularModel, parse_start
 from mlatlas.rl.tabular.plots import trajectory_figure
 
@@ -117,6 +141,23 @@ def mean_return_baseline(returns: torch.Tensor, alive: torch.Tensor) -> torch.Te
             / alive.sum(dim=1, keepdim=True).clamp(min=1))
 
 
+def update_state_baseline(b: torch.Tensor, states: torch.Tensor, returns: torch.Tensor,
+                          alive: torch.Tensor, beta: float) -> torch.Tensor:
+    """b(s) + beta (G_bar(s) - b(s)) for each state s visited by the (T, B) ``states`` while
+    ``alive``, G_bar(s) the mean of their ``returns``; unvisited states keep b(s). (S,)."""
+    weight = alive.to(returns.dtype).reshape(-1)
+    index = states.reshape(-1)
+    total = torch.zeros_like(b).index_add_(0, index, returns.reshape(-1) * weight)
+    count = torch.zeros_like(b).index_add_(0, index, weight)
+    return torch.where(count > 0, b + beta * (total / count.clamp(min=1) - b), b)
+
+
+def normalised(grad: torch.Tensor) -> torch.Tensor:
+    """g / ||g|| (Frobenius norm over all of theta); a zero gradient stays zero."""
+    norm = grad.norm()
+    return grad / norm if norm > 0 else grad
+
+
 def average_value(model: TabularModel, theta: torch.Tensor, gamma: float,
                   d0: torch.Tensor) -> torch.Tensor:
     """v_bar = d0^T v_pi with v_pi = (I - gamma P_pi)^{-1} r_pi; differentiable in theta."""
@@ -139,22 +180,47 @@ def exact_policy_gradient(model: TabularModel, theta: torch.Tensor, gamma: float
     return discounted_visits(model, pi, gamma, d0)[:, None] * pi * (q - v[:, None])
 
 
+Baseline = Literal["state", "time", "none"]
+
+
+@dataclass
+class Update:
+    """One REINFORCE update: the new theta and state baseline b (None unless the baseline is
+    'state'), the episodes it used and their returns G_t (T, B)."""
+
+    theta: torch.Tensor
+    b: torch.Tensor | None
+    episodes: Episodes
+    returns: torch.Tensor
+
+
 def reinforce_step(theta: torch.Tensor, model: TabularModel, s0: torch.Tensor, length: int,
                    gamma: float, alpha: float, generator: torch.Generator, *,
-                   baseline: bool = True, discount_weight: bool = True):
-    """One update from B = len(s0) episodes of ``length`` steps following pi(theta).
-
-    Returns (theta_next, episodes, returns G_t (T, B)).
-    """
+                   baseline: Baseline = "state", b: torch.Tensor | None = None,
+                   beta: float = 0.1, normalise: bool = True,
+                   discount_weight: bool = True) -> Update:
+    """One update from B = len(s0) episodes of ``length`` steps following pi(theta). With the
+    'state' baseline, ``b`` is b_k(s) (None: zeros) and the update returns b_{k+1}."""
     pi = softmax_policy(theta)
     episodes = rollout(model, pi, s0, length, generator)
+    states = episodes.states[:-1]
     returns = discounted_returns(episodes.rewards, gamma, dones=None)
     weights = episodes.alive.to(theta.dtype)
     if discount_weight:
         weights = weights * gamma ** torch.arange(length, dtype=theta.dtype)[:, None]
-    q = returns - mean_return_baseline(returns, episodes.alive) if baseline else returns
-    grad = reinforce_gradient(pi, episodes.states[:-1], episodes.actions, q, weights)
-    return theta + alpha * grad, episodes, returns
+    if baseline == "state":
+        b = torch.zeros(model.n_states, dtype=theta.dtype) if b is None else b
+        q = returns - b[states]
+        b = update_state_baseline(b, states, returns, episodes.alive, beta)
+    elif baseline == "time":
+        q = returns - mean_return_baseline(returns, episodes.alive)
+    elif baseline == "none":
+        q = returns
+    else:
+        raise ValueError(f"baseline must be 'state', 'time' or 'none', got {baseline!r}")
+    grad = reinforce_gradient(pi, states, episodes.actions, q, weights)
+    step = normalised(grad) if normalise else grad
+    return Update(theta + alpha * step, b, episodes, returns)
 
 
 # Command-line method -------------------------------------------------------------------------
@@ -165,20 +231,27 @@ class ReinforceConfig(GridConfig):
     METHOD: ClassVar[str] = "reinforce_tabular"
 
     alpha: float = 0.3
-    """Learning rate alpha of the gradient ascent on theta."""
-    episodes_per_step: int = 64
+    """Step size alpha: the length of each step in theta with --normalise, else the learning
+    rate of the gradient ascent."""
+    episodes_per_step: int = 256
     """B: episodes run side by side for each update of theta."""
     episode_length: int = 50
     """T: steps per episode (returns are truncated there unless the episode ends first)."""
-    baseline: bool = True
-    """Subtract the batch's mean return at each time t from the returns."""
+    baseline: Baseline = "state"
+    """Subtracted from the returns: 'state' (a running mean of the returns from each state, made
+    from earlier batches), 'time' (the batch's mean return at each time t) or 'none'."""
+    baseline_rate: float = 0.1
+    """beta: the rate of the state baseline's running mean."""
+    normalise: bool = True
+    """Step along g / ||g|| (normalised gradient ascent, Mei et al. 2021); --no-normalise takes
+    the plain step alpha g of Algorithm 9.1."""
     discount_weight: bool = True
     """Weight the t-th term by gamma^t, which makes the estimate unbiased for grad v_bar
     (Theorem 9.2); --no-discount-weight is Algorithm 9.1 as printed."""
     start: str = "random"
     """First state of every episode: 'random' (uniform d0, so every state is covered) or a
     1-based cell 'row,col'."""
-    steps: int = 1000
+    steps: int = 300
     """Updates of theta (each from episodes_per_step episodes)."""
     log_every: int = 10
     """Write a row of metrics.csv every this many updates."""
@@ -189,6 +262,8 @@ class ReinforceConfig(GridConfig):
         super().check()
         if self.alpha <= 0:
             raise ConfigError(f"--alpha must be positive, got {self.alpha}")
+        if not 0 < self.baseline_rate <= 1:
+            raise ConfigError(f"--baseline-rate must be in (0, 1], got {self.baseline_rate}")
         require_at_least(self, 1, "episodes_per_step", "episode_length")
 
     def check_data(self) -> None:
@@ -214,15 +289,19 @@ def train_reinforce_tabular(cfg: ReinforceConfig, run: Run | None = None,
     model = world.model
     d0 = start_distribution(cfg, world)
     v_star = optimal_values(model, cfg.gamma)
-    tables = {"theta": torch.zeros(model.n_states, model.n_actions, dtype=torch.float64)}
+    tables = {"theta": torch.zeros(model.n_states, model.n_actions, dtype=torch.float64),
+              "baseline": torch.zeros(model.n_states, dtype=torch.float64)}
 
     def step(k: int) -> dict[str, float]:
         s0 = torch.multinomial(d0, cfg.episodes_per_step, replacement=True, generator=generator)
-        theta, _, returns = reinforce_step(
+        update = reinforce_step(
             tables["theta"], model, s0, cfg.episode_length, cfg.gamma, cfg.alpha, generator,
-            baseline=cfg.baseline, discount_weight=cfg.discount_weight)
-        tables["theta"] = theta
-        pi = softmax_policy(theta)
+            baseline=cfg.baseline, b=tables["baseline"], beta=cfg.baseline_rate,
+            normalise=cfg.normalise, discount_weight=cfg.discount_weight)
+        tables["theta"], returns = update.theta, update.returns
+        if update.b is not None:
+            tables["baseline"] = update.b
+        pi = softmax_policy(update.theta)
         # Exact scores of the new policy: a linear solve on 25 states costs less than a rollout.
         v = exact_values(model, pi, cfg.gamma)
         entropy = -(pi * pi.log()).sum(dim=1).mean()
