@@ -9,7 +9,7 @@ from crashes import assert_same_checkpoints, crash_at, drop_wall
 
 from mlatlas.contrastive import blip, clip, lit
 from mlatlas.contrastive.common import ContrastiveConfig
-from mlatlas.contrastive.text import load_minilm
+from mlatlas.contrastive.text import CaptionTokenizer, load_minilm
 from mlatlas.core.config import BaseConfig, BatchConfig, ConfigError, field_docs
 from mlatlas.core.io import load_tensors
 from mlatlas.core.run import Run
@@ -58,7 +58,7 @@ def test_siglip_logs_its_temperature_and_bias_and_chunks_give_the_same_run(runs)
     chunked = dataclasses.replace(dense, chunk=5)
     rows = [drop_wall(clip.train(c, Run.create("siglip", c, runs), progress=False).metrics)
             for c in (dense, chunked)]
-    assert rows[0][0]["b"] == pytest.approx(-10.0, abs=0.05)
+    assert rows[0][0]["b"] == pytest.approx(dense.bias_init, abs=0.05)
     assert rows[0][0]["t"] == pytest.approx(10.0, rel=0.05)
     for r0, r1 in zip(rows[0], rows[1], strict=True):
         assert r0 == pytest.approx(r1, rel=1e-4)
@@ -123,17 +123,22 @@ def test_gradient_clipping_changes_the_run_and_zero_disables_it(runs):
 
 # --- behaviour ---------------------------------------------------------------------------------
 
-def zero_shot(cls, runs, **overrides):
-    cfg = cls(n_train=6000, width=64, embed_dim=32, batch_size=64, steps=800, **overrides)
-    return clip.train(cfg, Run.create(cfg.METHOD, cfg, runs), progress=False).summary()
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("cls", [clip.Config, clip.SigLIPConfig])
-def test_zero_shot_on_held_out_colour_shape_pairs_is_far_above_chance(runs, cls):
-    """800 steps at batch 64 (about a minute each). Measured: zero-shot accuracy over the 24
-    (colour, shape) classes (chance 4.2%) on the 7 held-out pairs 57.4% for CLIP, 29.2% for
-    SigLIP; text-to-image recall@10 1.0 and 1.0."""
-    summary = zero_shot(cls, runs)
-    assert summary["eval/zero_shot_top1"] > 4 * summary["eval/zero_shot_chance"]
+@pytest.mark.parametrize("cls, floor", [(clip.Config, 0.6), (clip.SigLIPConfig, 1 / 6)])
+def test_defaults_classify_held_out_colour_shape_pairs(runs, cls, floor):
+    """The defaults, as ``mlatlas train clip`` and ``mlatlas train siglip`` run them (about 3
+    minutes each on one thread). Measured over seeds 0-2 (docs/methods/contrastive.md): CLIP's
+    zero-shot accuracy on the 7 held-out (colour, shape) pairs among all 24 classes (chance
+    4.2%) at least 60%; SigLIP's 36% at seed 0, which misses that goal (the docs say why)."""
+    cfg = cls()
+    summary = clip.train(cfg, Run.create(cfg.METHOD, cfg, runs), progress=False).summary()
+    assert summary["eval/zero_shot_top1"] > floor
     assert summary["eval/t2i_recall@10"] > 0.9
+
+
+def test_siglip_starts_at_its_configured_bias():
+    data = clip.load_data(clip.SigLIPConfig(**TINY))
+    tokenizer = CaptionTokenizer.train(data.train.captions[:64], 40, 8)
+    for bias in (-5.0, -10.0):
+        model = clip.build_model(clip.SigLIPConfig(**TINY, bias_init=bias), data, tokenizer)
+        assert model.bias.item() == bias and model.temperature_metrics()["b"] == bias

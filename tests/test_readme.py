@@ -69,7 +69,7 @@ def test_readme_deep_rl_tour(runs, capsys):
 # Tiny budgets for the representation-learning tour (the widths must agree for --image-run).
 TINY_CONTRASTIVE = {
     "clip": ["--width", "16", "--embed-dim", "8", "--n-train", "64", "--batch-size", "16"],
-    "siglip": ["--width", "16", "--embed-dim", "8", "--n-train", "64"],
+    "siglip": ["--width", "16", "--embed-dim", "8", "--n-train", "64", "--batch-size", "16"],
     "lit": ["--width", "16", "--embed-dim", "8", "--n-train", "64", "--batch-size", "16"],
     # Two steps teach the filter nothing: a tiny threshold keeps every caption.
     "blip": ["--width", "16", "--embed-dim", "8", "--n-train", "64", "--batch-size", "16",

