@@ -62,7 +62,7 @@ OPENCLIP := .venv-openclip
 $(OPENCLIP)/.installed:
 	$(PYTHON) -m venv $(OPENCLIP)
 	$(OPENCLIP)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 \
-		open_clip_torch==3.3.0 numpy pytest
+		open_clip_torch==3.3.0 numpy pytest pytest-xdist
 	$(OPENCLIP)/bin/python -m pip install -q -e . --no-deps
 	touch $@
 
