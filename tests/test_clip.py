@@ -2,6 +2,7 @@
 classify (colour, shape) pairs never seen in training."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -142,3 +143,17 @@ def test_siglip_starts_at_its_configured_bias():
     for bias in (-5.0, -10.0):
         model = clip.build_model(clip.SigLIPConfig(**TINY, bias_init=bias), data, tokenizer)
         assert model.bias.item() == bias and model.temperature_metrics()["b"] == bias
+
+
+def test_a_run_recorded_before_the_tower_fields_still_loads(runs):
+    """A config.json without cnn_stages, text_pool and bias_init was trained with three conv
+    stages, the <bos> feature and b = -10: it reads as those, so its checkpoint still fits."""
+    cfg = clip.SigLIPConfig(**TINY, steps=2, cnn_stages=3, text_pool="bos", bias_init=-10.0)
+    run = clip.train(cfg, Run.create("siglip", cfg, runs), progress=False)
+    recorded = json.loads(run.path("config.json").read_text())
+    for name in ("cnn_stages", "text_pool", "bias_init"):
+        del recorded["config"][name]
+    run.path("config.json").write_text(json.dumps(recorded))
+    loaded, model, _, _ = clip.load_model(Run.open(run.dir))
+    assert (loaded.cnn_stages, loaded.text_pool, loaded.bias_init) == (3, "bos", -10.0)
+    assert model.image_tower.stages == 3 and model.text_tower.pool == "bos"

@@ -64,6 +64,7 @@ from mlatlas.data import EpochBatches
 class Config(ContrastiveConfig):
     METHOD: ClassVar[str] = "clip"
     LOSS: ClassVar[str] = "clip"
+    ADDED_FIELDS: ClassVar[dict] = {"cnn_stages": 3, "text_pool": "bos"}
 
     cnn_stages: int = 4
     """Conv stages of the cnn image tower (each after the first halves the resolution); four
@@ -95,6 +96,7 @@ class SigLIPConfig(ContrastiveConfig):
 
     METHOD: ClassVar[str] = "siglip"
     LOSS: ClassVar[str] = "siglip"
+    ADDED_FIELDS: ClassVar[dict] = {"cnn_stages": 3, "text_pool": "bos", "bias_init": -10.0}
 
     cnn_stages: int = 4
     """Conv stages of the cnn image tower (each after the first halves the resolution); four

@@ -54,6 +54,7 @@ class Config(ContrastiveConfig):
 
     METHOD: ClassVar[str] = "lit"
     LOSS: ClassVar[str] = "clip"
+    ADDED_FIELDS: ClassVar[dict] = {"cnn_stages": 3, "text_pool": "bos"}
 
     cnn_stages: int = 4
     """Conv stages of the cnn image tower (each after the first halves the resolution); four

@@ -43,6 +43,10 @@ class BaseConfig:
     METHOD: ClassVar[str] = ""
     RESUMABLE: ClassVar[frozenset[str]] = frozenset({"steps", "device", "log_every",
                                                      "ckpt_every"})
+    # Fields added after runs of the method were made, each with the value those runs were
+    # trained with: a recorded config without the field reads as that value, not the new
+    # default, so an older run still rebuilds the model its checkpoint holds.
+    ADDED_FIELDS: ClassVar[dict[str, Any]] = {}
 
     seed: int = 0
     """Seed for initialisation, batch order and noise; the same seed gives the same run on CPU."""
@@ -194,10 +198,12 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
-    """Build ``cls`` from a mapping, naming any unknown key and its closest valid names."""
+    """Build ``cls`` from a recorded mapping (a run's config.json), naming any unknown key and
+    its closest valid names; a field of ``cls.ADDED_FIELDS`` the mapping lacks takes the value
+    runs made before it had."""
     names = [f.name for f in dataclasses.fields(cls)]
     for key in values:
         if key not in names:
             raise ConfigError(f"unknown config field {key!r} for {cls.__qualname__}"
                               f"{closest(key, names)}")
-    return cls(**values)
+    return cls(**{**getattr(cls, "ADDED_FIELDS", {}), **values})
