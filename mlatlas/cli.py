@@ -26,17 +26,23 @@ from pathlib import Path
 from typing import NoReturn
 
 from mlatlas.core.config import (
+    INT64_MAX,
     ConfigError,
     add_config_arguments,
     check_choices,
+    check_fields,
     closest,
     config_from_dict,
     config_to_dict,
     flag,
+    require_range,
 )
 from mlatlas.launch import EXIT_PEER_LOST, LAUNCHED_BY_NPROC
 
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+# The most samples, episodes or problems one sample or eval command draws.
+MAX_ITEMS = 10**9
+MAX_NPROC = 1024
 COMMANDS = ("list", "train", "sample", "eval", "demo", "classifier")
 
 
@@ -189,8 +195,8 @@ def _check_parallel(method, nproc: int | None) -> int:
     from mlatlas.core.config import BatchConfig
     from mlatlas.registry import METHODS
 
-    if nproc is not None and nproc < 1:
-        raise UsageError(f"--nproc must be at least 1, got {nproc}")
+    if nproc is not None and not 1 <= nproc <= MAX_NPROC:
+        raise UsageError(f"--nproc must be in 1..{MAX_NPROC}, got {nproc}")
     if nproc is not None and distributed.launched():
         raise UsageError("--nproc starts its own processes; under torchrun leave it out "
                          "(torchrun's --nproc-per-node sets them)")
@@ -262,8 +268,9 @@ def _open_run(argv: list[str], prog: str, n_default: int | None):
         add_config_arguments(parser, options_cls)
     _common(parser)
     args = parser.parse(argv)
-    if args.n is not None and args.n < 1:
-        raise UsageError(f"--n must be at least 1, got {args.n}")
+    if args.n is not None:
+        require_range(args, 1, MAX_ITEMS, "n")
+    require_range(args, 0, INT64_MAX, "seed")
     _set_threads(args.threads)
     run = Run.open(args.run_dir)
     if not run.has_checkpoint():
@@ -272,6 +279,7 @@ def _open_run(argv: list[str], prog: str, n_default: int | None):
     if options_cls is not None:
         extra["options"] = options_cls(**{f.name: getattr(args, f.name)
                                           for f in dataclasses.fields(options_cls)})
+        check_fields(extra["options"])
         check_choices(extra["options"])
     return run, get_method(run.method), args, extra
 

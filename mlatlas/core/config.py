@@ -4,6 +4,13 @@ Every method has one ``Config`` dataclass. A field's docstring (the string liter
 line after it, as in CleanRL's ``Args``) becomes its ``--help`` text, so the command line needs no
 per-method code: :func:`add_config_arguments` derives the flags, :func:`config_from_dict` rebuilds
 a config from a run's ``config.json`` and rejects unknown keys with the closest valid names.
+
+Every config, and every options dataclass of ``sample`` and ``eval``, goes through
+:func:`check_fields` first: each value must have its field's type, no float may be NaN (nor
+infinite, unless the class lists the field in ``INFINITE``), no integer may be negative (unless
+listed in ``SIGNED``) or exceed what an int64 holds, learning rates are positive, and a string
+field whose default is non-empty may not be empty. A method's own ``check`` then only states
+what is particular to it.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import textwrap
 import typing
 from typing import Any, ClassVar
@@ -26,6 +34,12 @@ def closest(name: str, choices: typing.Iterable[str]) -> str:
     """A ``; did you mean ...?`` hint naming the closest valid choices, or ''."""
     matches = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
     return f"; did you mean {' or '.join(matches)}?" if matches else ""
+
+
+INT64_MAX = 2**63 - 1
+# Ten thousand years at a step per 0.3 ms: a bound no run reaches, low enough that a typo of a few
+# extra digits is caught up front.
+MAX_STEPS = 10**12
 
 
 @dataclasses.dataclass
@@ -47,6 +61,13 @@ class BaseConfig:
     # trained with: a recorded config without the field reads as that value, not the new
     # default, so an older run still rebuilds the model its checkpoint holds.
     ADDED_FIELDS: ClassVar[dict[str, Any]] = {}
+    # Float fields for which an infinity means something (NaN never does); integer fields for
+    # which a negative value means something.
+    INFINITE: ClassVar[frozenset[str]] = frozenset()
+    SIGNED: ClassVar[frozenset[str]] = frozenset()
+    # Integer fields with a narrower range than 0..2^63-1 (inclusive bounds).
+    RANGES: ClassVar[dict[str, tuple[int, int]]] = {name: (1, MAX_STEPS) for name in
+                                                    ("steps", "log_every", "ckpt_every")}
 
     seed: int = 0
     """Seed for initialisation, batch order and noise; the same seed gives the same run on CPU."""
@@ -60,9 +81,7 @@ class BaseConfig:
     """Write checkpoint.safetensors every this many steps (and always at the end)."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "log_every", "ckpt_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
+        check_fields(self)
         check_choices(self)
         self.check()
 
@@ -93,6 +112,73 @@ class BatchConfig(BaseConfig):
     """Forward pass under autocast in bf16 or fp16 (fp16 with loss scaling), or fp32."""
     compile: bool = False
     """Compile the network with torch.compile (the first steps pay for the compilation)."""
+
+
+def _is_lr(name: str) -> bool:
+    return name == "lr" or name.endswith("_lr") or name.startswith("lr_")
+
+
+def check_fields(obj: Any) -> None:
+    """ConfigError naming the first field of a dataclass whose value its type cannot hold.
+
+    Types: a bool field holds True or False, an int field an integer (not a bool, not a float),
+    a float field a real number (an integer is converted), a str field a string without NUL.
+    Ranges: integers in 0..2^63-1 (or -2^63..2^63-1 for the class's ``SIGNED`` fields, or the
+    class's ``RANGES``), floats
+    finite (or +-inf for its ``INFINITE`` fields, never NaN), learning rates (``lr``, ``*_lr``,
+    ``lr_*``) positive, strings non-empty where the default is. Literal fields are left to
+    :func:`check_choices`.
+    """
+    cls = type(obj)
+    signed = getattr(cls, "SIGNED", frozenset())
+    ranges = getattr(cls, "RANGES", {})
+    infinite = getattr(cls, "INFINITE", frozenset())
+    for field in dataclasses.fields(obj):
+        kind, name, value = _field_type(cls, field), field.name, getattr(obj, field.name)
+        where = f"--{flag(name)}"
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where} must be true or false, got {value!r}")
+        elif kind is int:
+            low, high = ranges.get(name, (-INT64_MAX - 1 if name in signed else 0, INT64_MAX))
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{where} must be an integer in {_span(low, high)}, "
+                                  f"got {value!r}")
+            if not low <= value <= high:
+                raise ConfigError(f"{where} must be in {_span(low, high)}, got {value}")
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{where} must be a number, got {value!r}")
+            value = float(value)
+            object.__setattr__(obj, name, value)  # options dataclasses may be frozen
+            if math.isnan(value) or (math.isinf(value) and name not in infinite):
+                allowed = "a number or +-inf" if name in infinite else "a finite number"
+                raise ConfigError(f"{where} must be {allowed}, got {value}")
+            if _is_lr(name) and value <= 0:
+                raise ConfigError(f"{where} is a learning rate and must be positive, "
+                                  f"got {value}")
+        elif kind is str:
+            if not isinstance(value, str):
+                raise ConfigError(f"{where} must be a string, got {value!r}")
+            if "\0" in value:
+                raise ConfigError(f"{where} may not contain a NUL character, got {value!r}")
+            if not value and field.default:
+                raise ConfigError(f"{where} may not be empty (default: {field.default!r})")
+
+
+def _span(low: int, high: int) -> str:
+    def show(v: int) -> str:
+        return {INT64_MAX: "2^63-1", -INT64_MAX - 1: "-2^63", MAX_STEPS: "10^12"}.get(v, str(v))
+
+    return f"{show(low)}..{show(high)}"
+
+
+def require_range(cfg: Any, low: int, high: int, *names: str) -> None:
+    """ConfigError naming the first integer field among ``names`` outside ``low..high``."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not low <= value <= high:
+            raise ConfigError(f"--{flag(name)} must be in {_span(low, high)}, got {value}")
 
 
 def check_choices(obj: Any) -> None:

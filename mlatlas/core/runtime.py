@@ -14,6 +14,7 @@ from mlatlas.core.config import ConfigError
 # intra-op thread makes the digits UNet 1.4x faster when the other core is idle but 2.5x slower
 # when it is busy, and never helps the 2D MLP. One thread is the safe default.
 DEFAULT_THREADS = 1
+MAX_THREADS = 1024
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -52,10 +53,19 @@ def idle_cores() -> int:
 
 
 def set_threads(threads: int | None) -> int:
-    """Set torch's intra-op threads: an explicit number, $MLATLAS_THREADS, or the default."""
+    """Set torch's intra-op threads: an explicit number, $MLATLAS_THREADS, or the default; 0
+    takes every core."""
+    where = "--threads"
     if threads is None:
-        threads = int(os.environ.get("MLATLAS_THREADS", DEFAULT_THREADS))
-    if threads <= 0:
+        where, text = "$MLATLAS_THREADS", os.environ.get("MLATLAS_THREADS", str(DEFAULT_THREADS))
+        try:
+            threads = int(text)
+        except ValueError:
+            raise ConfigError(f"$MLATLAS_THREADS must be an integer in 0..{MAX_THREADS}, "
+                              f"got {text!r}") from None
+    if not 0 <= threads <= MAX_THREADS:
+        raise ConfigError(f"{where} must be in 0..{MAX_THREADS} (0: every core), got {threads}")
+    if threads == 0:
         threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     return threads

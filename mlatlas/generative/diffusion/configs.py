@@ -244,6 +244,8 @@ class VEConfig(DiffusionConfig):
 class SampleConfig:
     """How to sample from a trained run; zeros and empty strings take the run's own settings."""
 
+    SIGNED: ClassVar[frozenset[str]] = frozenset({"label"})
+
     sampler: str = ""
     """ddpm, ddim, euler or heun (flow matching: euler or heun); empty: the run's --sampler."""
     steps: int = 0

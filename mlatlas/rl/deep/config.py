@@ -58,6 +58,8 @@ class DeepRLConfig(BaseConfig):
 
     RESUMABLE: ClassVar[frozenset[str]] = BaseConfig.RESUMABLE | {"eval_episodes",
                                                                    "target_return", "vector"}
+    INFINITE: ClassVar[frozenset[str]] = frozenset({"target_return"})  # inf: never stop early
+    SIGNED: ClassVar[frozenset[str]] = frozenset({"sde_sample_freq"})  # -1: once per rollout
     # Tuned values per environment, applied by ``create`` under the caller's own choices.
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
 
@@ -71,8 +73,6 @@ class DeepRLConfig(BaseConfig):
         super().check()
         require_at_least(self, 1, "num_envs", "hidden", "layers", "eval_episodes")
         require_unit(self, "gamma")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
         if self.device != "cpu":
             # Networks of a few thousand weights called once per environment step: transfers
             # to a GPU would cost more than the arithmetic they move.
