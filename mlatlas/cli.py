@@ -142,6 +142,7 @@ def cmd_train(argv: list[str]) -> int:
             raise UsageError(f"--{flag(name)} cannot change when resuming (the run "
                              f"used {resume.config[name]!r}); only "
                              f"{', '.join(sorted(cls.RESUMABLE))} can")
+        resume.load_config(cls)  # a damaged config.json is named as such, not as a flag
         cfg = config_from_dict(cls, {**resume.config, **overrides})
         done = resume.checkpoint_step()
         if done is not None and cfg.steps < done:
@@ -153,6 +154,8 @@ def cmd_train(argv: list[str]) -> int:
         run = resume
     else:
         cfg = cls.create(**overrides)
+        if args.out.exists() and not args.out.is_dir():
+            raise UsageError(f"--out {args.out} is a file; it must be a folder (made if absent)")
         # Check the device and data before a run folder is made, so a typo leaves nothing.
         _join_job(cfg, world)
         cfg.check_data()
@@ -177,11 +180,12 @@ def cmd_train(argv: list[str]) -> int:
         return code
     try:
         method.train_fn(cfg, run, progress=args.progress)
-    except ConfigError:
+    except BaseException:
         # A problem found once the method looks at its data or environment (e.g. DDPG given
-        # discrete actions): a new run that never reached its first checkpoint leaves nothing.
+        # discrete actions), a failure or a Ctrl-C during start-up: a new run that never
+        # reached its first checkpoint leaves nothing behind.
         if resume is None and not run.has_checkpoint() and distributed.is_main():
-            shutil.rmtree(run.dir)
+            shutil.rmtree(run.dir, ignore_errors=True)
         raise
     if speaks:
         _report(run)
@@ -298,11 +302,15 @@ def _options_suffix(extra: dict) -> str:
 def cmd_sample(argv: list[str]) -> int:
     import numpy as np
 
-    from mlatlas.core.io import atomic_path
+    from mlatlas.core.io import NonFiniteError, atomic_path
     from mlatlas.core.plots import samples_figure
 
     run, method, args, extra = _open_run(argv, "mlatlas sample", 64)
     x = method.function("sample")(run, args.n, args.seed, progress=args.progress, **extra)
+    bad = int((~x.isfinite()).flatten(1).any(1).sum()) if x.is_floating_point() else 0
+    if bad:
+        raise NonFiniteError(f"{bad} of {len(x)} samples hold NaN or infinite values; nothing "
+                             "written (try a smaller --guidance or more --steps)")
     stem = f"samples-n{args.n}-seed{args.seed}{_options_suffix(extra)}"
     with atomic_path(run.path(f"{stem}.npy")) as tmp, open(tmp, "wb") as f:
         np.save(f, x.numpy())
@@ -405,8 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     handlers = {"list": cmd_list, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
                 "demo": cmd_demo, "classifier": cmd_classifier}
-    from mlatlas.core.io import CheckpointError
-    from mlatlas.core.run import InterruptedRun, NonFiniteLossError, RunError
+    from mlatlas.core.io import FileError, NonFiniteError
+    from mlatlas.core.run import InterruptedRun, NonFiniteLossError
     from mlatlas.data import DatasetError
 
     try:
@@ -414,10 +422,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"unknown command {command!r}{closest(command, COMMANDS)} "
                              f"(commands: {', '.join(COMMANDS)})")
         return handlers[command](rest)
-    except (UsageError, ConfigError, DatasetError, RunError, CheckpointError) as err:
+    except (UsageError, ConfigError, DatasetError, FileError) as err:
         _say(command, f"error: {err}")
         return EXIT_USAGE
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, NonFiniteError) as err:
         _say(command, f"error: {err}")
         return EXIT_FAILED
     except InterruptedRun as err:

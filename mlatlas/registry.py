@@ -228,8 +228,10 @@ METHODS: dict[str, Method] = {
 
 
 def get_method(name: str) -> Method:
+    """The method called ``name``, read case-insensitively with ``-`` as ``_`` (``DDPM``,
+    ``Rectified-Flow``); a ConfigError with the closest names otherwise."""
     try:
-        return METHODS[name]
+        return METHODS[name.lower().replace("-", "_")]
     except KeyError:
         raise ConfigError(f"unknown method {name!r}{closest(name, METHODS)} "
                           f"(known: {', '.join(METHODS)})") from None

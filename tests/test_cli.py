@@ -29,7 +29,7 @@ def test_list(capsys):
     (["train", "ddpm", "--dataset", "8gausians"], "did you mean 8gaussians?"),
     (["train", "ddpm", "--stepz", "3"], "unrecognised argument '--stepz'; did you mean --steps"),
     (["train", "ddpm", "--steps", "abc"], "invalid int value: 'abc'"),
-    (["train", "ddpm", "--steps", "0"], "--steps must be positive"),
+    (["train", "ddpm", "--steps", "0"], "--steps must be in 1..10^12, got 0"),
     (["train", "ddpm", "--variance", "bet"],
      "--variance must be one of posterior, beta, got 'bet'; did you mean beta?"),
     (["train", "ddpm", "--device", "cuda:7"], "CUDA is not available"),
@@ -94,9 +94,11 @@ def test_nan_loss_exits_nonzero_naming_the_step(runs, capsys):
 def test_unwritable_output_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert main(["train", "ddpm", "--steps", "2", "--out", str(blocker / "runs"), *FAST]) == 1
+    assert main(["train", "ddpm", "--steps", "2", "--out", str(blocker / "runs"), *FAST]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Not a directory" in err
+    assert main(["train", "ddpm", "--steps", "2", "--out", str(blocker), *FAST]) == 2
+    assert "is a file; it must be a folder" in capsys.readouterr().err
 
 
 def test_demo_takes_the_idle_cores_and_says_what_to_look_at(runs, capsys, monkeypatch):

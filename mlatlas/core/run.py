@@ -38,10 +38,13 @@ from mlatlas.core import distributed
 from mlatlas.core.config import config_from_dict, config_to_dict
 from mlatlas.core.io import (
     CheckpointError,
+    FileError,
     atomic_path,
     load_tensors,
+    loads_json,
     read_json,
     read_metadata,
+    remove_stale_temporaries,
     save_tensors,
     write_json,
     write_text,
@@ -54,8 +57,8 @@ CHECKPOINT = "checkpoint.safetensors"
 SUMMARY_PREFIXES = ("train/", "eval/", "baseline/")
 
 
-class RunError(RuntimeError):
-    """A run folder that cannot be used (missing, not a run, incompatible)."""
+class RunError(FileError):
+    """A run folder that cannot be used (missing, not a run, damaged, incompatible)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -99,17 +102,21 @@ class Run:
     @classmethod
     def _create(cls, method: str, config: Any, root: str | Path) -> Run:
         root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         directory = root / f"{method}-{stamp}"
         suffix = 1
-        while True:
-            try:
-                directory.mkdir()
-                break
-            except FileExistsError:
-                suffix += 1
-                directory = root / f"{method}-{stamp}-{suffix}"
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            while True:
+                try:
+                    directory.mkdir()
+                    break
+                except FileExistsError:
+                    suffix += 1
+                    directory = root / f"{method}-{stamp}-{suffix}"
+        except OSError as err:
+            raise RunError(f"cannot make a run folder in {root}: "
+                           f"{err.strerror or err}") from None
         run = cls(directory, method, config_to_dict(config),
                   config_class=f"{type(config).__module__}:{type(config).__qualname__}")
         run.write_config()
@@ -117,10 +124,21 @@ class Run:
 
     @classmethod
     def open(cls, directory: str | Path) -> Run:
+        """The run in ``directory``, its config.json and metrics.csv checked: a damaged folder
+        is a RunError naming the file and what is wrong, never a traceback."""
         directory = Path(directory)
         if not (directory / "config.json").is_file():
             raise RunError(f"{directory} is not a run folder (no config.json)")
-        meta = read_json(directory / "config.json")
+        path = directory / "config.json"
+        meta = read_json(path)
+        if not isinstance(meta, dict):
+            raise RunError(f"{path} holds a {type(meta).__name__}, not a run's record")
+        for key, kind in (("method", str), ("config", dict)):
+            if not isinstance(meta.get(key), kind):
+                problem = "has no" if key not in meta else "has a malformed"
+                raise RunError(f"{path} {problem} {key!r} entry; it is not a run's record")
+        if not isinstance(meta.get("config_class"), str | None):
+            raise RunError(f"{path} has a malformed 'config_class' entry")
         run = cls(directory, meta["method"], meta["config"], meta.get("config_class"))
         run._rows = run.read_metrics()
         return run
@@ -141,7 +159,12 @@ class Run:
             except (ImportError, AttributeError):
                 raise RunError(f"{self.dir} was made by {self.config_class}, which this "
                                "version of mlatlas does not have") from None
-        return config_from_dict(cls, self.config)
+        from mlatlas.core.config import ConfigError
+
+        try:
+            return config_from_dict(cls, self.config)
+        except ConfigError as err:
+            raise RunError(f"{self.path('config.json')}: {err}") from None
 
     def write_config(self) -> None:
         import mlatlas
@@ -173,10 +196,20 @@ class Run:
         path = self.path("metrics.csv")
         if not path.is_file():
             return []
-        with path.open(newline="") as f:
-            # A metric logged only on some rows leaves empty cells on the others.
-            return [{k: int(v) if k == "step" else float(v) for k, v in row.items() if v != ""}
-                    for row in csv.DictReader(f)]
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            try:
+                # A metric logged only on some rows leaves empty cells on the others.
+                rows = [{k: int(v) if k == "step" else float(v) for k, v in row.items()
+                         if v != ""} for row in reader]
+            except (ValueError, TypeError, UnicodeDecodeError, csv.Error) as err:
+                raise RunError(f"{path} is damaged (line {reader.line_num}): "
+                               f"{str(err).splitlines()[0]}") from None
+        if reader.fieldnames is not None and "step" not in reader.fieldnames:
+            raise RunError(f"{path} is damaged: it has no 'step' column")
+        if any("step" not in row for row in rows):
+            raise RunError(f"{path} is damaged: a row has no step")
+        return rows
 
     def _write_metrics(self) -> None:
         columns: list[str] = []
@@ -249,7 +282,7 @@ class Run:
             return
         tensors, object_state = flatten_state(objects)
         state = {**state, "objects": object_state}
-        text = json.dumps(state, sort_keys=True)
+        text = json.dumps(state, sort_keys=True, allow_nan=False)
         # The safetensors metadata is the authoritative copy (one atomic file); the JSON beside
         # it is for people to read.
         save_tensors(self.path(CHECKPOINT), tensors,
@@ -261,19 +294,33 @@ class Run:
         metadata = read_metadata(path)
         if metadata.get("method") != self.method or "state" not in metadata:
             raise CheckpointError(f"{path} was not written by a {self.method} run")
-        return json.loads(metadata["state"])
+        state = loads_json(metadata["state"], f"{path}: the state in its metadata")
+        for key, kind in (("step", int), ("objects", dict)):
+            if not isinstance(state, dict) or not isinstance(state.get(key), kind):
+                raise CheckpointError(f"{path} is corrupt: its state has no valid {key!r}")
+        if state["step"] < 0:
+            raise CheckpointError(f"{path} is corrupt: step {state['step']}")
+        return state
 
     def checkpoint_step(self) -> int | None:
         return self._checkpoint_state()["step"] if self.has_checkpoint() else None
 
     def load_checkpoint(self, objects: Mapping[str, Any]) -> dict[str, Any]:
         state = self._checkpoint_state()
-        restore_state(objects, load_tensors(self.path(CHECKPOINT)), state.pop("objects"))
+        path = self.path(CHECKPOINT)
+        try:
+            restore_state(objects, load_tensors(path), state.pop("objects"))
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}") from None
         return state
 
     def load_weights(self, module: torch.nn.Module, name: str = "model") -> None:
         """Load only one module's weights (e.g. the EMA model for sampling)."""
-        restore_state({name: module}, load_tensors(self.path(CHECKPOINT)), {})
+        path = self.path(CHECKPOINT)
+        try:
+            restore_state({name: module}, load_tensors(path), {})
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}") from None
 
 
 def flatten_state(objects: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -304,33 +351,66 @@ def flatten_state(objects: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], 
 
 def restore_state(objects: Mapping[str, Any], tensors: dict[str, torch.Tensor],
                   state: dict[str, Any]) -> None:
+    """Load ``tensors`` and ``state`` (from :func:`flatten_state`) into ``objects``; a missing,
+    unexpected or misshapen tensor is a CheckpointError naming it."""
     for name, obj in objects.items():
         if isinstance(obj, torch.nn.Module):
             prefix = f"{name}."
+            found = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            _check_fits(name, obj.state_dict(), found)
             try:
-                obj.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
-                                     if k.startswith(prefix)})
-            except RuntimeError as err:
+                obj.load_state_dict(found)
+            except (RuntimeError, KeyError, ValueError) as err:
                 raise CheckpointError(f"checkpoint does not fit {name}: "
                                       f"{str(err).splitlines()[0]}") from None
         elif isinstance(obj, torch.optim.Optimizer):
-            prefix = f"{name}.state."
-            slots: dict[int, dict[str, Any]] = {}
-            for key, value in tensors.items():
-                if key.startswith(prefix):
-                    idx, slot = key[len(prefix):].split(".", 1)
-                    slots.setdefault(int(idx), {})[slot] = value
-            for idx, scalars in state[name]["scalars"].items():
-                slots.setdefault(int(idx), {}).update(scalars)
-            obj.load_state_dict({"state": slots, "param_groups": state[name]["param_groups"]})
+            _restore_optimizer(name, obj, tensors, state)
         elif isinstance(obj, torch.Generator):
-            obj.set_state(tensors[name])
+            if name not in tensors:
+                raise CheckpointError(f"checkpoint has no tensor {name} (a generator state)")
+            try:
+                obj.set_state(tensors[name])
+            except (RuntimeError, TypeError) as err:
+                raise CheckpointError(f"tensor {name} is not a generator state: "
+                                      f"{str(err).splitlines()[0]}") from None
         elif isinstance(obj, dict):
             # Tables (e.g. q[s, a]) are replaced in place, so the caller's dict sees them.
-            missing = set(obj) - {k[len(name) + 1:] for k in tensors if k.startswith(f"{name}.")}
-            if missing:
-                raise CheckpointError(f"checkpoint has no {name}.{sorted(missing)[0]}")
-            obj.update({k: tensors[f"{name}.{k}"] for k in obj})
+            found = {k: tensors[f"{name}.{k}"] for k in obj if f"{name}.{k}" in tensors}
+            _check_fits(name, obj, found)
+            obj.update(found)
+
+
+def _check_fits(name: str, expected: Mapping[str, Any], found: Mapping[str, torch.Tensor]) -> None:
+    for key, value in expected.items():
+        if key not in found:
+            raise CheckpointError(f"checkpoint has no tensor {name}.{key}")
+        if torch.is_tensor(value) and found[key].shape != value.shape:
+            raise CheckpointError(f"tensor {name}.{key} has shape {tuple(found[key].shape)} in "
+                                  f"the checkpoint, {tuple(value.shape)} in the model")
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise CheckpointError(f"checkpoint tensor {name}.{extra[0]} has no place in the model")
+
+
+def _restore_optimizer(name: str, optimizer: torch.optim.Optimizer,
+                       tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    if not isinstance(state.get(name), dict) or not {"scalars", "param_groups"} <= set(
+            state[name]):
+        raise CheckpointError(f"checkpoint has no state for the optimizer {name}")
+    prefix = f"{name}.state."
+    slots: dict[int, dict[str, Any]] = {}
+    try:
+        for key, value in tensors.items():
+            if key.startswith(prefix):
+                idx, slot = key[len(prefix):].split(".", 1)
+                slots.setdefault(int(idx), {})[slot] = value
+        for idx, scalars in state[name]["scalars"].items():
+            slots.setdefault(int(idx), {}).update(scalars)
+        optimizer.load_state_dict({"state": slots, "param_groups": state[name]["param_groups"]})
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint state does not fit the optimizer {name}: "
+                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                              ) from None
 
 
 StepFn = Callable[[int], Mapping[str, Any]]
@@ -369,6 +449,8 @@ def fit(run: Run, step_fn: StepFn, *, total_steps: int, objects: Mapping[str, An
     # Rank 0 decides, so no rank sees the step-0 checkpoint rank 0 is about to write.
     resumed = distributed.broadcast_object(run.has_checkpoint())
     if resumed:
+        if distributed.is_main():
+            remove_stale_temporaries(run.dir)  # left by a process killed mid-write
         state = run.load_checkpoint(objects)
         start, window, elapsed = state["step"], state["window"], state["elapsed"]
         if start > total_steps:
