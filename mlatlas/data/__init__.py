@@ -163,12 +163,15 @@ def load_npy(path: str | Path) -> Dataset:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise DatasetError(f"cannot read {path} as a .npy array: {err}") from None
-    if not np.issubdtype(array.dtype, np.number):
-        raise DatasetError(f"{path} holds {array.dtype} values; expected numbers")
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise DatasetError(f"{path} holds {array.dtype} values; expected real numbers")
+    if not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise DatasetError(f"{path} contains {bad} NaN or infinite values")
     if array.ndim == 2:
         x = torch.as_tensor(array, dtype=torch.float32)
         if not torch.isfinite(x).all():
-            raise DatasetError(f"{path} contains NaN or infinite values")
+            raise DatasetError(f"{path} holds values beyond the range of float32")
         x_tr, x_te, _, _ = _holdout(x, None)
         return Dataset(str(path), "points", x_tr, x_te)
     if array.ndim == 3:

@@ -8,6 +8,16 @@ from mlatlas.data import Dataset
 from mlatlas.eval.classifier import image_features, load_feature_net
 from mlatlas.eval.metrics import frechet_distance_features, mmd_rbf, precision_recall
 
+# Neighbours of the k-NN manifolds of improved precision and recall (Kynkaanniemi et al. use 3).
+PRECISION_RECALL_K = 3
+
+
+def min_samples(kind: str) -> int:
+    """The fewest samples :func:`score_samples` can score: 2 for the MMD of points (its
+    unbiased estimate leaves out the diagonal), k + 1 for the k-NN precision and recall of
+    images."""
+    return 2 if kind == "points" else PRECISION_RECALL_K + 1
+
 
 def score_samples(x: torch.Tensor, data: Dataset) -> dict:
     """MMD to the test split for points; Frechet distance and precision/recall on the shipped
@@ -23,7 +33,7 @@ def score_samples(x: torch.Tensor, data: Dataset) -> dict:
         return metrics
     real, fake = image_features(net, data.x_test), image_features(net, x)
     metrics["frechet_distance"] = frechet_distance_features(real, fake)
-    metrics["precision"], metrics["recall"] = precision_recall(real, fake)
+    metrics["precision"], metrics["recall"] = precision_recall(real, fake, PRECISION_RECALL_K)
     return metrics
 
 

@@ -205,18 +205,25 @@ def read_jsonl(path: str | Path, keys: Sequence[str]) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no such file: {path}")
-    with path.open() as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{path}:{line_no}: not JSON ({err.msg})") from None
-            missing = [k for k in keys if not isinstance(row.get(k), str)]
-            if missing:
-                raise ConfigError(f"{path}:{line_no}: needs string field {missing[0]!r}")
-            rows.append(row)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}); expected JSON lines "
+                          f"with {', '.join(keys)}") from None
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}:{line_no}: not JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}:{line_no}: a {type(row).__name__}, not an object "
+                              f"with {', '.join(keys)}")
+        missing = [k for k in keys if not isinstance(row.get(k), str)]
+        if missing:
+            raise ConfigError(f"{path}:{line_no}: needs string field {missing[0]!r}")
+        rows.append(row)
     if not rows:
         raise ConfigError(f"{path} holds no rows")
     return rows

@@ -68,9 +68,12 @@ class DiffusionConfig(BatchConfig):
         super().check()
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}")
-        for name in ("batch_size", "lr", "channels", "hidden", "sample_steps"):
+        for name in ("batch_size", "channels", "hidden", "sample_steps"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"--{flag(name)} must be positive")
+                raise ConfigError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
+        if self.channels % 2:
+            # The UNet's sinusoidal time embedding has channels / 2 frequencies, cos and sin.
+            raise ConfigError(f"--channels must be even, got {self.channels}")
         if (self.eval_samples < 0 or self.warmup_steps < 0 or self.grad_clip < 0
                 or self.classifier_steps < 0):
             raise ConfigError("--eval-samples, --warmup-steps, --grad-clip and --classifier-steps "
@@ -81,7 +84,13 @@ class DiffusionConfig(BatchConfig):
     def check_data(self) -> None:
         from mlatlas.data import load_dataset
 
-        load_dataset(self.dataset)
+        data = load_dataset(self.dataset)
+        if data.kind == "points" and data.sample_shape != (2,):
+            raise ConfigError(f"--dataset {self.dataset}: points in {data.sample_shape[0]} "
+                              "dimensions; the diffusion methods model points in the plane, "
+                              "(N, 2), whose figures and vector fields they draw")
+        if self.eval_samples:
+            check_eval_count(self.eval_samples, data, "--eval-samples; 0 skips the evaluation")
 
     def formulation(self) -> Formulation:
         raise NotImplementedError
@@ -92,6 +101,18 @@ class DiffusionConfig(BatchConfig):
         if sampler not in choices:
             raise ConfigError(f"--sampler {sampler} does not apply to {self.METHOD}; choose from "
                               f"{', '.join(choices)}")
+
+
+def check_eval_count(n: int, data: Dataset, where: str) -> None:
+    """ConfigError unless ``n`` samples of ``data`` are enough for its metrics."""
+    from mlatlas.eval.samples import min_samples
+
+    low = min_samples(data.kind)
+    if n < low:
+        reason = ("the unbiased MMD needs two" if data.kind == "points"
+                  else f"precision and recall need more than their {low - 1} neighbours")
+        raise ConfigError(f"an evaluation on {data.kind} needs at least {low} samples "
+                          f"({reason}), got {n} ({where})")
 
 
 # --- VP and DDPM ---------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.data import Dataset, EpochBatches, load_dataset
 from mlatlas.eval.samples import score_samples
 from mlatlas.generative.diffusion import edm
-from mlatlas.generative.diffusion.configs import DiffusionConfig, SampleConfig
+from mlatlas.generative.diffusion.configs import DiffusionConfig, SampleConfig, check_eval_count
 from mlatlas.generative.diffusion.formulations import Formulation, log_likelihood
 from mlatlas.generative.diffusion.guidance import (
     classifier_free,
@@ -223,12 +223,11 @@ def load_model(run: Run) -> tuple[DiffusionConfig, Dataset, nn.Module]:
     return cfg, data, model.to(resolve_device(cfg.device)).eval()
 
 
-def eval_count(cfg: DiffusionConfig, n: int | None) -> int:
-    """``n`` samples, or the config's ``eval_samples`` when None."""
+def eval_count(cfg: DiffusionConfig, n: int | None, data: Dataset) -> int:
+    """``n`` samples, or the config's ``eval_samples`` when None, checked against the fewest the
+    metrics of ``data`` can score."""
     n = cfg.eval_samples if n is None else n
-    if n < 1:
-        raise ConfigError(f"an evaluation needs at least one sample, got {n} (--n, or the "
-                          f"run's --eval-samples)")
+    check_eval_count(n, data, "--n, or the run's --eval-samples")
     return n
 
 
@@ -293,7 +292,7 @@ def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | Non
     from mlatlas.generative.diffusion.plots import Frames, trajectory_figure, vector_field_figure
 
     cfg, data, model = load_model(run)
-    n = eval_count(cfg, n)
+    n = eval_count(cfg, n, data)
     options = (options or SampleConfig()).resolve(cfg, data)
     formulation, keep = cfg.formulation(), 8 if data.kind == "image" else 200
     frames: Frames = []

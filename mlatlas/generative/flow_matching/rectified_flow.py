@@ -283,7 +283,7 @@ def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | Non
 
     _check_deterministic(options)
     cfg, data, flows = load_flows(run)
-    n = loop.eval_count(cfg, n)
+    n = loop.eval_count(cfg, n, data)
     options = (options or SampleConfig()).resolve(cfg, data)
     draws = {name: draw_flow(cfg, data, net, n, seed, options, progress)
              for name, net in flows.items()}
