@@ -136,3 +136,27 @@ def test_accuracy_warning_names_reward_hacking_only_beyond_the_noise():
     hacked = accuracy_warning(0.45, 0.08, 500, [0.1, 0.9])
     assert "0.450 to 0.080" in hacked and "reward hacking" in hacked
     assert "reward hacking" not in accuracy_warning(0.45, 0.08, 500, [0.9, 0.1])
+    # With a reference: named only once KL has passed the bound, with the numbers.
+    drifted = accuracy_warning(0.45, 0.08, 500, [0.1, 0.9], kl=2.5, kl_bound=1.0)
+    assert "reward hacking" in drifted and "grew to 2.5 nats per completion, past 1" in drifted
+    close = accuracy_warning(0.45, 0.08, 500, [0.1, 0.9], kl=0.2, kl_bound=1.0)
+    assert "reward hacking" not in close and "0.2 nats per completion (within 1)" in close
+
+
+def test_reward_hacking_warning_goes_to_summary_json(tmp_path, monkeypatch, capsys):
+    from mlatlas.llm import common
+
+    run = Run.create("ppo_rlhf", ppo_rlhf.Config(steps=1), root=tmp_path)
+    run.write_summary({"baseline/accuracy": 0.6})
+    for step, reward in ((1, 0.1), (2, 0.9)):
+        run.log({"step": step, "reward": reward})
+    monkeypatch.setattr(common, "evaluate_policy",
+                        lambda *a, **k: {"accuracy": 0.1, "kl": 3.0})
+    monkeypatch.setattr(common, "export_hf", lambda *a: None)
+    setup = common.Setup(None, None, None, None, [], [None] * 200, "cpu")
+    monkeypatch.setattr(run, "save_figure", lambda *a: None)
+    common.finish(run, ppo_rlhf.Config(steps=1), setup)
+    summary = run.summary()
+    assert summary["eval/reward_hacking"] is True
+    assert "0.600 to 0.100" in summary["eval/warning"] and "3 nats" in summary["eval/warning"]
+    assert "reward hacking" in capsys.readouterr().err

@@ -423,20 +423,32 @@ def finish(run: Run, cfg: LLMConfig, s: Setup) -> dict[str, Any]:
     write_eval_summary(run, "eval", metrics, len(s.test_items), 0)
     rewards = [row["reward"] for row in run.metrics if "reward" in row]
     warning = accuracy_warning(run.summary().get("baseline/accuracy"), metrics["accuracy"],
-                               len(s.test_items), rewards)
-    if warning and distributed.is_main():
-        print(f"warning: {run.method}: {warning}", file=sys.stderr)
+                               len(s.test_items), rewards, metrics.get("kl"))
+    if warning:
+        # With the evaluation it is about: a later `mlatlas eval` replaces both.
+        run.write_summary({"eval/warning": warning,
+                           "eval/reward_hacking": "reward hacking" in warning})
+        if distributed.is_main():
+            print(f"warning: {run.method}: {warning}", file=sys.stderr)
     run.save_figure(curves_figure(run.metrics, run.method), "curves.png")
     export_hf(run, s.policy, s.tokenizer)
     return metrics
 
 
+# KL(pi || pi_ref) per held-out completion past which a fall in accuracy while the reward rises
+# is reward hacking rather than noise: at 1 nat the trained policy makes its completions e times
+# likelier than the reference did, far from where the KL penalty is meant to keep it.
+HACKING_KL = 1.0
+
+
 def accuracy_warning(baseline: float | None, accuracy: float, n: int,
-                     rewards: Sequence[float] = ()) -> str | None:
+                     rewards: Sequence[float] = (), kl: float | None = None,
+                     kl_bound: float = HACKING_KL) -> str | None:
     """What to tell the user when held-out greedy accuracy fell below the start's by more than
     two standard errors of the difference of two accuracies on ``n`` problems,
-    2 sqrt(2 p (1 - p) / n); None otherwise. If the logged training ``rewards`` rose meanwhile,
-    the policy has learnt to please its reward rather than to solve the task (reward hacking)."""
+    2 sqrt(2 p (1 - p) / n); None otherwise. If the logged training ``rewards`` rose meanwhile
+    and the held-out ``kl`` to the reference (when there is one) passed ``kl_bound``, the policy
+    has learnt to please its reward rather than to solve the task: reward hacking."""
     if baseline is None:
         return None
     p = min(max(baseline, 1 / n), 1 - 1 / n)
@@ -444,9 +456,16 @@ def accuracy_warning(baseline: float | None, accuracy: float, n: int,
         return None
     text = f"held-out accuracy fell from {baseline:.3f} to {accuracy:.3f}"
     if len(rewards) >= 2 and rewards[-1] > rewards[0]:
-        return (f"{text} while the training reward rose ({rewards[0]:.3g} -> {rewards[-1]:.3g}): "
-                "the policy is exploiting its reward (reward hacking); try a larger --beta, "
-                "fewer --steps or a reward model with a higher held-out AUC")
+        text += f" while the training reward rose ({rewards[0]:.3g} -> {rewards[-1]:.3g})"
+        if kl is None or kl > kl_bound:
+            drift = ("" if kl is None else
+                     f" and KL to the reference grew to {kl:.3g} nats per completion, past "
+                     f"{kl_bound:g}")
+            return (f"{text}{drift}: the policy is exploiting its reward (reward hacking); "
+                    "try a larger --beta, fewer --steps or a reward model with a higher "
+                    "held-out AUC")
+        return (f"{text}, with KL to the reference {kl:.3g} nats per completion (within "
+                f"{kl_bound:g}); try a smaller --lr or fewer --steps")
     return f"{text}; try a smaller --lr or fewer --steps"
 
 
