@@ -145,6 +145,8 @@ def cmd_train(argv: list[str]) -> int:
         resume.load_config(cls)  # a damaged config.json is named as such, not as a flag
         cfg = config_from_dict(cls, {**resume.config, **overrides})
         done = resume.checkpoint_step()
+        if done is not None:
+            resume.verify_checkpoint()  # before any process starts on a damaged file
         if done is not None and cfg.steps < done:
             raise UsageError(f"--steps {cfg.steps} is below the step {done} that "
                              f"{resume.dir} has reached")

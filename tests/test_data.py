@@ -31,8 +31,10 @@ def test_shipped_images(name, train, test, shape):
 
 
 def test_splits_are_fixed():
+    from mlatlas.data import _load_named
+
     a = load_dataset("digits")
-    load_dataset.cache_clear()
+    _load_named.cache_clear()
     b = load_dataset("digits")
     assert torch.equal(a.x_test, b.x_test) and torch.equal(a.y_train, b.y_train)
 
@@ -125,8 +127,7 @@ def test_image_folder_with_classes(tmp_path):
     ds = load_dataset(str(tmp_path))
     assert ds.sample_shape == (1, 5, 7) and ds.classes == ("cat", "dog")
     assert len(ds.x_train) + len(ds.x_test) == 20
-    (tmp_path / "dog" / "broken.png").write_bytes(b"nope")
-    load_dataset.cache_clear()
+    (tmp_path / "dog" / "broken.png").write_bytes(b"nope")  # files are read again each call
     with pytest.raises(DatasetError, match="cannot read image"):
         load_dataset(str(tmp_path))
 

@@ -177,7 +177,7 @@ def _unreadable(path: str | os.PathLike, err: Exception) -> CheckpointError:
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, after checking the file's checksums."""
-    checksums = _checksums(path, read_metadata(path))
+    checksums = _checksums(path, _verified_metadata(path))
     try:
         tensors = load_file(str(path))
     except FileNotFoundError:
@@ -206,7 +206,13 @@ def _checksums(path: str | os.PathLike, metadata: dict[str, str]) -> dict[str, s
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata of a safetensors file, after checking its checksum."""
+    """The metadata of a safetensors file, after checking its checksum (the checksums left
+    out)."""
+    metadata = _verified_metadata(path)
+    return {k: v for k, v in metadata.items() if k not in (CHECKSUMS_KEY, METADATA_CHECKSUM_KEY)}
+
+
+def _verified_metadata(path: str | os.PathLike) -> dict[str, str]:
     from safetensors import safe_open
 
     try:
@@ -220,4 +226,4 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     if present and (len(present) < 2 or _metadata_digest(metadata) !=
                     metadata[METADATA_CHECKSUM_KEY]):
         raise CheckpointError(f"{path} is corrupt: its metadata does not match its checksum")
-    return {k: v for k, v in metadata.items() if k not in present}
+    return metadata

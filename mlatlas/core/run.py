@@ -305,6 +305,10 @@ class Run:
     def checkpoint_step(self) -> int | None:
         return self._checkpoint_state()["step"] if self.has_checkpoint() else None
 
+    def verify_checkpoint(self) -> None:
+        """CheckpointError unless every checksum of the checkpoint holds."""
+        load_tensors(self.path(CHECKPOINT))
+
     def load_checkpoint(self, objects: Mapping[str, Any]) -> dict[str, Any]:
         state = self._checkpoint_state()
         path = self.path(CHECKPOINT)

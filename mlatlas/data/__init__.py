@@ -229,15 +229,13 @@ _BUILTIN = {"digits": load_digits, "mnist": load_mnist, "fashion-mnist": load_fa
 DATASETS: tuple[str, ...] = (*_BUILTIN, *(f"{n}-binary" for n in _BUILTIN), *GENERATORS)
 
 
-@functools.lru_cache(maxsize=8)
 def load_dataset(spec: str) -> Dataset:
-    """Load a dataset by name (see the module docstring) or by path to a folder or .npy file."""
-    if spec in _BUILTIN:
-        return _BUILTIN[spec]()
-    if spec.endswith("-binary") and spec[: -len("-binary")] in _BUILTIN:
-        return binarize(load_dataset(spec[: -len("-binary")]))
-    if spec in GENERATORS:
-        return load_toy(spec)
+    """Load a dataset by name (see the module docstring) or by path to a folder or .npy file.
+    Named datasets are read once per process; files are read on each call, since they may
+    change between calls (a relative path may even name another file after a chdir)."""
+    if spec in _BUILTIN or spec in GENERATORS or (
+            spec.endswith("-binary") and spec[: -len("-binary")] in _BUILTIN):
+        return _load_named(spec)
     path = Path(spec).expanduser()
     if path.suffix == ".npy":
         if not path.is_file():
@@ -249,6 +247,15 @@ def load_dataset(spec: str) -> Dataset:
         raise DatasetError(f"{spec}: not a folder of images or a .npy file")
     raise DatasetError(f"unknown dataset {spec!r}{closest(spec, DATASETS)} "
                        f"(known: {', '.join(DATASETS)}; or a folder or .npy path)")
+
+
+@functools.lru_cache(maxsize=8)
+def _load_named(spec: str) -> Dataset:
+    if spec in _BUILTIN:
+        return _BUILTIN[spec]()
+    if spec in GENERATORS:
+        return load_toy(spec)
+    return binarize(_load_named(spec[: -len("-binary")]))
 
 
 class EpochBatches:
