@@ -202,10 +202,11 @@ class Run:
                 # A metric logged only on some rows leaves empty cells on the others.
                 rows = [{k: int(v) if k == "step" else float(v) for k, v in row.items()
                          if v != ""} for row in reader]
+                columns = reader.fieldnames
             except (ValueError, TypeError, UnicodeDecodeError, csv.Error) as err:
                 raise RunError(f"{path} is damaged (line {reader.line_num}): "
                                f"{str(err).splitlines()[0]}") from None
-        if reader.fieldnames is not None and "step" not in reader.fieldnames:
+        if columns is not None and "step" not in columns:
             raise RunError(f"{path} is damaged: it has no 'step' column")
         if any("step" not in row for row in rows):
             raise RunError(f"{path} is damaged: a row has no step")
