@@ -467,6 +467,10 @@ def _say(command: str, message: str, every_rank: bool = False) -> None:
             return
         if every_rank:
             message = f"rank {distributed.rank()}: {message}"
+    # One line whatever the message quotes: a control character or line separator a user typed
+    # into a name or path is shown escaped.
+    message = "".join(c if c.isprintable() else c.encode("unicode_escape").decode()
+                      for c in message)
     print(f"mlatlas {command}: {message}", file=sys.stderr)
 
 

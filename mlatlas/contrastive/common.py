@@ -175,7 +175,7 @@ def held_out_data(data: CaptionedData, n: int | None, seed: int) -> CaptionedDat
 def train_scores(run: Run, dataset: str, **extra: Any) -> dict[str, Any]:
     """What training did, for summary.json's ``train/`` keys: the dataset, the steps and the
     last logged row's loss, with ``extra``."""
-    last = run.metrics[-1] if run.metrics else {}
+    last = run.last_row()
     return {"dataset": dataset, "steps": last.get("step", 0),
             "loss": last.get("loss", float("nan")), **extra}
 

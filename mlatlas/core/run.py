@@ -233,6 +233,14 @@ class Run:
     def metrics(self) -> list[dict[str, Any]]:
         return list(self._rows)
 
+    def last_row(self) -> dict[str, Any]:
+        """The last logged row; a RunError when there is none after training (metrics.csv was
+        deleted or emptied, and a resumed run cannot log its past again)."""
+        if not self._rows:
+            raise RunError(f"{self.path('metrics.csv')} holds no rows: it was deleted or "
+                           "emptied after the steps it logged")
+        return self._rows[-1]
+
     # outputs -----------------------------------------------------------------------------------
     def save_figure(self, fig, name: str) -> Path:
         import matplotlib.pyplot as plt

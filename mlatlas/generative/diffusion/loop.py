@@ -156,7 +156,7 @@ def train(cfg: DiffusionConfig, run: Run | None = None, progress: bool | None = 
         return run  # the figures, the noisy classifier and the evaluation are rank 0's
     run.save_figure(metric_curves(run.metrics, ["loss"], title=f"{cfg.METHOD} training loss"),
                     "loss.png")
-    run.write_summary({"train/steps": cfg.steps, "train/loss": run.metrics[-1]["loss"]})
+    run.write_summary({"train/steps": cfg.steps, "train/loss": run.last_row()["loss"]})
     if cfg.classifier_steps and not run.path(CLASSIFIER).is_file():
         save_noisy_classifier(train_classifier(cfg, data, s.x_train, device, progress),
                               run.path(CLASSIFIER))

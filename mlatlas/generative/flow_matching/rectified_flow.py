@@ -206,7 +206,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     names = [k for k in ("loss", "reflow_loss") if any(k in r for r in run.metrics)]
     run.save_figure(metric_curves(run.metrics, names, title=f"{cfg.METHOD} training loss"),
                     "loss.png")
-    last = run.metrics[-1]
+    last = run.last_row()
     run.write_summary({"train/steps": cfg.steps, "train/reflow_after": cfg.reflow_after,
                        "train/loss": last.get("reflow_loss", last.get("loss"))})
     if cfg.eval_samples:

@@ -159,8 +159,11 @@ def read_policy(run: Run, world: GridWorld) -> torch.Tensor:
     path = run.path("policy.csv")
     if not path.is_file():
         raise ConfigError(f"{run.dir} has no policy.csv; has the run finished?")
-    with path.open(newline="") as f:
-        names = [name for row in csv.reader(f) for name in row]
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            names = [name for row in csv.reader(f) for name in row]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ConfigError(f"{path} is damaged: {err}") from None
     if len(names) != world.n_states or any(n not in ACTIONS for n in names):
         raise ConfigError(f"{path} does not describe a policy on the {world.shape} grid")
     return deterministic_policy(torch.tensor([ACTIONS.index(n) for n in names]))
