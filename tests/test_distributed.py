@@ -102,7 +102,7 @@ def test_refusals(tmp_path, capsys, monkeypatch):
     assert cli.main(["train", "ppo", "--nproc", "2", "--out", str(out)]) == cli.EXIT_USAGE
     assert "--vector async" in capsys.readouterr().err
     assert cli.main(["train", "ddpm", "--nproc", "0", "--out", str(out)]) == cli.EXIT_USAGE
-    assert "--nproc must be at least 1" in capsys.readouterr().err
+    assert "--nproc must be in 1..1024, got 0" in capsys.readouterr().err
     assert cli.main(["train", "ddpm", "--nproc", "2", "--batch-size", "63",
                      "--out", str(out)]) == cli.EXIT_USAGE
     assert "does not split over 2 processes" in capsys.readouterr().err

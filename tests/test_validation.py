@@ -334,3 +334,18 @@ def test_run_open_of_a_missing_folder(tmp_path):
 
     with pytest.raises(RunError, match="not a run folder"):
         Run.open(tmp_path / "nothing")
+
+
+def test_an_infinite_default_is_recorded_as_strict_json_and_reads_back(tmp_path):
+    from mlatlas.rl.deep.ppo import Config
+
+    run = Run.create("ppo", Config(), root=tmp_path)
+    text = (run.dir / "config.json").read_text()
+    assert '"target_return": "inf"' in text and "Infinity" not in text
+    assert run.load_config(Config).target_return == float("inf")
+    # config.json of a run made before strict JSON: Infinity still reads, NaN does not.
+    (run.dir / "config.json").write_text(text.replace('"inf"', "Infinity"))
+    assert Run.open(run.dir).load_config(Config).target_return == float("inf")
+    (run.dir / "config.json").write_text(text.replace('"inf"', "NaN"))
+    with pytest.raises(Exception, match="NaN is not JSON"):
+        Run.open(run.dir)

@@ -78,10 +78,11 @@ def bootstrap(images: torch.Tensor, captions: list[str],
     return torch.cat([images[original], images[synthetic]]), texts
 
 
-def filter_scores(result: CapFiltResult, corrupted: torch.Tensor) -> dict[str, float]:
+def filter_scores(result: CapFiltResult, corrupted: torch.Tensor) -> dict[str, float | None]:
     """How well the filter finds the corrupted original captions: the share of corrupted and of
     clean captions it removed, and precision / recall of "removed" as a detector of
-    "corrupted"; also the share of synthetic captions kept and the size of D'."""
+    "corrupted" (None, JSON's null, when it removed nothing: precision is undefined); also the
+    share of synthetic captions kept and the size of D'."""
     removed = ~result.keep_original
     corrupted = corrupted.bool()
     n_removed = int(removed.sum())
@@ -89,7 +90,7 @@ def filter_scores(result: CapFiltResult, corrupted: torch.Tensor) -> dict[str, f
     return {
         "filter_removed_corrupted": hits / max(1, int(corrupted.sum())),
         "filter_removed_clean": int((removed & ~corrupted).sum()) / max(1, int((~corrupted).sum())),
-        "filter_precision": hits / n_removed if n_removed else float("nan"),
+        "filter_precision": hits / n_removed if n_removed else None,
         "filter_recall": hits / max(1, int(corrupted.sum())),
         "synthetic_kept": float(result.keep_synthetic.float().mean()),
         "bootstrapped_pairs": int(result.keep_original.sum() + result.keep_synthetic.sum()),

@@ -124,9 +124,9 @@ def check_fields(obj: Any) -> None:
     Types: a bool field holds True or False, an int field an integer (not a bool, not a float),
     a float field a real number (an integer is converted), a str field a string without NUL.
     Ranges: integers in 0..2^63-1 (or -2^63..2^63-1 for the class's ``SIGNED`` fields, or the
-    class's ``RANGES``), floats
-    finite (or +-inf for its ``INFINITE`` fields, never NaN), learning rates (``lr``, ``*_lr``,
-    ``lr_*``) positive, strings non-empty where the default is. Literal fields are left to
+    class's ``RANGES``); floats finite (or +-inf for its ``INFINITE`` fields, also given as "inf"
+    or "-inf"; never NaN); learning rates (``lr``, ``*_lr``, ``lr_*``) positive; strings
+    non-empty where the default is. Literal fields are left to
     :func:`check_choices`.
     """
     cls = type(obj)
@@ -147,6 +147,8 @@ def check_fields(obj: Any) -> None:
             if not low <= value <= high:
                 raise ConfigError(f"{where} must be in {_span(low, high)}, got {value}")
         elif kind is float:
+            if name in infinite and value in ("inf", "-inf"):
+                value = float(value)  # how config.json records an infinity (config_to_dict)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConfigError(f"{where} must be a number, got {value!r}")
             value = float(value)
@@ -280,7 +282,10 @@ def add_config_arguments(parser, cls: type, *, suppress_defaults: bool = False) 
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """The config as strict JSON values: an infinite float (an ``INFINITE`` field such as deep
+    RL's ``target_return``) is written as the string "inf" or "-inf", which JSON can hold."""
+    return {k: (str(v) if isinstance(v, float) and math.isinf(v) else v)
+            for k, v in dataclasses.asdict(config).items()}
 
 
 def config_from_dict(cls: type, values: dict[str, Any]) -> Any:

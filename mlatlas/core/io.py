@@ -12,9 +12,9 @@ flipped bit anywhere in the file (header, metadata or data) is an error naming t
 tensor, not a model that silently samples 3e15. A file holding neither key (written before
 checksums, or by another program) is read as it is.
 
-JSON is strict both ways: :func:`write_json` refuses NaN and infinities, naming the key, since
-other tools cannot parse them; :func:`read_json` refuses them too, and says which file is not
-valid JSON.
+JSON is strict: :func:`write_json` refuses NaN and infinities, naming the key, since other tools
+cannot parse them; :func:`read_json` refuses NaN (it reads the ``Infinity`` older runs wrote)
+and says which file is not valid JSON.
 """
 
 from __future__ import annotations
@@ -120,6 +120,10 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def _refuse_constant(name: str) -> Any:
+    # Runs made before strict JSON wrote deep RL's default target_return as Infinity; it still
+    # reads. NaN never does.
+    if name in ("Infinity", "-Infinity"):
+        return float(name.replace("Infinity", "inf"))
     raise ValueError(f"{name} is not JSON")
 
 

@@ -388,16 +388,18 @@ def restore_state(objects: Mapping[str, Any], tensors: dict[str, torch.Tensor],
                                       f"{str(err).splitlines()[0]}") from None
         elif isinstance(obj, dict):
             # Tables (e.g. q[s, a]) are replaced in place, so the caller's dict sees them.
+            # Their shapes may differ: a history preallocated for more steps grows on resume.
             found = {k: tensors[f"{name}.{k}"] for k in obj if f"{name}.{k}" in tensors}
-            _check_fits(name, obj, found)
+            _check_fits(name, obj, found, shapes=False)
             obj.update(found)
 
 
-def _check_fits(name: str, expected: Mapping[str, Any], found: Mapping[str, torch.Tensor]) -> None:
+def _check_fits(name: str, expected: Mapping[str, Any], found: Mapping[str, torch.Tensor],
+                shapes: bool = True) -> None:
     for key, value in expected.items():
         if key not in found:
             raise CheckpointError(f"checkpoint has no tensor {name}.{key}")
-        if torch.is_tensor(value) and found[key].shape != value.shape:
+        if shapes and torch.is_tensor(value) and found[key].shape != value.shape:
             raise CheckpointError(f"tensor {name}.{key} has shape {tuple(found[key].shape)} in "
                                   f"the checkpoint, {tuple(value.shape)} in the model")
     extra = sorted(set(found) - set(expected))

@@ -329,4 +329,6 @@ def diversity(x: torch.Tensor, labels: torch.Tensor, data: Dataset) -> dict:
         fake, real = x.flatten(1), data.x_test.flatten(1)
     ratio = (class_spread(fake, labels.cpu(), data.num_classes)
              / class_spread(real, data.y_test, data.num_classes))
-    return {"diversity": float(ratio.nanmean())}
+    diversity = float(ratio.nanmean())
+    # Undefined (None, JSON's null) when no class drew the two samples a spread needs.
+    return {"diversity": diversity if math.isfinite(diversity) else None}
