@@ -281,8 +281,9 @@ def _open_run(argv: list[str], prog: str, n_default: int | None):
     run = Run.open(args.run_dir)
     if not run.has_checkpoint():
         raise UsageError(f"{run.dir} has no checkpoint yet")
-    # Every command on a run checks its checkpoint, even one that reads other files of it
-    # (tabular evaluation reads policy.csv): a damaged run is reported, not half-trusted.
+    # Every command on a run checks its config and checkpoint, even one that reads other files
+    # of it (tabular evaluation reads policy.csv): a damaged run is reported, not half-trusted.
+    run.load_config(get_method(run.method).config_cls)
     run.verify_checkpoint()
     extra = {}
     if options_cls is not None:
