@@ -29,8 +29,6 @@ from mlatlas.core.config import (
     INT64_MAX,
     ConfigError,
     add_config_arguments,
-    check_choices,
-    check_fields,
     closest,
     config_from_dict,
     config_to_dict,
@@ -289,8 +287,6 @@ def _open_run(argv: list[str], prog: str, n_default: int | None):
     if options_cls is not None:
         extra["options"] = options_cls(**{f.name: getattr(args, f.name)
                                           for f in dataclasses.fields(options_cls)})
-        check_fields(extra["options"])
-        check_choices(extra["options"])
     return run, get_method(run.method), args, extra
 
 

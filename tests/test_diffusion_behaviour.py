@@ -97,10 +97,11 @@ def test_sampling_options_are_checked(runs):
     cfg, data = loop.load_config(run), loop.load_data(loop.load_config(run))
     for options, message in [(SampleConfig(sampler="ddpm"), "does not apply to edm"),
                              (SampleConfig(eta=0.5), "ddim sampler only"),
-                             (SampleConfig(guidance=2), "trained with --conditional"),
-                             (SampleConfig(steps=-3), "must be positive")]:
+                             (SampleConfig(guidance=2), "trained with --conditional")]:
         with pytest.raises(ConfigError, match=message):
             options.resolve(cfg, data)
+    with pytest.raises(ConfigError, match=r"--steps must be in 0\.\.2\^63-1, got -3"):
+        SampleConfig(steps=-3)  # refused when made, before any run is read
     with pytest.raises(ConfigError, match="does not apply"):
         configs.EDMConfig(sampler="ddpm")
     with pytest.raises(ConfigError, match="class labels"):

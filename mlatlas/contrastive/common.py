@@ -70,9 +70,8 @@ class ContrastiveConfig(BatchConfig):
     def check(self) -> None:
         super().check()
         require_at_least(self, 2, "batch_size", "n_train")
-        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ConfigError("--lr must be positive, --weight-decay and --warmup-steps "
-                              "non-negative")
+        if self.weight_decay < 0:  # --lr and the integers are checked by check_fields
+            raise ConfigError(f"--weight-decay cannot be negative, got {self.weight_decay}")
         check_grad_clip(self)
         require_at_least(self, 8, "width")
         require_at_least(self, 1, "cnn_stages")

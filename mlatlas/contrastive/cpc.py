@@ -114,8 +114,6 @@ class Config(BatchConfig):
         self.check_data()
         require_at_least(self, 1, "prediction_steps", "hidden", "z_dim", "c_dim")
         require_at_least(self, 2, "batch_size", "n_train", "n_test")
-        if self.lr <= 0 or self.warmup_steps < 0:
-            raise ConfigError("--lr must be positive and --warmup-steps non-negative")
         check_grad_clip(self)
 
     def check_data(self) -> None:

@@ -81,8 +81,7 @@ class BaseConfig:
     """Write checkpoint.safetensors every this many steps (and always at the end)."""
 
     def __post_init__(self) -> None:
-        check_fields(self)
-        check_choices(self)
+        check_options(self)
         self.check()
 
     def check(self) -> None:
@@ -166,6 +165,13 @@ def check_fields(obj: Any) -> None:
                 raise ConfigError(f"{where} may not contain a NUL character, got {value!r}")
             if not value and field.default:
                 raise ConfigError(f"{where} may not be empty (default: {field.default!r})")
+
+
+def check_options(obj: Any) -> None:
+    """:func:`check_fields` then :func:`check_choices`: the ``__post_init__`` of an options
+    dataclass (``sample`` and ``eval`` flags) that has no BaseConfig to do it."""
+    check_fields(obj)
+    check_choices(obj)
 
 
 def _span(low: int, high: int) -> str:

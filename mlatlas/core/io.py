@@ -78,14 +78,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+def remove_stale_temporaries(directory: str | os.PathLike) -> None:
     """Delete the temporary files :func:`atomic_path` left in ``directory`` when its process was
-    killed mid-write (nothing else names files ``.<name>.<random>.tmp``); returns them."""
-    stale = sorted(Path(directory).glob(".*.tmp"))
-    for path in stale:
+    killed mid-write (nothing else names files ``.<name>.<random>.tmp``)."""
+    for path in Path(directory).glob(".*.tmp"):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-    return stale
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

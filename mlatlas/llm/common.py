@@ -117,8 +117,8 @@ class LLMConfig(BatchConfig):
         parse_difficulties(self.difficulty, get_task(self.task))
         require_at_least(self, 1, "max_new_tokens", "eval_every", "eval_n")
         require_unit(self, "top_p", low_open=True)
-        if self.temperature < 0 or self.lr <= 0 or self.grad_clip < 0:
-            raise ConfigError("--temperature, --grad-clip must be >= 0 and --lr > 0")
+        if self.temperature < 0 or self.grad_clip < 0:
+            raise ConfigError("--temperature and --grad-clip must be >= 0")
         if self.eval_every % self.log_every:
             raise ConfigError(f"--eval-every {self.eval_every} must be a multiple of "
                               f"--log-every {self.log_every}")

@@ -10,11 +10,10 @@ holds the sampling options, whose zeros and empty strings take the run's own set
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from mlatlas.core.config import BatchConfig, ConfigError, flag, require_unit
+from mlatlas.core.config import BatchConfig, ConfigError, check_options, flag, require_unit
 from mlatlas.generative.diffusion import edm
 from mlatlas.generative.diffusion.ddpm import Schedule
 from mlatlas.generative.diffusion.formulations import VP, Formulation, Preconditioned
@@ -74,10 +73,8 @@ class DiffusionConfig(BatchConfig):
         if self.channels % 2:
             # The UNet's sinusoidal time embedding has channels / 2 frequencies, cos and sin.
             raise ConfigError(f"--channels must be even, got {self.channels}")
-        if (self.eval_samples < 0 or self.warmup_steps < 0 or self.grad_clip < 0
-                or self.classifier_steps < 0):
-            raise ConfigError("--eval-samples, --warmup-steps, --grad-clip and --classifier-steps "
-                              "cannot be negative")
+        if self.grad_clip < 0:  # the integer fields are non-negative by check_fields
+            raise ConfigError(f"--grad-clip cannot be negative, got {self.grad_clip}")
         require_unit(self, "label_dropout")
         self.check_sampler(self.sampler)
 
@@ -283,14 +280,15 @@ class SampleConfig:
     label: int = -1
     """Class to sample for a conditional run; -1 cycles through the classes."""
 
+    def __post_init__(self) -> None:
+        check_options(self)
+
     def resolve(self, cfg: DiffusionConfig, data: Dataset) -> SampleConfig:
         """Fill the run's defaults in and check the options against the run."""
         out = copy.copy(self)
         out.sampler = self.sampler or cfg.sampler
         out.steps = self.steps or cfg.sample_steps
         cfg.check_sampler(out.sampler)
-        if out.steps < 1:
-            raise ConfigError(f"--steps must be positive, got {out.steps}")
         if out.eta and out.sampler != "ddim":
             raise ConfigError("--eta applies to the ddim sampler only")
         if out.churn and out.sampler not in ("euler", "heun"):
@@ -301,8 +299,6 @@ class SampleConfig:
             raise ConfigError("--guidance needs a run trained with --conditional")
         if out.classifier_scale and not cfg.classifier_steps:
             raise ConfigError("--classifier-scale needs a run trained with --classifier-steps")
-        if not math.isfinite(out.classifier_scale):
-            raise ConfigError("--classifier-scale must be a finite number")
         if out.label >= 0 and not (cfg.conditional or out.classifier_scale):
             raise ConfigError("--label needs a run trained with --conditional or a "
                               "--classifier-scale")

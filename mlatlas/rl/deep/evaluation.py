@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlatlas.core.config import ConfigError
+from mlatlas.core.config import ConfigError, check_options
 from mlatlas.core.io import atomic_path
 from mlatlas.core.run import Run
 from mlatlas.rl.deep.envs import Spaces, env_actions, env_spaces, make_envs, obs_tensor
@@ -73,10 +72,7 @@ class EvalOptions:
     """'gif' (Pillow) or 'mp4' (needs imageio with imageio-ffmpeg)."""
 
     def __post_init__(self) -> None:
-        formats = typing.get_args(typing.get_type_hints(EvalOptions)["video_format"])
-        if self.video_format not in formats:
-            raise ConfigError(f"--video-format must be one of {', '.join(formats)}, "
-                              f"got {self.video_format!r}")
+        check_options(self)
 
 
 def load_policy(run: Run) -> tuple[Any, Spaces, Policy | nn.Module, ObsNormalizer | None]:
