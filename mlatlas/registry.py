@@ -64,7 +64,7 @@ class Method:
     def default_data(self) -> str:
         """The default dataset, environment or grid, for ``mlatlas list``."""
         defaults = {f.name: f.default for f in fields(self.config_cls)}
-        return str(next((defaults[k] for k in ("dataset", "env", "grid") if k in defaults), "-"))
+        return str(next((defaults[k] for k in ("dataset", "corpus", "env", "grid") if k in defaults), "-"))
 
 
 def _tabular(name: str, module: str, summary: str, *, config: str, train: str) -> Method:
@@ -77,6 +77,14 @@ DIFFUSION = "mlatlas.generative.diffusion.loop"
 DIFFUSION_CONFIGS = "mlatlas.generative.diffusion.configs"
 DEEP_RL = "mlatlas.rl.deep.evaluation"
 CLIP = "mlatlas.contrastive.clip"
+LIKELIHOOD = "mlatlas.generative.likelihood"
+
+
+def _likelihood(name: str, family: str, module: str, summary: str,
+                config: str = "Config") -> Method:
+    return Method(name, f"generative/{family}", summary, f"mlatlas.generative.{family}.{module}",
+                  config=config, train=f"{LIKELIHOOD}:train", sample=f"{LIKELIHOOD}:sample",
+                  evaluate=f"{LIKELIHOOD}:evaluate", sample_config=f"{LIKELIHOOD}:SampleOptions")
 
 
 def _deep(name: str, summary: str) -> Method:
@@ -114,6 +122,17 @@ METHODS: dict[str, Method] = {
                "1-RF by flow matching, reflow on its own pairs, one-step 2-RF sampling",
                "mlatlas.generative.flow_matching.rectified_flow",
                sample_config=f"{DIFFUSION_CONFIGS}:SampleConfig"),
+        _likelihood("fvsbn", "autoregressive", "fvsbn", "Fully visible sigmoid belief net: "
+                    "a logistic regression per pixel on the pixels before it"),
+        _likelihood("nade", "autoregressive", "nade", "NADE (Larochelle & Murray 2011): tied "
+                    "hidden layer, O(DH) recursion for all D conditionals"),
+        _likelihood("made", "autoregressive", "made", "MADE (Germain et al. 2015): degree masks, "
+                    "order- and connectivity-agnostic training, K-mask ensemble"),
+        _likelihood("pixelcnn", "autoregressive", "pixelcnn", "PixelCNN (van den Oord et al. "
+                    "2016): 7x7 mask A, mask-B residual blocks (with its blind spot)"),
+        _likelihood("gated_pixelcnn", "autoregressive", "pixelcnn", "Gated PixelCNN (van den "
+                    "Oord et al. 2016): vertical and horizontal stacks, no blind spot",
+                    config="GatedConfig"),
         _tabular("bellman", "dp", "Policy evaluation: closed form (I - gamma P_pi)^-1 r_pi "
                  "and iteration (Zhao ch. 2)", config="BellmanConfig", train="train_bellman"),
         _tabular("value_iteration", "dp", "Value iteration on the Bellman optimality equation "

@@ -87,3 +87,38 @@ def samples_figure(samples: torch.Tensor, title: str = "", reference: torch.Tens
     if samples.ndim == 2 and samples.shape[1] == 2:
         return scatter_2d(samples, reference, title=title)
     raise ValueError(f"no figure for samples of shape {tuple(samples.shape)}")
+
+
+def density_grid(points: torch.Tensor, size: int = 200,
+                 margin: float = 0.5) -> tuple[torch.Tensor, float]:
+    """A (size * size, 2) grid of cells covering ``points`` plus ``margin``, row by row from the
+    top, and the area of one cell (for integrating a density over the grid)."""
+    low, high = points.min(0).values - margin, points.max(0).values + margin
+    xs = torch.linspace(float(low[0]), float(high[0]), size)
+    ys = torch.linspace(float(high[1]), float(low[1]), size)
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], -1).reshape(-1, 2)
+    return grid, float((xs[1] - xs[0]) * (ys[0] - ys[1]))
+
+
+def density_figure(log_prob, reference: torch.Tensor, title: str = "", size: int = 200):
+    """A heat map of a 2D density p(x) = exp(log_prob(x)) over the region of ``reference``,
+    beside the data; ``log_prob`` maps (M, 2) points to (M,) log-densities."""
+    grid, _ = density_grid(reference, size)
+    with torch.no_grad():
+        p = torch.exp(log_prob(grid)).reshape(size, size).cpu()
+    extent = (float(grid[:, 0].min()), float(grid[:, 0].max()), float(grid[:, 1].min()),
+              float(grid[:, 1].max()))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
+    axes[0].imshow(p, extent=extent, cmap="magma")
+    axes[0].set_title("model density p(x)")
+    ref = reference.detach().cpu()
+    axes[1].scatter(ref[:, 0], ref[:, 1], s=1, c="0.3")
+    axes[1].set_xlim(extent[:2])
+    axes[1].set_ylim(extent[2:])
+    axes[1].set_title("held-out data")
+    for ax in axes:
+        ax.set_aspect("equal")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

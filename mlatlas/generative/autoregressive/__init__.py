@@ -1,0 +1,1 @@
+"""Autoregressive models: n-gram language models and autoregressive image models."""
