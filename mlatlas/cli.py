@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -297,7 +298,11 @@ def _options_suffix(extra: dict) -> str:
     if "options" not in extra:
         return ""
     options = extra["options"]
-    return "".join(f"-{flag(f.name)}-{getattr(options, f.name)}"
+    # Free text (a prompt) may hold anything: only a short, safe form of it names a file.
+    def safe(value) -> str:
+        return re.sub(r"[^A-Za-z0-9.+-]+", "_", str(value))[:32]
+
+    return "".join(f"-{flag(f.name)}-{safe(getattr(options, f.name))}"
                    for f in dataclasses.fields(options) if getattr(options, f.name) != f.default)
 
 
@@ -309,11 +314,19 @@ def cmd_sample(argv: list[str]) -> int:
 
     run, method, args, extra = _open_run(argv, "mlatlas sample", 64)
     x = method.function("sample")(run, args.n, args.seed, progress=args.progress, **extra)
+    stem = f"samples-n{args.n}-seed{args.seed}{_options_suffix(extra)}"
+    if isinstance(x, list):  # texts, from a language model
+        from mlatlas.core.io import write_text
+
+        write_text(run.path(f"{stem}.txt"), "".join(f"{text}\n" for text in x))
+        for text in x:
+            print(text)
+        print(f"samples: {run.path(stem + '.txt')}")
+        return 0
     bad = int((~x.isfinite()).flatten(1).any(1).sum()) if x.is_floating_point() else 0
     if bad:
         raise NonFiniteError(f"{bad} of {len(x)} samples hold NaN or infinite values; nothing "
                              "written (try a smaller --guidance or more --steps)")
-    stem = f"samples-n{args.n}-seed{args.seed}{_options_suffix(extra)}"
     with atomic_path(run.path(f"{stem}.npy")) as tmp, open(tmp, "wb") as f:
         np.save(f, x.numpy())
     figure = run.save_figure(samples_figure(x, f"{run.method}: {args.n} samples"), f"{stem}.png")
