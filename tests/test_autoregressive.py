@@ -14,7 +14,7 @@ from mlatlas.generative import likelihood
 from mlatlas.generative.autoregressive import fvsbn, made, nade, pixelcnn
 from mlatlas.generative.autoregressive.common import bernoulli_log_prob
 from mlatlas.generative.autoregressive.made import MADE, made_degrees, made_masks
-from mlatlas.generative.autoregressive.nade import NADE, nade_preactivations
+from mlatlas.generative.autoregressive.nade import NADE, nade_logits
 from mlatlas.generative.autoregressive.pixelcnn import GatedPixelCNN, PixelCNN, raster_mask
 from mlatlas.registry import METHODS
 
@@ -119,17 +119,16 @@ def test_conditional_models_and_the_made_ensemble_are_normalised_for_each_label(
 def test_nade_recursion_equals_the_naive_hidden_layer_of_each_conditional():
     torch.manual_seed(0)
     x = torch.bernoulli(torch.full((5, 9), 0.5)).double()
-    weight, c = torch.randn(4, 9).double(), torch.randn(4).double()
-    a = nade_preactivations(x, weight, c)
-    for i in range(9):
-        naive = c + x[:, :i] @ weight[:, :i].T
-        assert torch.allclose(a[:, i], naive, atol=1e-12)
+    W, c = torch.randn(4, 9).double(), torch.randn(4).double()
+    V, b = torch.randn(9, 4).double(), torch.randn(9).double()
+    naive = torch.stack([torch.sigmoid(c + x[:, :i] @ W[:, :i].T) @ V[i] + b[i]
+                         for i in range(9)], 1)
+    assert torch.allclose(nade_logits(x, W, c, V, b), naive, atol=1e-12)
     model = _randomise(NADE((1, 3, 3), 4)).double()
-    xs = x.view(5, 1, 3, 3)
-    naive_logits = torch.stack([
+    naive_model = torch.stack([
         torch.sigmoid(model.c + x[:, :i] @ model.W[:, :i].T) @ model.V[i] + model.b[i]
         for i in range(9)], 1)
-    assert torch.allclose(model.logits(xs).flatten(1), naive_logits, atol=1e-12)
+    assert torch.allclose(model.logits(x.view(5, 1, 3, 3)).flatten(1), naive_model, atol=1e-12)
 
 
 def test_fvsbn_is_one_logistic_regression_per_pixel():
@@ -151,10 +150,10 @@ def test_bernoulli_log_prob_by_hand():
     assert bernoulli_log_prob(logits, x).item() == pytest.approx(by_hand, abs=1e-6)
 
 
-@pytest.mark.parametrize("name", ["fvsbn", "made", "made_ensemble", "gated_pixelcnn"])
+@pytest.mark.parametrize("name", ["fvsbn", "nade", "made", "made_ensemble", "gated_pixelcnn"])
 def test_ancestral_samples_follow_the_model_distribution(name):
     shape = (1, 1, 3)
-    model = {"fvsbn": fvsbn.FVSBN(shape), "made": MADE(shape, (6,), 1, 0),
+    model = {"fvsbn": fvsbn.FVSBN(shape), "nade": NADE(shape, 5), "made": MADE(shape, (6,), 1, 0),
              "made_ensemble": MADE(shape, (6,), 3, 2),
              "gated_pixelcnn": GatedPixelCNN(shape, 4, 2)}[name]
     model = _randomise(model)
