@@ -122,6 +122,10 @@ METHODS: dict[str, Method] = {
                "1-RF by flow matching, reflow on its own pairs, one-step 2-RF sampling",
                "mlatlas.generative.flow_matching.rectified_flow",
                sample_config=f"{DIFFUSION_CONFIGS}:SampleConfig"),
+        Method("ngram", "generative/autoregressive", "n-gram language model: MLE, add-k and "
+               "interpolated modified Kneser-Ney (Chen & Goodman 1998), characters or words",
+               "mlatlas.generative.autoregressive.ngram",
+               sample_config="mlatlas.generative.autoregressive.ngram:SampleOptions"),
         _likelihood("fvsbn", "autoregressive", "fvsbn", "Fully visible sigmoid belief net: "
                     "a logistic regression per pixel on the pixels before it"),
         _likelihood("nade", "autoregressive", "nade", "NADE (Larochelle & Murray 2011): tied "

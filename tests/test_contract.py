@@ -10,6 +10,8 @@ from mlatlas.core.config import BaseConfig, BatchConfig, ConfigError, field_docs
 from mlatlas.registry import METHODS
 
 CONFIGS = {name: method.config_cls for name, method in METHODS.items()}
+# Methods fitted by counting, with no gradient step.
+COUNTED = {"ngram"}
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -27,10 +29,11 @@ def test_config_names_its_method_and_has_at_most_one_family_base(name):
 @pytest.mark.parametrize("name", METHODS)
 def test_mini_batch_trainers_can_run_data_parallel(name):
     """Every method trained by gradient steps on mini-batches is a BatchConfig (data-parallel,
-    --precision, --compile); the RL methods step environments and are not, and each global
-    batch field it names for sharding exists."""
+    --precision, --compile); the RL methods step environments and the n-gram model counts, and
+    are not, and each global batch field it names for sharding exists."""
     cls, family = CONFIGS[name], METHODS[name].family
-    assert issubclass(cls, BatchConfig) == (not family.startswith("rl/")), family
+    by_gradient = not (family.startswith("rl/") or name in COUNTED)
+    assert issubclass(cls, BatchConfig) == by_gradient, family
     if issubclass(cls, BatchConfig):
         assert cls.SHARDED and all(s in {f.name for f in dataclasses.fields(cls)}
                                    for s in cls.SHARDED)
