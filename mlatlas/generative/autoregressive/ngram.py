@@ -186,19 +186,34 @@ def count_ngrams(history: np.ndarray, y: np.ndarray, vocab_size: int) -> NgramCo
     n = history.shape[1] + 1
     contexts, ids = [np.zeros(1, dtype=np.int64)], [np.zeros(y.size, dtype=np.int64)]
     for m in range(1, n):
-        keys, inverse = np.unique(history[:, -m] * contexts[-1].size + ids[-1],
-                                  return_inverse=True)
+        bound = vocab_size * contexts[-1].size
+        keys, inverse, _ = unique_counts(history[:, -m] * contexts[-1].size + ids[-1], bound)
         contexts.append(keys)
-        ids.append(inverse.reshape(-1).astype(np.int64))
+        ids.append(inverse)
     grams, counts = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
     for k in range(1, n + 1):
-        keys, c = np.unique(ids[k - 1] * vocab_size + y, return_counts=True)
+        bound = contexts[k - 1].size * vocab_size
+        keys, _, c = unique_counts(ids[k - 1] * vocab_size + y, bound)
         grams.append(keys)
-        counts.append(c.astype(np.int64))
+        counts.append(c)
     continuation = [np.zeros(0, dtype=np.int64)]
     for k in range(1, n):
         continuation.append(continuation_counts(contexts, grams, k, vocab_size))
     return NgramCounts(n, vocab_size, contexts, grams, counts, continuation)
+
+
+def unique_counts(keys: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sorted distinct values of non-negative int64 ``keys`` (all below ``bound``), the
+    index of each key among them and their counts: by one ``bincount`` over 0..bound-1 when
+    that range is at most a few times the number of keys, else by ``np.unique`` (a sort)."""
+    if bound <= 4 * keys.size + 1024:
+        found = np.bincount(keys, minlength=bound)
+        present = found > 0
+        rank = np.cumsum(present) - 1
+        return (np.flatnonzero(present).astype(np.int64), rank[keys].astype(np.int64),
+                found[present].astype(np.int64))
+    values, inverse, c = np.unique(keys, return_inverse=True, return_counts=True)
+    return values, inverse.reshape(-1).astype(np.int64), c.astype(np.int64)
 
 
 def continuation_counts(contexts: list[np.ndarray], grams: list[np.ndarray], k: int,
@@ -470,9 +485,13 @@ def from_tables(tables: dict[str, torch.Tensor], order: int,
 class Config(BaseConfig):
     METHOD: ClassVar[str] = "ngram"
 
+    seed: int = 0
+    """Unused: counting and scoring draw no random numbers (``sample`` takes its own seed)."""
+    device: str = "cpu"
+    """Unused: the tables are counted and scored on the CPU with numpy."""
     corpus: str = "pydoc"
     """'pydoc' (Python's help text, always available), 'fortunes' (Debian's package) or the
-    path of a UTF-8 text file (its last 10% of lines held out)."""
+    path of a UTF-8 text file (its last tenth of lines held out)."""
     level: Literal["char", "word"] = "char"
     """Tokens: characters, or words and punctuation marks (a line is a sentence either way)."""
     n: int = 5
@@ -687,16 +706,23 @@ def sample(run: Run, n: int, seed: int, progress: bool | None = None,
         shifted = np.concatenate([history[:, 1:], w[:, None]], axis=1)
         history = np.where((w == EOS_ID)[:, None], BOS_ID, shifted)
     unk = "\ufffd" if cfg.level == "char" else UNK
-    texts = []
-    for row in drawn.tolist():
-        words = ["\n" if i == EOS_ID else unk if i == UNK_ID else vocab[i] for i in row]
-        if cfg.level == "char":
-            texts.append(options.prompt + "".join(words))
-        else:
-            body = " ".join(words).replace(" \n ", "\n").replace(" \n", "\n")
-            texts.append(options.prompt + (" " if options.prompt and body[:1] != "\n" else "")
-                         + body)
-    return texts
+    return [options.prompt + render(row, vocab, cfg.level, unk, after=options.prompt)
+            for row in drawn.tolist()]
+
+
+def render(ids: list[int], vocab: list[str], level: str, unk: str = UNK, after: str = "") -> str:
+    """Token ids as text: ``</s>`` a newline; words separated by one space (none after a
+    newline, nor before the first word when ``after``, the text before, ends in a space)."""
+    out, gap = [], bool(after) and not after[-1].isspace()
+    for i in ids:
+        if i == EOS_ID:
+            out.append("\n")
+            gap = False
+            continue
+        token = unk if i == UNK_ID else vocab[i]
+        out.append((" " if gap and level == "word" else "") + token)
+        gap = True
+    return "".join(out)
 
 
 def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | None = None,
