@@ -64,7 +64,8 @@ class Method:
     def default_data(self) -> str:
         """The default dataset, environment or grid, for ``mlatlas list``."""
         defaults = {f.name: f.default for f in fields(self.config_cls)}
-        return str(next((defaults[k] for k in ("dataset", "corpus", "env", "grid") if k in defaults), "-"))
+        names = ("dataset", "corpus", "env", "grid")
+        return str(next((defaults[k] for k in names if k in defaults), "-"))
 
 
 def _tabular(name: str, module: str, summary: str, *, config: str, train: str) -> Method:

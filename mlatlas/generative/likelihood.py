@@ -256,7 +256,11 @@ def train(cfg: DensityConfig, run: Run | None = None, progress: bool | None = No
         optimizer.zero_grad(set_to_none=True)
         precision.backward(loss)
         precision.step(optimizer, model.parameters(), cfg.grad_clip)
-        return {"nll_per_dim": loss.detach()}
+        metrics = {"nll_per_dim": loss.detach()}
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            # Shown beside the training loss so overfitting is seen; never used to select.
+            metrics["test_nll_nats"] = torch.tensor(held_out_nll(model, cfg, data))
+        return metrics
 
     fit(run, step_fn, total_steps=cfg.steps, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
         objects={"model": model, "optimizer": optimizer, "rng": generator,
@@ -264,9 +268,10 @@ def train(cfg: DensityConfig, run: Run | None = None, progress: bool | None = No
         progress=progress)
     if not distributed.is_main():
         return run
-    run.save_figure(metric_curves(run.metrics, ["nll_per_dim"], log=False,
-                                  title=f"{cfg.METHOD}: training NLL (nats per dimension)"),
-                    "loss.png")
+    run.save_figure(metric_curves([r for r in run.metrics if "test_nll_nats" in r],
+                                  ["nll_per_dim", "test_nll_nats"], log=False,
+                                  title=f"{cfg.METHOD}: training NLL (nats per dimension) and "
+                                        "held-out NLL (nats per example)"), "loss.png")
     run.write_summary({"train/steps": cfg.steps,
                        "train/nll_per_dim": run.last_row()["nll_per_dim"]})
     if cfg.eval_samples:
@@ -323,7 +328,7 @@ def sample(run: Run, n: int = 64, seed: int = 0, progress: bool | None = None,
     return draw(model, cfg, data, n, seed, options or SampleOptions())
 
 
-def test_log_prob(model: nn.Module, cfg: DensityConfig, data: DensityData, seed: int = 0,
+def held_out_log_prob(model: nn.Module, cfg: DensityConfig, data: DensityData, seed: int = 0,
                   progress: bool | None = None) -> torch.Tensor:
     """log p(x_n) of every held-out example in nats, (N,), on the data the model sees (the
     dequantised test set for quantised data, one draw of u per example from ``seed``)."""
@@ -338,6 +343,21 @@ def test_log_prob(model: nn.Module, cfg: DensityConfig, data: DensityData, seed:
             y = ds.y_test[start:start + EVAL_BATCH].to(device) if cfg.conditional else None
             out.append(model.log_prob(x.to(device), y).cpu())
     return torch.cat(out)
+
+
+def held_out_nll(model: nn.Module, cfg: DensityConfig, data: DensityData,
+                 limit: int = EVAL_BATCH) -> float:
+    """The NLL (nats per example, as :func:`nll_report` counts it) of the first ``limit``
+    held-out examples, in eval mode; the model is put back in the mode it was in."""
+    training = model.training
+    model.eval()
+    head = DensityData(Dataset(data.dataset.name, data.dataset.kind, data.dataset.x_train[:1],
+                               data.dataset.x_test[:limit], None,
+                               data.dataset.y_test[:limit] if cfg.conditional else None,
+                               data.dataset.classes), data.kind, data.levels)
+    nll = nll_report(held_out_log_prob(model, cfg, head), head)["test_nll_nats"]
+    model.train(training)
+    return nll
 
 
 def nll_report(log_p: torch.Tensor, data: DensityData) -> dict:
@@ -356,12 +376,13 @@ def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | Non
     """Score the whole held-out split (NLL in nats per example and bits/dim, beside the
     pixel-independent baseline fitted on the training split), then draw n samples (None: the
     run's ``eval_samples``), write the figures and score the samples as the diffusion family
-    does; the metrics also go to summary.json as ``eval/<name>``."""
+    does; the metrics also go to summary.json as ``eval/<name>``, the baseline's as
+    ``baseline/test_nll_nats`` and ``baseline/test_bits_per_dim``."""
     cfg, data, model = load_model(run)
     device = next(model.parameters()).device
     options = options or SampleOptions()
     n = cfg.eval_samples if n is None else n
-    metrics = nll_report(test_log_prob(model, cfg, data, seed), data)
+    metrics = nll_report(held_out_log_prob(model, cfg, data, seed), data)
     if data.kind != "points":
         baseline = independent_baseline_nll(data.dataset.x_train, data.dataset.x_test,
                                              data.levels if data.kind == "quantised" else 2)
@@ -377,5 +398,10 @@ def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | Non
                                        data.dataset.x_test,
                                        title=f"{cfg.METHOD} on {cfg.dataset}"), "density.png")
     metrics["temperature"] = options.temperature
-    run.write_evaluation(metrics)
+    run.write_evaluation({k: v for k, v in metrics.items() if not k.startswith("baseline_")})
+    if "baseline_nll_nats" in metrics:
+        run.write_evaluation({"test_nll_nats": metrics["baseline_nll_nats"],
+                              "test_bits_per_dim": metrics["baseline_bits_per_dim"],
+                              "model": "pixel-independent categorical (add-one smoothing)"},
+                             prefix="baseline")
     return metrics
