@@ -187,6 +187,11 @@ def test_unknown_tokens_rare_in_training_and_unseen_in_test():
     encoded = ng.encode(["a z c"], vocab, "word")
     assert encoded.ids.tolist() == [3, ng.UNK_ID, ng.UNK_ID] and encoded.oov == 2
     assert encoded.n_chars == len("a z c\n")
+    for level in ("char", "word"):
+        vocab, ids = ng.encode_training(LINES + ["x,y  z\tw"], level, 2)
+        again = ng.encode(LINES + ["x,y  z\tw"], vocab, level)
+        assert (ids.ids == again.ids).all() and (ids.lengths == again.lengths).all()
+        assert ids.lengths.tolist() == [len(ng.tokenize(t, level)) for t in LINES + ["x,y  z\tw"]]
 
 
 # Config, corpora and runs ----------------------------------------------------------------------

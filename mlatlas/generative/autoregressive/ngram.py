@@ -86,27 +86,40 @@ def tokenize(line: str, level: str) -> list[str]:
 
 def build_vocabulary(lines: list[str], level: str, min_count: int) -> list[str]:
     """``<s> </s> <unk>`` and then, sorted, every token seen at least ``min_count`` times."""
-    tokens = _token_array(lines, level)[0]
-    if tokens.size == 0:
-        return list(SPECIALS)
-    kinds, counts = np.unique(tokens, return_counts=True)
-    kept = kinds[counts >= min_count]
-    if level == "char":
-        return [*SPECIALS, *(chr(c) for c in kept.tolist())]
-    return [*SPECIALS, *kept.tolist()]
+    return encode_training(lines, level, min_count)[0]
+
+
+def encode_training(lines: list[str], level: str, min_count: int) -> tuple[list[str], Encoded]:
+    """The vocabulary of :func:`build_vocabulary` and the training lines as its ids, from one
+    tokenisation and one ``np.unique``."""
+    tokens, lengths = _token_array(lines, level)
+    kinds, inverse, counts = np.unique(tokens, return_inverse=True, return_counts=True)
+    keep = counts >= min_count
+    new_id = np.where(keep, np.cumsum(keep) - 1 + len(SPECIALS), UNK_ID).astype(np.int64)
+    kept = kinds[keep].tolist()
+    vocab = [*SPECIALS, *(map(chr, kept) if level == "char" else kept)]
+    ids = new_id[inverse.reshape(-1)] if tokens.size else np.zeros(0, dtype=np.int64)
+    n_chars = sum(map(len, lines)) + len(lines)
+    return vocab, Encoded(ids, lengths, n_chars, int((ids == UNK_ID).sum()))
+
+
+# Words as in tokenize, and the newlines that end the lines joined into one text.
+_WORD_OR_NEWLINE = re.compile(r"\w+|[^\w\s]|\n")
 
 
 def _token_array(lines: list[str], level: str) -> tuple[np.ndarray, np.ndarray]:
     """All tokens of ``lines`` (code points for characters, strings for words) and the number of
-    tokens of each line."""
+    tokens of each line, from one pass over the joined text."""
     if level == "char":
-        lengths = np.fromiter((len(line) for line in lines), dtype=np.int64, count=len(lines))
+        lengths = np.fromiter(map(len, lines), dtype=np.int64, count=len(lines))
         text = "".join(lines).encode("utf-32-le")
         return np.frombuffer(text, dtype=np.uint32).astype(np.int64), lengths
-    words = [tokenize(line, level) for line in lines]
-    lengths = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
-    flat = [t for w in words for t in w]
-    return (np.array(flat) if flat else np.array([], dtype=str)), lengths
+    found = _WORD_OR_NEWLINE.findall("".join(line + "\n" for line in lines))
+    tokens = np.array(found) if found else np.array([], dtype=str)
+    newline = tokens == "\n"
+    ends = np.flatnonzero(newline)
+    lengths = np.diff(ends, prepend=-1).astype(np.int64) - 1
+    return tokens[~newline], lengths
 
 
 @dataclass(frozen=True)
@@ -135,7 +148,7 @@ def encode(lines: list[str], vocab: list[str], level: str) -> Encoded:
         ids = np.where(found, at + len(SPECIALS), UNK_ID).astype(np.int64)
     else:
         ids = np.full(tokens.size, UNK_ID, dtype=np.int64)
-    n_chars = sum(len(line) + 1 for line in lines)
+    n_chars = sum(map(len, lines)) + len(lines)
     return Encoded(ids, lengths, n_chars, int((ids == UNK_ID).sum()))
 
 
@@ -575,9 +588,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     ``perplexity.png`` (held-out perplexity against n = 1..max(5, n) for each smoothing)."""
     corpus = _corpus(cfg)
     run = run or Run.create(cfg.METHOD, cfg)
-    lines = corpus.train_lines
-    vocab = build_vocabulary(lines, cfg.level, cfg.min_count)
-    train_ids = encode(lines, vocab, cfg.level)
+    vocab, train_ids = encode_training(corpus.train_lines, cfg.level, cfg.min_count)
     test_ids = encode(corpus.test_lines, vocab, cfg.level)
     smoothing = cfg.smoother()
     tables = empty_tables(cfg.n)
