@@ -131,9 +131,13 @@ def load_corpus(spec: str) -> Corpus:
     if spec == "fortunes":
         return load_fortunes()
     path = Path(spec)
-    if not path.exists():
+    try:
+        exists, folder = path.exists(), path.is_dir()
+    except OSError as err:  # a name too long for the file system, say
+        raise DatasetError(f"corpus {spec[:80]!r}: {err.strerror or err}") from None
+    if not exists:
         raise DatasetError(f"unknown corpus {spec!r}: neither {' nor '.join(NAMED)} nor a file"
                            f"{closest(spec, NAMED)}")
-    if path.is_dir():
+    if folder:
         raise DatasetError(f"corpus {spec!r} is a folder; give a UTF-8 text file")
     return load_text_file(path)

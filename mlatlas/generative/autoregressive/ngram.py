@@ -72,6 +72,7 @@ SPECIALS = (BOS, EOS, UNK)
 MAX_ORDER = 10
 CURVE_ORDERS = 5
 FALLBACK = (0.5, 1.0, 1.5)
+SAMPLE_BATCH = 256
 # A word is a run of letters, digits and underscores or a single other non-space character.
 WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -566,7 +567,7 @@ class SampleOptions:
         check_options(self)
         if self.temperature <= 0:
             raise ConfigError(f"--temperature must be positive, got {self.temperature}")
-        require_range(self, 1, 10**6, "length")
+        require_range(self, 1, 100_000, "length")
 
 
 def _corpus(cfg: Config) -> Corpus:
@@ -692,30 +693,39 @@ def _prompt_ids(prompt: str, vocab: list[str], level: str) -> list[list[int]]:
 
 def sample(run: Run, n: int, seed: int, progress: bool | None = None,
            options: SampleOptions | None = None) -> list[str]:
-    """``n`` texts, each the prompt and ``length`` tokens drawn from p(w | h)^(1/T) for the n
-    texts at once (a loop over positions; ``</s>`` ends a line and the next starts from
-    ``<s>``). A drawn ``<unk>`` is written as U+FFFD (characters) or ``<unk>`` (words)."""
+    """``n`` texts, each the prompt and ``length`` tokens drawn from p(w | h)^(1/T), 256 texts
+    at a time (a loop over positions; ``</s>`` ends a line and the next starts from ``<s>``).
+    A drawn ``<unk>`` is written as U+FFFD (characters) or ``<unk>`` (words)."""
     options = options or SampleOptions()
     cfg, counts, vocab = load_model(run)
     smoothing = cfg.smoother()
     prompt_lines = _prompt_ids(options.prompt, vocab, cfg.level)
+    if n < 1:
+        raise ConfigError(f"--n must be at least 1, got {n}")
     width = max(cfg.n - 1, 1)
-    start = np.full(width, BOS_ID, dtype=np.int64)
-    last = np.array(prompt_lines[-1], dtype=np.int64)
-    start = np.concatenate([start, last])[-width:]
-    history = np.tile(start, (n, 1))
+    start = np.concatenate([np.full(width, BOS_ID, dtype=np.int64),
+                            np.array(prompt_lines[-1], dtype=np.int64)])[-width:]
     generator = torch.Generator().manual_seed(seed)
     drawn = np.zeros((n, options.length), dtype=np.int64)
     from mlatlas.core.progress import progress_bar
 
-    for t in progress_bar(range(options.length), progress=progress, desc="ngram sample"):
-        p = torch.from_numpy(next_token_distribution(counts, history, smoothing))
-        logits = torch.log(p) / options.temperature
-        w = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=generator)
-        w = w[:, 0].numpy()
-        drawn[:, t] = w
-        shifted = np.concatenate([history[:, 1:], w[:, None]], axis=1)
-        history = np.where((w == EOS_ID)[:, None], BOS_ID, shifted)
+    bar = progress_bar(total=n * options.length, progress=progress, desc="ngram sample")
+    for first in range(0, n, SAMPLE_BATCH):  # batches bound the memory of the distributions
+        rows = slice(first, min(first + SAMPLE_BATCH, n))
+        history = np.tile(start, (rows.stop - rows.start, 1))
+        for t in range(options.length):
+            p = torch.from_numpy(next_token_distribution(counts, history, smoothing))
+            log_p = torch.log(p)
+            # Shifted so the likeliest token is 0 before dividing: a tiny T cannot make every
+            # logit -inf.
+            logits = (log_p - log_p.max(dim=1, keepdim=True).values) / options.temperature
+            w = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=generator)[:, 0]
+            w = w.numpy()
+            drawn[rows, t] = w
+            shifted = np.concatenate([history[:, 1:], w[:, None]], axis=1)
+            history = np.where((w == EOS_ID)[:, None], BOS_ID, shifted)
+            bar.update(rows.stop - rows.start)
+    bar.close()
     unk = "\ufffd" if cfg.level == "char" else UNK
     return [options.prompt + render(row, vocab, cfg.level, unk, after=options.prompt)
             for row in drawn.tolist()]
@@ -745,6 +755,8 @@ def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | Non
     (the model counted at each lower order). An infinite perplexity (a maximum-likelihood
     model meeting an unseen n-gram) is written as null, with ``zero_probability``, the share
     of tokens given probability 0."""
+    if n is not None and n < 1:
+        raise ConfigError(f"--n must be at least 1, got {n}")
     cfg, counts, vocab = load_model(run)
     lines = _corpus(cfg).test_lines
     if n is not None:
