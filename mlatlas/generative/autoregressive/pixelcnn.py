@@ -170,6 +170,10 @@ def check_single_channel(method: str, data: DensityData) -> None:
 class Config(DensityConfig):
     METHOD: ClassVar[str] = "pixelcnn"
 
+    steps: int = 800
+    """Number of optimisation steps (on the 1,437 digits the held-out NLL is lowest near 800;
+    longer runs overfit: give a larger dataset more)."""
+
     channels: int = 64
     """2h, the feature channels of the residual blocks (even)."""
     blocks: int = 4
@@ -192,6 +196,10 @@ class Config(DensityConfig):
 @dataclass
 class GatedConfig(DensityConfig):
     METHOD: ClassVar[str] = "gated_pixelcnn"
+
+    steps: int = 800
+    """Number of optimisation steps (on the 1,437 digits the held-out NLL is lowest near 800;
+    longer runs overfit: give a larger dataset more)."""
 
     channels: int = 32
     """Feature channels of both stacks."""
