@@ -52,3 +52,14 @@ def test_base_validation(bad):
 def test_ddpm_validation(bad):
     with pytest.raises(ConfigError):
         Config(**bad)
+
+
+def test_help_text_may_hold_a_percent_sign():
+    @dataclasses.dataclass
+    class Percent(BaseConfig):
+        share: float = 0.1
+        """Hold out 10% of the lines."""
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, Percent)
+    assert "10% of the lines" in parser.format_help()

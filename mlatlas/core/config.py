@@ -268,7 +268,8 @@ def add_config_arguments(parser, cls: type, *, suppress_defaults: bool = False) 
     for field in dataclasses.fields(cls):
         kind = _field_type(cls, field)
         default = field.default
-        help_text = f"{docs.get(field.name, '')} (default: {default!r})"
+        # argparse formats help with %: a literal one ("10% of the lines") must be doubled.
+        help_text = f"{docs.get(field.name, '')} (default: {default!r})".replace("%", "%%")
         kwargs: dict[str, Any] = {"help": help_text, "dest": field.name}
         if suppress_defaults:
             kwargs["default"] = argparse.SUPPRESS
