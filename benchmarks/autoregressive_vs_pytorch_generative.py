@@ -97,7 +97,7 @@ def main() -> None:
     pairs = {
         "nade": (lambda: nade.NADE(shape, args.hidden),
                  lambda: pg_nade.NADE(dims, args.hidden)),
-        "made": (lambda: made.MADE(shape, (500,), 1, 0, natural_order=True),
+        "made": (lambda: made.MADE(shape, (500,), 1, 0),
                  lambda: pg_made.MADE(dims, [500], n_masks=1)),
         "pixelcnn": (lambda: pixelcnn.PixelCNN(shape, 64, 4),
                      lambda: pg_pixel_cnn.PixelCNN(n_residual=4, residual_channels=32,

@@ -138,6 +138,12 @@ METHODS: dict[str, Method] = {
         _likelihood("gated_pixelcnn", "autoregressive", "pixelcnn", "Gated PixelCNN (van den "
                     "Oord et al. 2016): vertical and horizontal stacks, no blind spot",
                     config="GatedConfig"),
+        _likelihood("nice", "flows", "nice", "NICE (Dinh et al. 2015): additive coupling, "
+                    "diagonal scaling, exact log-likelihood by change of variables"),
+        _likelihood("realnvp", "flows", "realnvp", "RealNVP (Dinh et al. 2017): affine "
+                    "coupling, checkerboard and channel masks, squeeze, multi-scale"),
+        _likelihood("glow", "flows", "glow", "Glow (Kingma & Dhariwal 2018): ActNorm, LU 1x1 "
+                    "convolution, affine coupling, learned split priors"),
         _tabular("bellman", "dp", "Policy evaluation: closed form (I - gamma P_pi)^-1 r_pi "
                  "and iteration (Zhao ch. 2)", config="BellmanConfig", train="train_bellman"),
         _tabular("value_iteration", "dp", "Value iteration on the Bellman optimality equation "
