@@ -34,6 +34,7 @@ def models(shape=SHAPE, num_classes=0):
     return {
         "fvsbn": fvsbn.FVSBN(shape, num_classes),
         "nade": NADE(shape, 7, num_classes),
+        "nade_relu": NADE(shape, 7, num_classes, activation="relu"),
         "made": MADE(shape, (9, 9), 1, 0, num_classes=num_classes),
         "made_natural": MADE(shape, (9,), 1, 0, natural_order=True, num_classes=num_classes),
         "pixelcnn": PixelCNN(shape, 4, 2, num_classes),
