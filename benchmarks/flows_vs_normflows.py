@@ -59,25 +59,30 @@ def randomise(module: torch.nn.Module) -> None:
             p.add_(0.05 * torch.randn_like(p))
 
 
-def time_pass(model, x, repeats: int, grad: bool) -> float:
-    def once():
-        if grad:
-            z, logdet = model(x)
-            (z.square().sum() - logdet.sum()).backward()
-            with torch.no_grad():
-                model.inverse(z.detach())
-        else:
-            with torch.no_grad():
-                z, _ = model(x)
-                model.inverse(z)
+def one_pass(model, x, grad: bool) -> None:
+    if grad:
+        z, logdet = model(x)
+        (z.square().sum() - logdet.sum()).backward()
+        with torch.no_grad():
+            model.inverse(z.detach())
+    else:
+        with torch.no_grad():
+            z, _ = model(x)
+            model.inverse(z)
 
-    once()  # warm-up
-    times = []
+
+def time_pair(ours, theirs, x, repeats: int, grad: bool) -> tuple[float, float]:
+    """Median seconds of one pass of each, the two timed alternately (so that a busy neighbour
+    slows both alike)."""
+    one_pass(ours, x, grad)  # warm-up
+    one_pass(theirs, x, grad)
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for model, out in ((ours, times[0]), (theirs, times[1])):
+            start = time.perf_counter()
+            one_pass(model, x, grad)
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def main() -> None:
@@ -97,10 +102,10 @@ def main() -> None:
     randomise(theirs)
     x = torch.randn(args.batch, c, args.size, args.size)
     print(f"K = {args.steps} steps of (ActNorm, LU 1x1 conv, affine coupling), hidden "
-          f"{args.hidden}, input {tuple(x.shape)}, 1 thread, median of {args.repeats}")
+          f"{args.hidden}, input {tuple(x.shape)}, 1 thread, median of {args.repeats}, "
+          "timed alternately")
     for grad in (False, True):
-        t_ours = time_pass(ours, x, args.repeats, grad)
-        t_theirs = time_pass(theirs, x, args.repeats, grad)
+        t_ours, t_theirs = time_pair(ours, theirs, x, args.repeats, grad)
         what = "forward + backward + inverse" if grad else "forward + inverse (no grad)"
         print(f"{what:30s} ours {1000 * t_ours:7.1f} ms   normflows {1000 * t_theirs:7.1f} ms"
               f"   ratio ours/normflows {t_ours / t_theirs:.2f}")

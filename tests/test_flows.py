@@ -340,5 +340,5 @@ def test_flows_beat_the_baseline_on_digits(method, tmp_path):
     _, metrics = train_and_evaluate(cfg, tmp_path)
     print(f"{method} digits: {metrics['test_bits_per_dim']:.3f} bits/dim, baseline "
           f"{metrics['baseline_bits_per_dim']:.3f}, untrained {untrained['test_bits_per_dim']:.3f}")
-    assert metrics["test_bits_per_dim"] < metrics["baseline_bits_per_dim"] - 0.3
+    assert metrics["test_bits_per_dim"] < metrics["baseline_bits_per_dim"] - 0.25
     assert metrics["test_bits_per_dim"] < untrained["test_bits_per_dim"] - 1.0

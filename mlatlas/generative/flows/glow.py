@@ -92,9 +92,9 @@ class Config(DensityConfig):
     """Training data: grey-level images (digits, mnist) or 2D points (8gaussians, ...)."""
     levels: int = 2
     """Images: L, levels of the multi-scale architecture (image sides must divide by 2^L)."""
-    depth: int = 4
+    depth: int = 8
     """K, steps of flow (ActNorm, 1x1 convolution, affine coupling) per level (points: in all)."""
-    hidden: int = 64
+    hidden: int = 32
     """Channels (images) or units (points) of the coupling networks' hidden layers."""
     split_prior: bool = True
     """Learned split priors N(mu(h), sigma(h)^2) for the factored-out halves (else N(0, I))."""

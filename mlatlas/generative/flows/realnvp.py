@@ -95,7 +95,7 @@ class Config(DensityConfig):
     scales: int = 2
     """Images: scales of the multi-scale architecture (each but the last squeezes and factors
     out half of the channels); image sides must divide by 2^(scales - 1)."""
-    hidden: int = 64
+    hidden: int = 32
     """Channels (images) or units (points) of the coupling networks' hidden layers."""
     couplings: int = 8
     """Points: affine coupling layers, alternating which half of the coordinates is kept."""
