@@ -183,9 +183,10 @@ def test_actnorm_data_init_gives_zero_mean_unit_variance():
     torch.testing.assert_close(y.var((0, 2, 3), correction=0), torch.ones(5), rtol=0, atol=1e-4)
 
 
-def test_glow_data_init_runs_on_the_first_batch_before_training(tmp_path):
-    """The loop calls Glow's data_init (not a lazy first forward): the first ActNorm's output on
-    the init batch is standardised, and the run trains and evaluates."""
+def test_glow_data_init_standardises_the_first_actnorm():
+    """Glow's data_init (what the loop calls on the first batch, before the first step; no lazy
+    init in forward): the first ActNorm's output on the init batch has zero mean and unit
+    variance per channel."""
     data = tiny_images(side=8)
     model = glow.Config(hidden=8, depth=1).build_model(data)
     x = likelihood.dequantise(data.dataset.x_train, 17, torch.Generator().manual_seed(1))
