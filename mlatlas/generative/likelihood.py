@@ -33,7 +33,7 @@ A model of this family is an ``nn.Module`` with
     log_prob(x, y=None) -> (B,)                          log p_theta(x | y) in nats
     sample(n, generator, y=None, temperature=1.0) -> (n, *sample_shape)
 
-and, if it has a data-dependent initialisation (Glow's ActNorm), ``data_init(x)``, which the loop
+and, if it has a data-dependent initialisation (Glow's ActNorm), ``data_init(x, y)``, which the loop
 calls once, on a fixed batch of training data, before the first step.
 """
 
