@@ -52,7 +52,7 @@ from mlatlas.core.plots import density_figure, metric_curves, samples_figure
 from mlatlas.core.precision import Precision, compile_module
 from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
-from mlatlas.data import Dataset, DatasetError, EpochBatches, load_dataset
+from mlatlas.data import DATASETS, Dataset, DatasetError, EpochBatches, load_dataset
 from mlatlas.eval.likelihood import bits_per_dim, independent_baseline_nll
 from mlatlas.eval.samples import min_samples, score_samples
 
@@ -126,11 +126,9 @@ def load_data(cfg: DensityConfig) -> DensityData:
     if cfg.dataset.endswith("-binary") and cfg.binarize != "threshold":
         grey = load_dataset(cfg.dataset[: -len("-binary")])
     elif not (is_binary(data.x_train) and is_binary(data.x_test)):
-        raise ConfigError(f"{cfg.METHOD} models binary images and {cfg.dataset} has "
-                          f"{grey_levels(data.x_train)} grey levels: use {cfg.dataset}-binary "
-                          "or data of 0s and 1s" if "/" not in cfg.dataset else
-                          f"{cfg.METHOD} models binary images and {cfg.dataset} holds values "
-                          "other than 0 and 1")
+        hint = (f" has {grey_levels(data.x_train)} grey levels: use {cfg.dataset}-binary or data "
+                "of 0s and 1s" if cfg.dataset in DATASETS else " holds values other than 0 and 1")
+        raise ConfigError(f"{cfg.METHOD} models binary images and {cfg.dataset}{hint}")
     if grey is data:
         return DensityData(data, "binary", 0)
     generator = torch.Generator().manual_seed(cfg.binarize_seed)
@@ -329,18 +327,21 @@ def sample(run: Run, n: int = 64, seed: int = 0, progress: bool | None = None,
 
 
 def held_out_log_prob(model: nn.Module, cfg: DensityConfig, data: DensityData, seed: int = 0,
-                  progress: bool | None = None) -> torch.Tensor:
-    """log p(x_n) of every held-out example in nats, (N,), on the data the model sees (the
-    dequantised test set for quantised data, one draw of u per example from ``seed``)."""
+                      limit: int | None = None) -> torch.Tensor:
+    """log p(x_n) of the first ``limit`` (None: every) held-out example in nats, (N,), on the
+    data the model sees (the dequantised test set for quantised data, one draw of u per example
+    from ``seed``)."""
     ds, device = data.dataset, next(model.parameters()).device
+    n_test = len(ds.x_test) if limit is None else min(limit, len(ds.x_test))
     generator = torch.Generator().manual_seed(seed)
     out = []
     with torch.no_grad():
-        for start in range(0, len(ds.x_test), EVAL_BATCH):
-            x = ds.x_test[start:start + EVAL_BATCH]
+        for start in range(0, n_test, EVAL_BATCH):
+            stop = min(start + EVAL_BATCH, n_test)
+            x = ds.x_test[start:stop]
             if data.kind == "quantised":
                 x = dequantise(x, data.levels, generator)
-            y = ds.y_test[start:start + EVAL_BATCH].to(device) if cfg.conditional else None
+            y = ds.y_test[start:stop].to(device) if cfg.conditional else None
             out.append(model.log_prob(x.to(device), y).cpu())
     return torch.cat(out)
 
@@ -351,11 +352,7 @@ def held_out_nll(model: nn.Module, cfg: DensityConfig, data: DensityData,
     held-out examples, in eval mode; the model is put back in the mode it was in."""
     training = model.training
     model.eval()
-    head = DensityData(Dataset(data.dataset.name, data.dataset.kind, data.dataset.x_train[:1],
-                               data.dataset.x_test[:limit], None,
-                               data.dataset.y_test[:limit] if cfg.conditional else None,
-                               data.dataset.classes), data.kind, data.levels)
-    nll = nll_report(held_out_log_prob(model, cfg, head), head)["test_nll_nats"]
+    nll = nll_report(held_out_log_prob(model, cfg, data, limit=limit), data)["test_nll_nats"]
     model.train(training)
     return nll
 

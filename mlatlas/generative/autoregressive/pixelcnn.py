@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlatlas.core.config import ConfigError, require_at_least
-from mlatlas.generative.autoregressive.common import BernoulliAutoregressive
+from mlatlas.generative.autoregressive.common import BernoulliAutoregressive, LabelBias
 from mlatlas.generative.likelihood import DensityConfig, DensityData
 
 
@@ -60,22 +60,6 @@ class MaskedConv2d(nn.Conv2d):
         return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.padding)
 
 
-def label_embedding(num_classes: int, channels: int) -> nn.Embedding | None:
-    if not num_classes:
-        return None
-    embed = nn.Embedding(num_classes, channels)
-    nn.init.zeros_(embed.weight)
-    return embed
-
-
-def add_label(h: torch.Tensor, embed: nn.Embedding | None, y: torch.Tensor | None) -> torch.Tensor:
-    if embed is None:
-        return h
-    if y is None:
-        raise ValueError("this model is class-conditional: pass the labels y")
-    return h + embed(y)[:, :, None, None]
-
-
 class ResidualBlock(nn.Module):
     """h + conv1x1(relu(conv3x3_B(relu(conv1x1(relu(h)))))) at 2h -> h -> h -> 2h channels."""
 
@@ -84,10 +68,10 @@ class ResidualBlock(nn.Module):
         self.reduce = nn.Conv2d(channels, channels // 2, 1)
         self.conv = MaskedConv2d(channels // 2, channels // 2, 3, "B")
         self.expand = nn.Conv2d(channels // 2, channels, 1)
-        self.label = label_embedding(num_classes, channels)
+        self.label = LabelBias(num_classes, (channels, 1, 1))
 
     def forward(self, h: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        out = self.reduce(F.relu(add_label(h, self.label, y)))
+        out = self.reduce(F.relu(h + self.label(y, len(h))))
         return h + self.expand(F.relu(self.conv(F.relu(out))))
 
 
@@ -124,7 +108,7 @@ class GatedLayer(nn.Module):
         self.vertical_to_horizontal = nn.Conv2d(2 * channels, 2 * channels, 1)
         self.horizontal = nn.Conv2d(in_channels, 2 * channels, (1, kernel // 2 + 1))
         self.horizontal_out = nn.Conv2d(channels, channels, 1)
-        self.label = label_embedding(num_classes, 2 * channels)
+        self.label = LabelBias(num_classes, (2 * channels, 1, 1))
 
     def forward(self, v: torch.Tensor, h: torch.Tensor,
                 y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,8 +122,9 @@ class GatedLayer(nn.Module):
         else:
             h_pre = self.horizontal(F.pad(h, (half, 0, 0, 0)))
         h_pre = h_pre + self.vertical_to_horizontal(v_down)
-        v_out = gate(add_label(v_pre, self.label, y))
-        h_out = self.horizontal_out(gate(add_label(h_pre, self.label, y)))
+        label = self.label(y, len(v))
+        v_out = gate(v_pre + label)
+        h_out = self.horizontal_out(gate(h_pre + label))
         return v_out, h_out if self.first else h + h_out
 
 
@@ -182,7 +167,6 @@ class Config(DensityConfig):
     def check(self) -> None:
         super().check()
         require_at_least(self, 2, "channels")
-        require_at_least(self, 0, "blocks")
         if self.channels % 2:
             raise ConfigError(f"--channels must be even (the blocks halve it), got "
                               f"{self.channels}")
