@@ -79,7 +79,6 @@ from mlatlas.contrastive.common import (
     check_text_fields,
     encode_batched,
     held_out_data,
-    nested_run,
     optimizer_step,
     run_tokenizer,
     train_scores,
@@ -97,7 +96,7 @@ from mlatlas.core.io import read_json, write_json
 from mlatlas.core.optim import set_lr, warmup_cosine_lr
 from mlatlas.core.plots import metric_curves, plt, show_images
 from mlatlas.core.precision import Precision, compile_module
-from mlatlas.core.run import Run, fit
+from mlatlas.core.run import Run, fit, nested_run
 from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.data import EpochBatches
 from mlatlas.nn.attention import Attention

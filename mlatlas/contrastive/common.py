@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -120,19 +119,6 @@ def run_tokenizer(run: Run, captions: list[str], vocab_size: int, max_len: int,
         tokenizer.save(path)
     distributed.barrier()  # the other ranks read the file rank 0 has written
     return load_tokenizer(path, max_len)
-
-
-def nested_run(directory: Path, method: str, config: dict[str, Any],
-               config_class: str | None) -> Run:
-    """The run folder ``directory`` inside a run (LiT's pre-trained image tower, BLIP's CapFilt
-    stage): opened when it exists, else made for ``config``. Rank 0 looks (before it writes), so
-    every rank of a data-parallel job gets the same answer."""
-    if distributed.broadcast_object((directory / "config.json").is_file()):
-        return Run.open(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    nested = Run(directory, method, config, config_class=config_class)
-    nested.write_config()
-    return nested
 
 
 @torch.no_grad()

@@ -34,7 +34,6 @@ from mlatlas.contrastive.common import (
     TOKENIZER,
     ContrastiveConfig,
     check_text_fields,
-    nested_run,
     run_tokenizer,
 )
 from mlatlas.contrastive.data import CaptionedData
@@ -42,7 +41,7 @@ from mlatlas.contrastive.text import CaptionTokenizer, load_tokenizer
 from mlatlas.contrastive.towers import DualEncoder, image_tower
 from mlatlas.core import distributed
 from mlatlas.core.config import ConfigError, config_to_dict, require_at_least
-from mlatlas.core.run import Run, RunError
+from mlatlas.core.run import Run, RunError, nested_run
 from mlatlas.core.runtime import seed_everything
 
 PRETRAIN_DIR = "image_tower"

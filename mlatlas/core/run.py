@@ -336,6 +336,20 @@ class Run:
             raise CheckpointError(f"{path}: {err}") from None
 
 
+def nested_run(directory: Path, method: str, config: dict[str, Any],
+               config_class: str | None) -> Run:
+    """The run folder ``directory`` inside a run (a stage trained first: LiT's image tower,
+    BLIP's CapFilt stage, the autoencoder of a two-stage generative model): opened when it
+    exists, else made for ``config``. Rank 0 looks (before it writes), so every rank of a
+    data-parallel job gets the same answer."""
+    if distributed.broadcast_object((directory / "config.json").is_file()):
+        return Run.open(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    nested = Run(directory, method, config, config_class=config_class)
+    nested.write_config()
+    return nested
+
+
 def flatten_state(objects: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split modules, optimizers and generators into named tensors plus JSON-able state."""
     tensors: dict[str, torch.Tensor] = {}
