@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	@echo "installing the dev extras: pytest, ruff, diffusers, transformers, trl, stable-baselines3, nltk, normflows (about 2 minutes)..."
+	@echo "installing the dev extras: pytest, ruff, diffusers, transformers, trl, stable-baselines3, nltk, normflows, vector-quantize-pytorch (about 2 minutes)..."
 	$(PIP) -e '.[dev]'
 	touch $@
 

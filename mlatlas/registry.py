@@ -79,6 +79,7 @@ DIFFUSION_CONFIGS = "mlatlas.generative.diffusion.configs"
 DEEP_RL = "mlatlas.rl.deep.evaluation"
 CLIP = "mlatlas.contrastive.clip"
 LIKELIHOOD = "mlatlas.generative.likelihood"
+GAN_OPTIONS = "mlatlas.generative.gan.common:SampleOptions"
 
 
 def _likelihood(name: str, family: str, module: str, summary: str,
@@ -144,6 +145,28 @@ METHODS: dict[str, Method] = {
                     "coupling, checkerboard and channel masks, squeeze, multi-scale"),
         _likelihood("glow", "flows", "glow", "Glow (Kingma & Dhariwal 2018): ActNorm, LU 1x1 "
                     "convolution, affine coupling, learned split priors"),
+        Method("gan", "generative/gan", "GAN (Goodfellow et al. 2014): BCE discriminator, "
+               "minimax or non-saturating generator loss, MLPs or DCGAN nets",
+               "mlatlas.generative.gan.gan", sample_config=GAN_OPTIONS),
+        Method("wgan", "generative/gan", "WGAN (Arjovsky et al. 2017): Kantorovich-Rubinstein "
+               "critic with weight clipping, RMSprop, n_critic schedule",
+               "mlatlas.generative.gan.wgan", sample_config=GAN_OPTIONS),
+        Method("wgan_gp", "generative/gan", "WGAN-GP (Gulrajani et al. 2017): gradient penalty "
+               "lambda (||grad f(x_hat)|| - 1)^2 on random interpolates",
+               "mlatlas.generative.gan.wgan", config="GPConfig", sample_config=GAN_OPTIONS),
+        Method("autoencoder", "generative/vq", "KL autoencoder (the VAE-style first stage of "
+               "latent diffusion): Gaussian posterior, KL to N(0, I), reconstruction",
+               "mlatlas.generative.vq.autoencoder"),
+        Method("vqvae", "generative/vq", "VQ-VAE (van den Oord et al. 2017): codebook, "
+               "straight-through estimator, commitment loss, EMA codebook, dead-code restarts",
+               "mlatlas.generative.vq.vqvae"),
+        Method("vqgan", "generative/vq", "VQGAN (Esser et al. 2021): VQ autoencoder with a "
+               "patch discriminator (hinge), adaptive weight, perceptual loss",
+               "mlatlas.generative.vq.vqgan"),
+        Method("vq_transformer", "generative/vq", "Transformer prior over VQ code indices "
+               "(Esser et al. 2021, stage two): GPT-style, top-k/top-p sampling, decoded images",
+               "mlatlas.generative.vq.prior",
+               sample_config="mlatlas.generative.vq.prior:SampleOptions"),
         _tabular("bellman", "dp", "Policy evaluation: closed form (I - gamma P_pi)^-1 r_pi "
                  "and iteration (Zhao ch. 2)", config="BellmanConfig", train="train_bellman"),
         _tabular("value_iteration", "dp", "Value iteration on the Bellman optimality equation "
