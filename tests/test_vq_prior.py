@@ -1,0 +1,142 @@
+"""The Transformer prior over VQ codes (mlatlas.generative.vq.prior): the causal mask, the
+conditioning token, greedy decoding, the loss by hand, the uniform model's NLL, bad options;
+the slow tests train both stages on digits and check that the prior learns."""
+
+import math
+
+import pytest
+import torch
+
+from mlatlas.core.config import ConfigError
+from mlatlas.core.run import Run
+from mlatlas.generative.vq import prior
+from mlatlas.generative.vq.prior import CodePrior, SampleOptions, code_loss, code_nll, draw_codes
+
+K, L, CLASSES = 7, 5, 3
+
+
+def tiny(seed: int = 0, classes: int = CLASSES) -> CodePrior:
+    torch.manual_seed(seed)
+    return CodePrior(K, L, classes, width=16, depth=2, heads=2).eval()
+
+
+def codes(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(K, (n, L), generator=torch.Generator().manual_seed(seed))
+
+
+def test_causal_mask_by_gradients():
+    """d logits_t / d h_s is zero for s > t and not for s <= t."""
+    model = tiny()
+    s, c = codes(2), torch.tensor([0, CLASSES])
+    h = model.embed(s[:, :-1], c).detach().requires_grad_(True)
+    logits = model.logits(h)
+    for t in range(L):
+        (grad,) = torch.autograd.grad(logits[:, t].square().sum(), h, retain_graph=True)
+        per_position = grad.abs().sum(dim=(0, 2))
+        assert torch.all(per_position[t + 1:] == 0), (t, per_position)
+        assert torch.all(per_position[: t + 1] > 0), (t, per_position)
+
+
+def test_conditioning_token_changes_every_position():
+    model = tiny()
+    s = codes(1).expand(CLASSES + 1, L)
+    logits = model(s[:, :-1], torch.arange(CLASSES + 1))
+    for a in range(CLASSES + 1):
+        for b in range(a + 1, CLASSES + 1):
+            assert (logits[a] - logits[b]).abs().amax(-1).min() > 1e-4, (a, b)
+
+
+def test_loss_is_the_cross_entropy_of_each_prefix_by_hand():
+    """L = -1/(B L) sum log softmax(logits of the prefix s_<i)[s_i], each prefix fed alone."""
+    model = tiny()
+    s, c = codes(4), torch.tensor([0, 1, 2, CLASSES])
+    by_hand = 0.0
+    for b in range(len(s)):
+        for i in range(L):
+            z = model(s[b:b + 1, :i], c[b:b + 1])[0, -1].detach().double()
+            by_hand -= float(z[s[b, i]] - torch.logsumexp(z, 0))
+    by_hand /= len(s) * L
+    assert float(code_loss(model, s, c).detach()) == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_uniform_model_scores_log_k():
+    model = tiny()
+    torch.nn.init.zeros_(model.head.weight)
+    torch.nn.init.zeros_(model.head.bias)
+    s = codes(600)  # more than one evaluation batch
+    nll = code_nll(model, s, torch.full((600,), CLASSES))
+    assert nll == pytest.approx(math.log(K), rel=1e-6)
+
+
+def test_temperature_zero_and_top_k_one_are_greedy():
+    model = tiny()
+    c = torch.arange(CLASSES + 1).repeat(3)
+    greedy = draw_codes(model, c, torch.Generator().manual_seed(0), temperature=0.0)
+    top1 = draw_codes(model, c, torch.Generator().manual_seed(1), top_k=1)
+    assert torch.equal(greedy, top1)
+    with torch.no_grad():
+        argmax = model(greedy[:, :-1], c).argmax(-1)
+    assert torch.equal(argmax, greedy)  # each code is the most likely after its prefix
+    sampled = draw_codes(model, c, torch.Generator().manual_seed(0), temperature=2.0)
+    assert not torch.equal(sampled, greedy)
+
+
+def test_draws_are_seeded_and_batched():
+    model = tiny()
+    c = torch.full((6,), CLASSES)
+    a = draw_codes(model, c, torch.Generator().manual_seed(3))
+    b = draw_codes(model, c, torch.Generator().manual_seed(3))
+    assert a.shape == (6, L) and a.dtype == torch.long and torch.equal(a, b)
+    assert int(a.min()) >= 0 and int(a.max()) < K
+
+
+def test_too_long_a_prefix_is_refused():
+    with pytest.raises(ValueError, match="at most 4"):
+        tiny()(codes(1), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("top_p", [0.0, 1.5, -0.1])
+def test_top_p_out_of_range(top_p):
+    with pytest.raises(ConfigError, match="--top-p"):
+        SampleOptions(top_p=top_p)
+
+
+def test_other_bad_options():
+    with pytest.raises(ConfigError, match="--temperature"):
+        SampleOptions(temperature=-1.0)
+    with pytest.raises(ConfigError, match="--top-k"):
+        SampleOptions(top_k=-1)
+    with pytest.raises(ConfigError, match="--label"):
+        SampleOptions(label=-2)
+    with pytest.raises(ConfigError, match="--label must be below 10"):
+        prior.sample_labels(4, SampleOptions(label=10), True, 10)
+    with pytest.raises(ConfigError, match="--conditional"):
+        prior.sample_labels(4, SampleOptions(label=1), False, 0)
+    assert prior.sample_labels(4, SampleOptions(), True, 3).tolist() == [0, 1, 2, 0]
+
+
+def test_bad_config_values():
+    with pytest.raises(ConfigError, match="--heads"):
+        prior.Config(width=30, heads=4)
+    with pytest.raises(ConfigError, match="--label-dropout"):
+        prior.Config(label_dropout=1.5)
+    with pytest.raises(ConfigError, match="--vq-method"):
+        prior.Config(vq_method="vae")
+    with pytest.raises(ConfigError, match="holds points"):
+        prior.Config(dataset="8gaussians").check_data()
+
+
+def test_conditional_needs_labels(tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "images.npy", np.zeros((20, 8, 8), dtype=np.float32))
+    with pytest.raises(ConfigError, match="--conditional needs class labels"):
+        prior.Config(dataset=str(tmp_path / "images.npy"), conditional=True).check_data()
+
+
+def test_vq_run_that_is_missing_or_not_a_vq_run(tmp_path):
+    with pytest.raises(ConfigError, match="--vq-run: .*not a run folder"):
+        prior.Config(vq_run=str(tmp_path / "nowhere")).check_data()
+    other = Run.create("ddpm", prior.Config(), root=tmp_path)  # any run of another method
+    with pytest.raises(ConfigError, match="--vq-run: .* is a ddpm run"):
+        prior.Config(vq_run=str(other.dir)).check_data()
