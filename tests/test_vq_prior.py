@@ -140,3 +140,80 @@ def test_vq_run_that_is_missing_or_not_a_vq_run(tmp_path):
     other = Run.create("ddpm", prior.Config(), root=tmp_path)  # any run of another method
     with pytest.raises(ConfigError, match="--vq-run: .* is a ddpm run"):
         prior.Config(vq_run=str(other.dir)).check_data()
+
+
+# --- both stages, end to end ---------------------------------------------------------------------
+
+TINY = dict(vq_steps=2, steps=4, width=16, depth=1, heads=2, batch_size=32, log_every=2,
+            ckpt_every=2, eval_samples=0)
+
+
+def prior_weights(run: Run) -> dict[str, torch.Tensor]:
+    from mlatlas.core.io import load_tensors
+
+    return {k: v for k, v in load_tensors(run.path("checkpoint.safetensors")).items()
+            if k.startswith("model.")}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A tiny conditional run, both stages trained in one go."""
+    cfg = prior.Config(**TINY, conditional=True)
+    return prior.train(cfg, Run.create(cfg.METHOD, cfg, root=tmp_path_factory.mktemp("runs")),
+                       progress=False)
+
+
+def test_a_resumed_run_resumes_whichever_stage_was_interrupted(finished, tmp_path):
+    """First stage stopped after 1 of 2 steps, prior after 2 of 4: resumed, both end bitwise
+    equal to the run trained in one go."""
+    cfg = prior.Config(**TINY, conditional=True)
+    run = Run.create(cfg.METHOD, cfg, root=tmp_path)
+    stage_cfg = prior.first_stage_config(prior.Config(**{**TINY, "vq_steps": 1}))
+    stage = Run.create(stage_cfg.METHOD, stage_cfg, root=tmp_path / "stage")
+    vqvae = pytest.importorskip("mlatlas.generative.vq.vqvae")
+    vqvae.train(stage_cfg, stage, progress=False)
+    # The nested folder as an interrupted run leaves it: its config asks for 2 steps.
+    stage.dir.rename(run.path(prior.FIRST_STAGE_DIR))
+    nested = Run.open(run.path(prior.FIRST_STAGE_DIR))
+    nested.config["steps"] = 2
+    nested.write_config()
+    prior.train(prior.Config(**{**TINY, "steps": 2}, conditional=True), run, progress=False)
+    prior.train(cfg, Run.open(run.dir), progress=False)
+    for name in ("", prior.FIRST_STAGE_DIR):
+        a, b = Run.open(finished.path(name)), Run.open(run.path(name))
+        assert a.checkpoint_step() == b.checkpoint_step() == (4 if not name else 2)
+        wa, wb = prior_weights(a), prior_weights(b)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+def test_evaluate_and_sample_a_finished_run(finished):
+    metrics = prior.evaluate(finished, n=8, options=SampleOptions(label=3))
+    K = metrics["codebook_size"]
+    assert metrics["random_codes_test_nll_per_code"] == pytest.approx(math.log(K))
+    assert metrics["test_bits_per_code"] == pytest.approx(metrics["test_nll_per_code"]
+                                                          / math.log(2))
+    for key in ("frechet_distance", "reconstruction_frechet_distance",
+                "random_codes_frechet_distance", "label_accuracy"):
+        assert math.isfinite(metrics[key]), key
+    summary = finished.summary()
+    assert summary["eval/n_samples"] == 8 and "baseline/frechet_distance" in summary
+    assert finished.path("samples.png").is_file()
+    x = prior.sample(finished, n=5, seed=2)
+    assert x.shape == (5, 1, 8, 8) and float(x.min()) >= 0 and float(x.max()) <= 1
+    assert torch.equal(x, prior.sample(finished, n=5, seed=2))
+    with pytest.raises(ConfigError, match="--label must be below 10"):
+        prior.sample(finished, n=2, options=SampleOptions(label=10))
+    with pytest.raises(ConfigError, match="--n must be 0 or at least"):
+        prior.evaluate(finished, n=2)
+
+
+def test_a_finished_vq_run_is_reused_and_checked(finished, tmp_path):
+    stage = str(finished.path(prior.FIRST_STAGE_DIR))
+    cfg = prior.Config(**TINY, vq_run=stage)
+    cfg.check_data()
+    run = prior.train(cfg, Run.create(cfg.METHOD, cfg, root=tmp_path), progress=False)
+    assert not run.path(prior.FIRST_STAGE_DIR).exists() and run.checkpoint_step() == 4
+    with pytest.raises(ConfigError, match="--vq-run: .*trained on 'digits', this run on 'dig"):
+        prior.Config(**TINY, vq_run=stage, dataset="digits-binary").check_data()
+    with pytest.raises(ConfigError, match="--vq-run: .* is a vq_transformer run"):
+        prior.Config(**TINY, vq_run=str(finished.dir)).check_data()

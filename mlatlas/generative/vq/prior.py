@@ -12,7 +12,7 @@ with c the class of a conditional run, or the null class C (one index past the C
 an unconditional one; the conditioning token is also the start token. The input tokens are
 
     t_0 = K + c,   t_i = s_i  (i = 1, ..., L-1),
-    h_i = E[t_i] + P_i,        logits_i = W_out Transformer_causal(h)_i,
+    h_i = Dropout(E[t_i] + P_i),        logits_i = W_out Transformer_causal(h)_i,
 
 learned token (E, K + C + 1 rows: the codes, then the classes, then the null class) and position
 (P, L rows) embeddings, and ``logits_i`` (K values) scores s_{i+1}; the causal mask lets position
@@ -83,7 +83,7 @@ class Config(BatchConfig):
     dataset: str = "digits"
     """Training images: a name from `mlatlas list` or a path to an image folder or .npy file
     (the first stage's dataset)."""
-    steps: int = 2000
+    steps: int = 1200
     """Optimisation steps of the prior."""
     batch_size: int = 64
     """Code sequences per optimisation step."""
@@ -91,12 +91,15 @@ class Config(BatchConfig):
     """Adam learning rate of the prior."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 turns clipping off)."""
-    width: int = 128
+    width: int = 64
     """Width of the Transformer's tokens."""
-    depth: int = 3
+    depth: int = 2
     """Transformer blocks."""
     heads: int = 4
     """Attention heads (they divide --width)."""
+    dropout: float = 0.3
+    """Dropout on the token and position embeddings while training (the prior sees the same
+    few thousand code grids every epoch)."""
     conditional: bool = False
     """Condition on the class label, given as the first token: p(s | c)."""
     label_dropout: float = 0.1
@@ -106,10 +109,11 @@ class Config(BatchConfig):
     <run>/autoencoder/."""
     vq_method: Literal["vqvae", "vqgan"] = "vqvae"
     """The first stage trained when no --vq-run is given."""
-    vq_steps: int = 2000
+    vq_steps: int = 1000
     """Steps of the first stage trained when no --vq-run is given."""
-    eval_samples: int = 64
-    """Samples drawn by the evaluation at the end of training (0 skips it)."""
+    eval_samples: int = 500
+    """Samples drawn by the evaluation at the end of training (0 skips it); as many
+    reconstructions and grids of random codes are scored beside them."""
 
     def check(self) -> None:
         super().check()
@@ -118,7 +122,7 @@ class Config(BatchConfig):
             raise ConfigError(f"--heads {self.heads} must divide --width {self.width}")
         if self.grad_clip < 0:
             raise ConfigError(f"--grad-clip cannot be negative, got {self.grad_clip}")
-        require_unit(self, "label_dropout")
+        require_unit(self, "label_dropout", "dropout")
         if self.eval_samples and self.eval_samples < min_samples("image"):
             raise ConfigError(f"--eval-samples must be 0 or at least {min_samples('image')}, "
                               f"got {self.eval_samples}")
@@ -216,12 +220,13 @@ class CodePrior(nn.Module):
     ``codebook_size`` (K) vectors, for ``num_classes`` (C) classes plus the null class C."""
 
     def __init__(self, codebook_size: int, length: int, num_classes: int, width: int,
-                 depth: int, heads: int):
+                 depth: int, heads: int, dropout: float = 0.0):
         super().__init__()
         self.codebook_size, self.length, self.num_classes = codebook_size, length, num_classes
         # Rows 0..K-1 the codes, K..K+C-1 the classes, K+C the null class (the start token).
         self.token = nn.Embedding(codebook_size + num_classes + 1, width)
         self.position = nn.Parameter(torch.randn(length, width) * 0.02)
+        self.dropout = nn.Dropout(dropout)
         self.transformer = Transformer(width, depth, heads)
         self.head = nn.Linear(width, codebook_size)
 
@@ -236,7 +241,7 @@ class CodePrior(nn.Module):
             raise ValueError(f"a prefix of {prefix.shape[1]} codes; the prior models "
                              f"{self.length}, so at most {self.length - 1} come before one")
         tokens = torch.cat([self.codebook_size + c[:, None], prefix], dim=1)
-        return self.token(tokens) + self.position[: tokens.shape[1]]
+        return self.dropout(self.token(tokens) + self.position[: tokens.shape[1]])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Embedded tokens (B, T, width) -> next-code logits (B, T, K) under the causal mask."""
@@ -294,7 +299,7 @@ def draw_codes(model: CodePrior, c: torch.Tensor, generator: torch.Generator,
 def build_prior(cfg: Config, vq, data: Dataset) -> CodePrior:
     _, h, w = vq.latent_shape
     return CodePrior(vq.codebook_size, h * w, data.num_classes if cfg.conditional else 0,
-                     cfg.width, cfg.depth, cfg.heads)
+                     cfg.width, cfg.depth, cfg.heads, cfg.dropout)
 
 
 def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
