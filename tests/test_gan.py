@@ -265,3 +265,16 @@ def test_kantorovich_rubinstein_gap_shrinks_with_critic_steps():
 def test_gan_on_digits_beats_its_untrained_generator(tmp_path):
     summary = _trained(gan.Config, tmp_path, dataset="digits", steps=800, eval_samples=500)
     assert summary["eval/frechet_distance"] < 0.5 * summary["baseline/frechet_distance"]
+
+
+def test_a_diverging_run_ends_with_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    from mlatlas.cli import main
+
+    monkeypatch.setattr(common, "PINNED_LOSS", 100.0)  # every loss counts as "pinned"
+    code = main(["train", "gan", "--steps", "6", "--batch-size", "32", "--hidden", "16",
+                 "--ckpt-every", "1", "--collapse-window", "2", "--out", str(tmp_path),
+                 "--no-progress"])
+    err = [line for line in capsys.readouterr().err.strip().splitlines()
+           if not line.startswith("run folder: ")]
+    assert code == 1 and len(err) == 1
+    assert "diverged at step 2" in err[0] and "last good checkpoint (step 1)" in err[0]
