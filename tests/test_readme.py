@@ -69,6 +69,29 @@ def test_readme_likelihood_tour(runs, capsys):
             assert metrics["test_bits_per_dim"] > 0 and metrics["baseline_nll_nats"] > 0
 
 
+def test_readme_adversarial_and_vq_tour(runs, capsys):
+    """The GAN / VQ tour with tiny budgets; the prior's --vq-run is the tour's own vqvae run."""
+    commands = tour_commands("mlatlas train wgan_gp")
+    assert [a[1] for a in commands if a[0] == "train"] == ["wgan_gp", "gan", "vqvae",
+                                                            "vq_transformer"]
+    tiny = {"wgan_gp": ["--steps", "2", "--batch-size", "16", "--hidden", "8",
+                        "--eval-samples", "10"],
+            "gan": ["--steps", "2", "--batch-size", "16", "--width", "4", "--eval-samples", "10"],
+            "vqvae": ["--steps", "2", "--batch-size", "16", "--width", "8",
+                      "--eval-samples", "8"],
+            "vq_transformer": ["--steps", "2", "--batch-size", "16", "--width", "16",
+                               "--eval-samples", "8"]}
+    for argv in commands:
+        if argv[0] == "train":
+            if "--vq-run" in argv:
+                at = argv.index("--vq-run") + 1
+                argv[at] = str(run_dir_of(runs, argv[at]))
+            argv = [*argv, *tiny[argv[1]], "--out", str(runs), "--no-progress"]
+        else:
+            argv = [argv[0], str(run_dir_of(runs, argv[1])), *argv[2:], "--no-progress"]
+        assert main(argv) == 0, argv
+
+
 def test_readme_deep_rl_tour(runs, capsys):
     """The deep RL tour with tiny budgets: every command parses and runs."""
     commands = tour_commands("mlatlas train ppo")
