@@ -107,9 +107,8 @@ def ema_update(cluster_size: torch.Tensor, embed_sum: torch.Tensor, z: torch.Ten
                eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One EMA step of the codebook statistics for (N, D) vectors ``z`` assigned to codes
     ``indices`` (N,): returns the new N (K,), m (K, D) and codebook e = m / N~ (K, D)."""
-    one_hot = F.one_hot(indices, len(cluster_size)).to(z.dtype)
-    n = distributed.all_reduce_sum(one_hot.sum(0))
-    sums = distributed.all_reduce_sum(one_hot.t() @ z)
+    n = distributed.all_reduce_sum(code_counts(indices, len(cluster_size)).to(z.dtype))
+    sums = distributed.all_reduce_sum(torch.zeros_like(embed_sum).index_add_(0, indices, z))
     cluster_size = decay * cluster_size + (1 - decay) * n
     embed_sum = decay * embed_sum + (1 - decay) * sums
     total = cluster_size.sum()
