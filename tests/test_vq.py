@@ -256,6 +256,8 @@ def test_bad_inputs_give_clear_errors():
         autoencoder.Config(kl_weight=-1.0)
     with pytest.raises(ConfigError, match="--disc-layers"):
         vqgan.Config(disc_layers=4).check_data()
+    with pytest.raises(ConfigError, match="--batch-size"):
+        vqgan.Config(batch_size=5000).check_data()
     with pytest.raises(ConfigError, match="points"):
         vqvae.Config(dataset="two-moons").check_data()
     with pytest.raises(DatasetError, match="unknown dataset"):
@@ -277,8 +279,8 @@ def test_perceptual_loss_needs_a_shipped_classifier(tmp_path):
     path = tmp_path / "faces.npy"
     np.save(path, np.random.default_rng(0).random((40, 8, 8)).astype("float32"))
     with pytest.raises(ConfigError, match="--perceptual-weight"):
-        vqgan.Config(dataset=str(path)).check_data()
-    vqgan.Config(dataset=str(path), perceptual_weight=0.0).check_data()
+        vqgan.Config(dataset=str(path), batch_size=16).check_data()
+    vqgan.Config(dataset=str(path), batch_size=16, perceptual_weight=0.0).check_data()
 
 
 # --- training, resuming, the interface of later stages --------------------------------------------
@@ -353,8 +355,8 @@ def test_vq_models_reconstruct_digits_far_better_than_the_mean_image(module, run
 @pytest.mark.slow
 def test_ema_codebook_uses_at_least_as_many_codes_as_the_codebook_loss(runs):
     # No dead-code restarts, so the codebook update alone decides how many codes live.
-    ema = _default_run(vqvae, runs / "ema", dead_window=0, steps=1000)
-    plain = _default_run(vqvae, runs / "plain", dead_window=0, steps=1000, codebook="loss")
+    ema = _default_run(vqvae, runs / "ema", dead_window=0)
+    plain = _default_run(vqvae, runs / "plain", dead_window=0, codebook="loss")
     assert ema["eval/test_code_usage"] >= plain["eval/test_code_usage"]
 
 

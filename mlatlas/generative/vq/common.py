@@ -166,7 +166,7 @@ class AutoencoderConfig(BatchConfig):
 
     dataset: str = "digits"
     """Training images: digits, mnist, fashion-mnist, or a path to an image folder or .npy file."""
-    steps: int = 2000
+    steps: int = 1000
     """Number of optimisation steps."""
     batch_size: int = 128
     """Images per optimisation step."""
@@ -194,7 +194,10 @@ class AutoencoderConfig(BatchConfig):
                               f"got {self.eval_samples}")
 
     def check_data(self) -> None:
-        load_data(self)
+        data = load_data(self)
+        if self.batch_size > len(data.x_train):
+            raise ConfigError(f"--batch-size {self.batch_size} exceeds the "
+                              f"{len(data.x_train)} training images of {self.dataset}")
 
     def build_model(self, shape: tuple[int, int, int]) -> Autoencoder:
         raise NotImplementedError(f"{type(self).__qualname__} builds no model")

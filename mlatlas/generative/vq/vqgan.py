@@ -114,7 +114,7 @@ class Config(CodebookConfig, AutoencoderConfig):
 
     METHOD: ClassVar[str] = "vqgan"
 
-    disc_start: int = 1000
+    disc_start: int = 500
     """Steps before the discriminator trains and the adversarial term enters the loss."""
     disc_weight: float = 0.1
     """w_d, the weight of the adaptively weighted generator loss lambda L_G."""
@@ -137,6 +137,7 @@ class Config(CodebookConfig, AutoencoderConfig):
                               f"{getattr(self, name.replace('-', '_'))}")
 
     def check_data(self) -> None:
+        super().check_data()
         data = load_data(self)
         side = min(data.sample_shape[1:])
         if side < 2**self.disc_layers:
