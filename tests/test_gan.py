@@ -258,13 +258,15 @@ def test_kantorovich_rubinstein_gap_shrinks_with_critic_steps():
     exact = wasserstein1_exact(x, y)
     estimates = critic_estimates(x, y, 1500, [50, 1500])
     gaps = [abs(exact - e) for _, e in estimates]
-    assert gaps[1] < gaps[0] and gaps[1] < 0.1 * exact
+    # The penalty is soft: the estimate settles about 10% above W1 (docs/methods/gan.md).
+    assert gaps[1] < 0.5 * gaps[0] and gaps[1] < 0.15 * exact
 
 
 @pytest.mark.slow
 def test_gan_on_digits_beats_its_untrained_generator(tmp_path):
-    summary = _trained(gan.Config, tmp_path, dataset="digits", steps=800, eval_samples=500)
-    assert summary["eval/frechet_distance"] < 0.5 * summary["baseline/frechet_distance"]
+    summary = _trained(gan.Config, tmp_path, dataset="digits", steps=1000, eval_samples=500)
+    assert summary["baseline/frechet_distance"] > 1000  # the untrained generator's noise
+    assert summary["eval/frechet_distance"] < 50 and summary["eval/precision"] > 0.5
 
 
 def test_a_diverging_run_ends_with_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
