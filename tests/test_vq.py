@@ -314,7 +314,8 @@ def test_trained_run_gives_the_interface_later_stages_use(runs):
     assert model.decode_indices(model.encode_indices(x)).shape == x.shape
     summary = run.summary()
     assert {"eval/test_mse", "eval/test_psnr", "eval/test_code_usage", "eval/test_perplexity",
-            "eval/frechet_distance", "baseline/test_mse"} <= set(summary)
+            "eval/frechet_distance", "eval/originals_frechet_distance",
+            "baseline/test_mse"} <= set(summary)
     for name in ("reconstructions.png", "codebook.png", "loss.png"):
         assert run.path(name).is_file()
     assert vqvae.sample(run, n=5, seed=1).shape == (5, 1, 8, 8)
