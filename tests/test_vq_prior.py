@@ -217,3 +217,37 @@ def test_a_finished_vq_run_is_reused_and_checked(finished, tmp_path):
         prior.Config(**TINY, vq_run=stage, dataset="digits-binary").check_data()
     with pytest.raises(ConfigError, match="--vq-run: .* is a vq_transformer run"):
         prior.Config(**TINY, vq_run=str(finished.dir)).check_data()
+
+
+# --- learning (slow) -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digits_vqvae(tmp_path_factory):
+    """The first stage a default prior run trains on digits (vqvae, --vq-steps 1000)."""
+    vqvae = pytest.importorskip("mlatlas.generative.vq.vqvae")
+    torch.set_num_threads(1)
+    cfg = prior.first_stage_config(prior.Config())
+    return vqvae.train(cfg, Run.create(cfg.METHOD, cfg, root=tmp_path_factory.mktemp("vq")),
+                       progress=False)
+
+
+@pytest.mark.slow
+def test_the_prior_learns_the_codes_of_digits(digits_vqvae, tmp_path):
+    """Held-out NLL well below log K, and samples far nearer the test set (Frechet distance)
+    than grids of uniformly random codes through the same decoder."""
+    cfg = prior.Config(vq_run=str(digits_vqvae.dir))
+    summary = prior.train(cfg, Run.create(cfg.METHOD, cfg, root=tmp_path),
+                          progress=False).summary()
+    assert summary["eval/test_nll_per_code"] < summary["baseline/test_nll_per_code"] - 0.5
+    assert summary["eval/frechet_distance"] < 0.5 * summary["baseline/frechet_distance"]
+
+
+@pytest.mark.slow
+def test_class_conditional_samples_show_their_label(digits_vqvae, tmp_path):
+    """The shipped classifier reads the label a sample was drawn for far more often than
+    chance (1 in 10)."""
+    cfg = prior.Config(vq_run=str(digits_vqvae.dir), conditional=True)
+    summary = prior.train(cfg, Run.create(cfg.METHOD, cfg, root=tmp_path),
+                          progress=False).summary()
+    assert summary["eval/label_accuracy"] > 0.5
+    assert summary["eval/test_nll_per_code"] < summary["baseline/test_nll_per_code"] - 0.5

@@ -35,7 +35,6 @@ gradients) and held in memory.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,12 +60,15 @@ from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.data import Dataset, EpochBatches, load_dataset
 from mlatlas.eval.classifier import accuracy, load_feature_net
 from mlatlas.eval.samples import min_samples, score_samples
+from mlatlas.generative.vq import vqgan, vqvae
+from mlatlas.generative.vq.common import AutoencoderConfig, VQModel, load_autoencoder
 from mlatlas.nn.sampling import sample_token
 from mlatlas.nn.transformer import Transformer
 
 LN2 = math.log(2.0)
 FIRST_STAGE_DIR = "autoencoder"
-FIRST_STAGES = ("vqvae", "vqgan")
+# The first stages the prior can model the codes of, by method name.
+FIRST_STAGES = {"vqvae": vqvae, "vqgan": vqgan}
 # Images encoded (or code sequences scored) per forward pass.
 EVAL_BATCH = 500
 
@@ -158,15 +160,14 @@ def open_first_stage(directory: str | Path, dataset: str) -> Run:
     return source
 
 
-def first_stage_config(cfg: Config):
+def first_stage_config(cfg: Config) -> AutoencoderConfig:
     """The vqvae / vqgan config trained when no ``vq_run`` is given: this run's data, seed,
     device, logging, precision and compilation, ``vq_steps`` steps, the method's own defaults
     otherwise (its evaluation is skipped: the prior scores its reconstructions)."""
-    module = importlib.import_module(f"mlatlas.generative.vq.{cfg.vq_method}")
-    return module.Config(dataset=cfg.dataset, seed=cfg.seed, device=cfg.device,
-                         steps=cfg.vq_steps, log_every=cfg.log_every,
-                         ckpt_every=cfg.ckpt_every, precision=cfg.precision,
-                         compile=cfg.compile, eval_samples=0)
+    return FIRST_STAGES[cfg.vq_method].Config(
+        dataset=cfg.dataset, seed=cfg.seed, device=cfg.device, steps=cfg.vq_steps,
+        log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, precision=cfg.precision,
+        compile=cfg.compile, eval_samples=0)
 
 
 def first_stage(run: Run, cfg: Config, progress: bool | None = None) -> Run:
@@ -174,8 +175,7 @@ def first_stage(run: Run, cfg: Config, progress: bool | None = None) -> Run:
     resumed) here."""
     if cfg.vq_run:
         return open_first_stage(cfg.vq_run, cfg.dataset)
-    stage_cfg = first_stage_config(cfg)
-    module = importlib.import_module(type(stage_cfg).__module__)
+    stage_cfg, module = first_stage_config(cfg), FIRST_STAGES[cfg.vq_method]
     nested = nested_run(run.path(FIRST_STAGE_DIR), stage_cfg.METHOD, config_to_dict(stage_cfg),
                         f"{module.__name__}:{type(stage_cfg).__qualname__}")
     # Rank 0 decides, so that every rank trains or none does.
@@ -186,17 +186,15 @@ def first_stage(run: Run, cfg: Config, progress: bool | None = None) -> Run:
     return nested
 
 
-def load_first_stage(run: Run, cfg: Config):
+def load_first_stage(run: Run, cfg: Config) -> VQModel:
     """The trained VQ autoencoder of a prior's run (eval mode, on the run's device)."""
-    from mlatlas.generative.vq.common import load_autoencoder
-
     source = open_first_stage(cfg.vq_run, cfg.dataset) if cfg.vq_run else \
         Run.open(run.path(FIRST_STAGE_DIR))
     return load_autoencoder(source).to(resolve_device(cfg.device)).eval()
 
 
 @torch.no_grad()
-def encode_codes(vq, x: torch.Tensor) -> torch.Tensor:
+def encode_codes(vq: VQModel, x: torch.Tensor) -> torch.Tensor:
     """Images (N, C, H, W) in [0, 1] -> their code indices in raster order, (N, L), on the CPU;
     batched, without gradients."""
     device = next(vq.parameters()).device
@@ -205,7 +203,7 @@ def encode_codes(vq, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode_codes(vq, s: torch.Tensor) -> torch.Tensor:
+def decode_codes(vq: VQModel, s: torch.Tensor) -> torch.Tensor:
     """Code indices (N, L) in raster order -> images (N, C, H, W) in [0, 1], on the CPU."""
     _, h, w = vq.latent_shape
     device = next(vq.parameters()).device
@@ -296,7 +294,7 @@ def draw_codes(model: CodePrior, c: torch.Tensor, generator: torch.Generator,
 
 # --- training ------------------------------------------------------------------------------------
 
-def build_prior(cfg: Config, vq, data: Dataset) -> CodePrior:
+def build_prior(cfg: Config, vq: VQModel, data: Dataset) -> CodePrior:
     _, h, w = vq.latent_shape
     return CodePrior(vq.codebook_size, h * w, data.num_classes if cfg.conditional else 0,
                      cfg.width, cfg.depth, cfg.heads, cfg.dropout)
@@ -403,7 +401,7 @@ def sample_labels(n: int, options: SampleOptions, conditional: bool,
 class Trained:
     cfg: Config
     data: Dataset
-    vq: nn.Module
+    vq: VQModel
     model: CodePrior
 
 
