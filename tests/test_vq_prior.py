@@ -59,6 +59,16 @@ def test_loss_is_the_cross_entropy_of_each_prefix_by_hand():
     assert float(code_loss(model, s, c).detach()) == pytest.approx(by_hand, rel=1e-5)
 
 
+def test_embedding_dropout_keeps_the_mean():
+    """keep = m / (1 - p), m ~ Bernoulli(1 - p): a share p of zeros, mean 1, seeded."""
+    keep = prior.dropout_keep((40, L, 50), 0.3, torch.Generator().manual_seed(0), "cpu")
+    assert float((keep == 0).double().mean()) == pytest.approx(0.3, abs=0.01)
+    assert float(keep.double().mean()) == pytest.approx(1.0, abs=0.02)
+    assert torch.allclose(keep[keep > 0], torch.tensor(1 / 0.7))
+    assert torch.equal(keep, prior.dropout_keep((40, L, 50), 0.3,
+                                                torch.Generator().manual_seed(0), "cpu"))
+
+
 def test_uniform_model_scores_log_k():
     model = tiny()
     torch.nn.init.zeros_(model.head.weight)
@@ -120,6 +130,8 @@ def test_bad_config_values():
         prior.Config(width=30, heads=4)
     with pytest.raises(ConfigError, match="--label-dropout"):
         prior.Config(label_dropout=1.5)
+    with pytest.raises(ConfigError, match=r"--dropout must be in \[0, 1\)"):
+        prior.Config(dropout=1.0)
     with pytest.raises(ConfigError, match="--vq-method"):
         prior.Config(vq_method="vae")
     with pytest.raises(ConfigError, match="holds points"):

@@ -12,11 +12,14 @@ with c the class of a conditional run, or the null class C (one index past the C
 an unconditional one; the conditioning token is also the start token. The input tokens are
 
     t_0 = K + c,   t_i = s_i  (i = 1, ..., L-1),
-    h_i = Dropout(E[t_i] + P_i),        logits_i = W_out Transformer_causal(h)_i,
+    h_i = E[t_i] + P_i,        logits_i = W_out Transformer_causal(h)_i,
 
 learned token (E, K + C + 1 rows: the codes, then the classes, then the null class) and position
 (P, L rows) embeddings, and ``logits_i`` (K values) scores s_{i+1}; the causal mask lets position
-i see positions <= i only. Training minimises the cross-entropy of the next code,
+i see positions <= i only. While training, h_i is multiplied by m_i / (1 - p), m_i ~
+Bernoulli(1 - p)^width: (inverted) dropout of rate p = ``dropout`` on the embeddings, drawn for
+the global batch from the run's generator, so a data-parallel run drops what a one-process run
+drops. Training minimises the cross-entropy of the next code,
 
     L(theta) = -1/(B L) sum_b sum_i log softmax(logits_{b,i-1})[s_{b,i}]   nats per code,
 
@@ -100,8 +103,8 @@ class Config(BatchConfig):
     heads: int = 4
     """Attention heads (they divide --width)."""
     dropout: float = 0.3
-    """Dropout on the token and position embeddings while training (the prior sees the same
-    few thousand code grids every epoch)."""
+    """Dropout rate p in [0, 1) on the token and position embeddings while training (the prior
+    sees the same few thousand code grids every epoch)."""
     conditional: bool = False
     """Condition on the class label, given as the first token: p(s | c)."""
     label_dropout: float = 0.1
@@ -124,7 +127,9 @@ class Config(BatchConfig):
             raise ConfigError(f"--heads {self.heads} must divide --width {self.width}")
         if self.grad_clip < 0:
             raise ConfigError(f"--grad-clip cannot be negative, got {self.grad_clip}")
-        require_unit(self, "label_dropout", "dropout")
+        require_unit(self, "label_dropout")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.eval_samples and self.eval_samples < min_samples("image"):
             raise ConfigError(f"--eval-samples must be 0 or at least {min_samples('image')}, "
                               f"got {self.eval_samples}")
@@ -218,13 +223,12 @@ class CodePrior(nn.Module):
     ``codebook_size`` (K) vectors, for ``num_classes`` (C) classes plus the null class C."""
 
     def __init__(self, codebook_size: int, length: int, num_classes: int, width: int,
-                 depth: int, heads: int, dropout: float = 0.0):
+                 depth: int, heads: int):
         super().__init__()
         self.codebook_size, self.length, self.num_classes = codebook_size, length, num_classes
         # Rows 0..K-1 the codes, K..K+C-1 the classes, K+C the null class (the start token).
         self.token = nn.Embedding(codebook_size + num_classes + 1, width)
         self.position = nn.Parameter(torch.randn(length, width) * 0.02)
-        self.dropout = nn.Dropout(dropout)
         self.transformer = Transformer(width, depth, heads)
         self.head = nn.Linear(width, codebook_size)
 
@@ -232,28 +236,41 @@ class CodePrior(nn.Module):
     def null(self) -> int:
         return self.num_classes
 
-    def embed(self, prefix: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """h = E[t] + P for t = (K + c, prefix): (B, T) codes, T < L, and (B,) classes in
-        0..C (C: null) -> (B, T + 1, width)."""
+    def embed(self, prefix: torch.Tensor, c: torch.Tensor,
+              keep: torch.Tensor | None = None) -> torch.Tensor:
+        """h = (E[t] + P) o keep for t = (K + c, prefix): (B, T) codes, T < L, and (B,) classes
+        in 0..C (C: null) -> (B, T + 1, width); ``keep`` is dropout's m / (1 - p), (B, T + 1,
+        width) (None: no dropout)."""
         if prefix.shape[1] >= self.length:
             raise ValueError(f"a prefix of {prefix.shape[1]} codes; the prior models "
                              f"{self.length}, so at most {self.length - 1} come before one")
         tokens = torch.cat([self.codebook_size + c[:, None], prefix], dim=1)
-        return self.dropout(self.token(tokens) + self.position[: tokens.shape[1]])
+        h = self.token(tokens) + self.position[: tokens.shape[1]]
+        return h if keep is None else h * keep
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Embedded tokens (B, T, width) -> next-code logits (B, T, K) under the causal mask."""
         return self.head(self.transformer(h, causal=True))
 
-    def forward(self, prefix: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, prefix: torch.Tensor, c: torch.Tensor,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) codes, (B,) classes -> (B, T + 1, K): row i scores the code after prefix[:i]."""
-        return self.logits(self.embed(prefix, c))
+        return self.logits(self.embed(prefix, c, keep))
 
 
-def code_loss(model: CodePrior, s: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """L = -1/(B L) sum_{b,i} log p(s_{b,i} | s_{b,<i}, c_b): (B, L) codes, (B,) classes -> the
-    mean cross-entropy in nats per code (a scalar)."""
-    logits = model(s[:, :-1], c)
+def dropout_keep(shape: tuple[int, ...], p: float, generator: torch.Generator,
+                 device: torch.device) -> torch.Tensor:
+    """Inverted dropout's factors m / (1 - p), m ~ Bernoulli(1 - p), of this rank's rows of the
+    global batch's draw (:func:`mlatlas.core.distributed.rand`)."""
+    u = distributed.rand(shape, generator=generator).to(device)
+    return (u >= p).float() / (1 - p)
+
+
+def code_loss(model: CodePrior, s: torch.Tensor, c: torch.Tensor,
+              keep: torch.Tensor | None = None) -> torch.Tensor:
+    """L = -1/(B L) sum_{b,i} log p(s_{b,i} | s_{b,<i}, c_b): (B, L) codes, (B,) classes (and
+    dropout's factors ``keep``, (B, L, width)) -> the mean cross-entropy in nats per code."""
+    logits = model(s[:, :-1], c, keep)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), s.reshape(-1))
 
 
@@ -297,7 +314,7 @@ def draw_codes(model: CodePrior, c: torch.Tensor, generator: torch.Generator,
 def build_prior(cfg: Config, vq: VQModel, data: Dataset) -> CodePrior:
     _, h, w = vq.latent_shape
     return CodePrior(vq.codebook_size, h * w, data.num_classes if cfg.conditional else 0,
-                     cfg.width, cfg.depth, cfg.heads, cfg.dropout)
+                     cfg.width, cfg.depth, cfg.heads)
 
 
 def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
@@ -327,8 +344,10 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
             drop = distributed.rand((len(index),), generator=generator).to(device) < \
                 cfg.label_dropout
             c = torch.where(drop, model.null, c)
+        keep = dropout_keep((len(index), model.length, cfg.width), cfg.dropout, generator,
+                            device) if cfg.dropout else None
         with precision.autocast():
-            loss = code_loss(model, s_train[index], c)
+            loss = code_loss(model, s_train[index], c, keep)
         optimizer.zero_grad(set_to_none=True)
         precision.backward(loss)
         precision.step(optimizer, model.parameters(), cfg.grad_clip)
