@@ -26,7 +26,7 @@ def test_list(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["trian"], "unknown command 'trian'; did you mean train?"),
     (["train", "dpm"], "unknown method 'dpm'; did you mean ddpm or edm or dpo?"),
-    (["train", "ddpm", "--dataset", "8gausians"], "did you mean 8gaussians?"),
+    (["train", "ddpm", "--dataset", "8gausians"], "did you mean 8gaussians"),
     (["train", "ddpm", "--stepz", "3"], "unrecognised argument '--stepz'; did you mean --steps"),
     (["train", "ddpm", "--steps", "abc"], "invalid int value: 'abc'"),
     (["train", "ddpm", "--steps", "0"], "--steps must be in 1..10^12, got 0"),
