@@ -210,7 +210,8 @@ def test_evaluate_on_points_reports_w1_and_modes(tmp_path):
     cfg = wgan.GPConfig(**{**TINY, "eval_samples": 200})
     run = common.train(cfg, Run.create("wgan_gp", cfg, tmp_path), progress=False)
     summary = run.summary()
-    for key in ("eval/w1_exact", "eval/w1_critic_estimate", "eval/modes_hit", "eval/mmd"):
+    for key in ("eval/w1_exact", "eval/w1_critic_estimate", "eval/modes_hit", "eval/mmd",
+                "baseline/w1_exact"):
         assert key in summary
     assert (run.dir / "field.png").is_file() and (run.dir / "progress.png").is_file()
     x = common.sample(run, 10, seed=3)
