@@ -10,7 +10,14 @@ import torch
 from mlatlas.core.config import ConfigError
 from mlatlas.core.run import Run
 from mlatlas.generative.vq import prior
-from mlatlas.generative.vq.prior import CodePrior, SampleOptions, code_loss, code_nll, draw_codes
+from mlatlas.generative.vq.prior import (
+    CodePrior,
+    SampleOptions,
+    code_loss,
+    code_nll,
+    draw_codes,
+    guided_logits,
+)
 
 K, L, CLASSES = 7, 5, 3
 
@@ -91,6 +98,24 @@ def test_temperature_zero_and_top_k_one_are_greedy():
     assert not torch.equal(sampled, greedy)
 
 
+def test_guided_logits_by_hand_and_greedy_guided_draws():
+    l_c, l_null = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[1.0, 1.0, 0.0]])
+    assert torch.equal(guided_logits(l_c, l_null, 0.0), l_c)
+    assert torch.equal(guided_logits(l_c, l_null, 2.0), torch.tensor([[4.0, -2.0, -3.0]]))
+    model = tiny()
+    c = torch.arange(CLASSES).repeat(2)
+    assert torch.equal(draw_codes(model, c, torch.Generator().manual_seed(0), guidance=0.0),
+                       draw_codes(model, c, torch.Generator().manual_seed(0)))
+    w = 1.5
+    greedy = draw_codes(model, c, torch.Generator().manual_seed(0), temperature=0.0,
+                        guidance=w)
+    with torch.no_grad():  # each code is the argmax of the guided logits after its prefix
+        prefix = greedy[:, :-1]
+        expected = guided_logits(model(prefix, c), model(prefix, torch.full_like(c, CLASSES)),
+                                 w).argmax(-1)
+    assert torch.equal(expected, greedy)
+
+
 def test_draws_are_seeded_and_batched():
     model = tiny()
     c = torch.full((6,), CLASSES)
@@ -118,6 +143,8 @@ def test_other_bad_options():
         SampleOptions(top_k=-1)
     with pytest.raises(ConfigError, match="--label"):
         SampleOptions(label=-2)
+    with pytest.raises(ConfigError, match="--guidance"):
+        SampleOptions(guidance=-1.0)
     with pytest.raises(ConfigError, match="--label must be below 10"):
         prior.sample_labels(4, SampleOptions(label=10), True, 10)
     with pytest.raises(ConfigError, match="--conditional"):

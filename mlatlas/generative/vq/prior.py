@@ -27,7 +27,9 @@ reported also as bits per code, L / ln 2: a prior that has learnt nothing (unifo
 log K nats per code. A conditional run trains on the null class with probability
 ``label_dropout``, so one network is both p(s | c) and p(s). Sampling draws s_1, ..., s_L in turn
 from the logits, through :func:`mlatlas.nn.sampling.sample_token` (temperature, top-k, top-p), for
-all samples at once, and decodes the grid with the autoencoder: x = D(codebook[s]).
+all samples at once, and decodes the grid with the autoencoder: x = D(codebook[s]). A
+conditional run samples with classifier-free guidance of weight w (``--guidance``) from the
+logits (1 + w) l(s_<i, c) - w l(s_<i, C).
 
 The first stage is a finished run (``vq_run``) or, with none, a vqvae or vqgan run trained first
 in a folder nested inside this run (``<run>/autoencoder/``), so a resumed run resumes whichever
@@ -295,15 +297,30 @@ def conditions(cfg: Config, labels: torch.Tensor | None, n: int, null: int) -> t
 
 
 @torch.no_grad()
+def guided_logits(logits_c: torch.Tensor, logits_null: torch.Tensor, w: float) -> torch.Tensor:
+    """Classifier-free guidance of the next code's logits, (1 + w) l(s_<i, c) - w l(s_<i, C):
+    log p(s_i | s_<i, c) + w log[p(s_i | s_<i, c) / p(s_i | s_<i)] up to normalisation, the
+    autoregressive form of Ho & Salimans' rule (w = 0: the conditional model)."""
+    return (1 + w) * logits_c - w * logits_null
+
+
 def draw_codes(model: CodePrior, c: torch.Tensor, generator: torch.Generator,
-               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               guidance: float = 0.0) -> torch.Tensor:
     """Ancestral sampling s_i ~ p(s_i | s_<i, c), i = 1..L, for all (n,) classes at once -> (n, L)
-    codes. Each position recomputes its prefix (L is a few dozen codes)."""
+    codes, the logits guided by :func:`guided_logits` when ``guidance`` > 0 (the null class's
+    logits of the same prefixes computed in the same batch). Each position recomputes its prefix
+    (L is a few dozen codes)."""
     device = next(model.parameters()).device
     c = c.to(device)
-    s = torch.zeros((len(c), 0), dtype=torch.long, device=device)
+    n = len(c)
+    if guidance:
+        c = torch.cat([c, torch.full_like(c, model.null)])
+    s = torch.zeros((n, 0), dtype=torch.long, device=device)
     for _ in range(model.length):
-        logits = model(s, c)[:, -1]
+        logits = model(s.repeat(2, 1) if guidance else s, c)[:, -1]
+        if guidance:
+            logits = guided_logits(logits[:n], logits[n:], guidance)
         s_i = sample_token(logits, temperature, top_p, generator, top_k=top_k)
         s = torch.cat([s, s_i[:, None]], dim=1)
     return s.cpu()
@@ -392,9 +409,13 @@ class SampleOptions:
     """Nucleus sampling: the smallest set of most likely codes whose mass reaches p, in (0, 1]."""
     label: int = -1
     """Class to sample for a conditional run; -1 cycles through the classes."""
+    guidance: float = 0.0
+    """Classifier-free guidance weight w of a conditional run: logits (1 + w) l(c) - w l(null)."""
 
     def __post_init__(self) -> None:
         check_options(self)
+        if self.guidance < 0:
+            raise ConfigError(f"--guidance cannot be negative, got {self.guidance}")
         if self.temperature < 0:
             raise ConfigError(f"--temperature cannot be negative, got {self.temperature}")
         require_unit(self, "top_p", low_open=True)
@@ -440,9 +461,11 @@ def draw(trained: Trained, n: int, seed: int, options: SampleOptions
          ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """n decoded samples (n, C, H, W) and the classes they were drawn for (None: none)."""
     labels = sample_labels(n, options, trained.cfg.conditional, trained.data.num_classes)
+    if options.guidance and not trained.cfg.conditional:
+        raise ConfigError("--guidance needs a run trained with --conditional")
     c = conditions(trained.cfg, labels, n, trained.model.null)
     s = draw_codes(trained.model, c, torch.Generator().manual_seed(seed), options.temperature,
-                   options.top_k, options.top_p)
+                   options.top_k, options.top_p, options.guidance)
     return decode_codes(trained.vq, s), labels
 
 
