@@ -401,8 +401,9 @@ def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | Non
         if data.sample_shape == (2,):
             run.save_figure(field_figure(model, cfg, data, x), "field.png")
     else:
-        torch.manual_seed(cfg.seed)
-        untrained = build_model(cfg, data).to(next(model.parameters()).device).eval()
+        with torch.random.fork_rng(devices=[]):  # the run's own initialisation, no side effect
+            torch.manual_seed(cfg.seed)
+            untrained = build_model(cfg, data).to(next(model.parameters()).device).eval()
         baseline = score_samples(generate(untrained, cfg, data, n, seed, options), data)
         run.write_evaluation({k: v for k, v in baseline.items() if k != "note"},
                              prefix="baseline")
