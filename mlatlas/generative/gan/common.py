@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from mlatlas.core import distributed
-from mlatlas.core.config import BatchConfig, ConfigError, check_options
+from mlatlas.core.config import BatchConfig, ConfigError, check_options, require_at_least
 from mlatlas.core.plots import image_grid, metric_curves, samples_figure, show_images
 from mlatlas.core.precision import Precision, compile_module
 from mlatlas.core.run import Run, fit
@@ -103,10 +103,7 @@ class AdversarialConfig(BatchConfig):
 
     def check(self) -> None:
         super().check()
-        for name in ("latent_dim", "hidden", "depth", "width", "n_critic"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got "
-                                  f"{getattr(self, name)}")
+        require_at_least(self, 1, "latent_dim", "hidden", "depth", "width", "n_critic")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must lie in [0, 1), got {getattr(self, name)}")

@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 
 from mlatlas.core import distributed
-from mlatlas.core.config import ConfigError
+from mlatlas.core.config import ConfigError, require_at_least
 from mlatlas.generative.gan.common import AdversarialConfig, evaluate, sample, train
 from mlatlas.generative.gan.losses import (
     clip_weights,
@@ -66,8 +66,7 @@ class Config(AdversarialConfig):
         super().check()
         if not self.clip > 0:
             raise ConfigError(f"--clip must be positive, got {self.clip}")
-        if self.burst_every < 1:
-            raise ConfigError(f"--burst-every must be at least 1, got {self.burst_every}")
+        require_at_least(self, 1, "burst_every")
 
     def optimizers(self, model):
         return (torch.optim.RMSprop(model.generator.parameters(), lr=self.lr),
