@@ -432,11 +432,13 @@ def main(argv: list[str] | None = None) -> int:
     from mlatlas.core.run import DivergedRun, InterruptedRun, NonFiniteLossError
     from mlatlas.data import DatasetError
 
+    code = None
     try:
         if command not in handlers:
             raise UsageError(f"unknown command {command!r}{closest(command, COMMANDS)} "
                              f"(commands: {', '.join(COMMANDS)})")
-        return handlers[command](rest)
+        code = handlers[command](rest)
+        return code
     except (UsageError, ConfigError, DatasetError, FileError) as err:
         _say(command, f"error: {err}")
         return EXIT_USAGE
@@ -464,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         if _in_job():
             from mlatlas.core import distributed
 
-            distributed.shutdown()
+            distributed.shutdown(synchronize=code == 0)
 
 
 def _say(command: str, message: str, every_rank: bool = False) -> None:

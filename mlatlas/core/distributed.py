@@ -81,8 +81,14 @@ def setup(device: torch.device) -> torch.device:
     return device
 
 
-def shutdown() -> None:
+def shutdown(synchronize: bool = False) -> None:
+    """Leave the process group. After a job that ended well, ``synchronize`` first waits for
+    every rank: a rank that tears gloo down while a peer is still writing its last files can
+    abort in gloo's background thread ("terminate called without an active exception"). After
+    a failure there is no barrier, since a peer may be gone for good."""
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 
