@@ -54,24 +54,29 @@ from mlatlas.core.config import (
     BatchConfig,
     ConfigError,
     check_options,
-    config_to_dict,
     require_at_least,
     require_unit,
 )
 from mlatlas.core.plots import metric_curves, samples_figure
 from mlatlas.core.precision import Precision, compile_module
-from mlatlas.core.run import Run, RunError, fit, nested_run
+from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.data import Dataset, EpochBatches, load_dataset
 from mlatlas.eval.classifier import accuracy, load_feature_net
 from mlatlas.eval.samples import min_samples, score_samples
 from mlatlas.generative.vq import vqgan, vqvae
-from mlatlas.generative.vq.common import AutoencoderConfig, VQModel, load_autoencoder
+from mlatlas.generative.vq.common import (
+    FIRST_STAGE_DIR,
+    AutoencoderConfig,
+    VQModel,
+    load_autoencoder,
+    open_first_stage,
+    train_first_stage,
+)
 from mlatlas.nn.sampling import sample_token
 from mlatlas.nn.transformer import Transformer
 
 LN2 = math.log(2.0)
-FIRST_STAGE_DIR = "autoencoder"
 # The first stages the prior can model the codes of, by method name.
 FIRST_STAGES = {"vqvae": vqvae, "vqgan": vqgan}
 # Images encoded (or code sequences scored) per forward pass.
@@ -144,27 +149,14 @@ class Config(BatchConfig):
         if self.conditional and not data.num_classes:
             raise ConfigError(f"--conditional needs class labels and {self.dataset} has none")
         if self.vq_run:
-            open_first_stage(self.vq_run, self.dataset)
+            open_vq_run(self.vq_run, self.dataset)
 
 
 # --- the first stage -----------------------------------------------------------------------------
 
-def open_first_stage(directory: str | Path, dataset: str) -> Run:
-    """The finished vqvae or vqgan run in ``directory``, trained on ``dataset``; a ConfigError
-    naming --vq-run otherwise."""
-    try:
-        source = Run.open(directory)
-    except RunError as err:
-        raise ConfigError(f"--vq-run: {err}") from None
-    if source.method not in FIRST_STAGES:
-        raise ConfigError(f"--vq-run: {directory} is a {source.method} run; the prior needs "
-                          f"the codes of a {' or '.join(FIRST_STAGES)} run")
-    if not source.has_checkpoint():
-        raise ConfigError(f"--vq-run: {directory} has no checkpoint")
-    if source.config.get("dataset") != dataset:
-        raise ConfigError(f"--vq-run: {directory} was trained on "
-                          f"{source.config.get('dataset')!r}, this run on {dataset!r}")
-    return source
+def open_vq_run(directory: str | Path, dataset: str) -> Run:
+    """The finished vqvae or vqgan run ``--vq-run`` names, trained on ``dataset``."""
+    return open_first_stage(directory, dataset, tuple(FIRST_STAGES), "--vq-run")
 
 
 def first_stage_config(cfg: Config) -> AutoencoderConfig:
@@ -181,21 +173,13 @@ def first_stage(run: Run, cfg: Config, progress: bool | None = None) -> Run:
     """The autoencoder's run: ``vq_run``, or the nested ``<run>/autoencoder/`` trained (or
     resumed) here."""
     if cfg.vq_run:
-        return open_first_stage(cfg.vq_run, cfg.dataset)
-    stage_cfg, module = first_stage_config(cfg), FIRST_STAGES[cfg.vq_method]
-    nested = nested_run(run.path(FIRST_STAGE_DIR), stage_cfg.METHOD, config_to_dict(stage_cfg),
-                        f"{module.__name__}:{type(stage_cfg).__qualname__}")
-    # Rank 0 decides, so that every rank trains or none does.
-    if distributed.broadcast_object(nested.checkpoint_step() != cfg.vq_steps
-                                    or not nested.summary()):
-        module.train(nested.load_config(type(stage_cfg)), nested, progress)
-        distributed.barrier()  # the other ranks read the autoencoder rank 0 has just written
-    return nested
+        return open_vq_run(cfg.vq_run, cfg.dataset)
+    return train_first_stage(run, first_stage_config(cfg), FIRST_STAGES[cfg.vq_method], progress)
 
 
 def load_first_stage(run: Run, cfg: Config) -> VQModel:
     """The trained VQ autoencoder of a prior's run (eval mode, on the run's device)."""
-    source = open_first_stage(cfg.vq_run, cfg.dataset) if cfg.vq_run else \
+    source = open_vq_run(cfg.vq_run, cfg.dataset) if cfg.vq_run else \
         Run.open(run.path(FIRST_STAGE_DIR))
     return load_autoencoder(source).to(resolve_device(cfg.device)).eval()
 
