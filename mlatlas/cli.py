@@ -329,7 +329,10 @@ def cmd_sample(argv: list[str]) -> int:
                              "written (try a smaller --guidance or more --steps)")
     with atomic_path(run.path(f"{stem}.npy")) as tmp, open(tmp, "wb") as f:
         np.save(f, x.numpy())
-    figure = run.save_figure(samples_figure(x, f"{run.method}: {args.n} samples"), f"{stem}.png")
+    title = f"{run.method}: {args.n} samples"
+    picture = method.sample_figure_fn
+    figure = run.save_figure(picture(x, title, run, extra.get("options")) if picture
+                             else samples_figure(x, title), f"{stem}.png")
     print(f"samples: {run.path(stem + '.npy')}\nfigure:  {figure}")
     return 0
 

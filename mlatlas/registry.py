@@ -31,6 +31,7 @@ class Method:
     sample: str | None = "sample"
     evaluate: str | None = "evaluate"
     sample_config: str | None = None
+    sample_figure: str | None = None
 
     @property
     def module(self) -> ModuleType:
@@ -52,6 +53,12 @@ class Method:
     def sample_config_cls(self) -> type | None:
         """The dataclass of sampling options (flags of ``sample`` and ``eval``), if any."""
         return self._resolve(self.sample_config) if self.sample_config else None
+
+    @property
+    def sample_figure_fn(self) -> Callable | None:
+        """``figure(x, title, run, options)`` for ``mlatlas sample``'s picture where a grid of
+        samples alone would not say what they were drawn for (ControlNet's control images)."""
+        return self._resolve(self.sample_figure) if self.sample_figure else None
 
     def function(self, kind: str) -> Callable:
         """The ``sample`` or ``evaluate`` function; a ConfigError if the method has none."""
@@ -120,6 +127,16 @@ METHODS: dict[str, Method] = {
         _diffusion("flow_matching", "Config", "Flow matching on the straight path (Lipman et al. "
                    "2023): velocity regression, Euler/Heun ODE sampling",
                    "mlatlas.generative.flow_matching.flow_matching", "generative/flow_matching"),
+        Method("latent_diffusion", "generative/diffusion", "Latent diffusion (Rombach et al. "
+               "2022): VP diffusion in a KL/VQ autoencoder's latents, cross-attention on labels "
+               "or captions, classifier-free guidance", "mlatlas.generative.diffusion.latent",
+               sample_config="mlatlas.generative.diffusion.latent:SampleOptions",
+               sample_figure="sample_figure"),
+        Method("controlnet", "generative/diffusion", "ControlNet (Zhang et al. 2023): a "
+               "trainable copy of a frozen latent diffusion UNet's encoder, zero convolutions, "
+               "edge / mask / skeleton control", "mlatlas.generative.diffusion.controlnet",
+               sample_config="mlatlas.generative.diffusion.controlnet:SampleOptions",
+               sample_figure="sample_figure"),
         Method("rectified_flow", "generative/flow_matching", "Rectified flow (Liu et al. 2023): "
                "1-RF by flow matching, reflow on its own pairs, one-step 2-RF sampling",
                "mlatlas.generative.flow_matching.rectified_flow",

@@ -166,9 +166,14 @@ class MiniLMTower(nn.Module):
         # Assigned through object.__setattr__ so that nn.Module does not register it.
         object.__setattr__(self, "encoder", load_minilm())
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
         mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask
         with torch.no_grad():
-            features = self.encoder.to(ids.device)({"input_ids": ids,
-                                                    "attention_mask": mask.long()})
-        return features["sentence_embedding"]
+            return self.encoder.to(ids.device)({"input_ids": ids, "attention_mask": mask.long()})
+
+    def tokens(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The (N, L, 384) per-token outputs (what a cross-attention reads)."""
+        return self._encode(ids, mask)["token_embeddings"]
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self._encode(ids, mask)["sentence_embedding"]

@@ -71,12 +71,15 @@ METADATA_KEY = "noisy_classifier"
 def classifier_free(model: nn.Module, labels: torch.Tensor | None, w: float):
     """The network with labels bound, guided with weight ``w``: a function (x, t) -> output.
     ``labels=None`` (an unconditional model) returns the model itself; the conditional and
-    unconditional passes run as one batch of twice the size."""
+    unconditional passes run as one batch of twice the size. ``labels`` are class indices, or
+    any condition of a model that says what its null one is (``model.null_condition(labels)``,
+    e.g. the empty caption's ids for latent diffusion)."""
     if labels is None:
         return model
     if w == 0:
         return lambda x, t: model(x, t, labels)
-    null = torch.full_like(labels, model.labels.num_classes)
+    null = model.null_condition(labels) if hasattr(model, "null_condition") else \
+        torch.full_like(labels, model.labels.num_classes)
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mlatlas.core.plots import image_grid, plt
+from mlatlas.core.plots import image_grid, plt, show_images
 from mlatlas.data import Dataset
 
 # One entry per sampler step: (noise level, x_i as displayed, D(x_i)), a few samples each.
@@ -59,5 +59,25 @@ def vector_field_figure(formulation, model: torch.nn.Module, data: Dataset,
         ax.set_aspect("equal")
         ax.set_title(f"D(x; sigma) - x at sigma = {sigma:g} (longest {float(length.max()):.2g})",
                      fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def captions_figure(images: torch.Tensor, captions: list[str], title: str = "", rows: int = 8,
+                    per_row: int = 8):
+    """Samples grouped by caption: one row per distinct caption (the first ``rows``), its first
+    ``per_row`` samples beside the caption."""
+    distinct = list(dict.fromkeys(captions))[:rows]
+    fig, axes = plt.subplots(len(distinct), 1, figsize=(1.1 * per_row + 3, 1.2 * len(distinct)),
+                             squeeze=False)
+    for ax, text in zip(axes[:, 0], distinct, strict=True):
+        picked = [i for i, c in enumerate(captions) if c == text][:per_row]
+        show_images(ax, images[picked], per_row)
+        ax.set_axis_on()
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(text, rotation=0, ha="right", va="center", fontsize=8)
+    if title:
+        axes[0, 0].set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
