@@ -17,7 +17,11 @@ SHARED = {"core", "nn", "data", "eval"}
 TOP = {"registry", "cli", "launch", "__main__"}
 # Where one family is truly built on another (docs/architecture.md, "Which package imports
 # which"): GRPO and PPO-RLHF reuse RL's returns and GAE.
-BUILT_ON = {("llm", "mlatlas.rl.returns")}
+BUILT_ON = {("llm", "mlatlas.rl.returns"),
+            # Latent diffusion's caption encoder is the contrastive family's text tower: a CLIP
+            # run's, or the same tower and tokenizer trained with the denoiser.
+            ("generative", "mlatlas.contrastive.clip"), ("generative", "mlatlas.contrastive.text"),
+            ("generative", "mlatlas.contrastive.common")}
 
 
 def imports(path: Path) -> set[str]:

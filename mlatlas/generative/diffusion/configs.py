@@ -115,14 +115,14 @@ def check_eval_count(n: int, data: Dataset, where: str) -> None:
 # --- VP and DDPM ---------------------------------------------------------------------------------
 # Two methods on one formulation; each config is flat, the checks and the formulation shared.
 
-def _check_vp(cfg: VPConfig | DDPMConfig) -> None:
+def check_vp(cfg: VPConfig | DDPMConfig | Any) -> None:
     if not 0 < cfg.beta_1 < cfg.beta_T < 1:
         raise ConfigError(f"need 0 < beta_1 < beta_T < 1, got {cfg.beta_1}, {cfg.beta_T}")
     if cfg.T < 2:
         raise ConfigError(f"--T must be at least 2, got {cfg.T}")
 
 
-def _vp(cfg: VPConfig | DDPMConfig, variance: Literal["posterior", "beta"]) -> VP:
+def vp_formulation(cfg: VPConfig | DDPMConfig | Any, variance: Literal["posterior", "beta"]) -> VP:
     schedule = (Schedule.linear(cfg.T, cfg.beta_1, cfg.beta_T)
                 if cfg.schedule == "linear" else Schedule.cosine(cfg.T))
     return VP(schedule, cfg.prediction, variance, cfg.clip_x0)
@@ -152,11 +152,11 @@ class VPConfig(DiffusionConfig):
     """Sampler steps (Heun makes 2 x steps - 1 network evaluations)."""
 
     def check(self) -> None:
-        _check_vp(self)
+        check_vp(self)
         super().check()
 
     def formulation(self) -> VP:
-        return _vp(self, "posterior")
+        return vp_formulation(self, "posterior")
 
 
 @dataclass
@@ -185,11 +185,11 @@ class DDPMConfig(DiffusionConfig):
     """Sampler steps (DDPM's ancestral sampler takes every one of the T steps)."""
 
     def check(self) -> None:
-        _check_vp(self)
+        check_vp(self)
         super().check()
 
     def formulation(self) -> VP:
-        return _vp(self, self.variance)
+        return vp_formulation(self, self.variance)
 
 
 # --- EDM and VE ----------------------------------------------------------------------------------

@@ -55,8 +55,15 @@ from mlatlas.core.run import Run, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.data import Dataset, EpochBatches, load_dataset
 from mlatlas.eval.samples import score_samples
-from mlatlas.generative.diffusion.configs import SampleConfig, VPConfig, check_eval_count
-from mlatlas.generative.diffusion.formulations import Formulation
+from mlatlas.generative.diffusion.configs import (
+    DiffusionConfig,
+    SampleConfig,
+    Sampler,
+    check_eval_count,
+    check_vp,
+    vp_formulation,
+)
+from mlatlas.generative.diffusion.formulations import VP, Formulation
 from mlatlas.generative.diffusion.guidance import classifier_free, diversity, label_accuracy
 from mlatlas.generative.diffusion.loop import optimise
 from mlatlas.generative.diffusion.samplers import Callback
@@ -82,10 +89,26 @@ Condition = Literal["none", "label", "caption"]
 # --- config --------------------------------------------------------------------------------------
 
 @dataclass
-class Config(VPConfig):
+class Config(DiffusionConfig):
     """VP diffusion in an autoencoder's latent space, conditioned by cross-attention."""
 
     METHOD: ClassVar[str] = "latent_diffusion"
+
+    T: int = 1000
+    """Number of diffusion steps."""
+    schedule: Literal["linear", "cosine"] = "linear"
+    """Betas linear from beta_1 to beta_T (Ho et al.) or cosine (Nichol & Dhariwal)."""
+    beta_1: float = 1e-4
+    """First forward-process variance beta_1 (linear schedule)."""
+    beta_T: float = 0.02
+    """Last forward-process variance beta_T (linear schedule)."""
+    prediction: Literal["eps", "x0", "v"] = "eps"
+    """What the network predicts: the noise, the clean latent or v = alpha eps - sigma z_0."""
+    sampler: Sampler = "ddim"
+    """Sampler for the samples drawn at the end of training and the default of `mlatlas sample`
+    (ddpm, ddim, euler or heun)."""
+    sample_steps: int = 50
+    """Sampler steps (DDPM's ancestral sampler takes every one of the T steps)."""
 
     dataset: str = "shapes"
     """Training images: shapes (captioned: caption-conditioned), digits / mnist / fashion-mnist
@@ -122,6 +145,7 @@ class Config(VPConfig):
     """Downsampling factor f of the first stage trained when no --ae-run is given."""
 
     def check(self) -> None:
+        check_vp(self)
         super().check()
         require_at_least(self, 1, "text_width", "text_depth", "ae_steps", "ae_width",
                          "ae_downsample")
@@ -147,6 +171,9 @@ class Config(VPConfig):
         if condition_kind(self, data) == "caption" and self.text_encoder not in ("learned",
                                                                                  "minilm"):
             open_text_run(self.text_encoder)
+
+    def formulation(self) -> VP:
+        return vp_formulation(self, "posterior")
 
 
 def condition_kind(cfg: Config, data: Dataset) -> Condition:
@@ -313,9 +340,9 @@ def text_encoder(run: Run, cfg: Config, data: Dataset):
         tower = MiniLMTower() if minilm else TextTower(
             tokenizer.vocab_size, cfg.max_len, cfg.text_width, cfg.text_depth)
         return tokenizer, tower, minilm
-    from mlatlas.contrastive import clip
+    from mlatlas.contrastive.clip import load_model as load_dual_encoder
 
-    _, model, tokenizer, _ = clip.load_model(open_text_run(cfg.text_encoder))
+    _, model, tokenizer, _ = load_dual_encoder(open_text_run(cfg.text_encoder))
     return tokenizer, model.text_tower, True
 
 
