@@ -98,7 +98,7 @@ def test_control_scale_enters_linearly_and_the_window_switches_it():
     assert guided.shape == x.shape and torch.isfinite(guided).all()
 
 
-# --- latent space ----------------------------------------------------------------------------------
+# --- latent space ---------------------------------------------------------------------------------
 
 def test_latent_scale_makes_the_encoded_training_set_unit_variance():
     ae = KLConfig(dataset="digits", width=4, downsample=2).build_model((1, 8, 8)).eval()
@@ -251,3 +251,36 @@ def test_resumed_latent_run_equals_the_uninterrupted_one(runs, tmp_path):
     a, b = latent.load_model(Run.open(half)).model, latent.load_model(Run.open(full)).model
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.allclose(p, q, atol=1e-6), name
+
+
+# --- behaviour (slow) ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shapes_base(tmp_path_factory):
+    """latent_diffusion with its defaults on the captioned shapes (its autoencoder nested)."""
+    cfg = latent.Config(eval_samples=200)
+    return latent.train(cfg, Run.create(cfg.METHOD, cfg, root=tmp_path_factory.mktemp("ldm")),
+                        progress=False)
+
+
+@pytest.mark.slow
+def test_caption_conditioned_samples_show_what_the_caption_asks(shapes_base):
+    """The shipped shapes recogniser reads the asked shape and colour far more often in samples
+    drawn for a caption than in samples drawn with the null caption, also for the (colour,
+    shape) pairs held out of training."""
+    summary = shapes_base.summary()
+    assert summary["eval/both_accuracy"] > summary["eval/unconditional/both_accuracy"] + 0.3
+    assert summary["eval/zero_shot/colour_accuracy"] > \
+        summary["eval/unconditional/colour_accuracy"] + 0.3
+    guided = latent.evaluate(shapes_base, 200, options=latent.SampleOptions(guidance=2.0))
+    assert guided["both_accuracy"] >= summary["eval/both_accuracy"] - 0.05
+
+
+@pytest.mark.slow
+def test_controlnet_samples_obey_their_mask(shapes_base, tmp_path):
+    """The generated shape overlaps the control's mask far more than the base model's samples
+    for the same captions and noise."""
+    cfg = controlnet.Config(base_run=str(shapes_base.dir), control="mask", steps=1000)
+    run = controlnet.train(cfg, Run.create(cfg.METHOD, cfg, root=tmp_path), progress=False)
+    summary = run.summary()
+    assert summary["eval/mask_iou"] > summary["eval/base/mask_iou"] + 0.2

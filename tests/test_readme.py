@@ -92,6 +92,37 @@ def test_readme_adversarial_and_vq_tour(runs, capsys):
         assert main(argv) == 0, argv
 
 
+def test_readme_latent_diffusion_tour(runs, tmp_path):
+    """The latent diffusion / ControlNet tour with tiny budgets; --base-run is the tour's own
+    latent_diffusion run and the control image a held-out shapes image written as a PNG."""
+    import numpy as np
+    from PIL import Image
+
+    from mlatlas.data import load_dataset
+
+    commands = tour_commands("mlatlas train latent_diffusion")
+    assert [a[1] for a in commands if a[0] == "train"] == ["latent_diffusion", "controlnet"]
+    tiny = {"latent_diffusion": ["--steps", "2", "--ae-steps", "2", "--ae-width", "4",
+                                 "--channels", "8", "--text-width", "16", "--batch-size", "16",
+                                 "--eval-samples", "0"],
+            "controlnet": ["--steps", "2", "--batch-size", "16", "--eval-samples", "0"]}
+    image = load_dataset("shapes").x_test[0].permute(1, 2, 0).numpy()
+    control = tmp_path / "shape.png"
+    Image.fromarray((image * 255).astype(np.uint8)).save(control)
+    for argv in commands:
+        if argv[0] == "train":
+            if "--base-run" in argv:
+                at = argv.index("--base-run") + 1
+                argv[at] = str(run_dir_of(runs, argv[at]))
+            argv = [*argv, *tiny[argv[1]], "--out", str(runs), "--no-progress"]
+        else:
+            argv = [argv[0], str(run_dir_of(runs, argv[1])), *argv[2:], "--steps", "2",
+                    "--n", "4", "--no-progress"]
+            if "--control" in argv:
+                argv[argv.index("--control") + 1] = str(control)
+        assert main(argv) == 0, argv
+
+
 def test_readme_deep_rl_tour(runs, capsys):
     """The deep RL tour with tiny budgets: every command parses and runs."""
     commands = tour_commands("mlatlas train ppo")
