@@ -81,3 +81,45 @@ def captions_figure(images: torch.Tensor, captions: list[str], title: str = "", 
         axes[0, 0].set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def pipeline_figure():
+    """Latent diffusion with ControlNet as boxes and arrows: image -> encoder -> latent ->
+    denoiser (with the condition through cross-attention and the ControlNet's residuals) ->
+    decoder -> image."""
+    fig, ax = plt.subplots(figsize=(12, 4.2))
+    ax.set_xlim(0, 13)
+    ax.set_ylim(0, 4.2)
+    ax.set_axis_off()
+
+    def box(x, y, w, h, text, colour):
+        ax.add_patch(plt.Rectangle((x, y), w, h, facecolor=colour, edgecolor="0.3"))
+        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=8)
+
+    def arrow(x0, y0, x1, y1, text=""):
+        ax.annotate("", (x1, y1), (x0, y0), arrowprops={"arrowstyle": "->", "color": "0.2"})
+        if text:
+            ax.text((x0 + x1) / 2, (y0 + y1) / 2 + 0.12, text, ha="center", fontsize=7)
+
+    box(0.1, 2.4, 1.2, 0.8, "image x\n(3x32x32)", "#eeeeee")
+    box(1.8, 2.4, 1.3, 0.8, "encoder E\n(frozen)", "#cfe2f3")
+    box(3.6, 2.4, 1.5, 0.8, "z_0 = s E(x)\n(4x8x8)", "#eeeeee")
+    box(5.9, 2.2, 2.7, 1.2, "UNet eps_theta(z_t, t, tau(y))\nwith cross-attention\n(frozen "
+        "under ControlNet)", "#d9ead3")
+    box(9.4, 2.4, 1.3, 0.8, "decoder D\n(frozen)", "#cfe2f3")
+    box(11.2, 2.4, 1.6, 0.8, "x = D(z_0 / s)", "#eeeeee")
+    box(5.9, 3.7, 2.7, 0.45, "tau(y): label or caption tokens", "#fff2cc")
+    box(5.9, 0.2, 2.7, 1.0, "ControlNet: a copy of the\nUNet's encoder, zero convs", "#f4cccc")
+    box(2.4, 0.3, 2.4, 0.8, "control c: Canny / Sobel\nedges, mask, skeleton", "#eeeeee")
+    arrow(1.3, 2.8, 1.8, 2.8)
+    arrow(3.1, 2.8, 3.6, 2.8)
+    arrow(5.1, 2.8, 5.9, 2.8, "+ noise")
+    arrow(8.6, 2.8, 9.4, 2.8, "sampler")
+    arrow(10.7, 2.8, 11.2, 2.8)
+    arrow(7.25, 3.7, 7.25, 3.4)
+    arrow(4.8, 0.7, 5.9, 0.7, "H(c)")
+    arrow(7.25, 1.2, 7.25, 2.2, "")
+    ax.text(7.35, 1.65, "s keep_i Z(h): skips, middle", fontsize=7)
+    ax.set_title("latent diffusion and ControlNet (mlatlas.generative.diffusion.latent, "
+                 ".controlnet)", fontsize=9)
+    return fig
