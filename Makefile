@@ -83,7 +83,7 @@ bench-llm: dev
 	$(BIN)/python benchmarks/llm_vs_trl.py
 
 classifiers: install
-	$(BIN)/mlatlas classifier digits mnist fashion-mnist
+	$(BIN)/mlatlas classifier digits mnist fashion-mnist shapes
 
 clean:
 	rm -rf $(VENV) $(OPENCLIP) runs .pytest_cache .ruff_cache *.egg-info

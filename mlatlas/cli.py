@@ -394,7 +394,8 @@ def cmd_classifier(argv: list[str]) -> int:
 
     parser = Parser(prog="mlatlas classifier",
                     description="Train the feature networks used by image metrics.")
-    parser.add_argument("datasets", nargs="+", choices=["digits", "mnist", "fashion-mnist"])
+    parser.add_argument("datasets", nargs="+",
+                        choices=["digits", "mnist", "fashion-mnist", "shapes"])
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     _common(parser)
     args = parser.parse(argv)
