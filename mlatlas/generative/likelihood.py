@@ -126,8 +126,13 @@ def load_data(cfg: DensityConfig) -> DensityData:
     if cfg.dataset.endswith("-binary") and cfg.binarize != "threshold":
         grey = load_dataset(cfg.dataset[: -len("-binary")])
     elif not (is_binary(data.x_train) and is_binary(data.x_test)):
-        hint = (f" has {grey_levels(data.x_train)} grey levels: use {cfg.dataset}-binary or data "
-                "of 0s and 1s" if cfg.dataset in DATASETS else " holds values other than 0 and 1")
+        if data.sample_shape[0] != 1:  # a colour set has no -binary variant
+            hint = " holds colour images; use a grey set's -binary variant or data of 0s and 1s"
+        elif cfg.dataset in DATASETS:
+            hint = (f" has {grey_levels(data.x_train)} grey levels: use {cfg.dataset}-binary or "
+                    "data of 0s and 1s")
+        else:
+            hint = " holds values other than 0 and 1"
         raise ConfigError(f"{cfg.METHOD} models binary images and {cfg.dataset}{hint}")
     if grey is data:
         return DensityData(data, "binary", 0)
