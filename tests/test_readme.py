@@ -25,6 +25,13 @@ def run_dir_of(runs: Path, readme_path: str) -> Path:
     return run_dir
 
 
+def point_at_run(argv: list[str], option: str, runs: Path) -> None:
+    """The README's runs/<method>-<stamp> after ``option`` becomes the run this tour made."""
+    if option in argv:
+        at = argv.index(option) + 1
+        argv[at] = str(run_dir_of(runs, argv[at]))
+
+
 def test_readme_rl_tour(runs, capsys):
     commands = tour_commands("value_iteration")
     assert len(commands) >= 4
@@ -83,9 +90,7 @@ def test_readme_adversarial_and_vq_tour(runs, capsys):
                                "--eval-samples", "8"]}
     for argv in commands:
         if argv[0] == "train":
-            if "--vq-run" in argv:
-                at = argv.index("--vq-run") + 1
-                argv[at] = str(run_dir_of(runs, argv[at]))
+            point_at_run(argv, "--vq-run", runs)
             argv = [*argv, *tiny[argv[1]], "--out", str(runs), "--no-progress"]
         else:
             argv = [argv[0], str(run_dir_of(runs, argv[1])), *argv[2:], "--no-progress"]
@@ -111,9 +116,7 @@ def test_readme_latent_diffusion_tour(runs, tmp_path):
     Image.fromarray((image * 255).astype(np.uint8)).save(control)
     for argv in commands:
         if argv[0] == "train":
-            if "--base-run" in argv:
-                at = argv.index("--base-run") + 1
-                argv[at] = str(run_dir_of(runs, argv[at]))
+            point_at_run(argv, "--base-run", runs)
             argv = [*argv, *tiny[argv[1]], "--out", str(runs), "--no-progress"]
         else:
             argv = [argv[0], str(run_dir_of(runs, argv[1])), *argv[2:], "--steps", "2",

@@ -361,6 +361,42 @@ def nested_run(directory: Path, method: str, config: dict[str, Any],
     return nested
 
 
+def open_stage(directory: str | Path, option: str, methods: Collection[str], dataset: str,
+               purpose: str) -> Run:
+    """The finished run in ``directory`` that another is built on (an autoencoder under a
+    prior or latent diffusion, a latent diffusion model under ControlNet): of one of
+    ``methods``, with a checkpoint, trained on ``dataset``; a ConfigError naming ``option``
+    and saying what the run is needed for (``purpose``) otherwise."""
+    from mlatlas.core.config import ConfigError
+
+    try:
+        source = Run.open(directory)
+    except RunError as err:
+        raise ConfigError(f"{option}: {err}") from None
+    if source.method not in methods:
+        raise ConfigError(f"{option}: {directory} is a {source.method} run; {purpose} a "
+                          f"{' or '.join(methods)} run")
+    if not source.has_checkpoint():
+        raise ConfigError(f"{option}: {directory} has no checkpoint")
+    if source.config.get("dataset") != dataset:
+        raise ConfigError(f"{option}: {directory} was trained on "
+                          f"{source.config.get('dataset')!r}, this run on {dataset!r}")
+    return source
+
+
+def train_stage(directory: Path, cfg: Any, module: Any, progress: bool | None = None) -> Run:
+    """The run of ``cfg`` (``module.train`` trains it) in the folder ``directory`` nested inside
+    another run: trained, resumed, or found finished. Rank 0 decides, so every rank trains or
+    none does."""
+    nested = nested_run(directory, cfg.METHOD, config_to_dict(cfg),
+                        f"{module.__name__}:{type(cfg).__qualname__}")
+    if distributed.broadcast_object(nested.checkpoint_step() != cfg.steps
+                                    or not nested.summary()):
+        module.train(nested.load_config(type(cfg)), nested, progress)
+        distributed.barrier()  # the other ranks read the stage rank 0 has just written
+    return nested
+
+
 def flatten_state(objects: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split modules, optimizers and generators into named tensors plus JSON-able state."""
     tensors: dict[str, torch.Tensor] = {}

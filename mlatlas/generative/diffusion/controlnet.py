@@ -40,13 +40,12 @@ from mlatlas.core import distributed
 from mlatlas.core.config import (
     BatchConfig,
     ConfigError,
-    config_to_dict,
     require_at_least,
     require_unit,
 )
-from mlatlas.core.plots import metric_curves, plt, show_images
+from mlatlas.core.plots import plt, show_images
 from mlatlas.core.precision import Precision
-from mlatlas.core.run import Run, RunError, fit, nested_run
+from mlatlas.core.run import Run, fit, open_stage, train_stage
 from mlatlas.core.runtime import seed_everything
 from mlatlas.data import EpochBatches, load_dataset
 from mlatlas.data.control import control_image, mask_iou, shape_mask
@@ -233,19 +232,8 @@ class Config(BatchConfig):
 # --- the base ------------------------------------------------------------------------------------
 
 def open_base_run(directory: str | Path, dataset: str) -> Run:
-    try:
-        source = Run.open(directory)
-    except RunError as err:
-        raise ConfigError(f"--base-run: {err}") from None
-    if source.method != latent.Config.METHOD:
-        raise ConfigError(f"--base-run: {directory} is a {source.method} run; ControlNet "
-                          f"steers a {latent.Config.METHOD} run")
-    if not source.has_checkpoint():
-        raise ConfigError(f"--base-run: {directory} has no checkpoint")
-    if source.config.get("dataset") != dataset:
-        raise ConfigError(f"--base-run: {directory} was trained on "
-                          f"{source.config.get('dataset')!r}, this run on {dataset!r}")
-    return source
+    return open_stage(directory, "--base-run", (latent.Config.METHOD,), dataset,
+                      "ControlNet steers")
 
 
 def base_run(run: Run, cfg: Config, progress: bool | None = None) -> Run:
@@ -256,13 +244,7 @@ def base_run(run: Run, cfg: Config, progress: bool | None = None) -> Run:
                              steps=cfg.base_steps, log_every=cfg.log_every,
                              ckpt_every=cfg.ckpt_every, precision=cfg.precision,
                              compile=cfg.compile, eval_samples=0)
-    nested = nested_run(run.path(BASE_DIR), base_cfg.METHOD, config_to_dict(base_cfg),
-                        f"{latent.__name__}:{type(base_cfg).__qualname__}")
-    if distributed.broadcast_object(nested.checkpoint_step() != cfg.base_steps
-                                    or not nested.summary()):
-        latent.train(nested.load_config(latent.Config), nested, progress)
-        distributed.barrier()  # the other ranks read the base rank 0 has just written
-    return nested
+    return train_stage(run.path(BASE_DIR), base_cfg, latent, progress)
 
 
 def open_base(run: Run, cfg: Config) -> Run:
@@ -297,11 +279,8 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         index = distributed.shard(batches(step)).to(device)
-        y = None
-        if conditions is not None:
-            drop = distributed.rand((len(index),), generator=generator).to(device) < \
-                cfg.label_dropout
-            y = base.model.condition.drop(conditions[index], drop)
+        y = latent.dropped(base.model.condition, conditions, index, cfg.label_dropout,
+                           generator)
         control = controls[index]
 
         def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -317,9 +296,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
                  "precision": precision}, progress=progress)
     if not distributed.is_main():
         return run
-    run.save_figure(metric_curves(run.metrics, ["loss"], title=f"{cfg.METHOD} training loss"),
-                    "loss.png")
-    run.write_summary({"train/steps": cfg.steps, "train/loss": run.last_row()["loss"]})
+    latent.write_training_summary(run, cfg)
     if cfg.eval_samples:
         evaluate(run, n=cfg.eval_samples, progress=progress)
     return run

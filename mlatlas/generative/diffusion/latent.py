@@ -376,6 +376,24 @@ def train_conditions(cfg: Config, data: Dataset, tokenizer) -> torch.Tensor | No
 
 # --- training ------------------------------------------------------------------------------------
 
+def dropped(condition: LabelCondition | TextCondition | None, conditions: torch.Tensor | None,
+            index: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor | None:
+    """The conditions of this rank's rows ``index`` of the batch, each replaced by the null one
+    with probability p (the draw is the global batch's, so it does not depend on the ranks)."""
+    if conditions is None:
+        return None
+    drop = distributed.rand((len(index),), generator=generator).to(index.device) < p
+    return condition.drop(conditions[index], drop)
+
+
+def write_training_summary(run: Run, cfg, extra: dict | None = None) -> None:
+    """The loss curve and the training part of summary.json."""
+    run.save_figure(metric_curves(run.metrics, ["loss"], title=f"{cfg.METHOD} training loss"),
+                    "loss.png")
+    run.write_summary({"train/steps": cfg.steps, "train/loss": run.last_row()["loss"],
+                       **(extra or {})})
+
+
 def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> Run:
     """Train (or resume) the first stage if needed, then the denoiser on its scaled latents."""
     run = run or Run.create(cfg.METHOD, cfg)
@@ -399,11 +417,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         index = distributed.shard(batches(step)).to(device)
-        y = None
-        if conditions is not None:
-            drop = distributed.rand((len(index),), generator=generator).to(device) < \
-                cfg.label_dropout
-            y = model.condition.drop(conditions[index], drop)
+        y = dropped(model.condition, conditions, index, cfg.label_dropout, generator)
         with precision.autocast():
             loss = formulation.loss(model, z_train[index], y, generator)
         optimise(cfg, model, ema, optimizer, loss, step, precision)
@@ -414,11 +428,8 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
                  "precision": precision}, progress=progress)
     if not distributed.is_main():
         return run
-    run.save_figure(metric_curves(run.metrics, ["loss"], title=f"{cfg.METHOD} training loss"),
-                    "loss.png")
-    run.write_summary({"train/steps": cfg.steps, "train/loss": run.last_row()["loss"],
-                       "train/latent_scale": scale,
-                       "train/latent_shape": list(ae.latent_shape)})
+    write_training_summary(run, cfg, {"train/latent_scale": scale,
+                                      "train/latent_shape": list(ae.latent_shape)})
     if cfg.eval_samples:
         evaluate(run, n=cfg.eval_samples, progress=progress)
     return run

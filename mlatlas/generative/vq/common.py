@@ -41,10 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlatlas.core import distributed
-from mlatlas.core.config import BatchConfig, ConfigError, config_to_dict, require_at_least
+from mlatlas.core.config import BatchConfig, ConfigError, require_at_least
 from mlatlas.core.plots import metric_curves, show_images
 from mlatlas.core.precision import Precision, compile_module
-from mlatlas.core.run import Run, RunError, fit, nested_run
+from mlatlas.core.run import Run, RunError, fit, open_stage, train_stage
 from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.data import Dataset, DatasetError, EpochBatches, load_dataset
 from mlatlas.eval.samples import min_samples, score_samples
@@ -391,35 +391,15 @@ FIRST_STAGE_DIR = "autoencoder"
 def open_first_stage(directory: str | Path, dataset: str, methods: Sequence[str],
                      option: str) -> Run:
     """The finished run in ``directory`` of one of ``methods``, trained on ``dataset``: the first
-    stage of a model of its latents (the VQ prior's codes, latent diffusion's latents); a
-    ConfigError naming the ``option`` it came from otherwise."""
-    try:
-        source = Run.open(directory)
-    except RunError as err:
-        raise ConfigError(f"{option}: {err}") from None
-    if source.method not in methods:
-        raise ConfigError(f"{option}: {directory} is a {source.method} run; this needs the "
-                          f"latents of a {' or '.join(methods)} run")
-    if not source.has_checkpoint():
-        raise ConfigError(f"{option}: {directory} has no checkpoint")
-    if source.config.get("dataset") != dataset:
-        raise ConfigError(f"{option}: {directory} was trained on "
-                          f"{source.config.get('dataset')!r}, this run on {dataset!r}")
-    return source
+    stage of a model of its latents (the VQ prior's codes, latent diffusion's latents)."""
+    return open_stage(directory, option, methods, dataset, "this needs the latents of")
 
 
 def train_first_stage(run: Run, stage_cfg: AutoencoderConfig, module: ModuleType,
                       progress: bool | None = None) -> Run:
     """The autoencoder ``stage_cfg`` trained (or resumed, or found finished) in the folder
     ``<run>/autoencoder/`` nested inside a second stage's run."""
-    nested = nested_run(run.path(FIRST_STAGE_DIR), stage_cfg.METHOD, config_to_dict(stage_cfg),
-                        f"{module.__name__}:{type(stage_cfg).__qualname__}")
-    # Rank 0 decides, so that every rank trains or none does.
-    if distributed.broadcast_object(nested.checkpoint_step() != stage_cfg.steps
-                                    or not nested.summary()):
-        module.train(nested.load_config(type(stage_cfg)), nested, progress)
-        distributed.barrier()  # the other ranks read the autoencoder rank 0 has just written
-    return nested
+    return train_stage(run.path(FIRST_STAGE_DIR), stage_cfg, module, progress)
 
 
 def held_out_images(data: Dataset, n: int, seed: int) -> torch.Tensor:
