@@ -187,9 +187,9 @@ class Config(BatchConfig):
     """Training images (the base run's dataset); their control images are computed from them."""
     base_steps: int = 2000
     """Steps of the base trained when no --base-run is given (its autoencoder: its default)."""
-    control: Literal["canny", "sobel", "mask", "skeleton"] = "canny"
-    """The control image computed from each training image: Canny or Sobel edges, the shapes'
-    mask, or the skeleton of the strokes (digits)."""
+    control: Literal["mask", "canny", "sobel", "skeleton"] = "mask"
+    """The control image computed from each training image: the shapes' mask, Canny or Sobel
+    edges, or the skeleton of the strokes (digits)."""
     steps: int = 2000
     """Optimisation steps of the ControlNet."""
     batch_size: int = 128
