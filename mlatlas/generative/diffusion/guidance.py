@@ -81,10 +81,12 @@ def classifier_free(model: nn.Module, labels: torch.Tensor | None, w: float):
     null = model.null_condition(labels) if hasattr(model, "null_condition") else \
         torch.full_like(labels, model.labels.num_classes)
 
+    both = torch.cat([labels, null])  # the same every step: built once, as the prompts are
+
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
+        out = model(torch.cat([x, x]), t.repeat(2), both)
         conditional, unconditional = out.chunk(2)
-        return unconditional + (1 + w) * (conditional - unconditional)
+        return torch.add(unconditional, conditional - unconditional, alpha=1 + w)
 
     return guided
 
