@@ -361,6 +361,11 @@ def nested_run(directory: Path, method: str, config: dict[str, Any],
     return nested
 
 
+def prefixed(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """``metrics`` with every key behind ``prefix`` (``"base/"``, ``"reconstruction_"``)."""
+    return {f"{prefix}{k}": v for k, v in metrics.items()}
+
+
 def open_stage(directory: str | Path, option: str, methods: Collection[str], dataset: str,
                purpose: str) -> Run:
     """The finished run in ``directory`` that another is built on (an autoencoder under a

@@ -45,7 +45,7 @@ from mlatlas.core.config import (
 )
 from mlatlas.core.plots import plt, show_images
 from mlatlas.core.precision import Precision
-from mlatlas.core.run import Run, fit, open_stage, train_stage
+from mlatlas.core.run import Run, fit, open_stage, prefixed, train_stage
 from mlatlas.core.runtime import seed_everything
 from mlatlas.data import EpochBatches, load_dataset
 from mlatlas.data.control import control_image, mask_iou, shape_mask
@@ -465,7 +465,7 @@ def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | Non
                "guidance": options.guidance, "sampler": options.sampler,
                "sampler_steps": options.steps}
     metrics.update(score_samples(x, data))
-    metrics.update(latent.prefixed(score_samples(x_base, data), "base"))
+    metrics.update(prefixed(score_samples(x_base, data), "base/"))
     title = f"controlnet ({trained.cfg.control}), {options.describe()}"
     run.save_figure(control_figure(controls, x, title), "samples.png")
     run.save_figure(control_figure(controls, x_base, f"the base alone, {options.describe()}"),

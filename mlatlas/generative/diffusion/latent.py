@@ -51,7 +51,7 @@ from mlatlas.core import distributed
 from mlatlas.core.config import ConfigError, require_at_least
 from mlatlas.core.plots import metric_curves, samples_figure
 from mlatlas.core.precision import Precision, compile_module
-from mlatlas.core.run import Run, fit
+from mlatlas.core.run import Run, fit, prefixed
 from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.data import Dataset, EpochBatches, load_dataset
 from mlatlas.eval.samples import score_samples
@@ -571,10 +571,6 @@ def caption_scores(x: torch.Tensor, captions: list[str]) -> dict[str, float]:
     return caption_agreement(x, shape, colour)
 
 
-def prefixed(metrics: dict, prefix: str) -> dict:
-    return {f"{prefix}/{k}": v for k, v in metrics.items()}
-
-
 def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | None = None,
              options: SampleOptions | None = None) -> dict:
     """Draw n samples (None: the run's ``eval_samples``) and score them against the held-out
@@ -598,13 +594,13 @@ def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | Non
         if trained.kind == "label":
             metrics.update(label_accuracy(x, y, data))
             metrics.update(diversity(x, y, data))
-            metrics.update(prefixed(label_accuracy(baseline, y, data), "unconditional"))
+            metrics.update(prefixed(label_accuracy(baseline, y, data), "unconditional/"))
         elif data.name == "shapes":
             metrics.update(caption_scores(x, captions))
-            metrics.update(prefixed(caption_scores(baseline, captions), "unconditional"))
+            metrics.update(prefixed(caption_scores(baseline, captions), "unconditional/"))
             if not options.prompt:
                 metrics.update(prefixed(zero_shot(trained, n, seed, options, progress),
-                                        "zero_shot"))
+                                        "zero_shot/"))
     title = f"{cfg.METHOD} samples, {cfg.dataset}, {options.describe()}"
     run.save_figure(samples_figure(x, title), "samples.png")
     if captions is not None:

@@ -59,7 +59,7 @@ from mlatlas.core.config import (
 )
 from mlatlas.core.plots import metric_curves, samples_figure
 from mlatlas.core.precision import Precision, compile_module
-from mlatlas.core.run import Run, fit
+from mlatlas.core.run import Run, fit, prefixed
 from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.data import Dataset, EpochBatches, load_dataset
 from mlatlas.eval.classifier import accuracy, load_feature_net
@@ -458,10 +458,6 @@ def sample(run: Run, n: int = 64, seed: int = 0, progress: bool | None = None,
     """n images: codes drawn from the prior, decoded by the run's autoencoder."""
     x, _ = draw(load_model(run), n, seed, options or SampleOptions())
     return x
-
-
-def prefixed(metrics: dict, prefix: str) -> dict:
-    return {f"{prefix}{k}": v for k, v in metrics.items()}
 
 
 def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | None = None,
