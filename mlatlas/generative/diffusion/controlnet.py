@@ -47,7 +47,7 @@ from mlatlas.core.plots import plt, show_images
 from mlatlas.core.precision import Precision
 from mlatlas.core.run import Run, fit, open_stage, prefixed, train_stage
 from mlatlas.core.runtime import seed_everything
-from mlatlas.data import EpochBatches, load_dataset
+from mlatlas.data import Dataset, EpochBatches, load_dataset
 from mlatlas.data.control import control_image, mask_iou, shape_mask
 from mlatlas.eval.samples import min_samples, score_samples
 from mlatlas.generative.diffusion import latent
@@ -374,16 +374,15 @@ def read_control_source(path: str, shape: tuple[int, ...]) -> torch.Tensor:
     return x[None].contiguous()
 
 
-def sample_controls(trained: Trained, n: int, options: SampleOptions
+def sample_controls(kind: str, data: Dataset, n: int, path: str
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The control images of n samples and the images they were computed from: ``--control``'s
-    for all, or those of the first held-out images in turn."""
-    data = trained.base.data
-    if options.control:
-        source = read_control_source(options.control, data.sample_shape).expand(n, -1, -1, -1)
+    """The ``kind`` controls of n samples and the images they were computed from: those of the
+    image at ``path`` (``--control``) for all, or of the first held-out images in turn."""
+    if path:
+        source = read_control_source(path, data.sample_shape).expand(n, -1, -1, -1)
     else:
         source = data.x_test[torch.arange(n) % len(data.x_test)]
-    return control_image(trained.cfg.control, source), source
+    return control_image(kind, source), source
 
 
 def draw(trained: Trained, n: int, seed: int, options: SampleOptions,
@@ -394,7 +393,7 @@ def draw(trained: Trained, n: int, seed: int, options: SampleOptions,
     base = trained.base
     y = conditions if conditions is not None else latent.sample_conditions(base, n, options)[0]
     if controls is None:
-        controls = sample_controls(trained, n, options)[0]
+        controls = sample_controls(trained.cfg.control, base.data, n, options.control)[0]
     formulation = base.cfg.formulation()
     keep = control_keep(options.steps, options.control_start, options.control_end)
     window = (network_times(formulation, options.steps, options.sampler), keep)
@@ -423,8 +422,10 @@ def sample(run: Run, n: int = 64, seed: int = 0, progress: bool | None = None,
 
 def sample_figure(x: torch.Tensor, title: str, run: Run, options: SampleOptions):
     """The samples beside the control they were drawn under (``mlatlas sample`` writes it)."""
-    trained = load_model(run)
-    controls = sample_controls(trained, len(x), resolve(trained, options))[0]
+    # The controls alone: no model to load (``sample`` has checked the options).
+    cfg = run.load_config()
+    control = options.control if options is not None else ""
+    controls = sample_controls(cfg.control, load_dataset(cfg.dataset), len(x), control)[0]
     return control_figure(controls, x, title)
 
 
@@ -454,7 +455,7 @@ def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | Non
         raise ConfigError(f"--n must be at least {min_samples('image')}, got {n}")
     options = resolve(trained, options)
     y, _ = latent.sample_conditions(trained.base, n, options)
-    controls, source = sample_controls(trained, n, options)
+    controls, source = sample_controls(trained.cfg.control, data, n, options.control)
     x = draw(trained, n, seed, options, progress, conditions=y, controls=controls)
     x_base = draw(trained, n, seed, options, progress, conditions=y, controls=controls, scale=0.0)
     target = shape_mask(source)
