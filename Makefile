@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install -q -c constraints.txt
 
 .PHONY: install dev demo test test-slow lint bench bench-diffusion bench-rl bench-contrastive \
-        bench-llm test-openclip classifiers clean
+        bench-llm test-openclip test-torchvision classifiers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,10 @@ $(OPENCLIP)/.installed:
 
 test-openclip: $(OPENCLIP)/.installed
 	$(OPENCLIP)/bin/python -m pytest -q tests/test_parity_open_clip.py
+
+# The detection operators against torchvision.ops (outputs and gradients), in the same venv.
+test-torchvision: $(OPENCLIP)/.installed
+	$(OPENCLIP)/bin/python -m pytest -q tests/test_parity_torchvision.py
 
 # Contrastive losses: chunked SigLIP memory and time (about 10 minutes), SigLIP against CLIP
 # over batch sizes and seeds (about 25 minutes), parity and speed against open_clip.

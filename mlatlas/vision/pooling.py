@@ -1,0 +1,275 @@
+r"""Pooling a feature map to fixed sizes: SPP, RoI pooling, RoI Align, and R-FCN's
+position-sensitive variants, with torchvision's semantics.
+
+**Spatial pyramid pooling** (He et al. 2014). Each level n max-pools an a x a map into n x n bins
+and the levels are concatenated, so the vector has C * sum_n n^2 entries whatever a is. Bin i of
+a level covers [floor(i a / n), ceil((i + 1) a / n)), the adaptive rule. The paper's rule (window
+ceil(a / n), stride floor(a / n)) does not always give n bins: for a = 7, n = 4 it slides a
+2-wide window with stride 1 and makes 6 (``paper_bins``).
+
+**RoI pooling** (Girshick 2015). A region is rounded to the feature grid, its start
+round(x1 s) and end round(x2 s) both inclusive (s: the spatial scale), and split into
+PH x PW bins [floor(i h / PH), ceil((i + 1) h / PH)). Each bin keeps its maximum (0 when empty).
+The maximum over a window is separable: the maximum over rows first, then over columns.
+
+**RoI Align** (He et al. 2017). No rounding. With ``aligned`` the region starts at x1 s - 1/2,
+so a pixel's centre is its coordinate. Bin (i, j) averages bilinear samples on a g_h x g_w grid,
+at y = y_1 + (i + (u + 1/2) / g_h) b_h, where b_h = h / PH and g_h = ``sampling_ratio``, or
+ceil(h / PH) when that is -1 (adaptive). Bilinear interpolation is a product of a weight over
+rows and a weight over columns, and the grid is a product of rows and columns. So the whole
+pooling of one region is two interpolation matrices:
+
+    out_k[c] = A_y^k  X[b_k, c]  (A_x^k)^T,   A_y^k[i, h] = (1/g_h) sum_u w(y_iu, h)
+
+with w(y, h) the 1D bilinear weight of sample y on row h. That is two matrix products per image,
+and autograd gives the gradient through the same products.
+
+**Position-sensitive pooling** (Dai et al. 2016, R-FCN). The input has C_out PH PW channels.
+Bin (i, j) of output channel c pools only input channel (c PH + i) PW + j, so each bin reads the
+score map that was trained to fire on that part of an object. ``ps_roi_pool`` averages each bin,
+by a summed-area table. ``ps_roi_align`` averages bilinear samples as RoI Align does, from
+y_1 = y1 s - 1/2, with no minimum size and a count of g_h g_w.
+
+Every function takes ``input`` (B, C, H, W) and ``rois`` (K, 5) = (batch_index, x1, y1, x2, y2)
+in input-image coordinates, scaled by ``spatial_scale`` into the feature map, and returns
+(K, C', PH, PW). They run in float32 and float64, on any device, with autograd for ``input``
+(the boxes get no gradient, as in torchvision).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mlatlas.vision.boxes import BoxError, check_rois
+
+# Elements per chunk of regions for the gathers of RoI max pooling (bounds its memory).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def spp(x: torch.Tensor, levels: tuple[int, ...] = (1, 2, 4)) -> torch.Tensor:
+    """(B, C * sum n^2) spatial pyramid max pooling of ``x`` (B, C, H, W), level by level, each
+    level's n x n bins flattened row by row."""
+    if x.dim() != 4:
+        raise ValueError(f"spp expects (B, C, H, W), got {tuple(x.shape)}")
+    if not levels or min(levels) < 1:
+        raise ValueError(f"spp levels must be positive integers, got {levels}")
+    if min(x.shape[-2:]) < max(levels):
+        raise ValueError(f"spp level {max(levels)} needs a map of at least {max(levels)}x"
+                         f"{max(levels)}, got {x.shape[-2]}x{x.shape[-1]}")
+    return torch.cat([F.adaptive_max_pool2d(x, n).flatten(1) for n in levels], 1)
+
+
+def paper_bins(a: int, n: int) -> int:
+    """How many bins the SPP paper's window ceil(a/n) with stride floor(a/n) gives on a side of
+    length a (n is what a level asks for)."""
+    window, stride = math.ceil(a / n), a // n
+    return (a - window) // stride + 1
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    # C's round(): halves away from zero (torch.round rounds halves to even).
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def _check(input: torch.Tensor, rois: torch.Tensor, output_size) -> tuple[int, int]:
+    if input.dim() != 4:
+        raise BoxError(f"input must be a (B, C, H, W) feature map, got {tuple(input.shape)}")
+    check_rois(rois, input.shape[0])
+    if rois.dtype != input.dtype:
+        raise BoxError(f"rois ({rois.dtype}) and input ({input.dtype}) must share a dtype")
+    ph, pw = (output_size, output_size) if isinstance(output_size, int) else output_size
+    if ph < 1 or pw < 1:
+        raise BoxError(f"output_size must be positive, got {output_size}")
+    return int(ph), int(pw)
+
+
+def _check_position_sensitive(input: torch.Tensor, ph: int, pw: int) -> int:
+    if input.shape[1] % (ph * pw):
+        raise BoxError(f"position-sensitive pooling to {ph}x{pw} needs input channels divisible "
+                       f"by {ph * pw}, got {input.shape[1]}")
+    return input.shape[1] // (ph * pw)
+
+
+def _per_image(input: torch.Tensor, rois: torch.Tensor, out_channels: int, ph: int, pw: int,
+               pool) -> torch.Tensor:
+    """Output (K, out_channels, ph, pw) filled image by image: ``pool(x_b, rows)`` pools the
+    regions ``rows`` of image b (a loop over the batch's images, never over regions)."""
+    out = input.new_zeros(len(rois), out_channels, ph, pw)
+    index = rois[:, 0].long()
+    for b in index.unique().tolist():
+        rows = (index == b).nonzero().squeeze(1)
+        out = out.index_copy(0, rows, pool(input[b], rows))
+    return out
+
+
+# --- RoI max pooling --------------------------------------------------------------------------
+
+def _bin_edges(start: torch.Tensor, length: torch.Tensor, bins: int, size: int):
+    """Integer [lo, hi) windows (K, bins) of RoI pooling's bins along one axis, clamped."""
+    size_per_bin = length.to(torch.float64)[:, None] / bins
+    i = torch.arange(bins, device=start.device, dtype=torch.float64)
+    lo = torch.floor(i * size_per_bin).long() + start[:, None]
+    hi = torch.ceil((i + 1) * size_per_bin).long() + start[:, None]
+    return lo.clamp(0, size), hi.clamp(0, size)
+
+
+def _window_max(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dim: int) -> torch.Tensor:
+    """Max of ``x`` over [lo, hi) along ``dim`` for each (region, bin): ``x`` (K, ..., L, ...)
+    with one slice per region, ``lo``/``hi`` (K, P); the result has P in place of L, -inf for
+    an empty window."""
+    width = max(int((hi - lo).max()), 1)
+    taps = lo[..., None] + torch.arange(width, device=lo.device)       # (K, P, width)
+    valid = taps < hi[..., None]
+    taps = taps.clamp(max=x.shape[dim] - 1)
+    x = x.movedim(dim, -1)                                              # (K, ..., L)
+    k, p = lo.shape
+    shape = (k,) + (1,) * (x.dim() - 2) + (p * width,)
+    gathered = x.gather(-1, taps.reshape(shape).expand(*x.shape[:-1], p * width))
+    gathered = gathered.unflatten(-1, (p, width))
+    mask = valid.reshape((k,) + (1,) * (x.dim() - 2) + (p, width))
+    return gathered.masked_fill(~mask, -math.inf).amax(-1).movedim(-1, dim)
+
+
+def roi_pool(input: torch.Tensor, rois: torch.Tensor, output_size: int | tuple[int, int],
+             spatial_scale: float = 1.0) -> torch.Tensor:
+    """(K, C, PH, PW) max pooling of each region's bins (torchvision.ops.roi_pool)."""
+    ph, pw = _check(input, rois, output_size)
+    _, c, height, width = input.shape
+    if len(rois) == 0:
+        return input.new_zeros(0, c, ph, pw)
+    with torch.no_grad():
+        corners = _round_half_away(rois[:, 1:] * spatial_scale).long()
+        x1, y1, x2, y2 = corners.unbind(1)
+        rows = _bin_edges(y1, (y2 - y1 + 1).clamp(min=1), ph, height)
+        cols = _bin_edges(x1, (x2 - x1 + 1).clamp(min=1), pw, width)
+
+    # Elements one region gathers: C W PH (widest row window), then C PH PW (widest column one).
+    per_region = c * ph * max(width * int((rows[1] - rows[0]).max()),
+                              pw * int((cols[1] - cols[0]).max()), 1)
+    chunk = max(1, CHUNK_ELEMENTS // per_region)
+
+    def pool(x, regions):
+        parts = []
+        for s in range(0, len(regions), chunk):
+            r = regions[s:s + chunk]
+            maps = x.expand(len(r), *x.shape)                           # (k, C, H, W), a view
+            by_rows = _window_max(maps, rows[0][r], rows[1][r], 2)      # (k, C, PH, W)
+            parts.append(_window_max(by_rows, cols[0][r], cols[1][r], 3))
+        out = torch.cat(parts)
+        return torch.where(out.isneginf(), 0.0, out)
+
+    return _per_image(input, rois, c, ph, pw, pool)
+
+
+# --- bilinear pooling -------------------------------------------------------------------------
+
+def _interpolation_matrix(start: torch.Tensor, length: torch.Tensor, bins: int,
+                          grid: torch.Tensor, size: int) -> torch.Tensor:
+    """(K, bins, size): row i averages, over the g samples of bin i, each sample's 1D bilinear
+    weights on the map's positions 0..size-1 (RoI Align's rule: a sample below -1 or above
+    ``size`` reads 0, one in [-1, 0] reads position 0, one past size - 1 reads size - 1). A
+    region with g = 0 samples pools to 0 (torchvision's PS-RoI Align divides 0 by 0 there)."""
+    g_max = max(int(grid.max()), 1) if len(grid) else 1
+    u = torch.arange(g_max, device=start.device, dtype=start.dtype)
+    i = torch.arange(bins, device=start.device, dtype=start.dtype)
+    bin_size = (length / bins)[:, None, None]
+    g = grid.to(start.dtype)[:, None, None]
+    y = start[:, None, None] + i[None, :, None] * bin_size + (u + 0.5) * bin_size / g
+    used = u < g                                                       # (K, 1, g_max)
+    empty = (y < -1.0) | (y > size)
+    y = y.clamp(min=0)
+    low = y.floor().long()
+    last = low >= size - 1
+    low = torch.where(last, size - 1, low)
+    high = torch.where(last, size - 1, low + 1)
+    frac = torch.where(last, 0.0, y - low.to(y.dtype))
+    positions = torch.arange(size, device=start.device)
+    weights = ((positions == low[..., None]) * (1 - frac)[..., None]
+               + (positions == high[..., None]) * frac[..., None])
+    weights = weights * (used & ~empty)[..., None]
+    return weights.sum(2) / grid.clamp(min=1).to(start.dtype)[:, None, None]
+
+
+def _align_matrices(rois, spatial_scale, ph, pw, sampling_ratio, height, width, offset,
+                    minimum_size):
+    """The interpolation matrices A_y (K, PH, H) and A_x (K, PW, W) of every region."""
+    x1, y1, x2, y2 = (rois[:, 1:] * spatial_scale - offset).unbind(1)
+    roi_w, roi_h = x2 - x1, y2 - y1
+    if minimum_size:
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    if sampling_ratio > 0:
+        grid_h = grid_w = torch.full_like(roi_h, sampling_ratio, dtype=torch.long)
+    else:
+        grid_h, grid_w = torch.ceil(roi_h / ph).long(), torch.ceil(roi_w / pw).long()
+    return (_interpolation_matrix(y1, roi_h, ph, grid_h, height),
+            _interpolation_matrix(x1, roi_w, pw, grid_w, width))
+
+
+def roi_align(input: torch.Tensor, rois: torch.Tensor, output_size: int | tuple[int, int],
+              spatial_scale: float = 1.0, sampling_ratio: int = -1,
+              aligned: bool = False) -> torch.Tensor:
+    """(K, C, PH, PW) RoI Align (torchvision.ops.roi_align): bilinear samples averaged per bin,
+    ``sampling_ratio`` samples per bin side (-1: ceil(region side / bins)), ``aligned`` the
+    half-pixel shift."""
+    ph, pw = _check(input, rois, output_size)
+    _, c, height, width = input.shape
+    with torch.no_grad():
+        a_y, a_x = _align_matrices(rois, spatial_scale, ph, pw, sampling_ratio, height, width,
+                                   0.5 if aligned else 0.0, minimum_size=not aligned)
+        a_y, a_x = a_y.to(input.dtype), a_x.to(input.dtype)
+
+    def pool(x, regions):
+        by_rows = torch.einsum("kih,chw->kciw", a_y[regions], x)
+        return torch.einsum("kciw,kjw->kcij", by_rows, a_x[regions])
+
+    return _per_image(input, rois, c, ph, pw, pool)
+
+
+def ps_roi_align(input: torch.Tensor, rois: torch.Tensor, output_size: int | tuple[int, int],
+                 spatial_scale: float = 1.0, sampling_ratio: int = -1) -> torch.Tensor:
+    """(K, C / (PH PW), PH, PW) position-sensitive RoI Align (torchvision.ops.ps_roi_align)."""
+    ph, pw = _check(input, rois, output_size)
+    c_out = _check_position_sensitive(input, ph, pw)
+    _, _, height, width = input.shape
+    with torch.no_grad():
+        a_y, a_x = _align_matrices(rois, spatial_scale, ph, pw, sampling_ratio, height, width,
+                                   0.5, minimum_size=False)
+        a_y, a_x = a_y.to(input.dtype), a_x.to(input.dtype)
+
+    def pool(x, regions):
+        maps = x.view(c_out, ph, pw, height, width)
+        by_rows = torch.einsum("kih,cijhw->kcijw", a_y[regions], maps)
+        return torch.einsum("kcijw,kjw->kcij", by_rows, a_x[regions])
+
+    return _per_image(input, rois, c_out, ph, pw, pool)
+
+
+def ps_roi_pool(input: torch.Tensor, rois: torch.Tensor, output_size: int | tuple[int, int],
+                spatial_scale: float = 1.0) -> torch.Tensor:
+    """(K, C / (PH PW), PH, PW) position-sensitive average pooling (torchvision.ops.ps_roi_pool):
+    bin (i, j) of channel c averages input channel (c PH + i) PW + j over the bin."""
+    ph, pw = _check(input, rois, output_size)
+    c_out = _check_position_sensitive(input, ph, pw)
+    _, _, height, width = input.shape
+    with torch.no_grad():
+        corners = _round_half_away(rois[:, 1:] * spatial_scale).long()
+        x1, y1, x2, y2 = corners.unbind(1)
+        rows = _bin_edges(y1, (y2 - y1).clamp(min=1), ph, height)
+        cols = _bin_edges(x1, (x2 - x1).clamp(min=1), pw, width)
+    channel = torch.arange(c_out * ph * pw, device=input.device).view(c_out, ph, pw)
+
+    def pool(x, regions):
+        # A summed-area table S (C, H + 1, W + 1) in float64: a bin's sum is 4 reads of S.
+        table = F.pad(x.double().cumsum(1).cumsum(2), (1, 0, 1, 0))
+        y0, y1_ = rows[0][regions][:, None, :, None], rows[1][regions][:, None, :, None]
+        x0, x1_ = cols[0][regions][:, None, None, :], cols[1][regions][:, None, None, :]
+        ch = channel[None]
+        total = (table[ch, y1_, x1_] - table[ch, y0, x1_] - table[ch, y1_, x0]
+                 + table[ch, y0, x0])
+        area = ((y1_ - y0) * (x1_ - x0)).to(total.dtype)
+        return torch.where(area > 0, total / area.clamp(min=1), 0.0).to(x.dtype)
+
+    return _per_image(input, rois, c_out, ph, pw, pool)
