@@ -37,12 +37,12 @@ class BoxError(ValueError):
 
 
 def check_boxes(boxes: torch.Tensor, name: str = "boxes") -> torch.Tensor:
-    """``boxes`` (N, 4) as (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1, finite; else a BoxError
-    naming the first bad row."""
-    if boxes.dim() != 2 or boxes.shape[1] != 4:
+    """``boxes`` (..., 4) as (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1, finite; else a
+    BoxError naming the first bad row."""
+    if boxes.dim() < 2 or boxes.shape[-1] != 4:
         raise BoxError(f"{name} must have shape (N, 4) as (x1, y1, x2, y2), got "
                        f"{tuple(boxes.shape)}")
-    _check_corners(boxes, name, 0)
+    _check_corners(boxes.reshape(-1, 4), name, 0)
     return boxes
 
 
@@ -75,19 +75,19 @@ def _check_corners(boxes: torch.Tensor, name: str, first: int) -> None:
 
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
-    """(N,) areas (x2 - x1)(y2 - y1) of (N, 4) boxes."""
-    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    """(...,) areas (x2 - x1)(y2 - y1) of (..., 4) boxes."""
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(N, M) IoU of every box of ``a`` (N, 4) with every box of ``b`` (M, 4); 0 where both
-    boxes are empty."""
+    """(..., N, M) IoU of every box of ``a`` (..., N, 4) with every box of ``b`` (..., M, 4),
+    leading dimensions broadcast (a batch of images); 0 where both boxes are empty."""
     check_boxes(a, "a")
     check_boxes(b, "b")
-    top_left = torch.maximum(a[:, None, :2], b[None, :, :2])
-    bottom_right = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    top_left = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
+    bottom_right = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
     inter = (bottom_right - top_left).clamp(min=0).prod(-1)
-    union = box_area(a)[:, None] + box_area(b)[None, :] - inter
+    union = box_area(a)[..., :, None] + box_area(b)[..., None, :] - inter
     return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), 0.0)
 
 
