@@ -78,6 +78,22 @@ def caption(shape: int, colour: int, size: int, count: int, template: int, word:
     return text
 
 
+def shape_mask(shape: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor,
+               radius: torch.Tensor) -> torch.Tensor:
+    """The pixels each shape covers: ``shape`` (N,) indices into SHAPES; ``dx``, ``dy`` (N, H, W)
+    offsets of the pixel centres from the shape's centre (y pointing down); ``radius`` (N, 1, 1)
+    or anything broadcasting to (N, H, W). Returns (N, H, W) bool. The one formula that
+    captioned shapes and :mod:`mlatlas.data.detection` both draw with."""
+    kinds = torch.stack([
+        dx.square() + dy.square() <= radius.square(),                      # circle
+        (dx.abs() <= radius * 0.85) & (dy.abs() <= radius * 0.85),          # square
+        (dy <= radius * 0.8) & (dx.abs() <= (dy + radius) * 0.55),          # triangle
+        ((dx.abs() <= radius * 0.3) | (dy.abs() <= radius * 0.3))          # cross
+        & (dx.abs() <= radius) & (dy.abs() <= radius),
+    ])
+    return kinds[shape, torch.arange(len(shape))]
+
+
 def render(shape: torch.Tensor, colour: torch.Tensor, size: torch.Tensor, count: torch.Tensor,
            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 3, 32, 32) images of the attributes, drawn at random positions (vectorised over N;
@@ -92,14 +108,7 @@ def render(shape: torch.Tensor, colour: torch.Tensor, size: torch.Tensor, count:
         cx = margin + torch.rand(n, generator=generator) * (IMAGE_SIZE - 2 * margin)
         cy = margin + torch.rand(n, generator=generator) * (IMAGE_SIZE - 2 * margin)
         dx, dy = x - cx.view(n, 1, 1), y - cy.view(n, 1, 1)
-        kinds = torch.stack([
-            dx.square() + dy.square() <= radius.square(),                      # circle
-            (dx.abs() <= radius * 0.85) & (dy.abs() <= radius * 0.85),          # square
-            (dy <= radius * 0.8) & (dx.abs() <= (dy + radius) * 0.55),          # triangle
-            ((dx.abs() <= radius * 0.3) | (dy.abs() <= radius * 0.3))          # cross
-            & (dx.abs() <= radius) & (dy.abs() <= radius),
-        ])
-        drawn = kinds[shape, torch.arange(n)]
+        drawn = shape_mask(shape, dx, dy, radius)
         mask |= drawn & (copy < count).view(n, 1, 1)
         if copy == 0:
             left = cx < IMAGE_SIZE / 2
