@@ -87,6 +87,13 @@ DEEP_RL = "mlatlas.rl.deep.evaluation"
 CLIP = "mlatlas.contrastive.clip"
 LIKELIHOOD = "mlatlas.generative.likelihood"
 GAN_OPTIONS = "mlatlas.generative.gan.common:SampleOptions"
+DETECTION = "mlatlas.vision.common"
+
+
+def _detector(name: str, summary: str) -> Method:
+    return Method(name, "vision", summary, f"mlatlas.vision.{name}", train=f"{DETECTION}:train",
+                  sample=f"{DETECTION}:sample", evaluate=f"{DETECTION}:evaluate",
+                  sample_config=f"{DETECTION}:SampleOptions")
 
 
 def _likelihood(name: str, family: str, module: str, summary: str,
@@ -184,6 +191,10 @@ METHODS: dict[str, Method] = {
                "(Esser et al. 2021, stage two): GPT-style, top-k/top-p sampling, decoded images",
                "mlatlas.generative.vq.prior",
                sample_config="mlatlas.generative.vq.prior:SampleOptions"),
+        _detector("faster_rcnn", "Faster R-CNN (Ren et al. 2015): RPN with anchors, RoI Align "
+                  "and an MLP head, on generated shapes with boxes"),
+        _detector("rfcn", "R-FCN (Dai et al. 2016): position-sensitive score maps, PS-RoI "
+                  "pooling and voting, on generated shapes with boxes"),
         _tabular("bellman", "dp", "Policy evaluation: closed form (I - gamma P_pi)^-1 r_pi "
                  "and iteration (Zhao ch. 2)", config="BellmanConfig", train="train_bellman"),
         _tabular("value_iteration", "dp", "Value iteration on the Bellman optimality equation "

@@ -40,20 +40,10 @@ from typing import Literal
 import numpy as np
 import torch
 
+from mlatlas.vision.boxes import box_iou
+
 COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
-
-
-def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of (N, 4) and (M, 4) boxes (x1, y1, x2, y2): (N, M); 0 where the union is empty."""
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny),
-                       torch.zeros_like(inter))
 
 
 def _match(iou: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
@@ -156,7 +146,7 @@ def mean_average_precision(predictions: Sequence[dict], targets: Sequence[dict],
         if len(g_boxes) != len(g_labels):
             raise ValueError(f"targets[{i}] has {len(g_boxes)} boxes and {len(g_labels)} labels")
         # One IoU matrix per image; each class reads its block.
-        iou = _box_iou(torch.from_numpy(p_boxes), torch.from_numpy(g_boxes)).numpy()
+        iou = box_iou(torch.from_numpy(p_boxes), torch.from_numpy(g_boxes)).numpy()
         for c in np.union1d(p_labels, g_labels).tolist():
             gt = np.flatnonzero(g_labels == c)
             det = np.flatnonzero(p_labels == c)
