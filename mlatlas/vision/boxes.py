@@ -10,9 +10,10 @@ Non-maximum suppression keeps, in order of decreasing score, every box whose IoU
 box already kept is at most a threshold. The greedy rule is a recursion on the score order,
 keep_j = not exists i < j with keep_i and IoU(i, j) > t, which has exactly one solution. It is
 solved here without a loop over boxes: iterate keep <- not any_i (M_ij and keep_i) with
-M = triu(IoU > t, 1) from keep = all True; index j is right after (its longest chain of
-suppressors + 1) rounds, so the iteration stops at the greedy answer in as many rounds as the
-longest suppression chain (a handful for real detections), each one matrix-vector product.
+M = triu(IoU > t, 1) from keep = all True, for many images or classes at once (padded). Index
+j is right after (its longest chain of suppressors + 1) rounds, so the iteration stops at the
+greedy answer in as many rounds as the longest suppression chain (a handful for real
+detections), each one matrix-vector product.
 
 Box coding (Girshick et al. 2014, Ren et al. 2015) with weights (w_x, w_y, w_w, w_h):
 
@@ -98,30 +99,55 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     if scores.shape != boxes.shape[:1]:
         raise BoxError(f"scores must have shape ({len(boxes)},) to match boxes, got "
                        f"{tuple(scores.shape)}")
-    order = torch.sort(scores, descending=True, stable=True).indices
-    if len(order) == 0:
-        return order
-    iou = box_iou(boxes[order], boxes[order])
-    # suppresses[i, j]: box i (higher score) would suppress box j (lower score).
-    suppresses = torch.triu(iou > iou_threshold, diagonal=1).to(boxes.dtype)
-    keep = torch.ones(len(order), dtype=torch.bool, device=boxes.device)
+    keep = nms_padded(boxes[None], scores[None], torch.ones_like(scores, dtype=torch.bool)[None],
+                      iou_threshold)[0]
+    kept = keep.nonzero().squeeze(1)
+    return kept[torch.sort(scores[kept], descending=True, stable=True).indices]
+
+
+def nms_padded(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor,
+               iou_threshold: float) -> torch.Tensor:
+    """NMS in each of G independent sets at once: ``boxes`` (G, M, 4), ``scores`` (G, M) and
+    ``valid`` (G, M) (padding is not valid and suppresses nothing); the (G, M) mask of the boxes
+    kept, in their input positions. O(G M^2) memory."""
+    order = torch.sort(torch.where(valid, scores, -torch.inf), dim=1, descending=True,
+                       stable=True).indices
+    ordered = boxes.gather(1, order[..., None].expand(-1, -1, 4))
+    usable = valid.gather(1, order)
+    # suppresses[g, i, j]: box i (higher score) would suppress box j (lower score).
+    suppresses = torch.triu(box_iou(ordered, ordered) > iou_threshold, diagonal=1)
+    suppresses = (suppresses & usable[:, :, None]).to(boxes.dtype)
+    keep = usable
     while True:
-        new = (keep.to(boxes.dtype) @ suppresses) == 0
+        new = usable & ((keep.to(boxes.dtype)[:, None, :] @ suppresses)[:, 0] == 0)
         if torch.equal(new, keep):
-            return order[keep]
+            return torch.zeros_like(valid).scatter(1, order, keep)
         keep = new
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
                 iou_threshold: float) -> torch.Tensor:
-    """NMS within each group (class or image) independently: boxes of different groups are moved
-    apart by more than their extent so that they never overlap, then one ``nms``."""
+    """NMS within each group (class, image) independently; indices kept, by decreasing score.
+    The groups are padded into one (G, M) batch for :func:`nms_padded`, so the IoU matrices are
+    per group (G M^2), not over all boxes (N^2)."""
     check_boxes(boxes)
     if len(boxes) == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
-    span = boxes.max() - boxes.min() + 1
-    shifted = boxes + (groups.to(boxes.dtype) * span)[:, None]
-    return nms(shifted, scores, iou_threshold)
+    _, group = torch.unique(groups, return_inverse=True)
+    by_group = torch.sort(group, stable=True)
+    counts = torch.bincount(group)
+    starts = counts.cumsum(0) - counts
+    rank = torch.arange(len(boxes), device=boxes.device) - starts[by_group.values]
+    shape = (len(counts), int(counts.max()))
+    padded = boxes.new_zeros(*shape, 4)
+    padded[by_group.values, rank] = boxes[by_group.indices]
+    padded_scores = scores.new_zeros(shape)
+    padded_scores[by_group.values, rank] = scores[by_group.indices]
+    valid = torch.zeros(shape, dtype=torch.bool, device=boxes.device)
+    valid[by_group.values, rank] = True
+    keep = nms_padded(padded, padded_scores, valid, iou_threshold)
+    kept = torch.sort(by_group.indices[keep[by_group.values, rank]]).values
+    return kept[torch.sort(scores[kept], descending=True, stable=True).indices]
 
 
 def _centres(boxes: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -82,13 +82,13 @@ class DetectionConfig(BatchConfig):
     """Channels of the backbone (its stride-4 features have 2 width)."""
     deformable: bool = False
     """Make the backbone's last two 3x3 convolutions deformable (v2, modulated)."""
-    pre_nms: int = 600
+    pre_nms: int = 300
     """Proposals kept per image before the RPN's NMS (training)."""
-    post_nms: int = 128
+    post_nms: int = 64
     """Proposals kept per image after it (training); half of it at test time."""
     rpn_batch: int = 256
     """Anchors sampled per image for the RPN's loss (at most half positive)."""
-    head_batch: int = 128
+    head_batch: int = 64
     """Regions sampled per image for the head's loss (at most a quarter objects)."""
     eval_images: int = 500
     """Held-out images scored at the end of training (0 skips the evaluation)."""

@@ -36,7 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlatlas.core import distributed
-from mlatlas.vision.boxes import batched_nms, box_iou, clip_boxes, decode_boxes, encode_boxes
+from mlatlas.vision.boxes import (
+    batched_nms,
+    box_iou,
+    clip_boxes,
+    decode_boxes,
+    encode_boxes,
+    nms_padded,
+)
 from mlatlas.vision.deform import DeformConv2d
 
 HEAD_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
@@ -170,17 +177,13 @@ def propose(logits: torch.Tensor, deltas: torch.Tensor, anchors: torch.Tensor,
             nms_threshold: float = 0.7, min_size: float = 1.0
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, post_nms, 4) proposals and their (B, post_nms) validity, best objectness first."""
-    b = len(logits)
     top = logits.detach().topk(min(pre_nms, logits.shape[1]), 1)
     boxes = decode_boxes(gather_boxes(deltas.detach(), top.indices), anchors[top.indices])
     boxes = clip_boxes(boxes, *image_size)
     big = ((boxes[..., 2] - boxes[..., 0]) >= min_size) & ((boxes[..., 3] - boxes[..., 1])
                                                             >= min_size)
-    image = torch.arange(b, device=logits.device)[:, None].expand_as(top.values)
-    kept = batched_nms(boxes[big], top.values[big], image[big], nms_threshold)
-    survives = torch.zeros_like(big).flatten()
-    survives[big.flatten().nonzero().squeeze(1)[kept]] = True
-    scores = torch.where(survives.view_as(big), top.values, -torch.inf)
+    survives = nms_padded(boxes, top.values, big, nms_threshold)
+    scores = torch.where(survives, top.values, -torch.inf)
     best = scores.topk(min(post_nms, scores.shape[1]), 1)
     return gather_boxes(boxes, best.indices), best.values.isfinite()
 

@@ -95,14 +95,16 @@ def _check_position_sensitive(input: torch.Tensor, ph: int, pw: int) -> int:
 
 def _per_image(input: torch.Tensor, rois: torch.Tensor, out_channels: int, ph: int, pw: int,
                pool) -> torch.Tensor:
-    """Output (K, out_channels, ph, pw) filled image by image: ``pool(x_b, rows)`` pools the
+    """Output (K, out_channels, ph, pw) pooled image by image: ``pool(x_b, rows)`` pools the
     regions ``rows`` of image b (a loop over the batch's images, never over regions)."""
-    out = input.new_zeros(len(rois), out_channels, ph, pw)
+    if len(rois) == 0:
+        return input.new_zeros(0, out_channels, ph, pw)
     index = rois[:, 0].long()
-    for b in index.unique().tolist():
-        rows = (index == b).nonzero().squeeze(1)
-        out = out.index_copy(0, rows, pool(input[b], rows))
-    return out
+    order = torch.sort(index, stable=True)
+    counts = torch.bincount(order.values).tolist()
+    parts = [pool(input[b], rows) for b, rows in enumerate(order.indices.split(counts))
+             if len(rows)]
+    return torch.cat(parts)[order.indices.argsort()]
 
 
 # --- RoI max pooling --------------------------------------------------------------------------
@@ -139,7 +141,7 @@ def roi_pool(input: torch.Tensor, rois: torch.Tensor, output_size: int | tuple[i
     ph, pw = _check(input, rois, output_size)
     _, c, height, width = input.shape
     if len(rois) == 0:
-        return input.new_zeros(0, c, ph, pw)
+        return _per_image(input, rois, c, ph, pw, None)
     with torch.no_grad():
         corners = _round_half_away(rois[:, 1:] * spatial_scale).long()
         x1, y1, x2, y2 = corners.unbind(1)
