@@ -195,6 +195,9 @@ METHODS: dict[str, Method] = {
                   "and an MLP head, on generated shapes with boxes"),
         _detector("rfcn", "R-FCN (Dai et al. 2016): position-sensitive score maps, PS-RoI "
                   "pooling and voting, on generated shapes with boxes"),
+        Method("spp_net", "vision", "SPP-net (He et al. 2014): spatial pyramid pooling gives a "
+               "fixed-length vector from any image size; multi-size training",
+               "mlatlas.vision.spp_net", sample=None),
         _tabular("bellman", "dp", "Policy evaluation: closed form (I - gamma P_pi)^-1 r_pi "
                  "and iteration (Zhao ch. 2)", config="BellmanConfig", train="train_bellman"),
         _tabular("value_iteration", "dp", "Value iteration on the Bellman optimality equation "

@@ -100,9 +100,8 @@ class DetectionConfig(BatchConfig):
         if self.image_size < 32 or self.image_size % STRIDE_MULTIPLE:
             raise ConfigError(f"--image-size must be a multiple of {STRIDE_MULTIPLE} and at "
                               f"least 32, got {self.image_size}")
-        if self.width < 8 or self.width % 8:
-            raise ConfigError(f"--width must be a multiple of 8 (GroupNorm's 8 groups), got "
-                              f"{self.width}")
+        if self.width < 8 or self.width % 2:
+            raise ConfigError(f"--width must be even and at least 8, got {self.width}")
         if self.batch_size > self.train_images:
             raise ConfigError(f"--batch-size {self.batch_size} exceeds --train-images "
                               f"{self.train_images}")

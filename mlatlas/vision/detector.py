@@ -31,6 +31,8 @@ data-parallel job takes the steps of one process.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,7 +56,9 @@ def conv_block(c_in: int, c_out: int, stride: int = 1, dilation: int = 1,
                deformable: bool = False) -> nn.Sequential:
     conv = (DeformConv2d(c_in, c_out, 3, stride, dilation, dilation, modulated=True)
             if deformable else nn.Conv2d(c_in, c_out, 3, stride, dilation, dilation))
-    return nn.Sequential(conv, nn.GroupNorm(8, c_out), nn.ReLU())
+    # GroupNorm, not BatchNorm: statistics per image, so a rank's shard and the whole batch
+    # normalise alike.
+    return nn.Sequential(conv, nn.GroupNorm(math.gcd(8, c_out), c_out), nn.ReLU())
 
 
 class Backbone(nn.Module):
