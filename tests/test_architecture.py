@@ -12,7 +12,7 @@ import pytest
 import mlatlas
 
 ROOT = Path(mlatlas.__file__).parent
-FAMILIES = {"generative", "rl", "llm", "contrastive"}
+FAMILIES = {"generative", "rl", "llm", "contrastive", "vision"}
 SHARED = {"core", "nn", "data", "eval"}
 TOP = {"registry", "cli", "launch", "__main__"}
 # Where one family is truly built on another (docs/architecture.md, "Which package imports

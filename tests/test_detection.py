@@ -155,6 +155,7 @@ def test_detector_runs_evaluates_samples_and_resumes_exactly(module, extra, tmp_
                 "baseline/map_50", "train/loss"):
         assert key in summary, key
     assert (whole.dir / "detections.png").exists()
+    assert (whole.dir / "sampling.png").exists() == cfg.deformable
     assert common.sample(whole, 3, seed=1).shape == (3, 3, 64, 64)
     # Killed during step 3, after the step-2 checkpoint, and resumed: bitwise the whole run.
     calls, losses = [], common.losses

@@ -12,7 +12,9 @@ Evaluation detects on the held-out images. It reports COCO's mAP@[.5:.95] and mA
 untrained network (``baseline/``). It also scores the images of :func:`unusual_scales`, whose
 objects are larger or smaller than any in training (``eval/unusual_*``), and the share of
 objects the proposals cover (``eval/proposal_recall``: the best proposal's IoU >= 0.5). It
-writes ``detections.png``: the predicted boxes over test images, beside the ground truth.
+writes ``detections.png``: the predicted boxes over test images, beside the ground truth; and,
+for a deformable backbone, ``sampling.png``: the points its two deformable layers read for one
+feature cell, on large and small objects.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from mlatlas.data import EpochBatches
 from mlatlas.data.detection import CLASSES, Detections, detection_shapes, unusual_scales
 from mlatlas.vision.boxes import box_iou
 from mlatlas.vision.detector import (
+    STRIDE,
     Backbone,
     Detector,
     detections,
@@ -326,6 +329,51 @@ def detections_figure(data: Detections, found: list[dict[str, torch.Tensor]], ti
     return fig
 
 
+@torch.no_grad()
+def sampling_points(model: Detector, image: torch.Tensor, at: tuple[int, int]) -> torch.Tensor:
+    """(81, 2) image-plane (x, y) points the backbone's two deformable layers read for the
+    feature cell ``at`` = (row, col): the last layer's 9 taps, then the previous layer's 9
+    taps at each of them (rounded to its grid), as in Dai et al.'s figure."""
+    layers = model.backbone.layers
+    first, last = layers[-2][0], layers[-1][0]
+    x_first = layers[:-2](image[None])
+    x_last = layers[-2](x_first)
+    taps = last.sampling_points(x_last)[0, 0, :, :, at[0], at[1]]            # (9, 2) as (y, x)
+    inner = first.sampling_points(x_first)[0, 0]                              # (9, 2, H, W)
+    h, w = inner.shape[2:]
+    rows = taps[:, 0].round().long().clamp(0, h - 1)
+    cols = taps[:, 1].round().long().clamp(0, w - 1)
+    points = inner[:, :, rows, cols].permute(2, 0, 1).reshape(-1, 2)          # (81, 2)
+    return (points.flip(1) + 0.5) * STRIDE
+
+
+def sampling_figure(model: Detector, data: Detections, count: int = 4):
+    """Where the deformable layers read, for the centre cell of the first object of test
+    images, beside the regular grid's 9 x 9 dilated points."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, count, figsize=(2.6 * count, 2.9), squeeze=False)
+    for j in range(count):
+        ax = axes[0, j]
+        image = data.images[j]
+        x1, y1, x2, y2 = data.boxes[j][0].tolist()
+        at = (int((y1 + y2) / 2 // STRIDE), int((x1 + x2) / 2 // STRIDE))
+        points = sampling_points(model, image.to(next(model.parameters()).device), at).cpu()
+        ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
+        ax.scatter(points[:, 0] - 0.5, points[:, 1] - 0.5, s=4, c="red", label="learned")
+        ax.scatter([(at[1] + 0.5) * STRIDE - 0.5], [(at[0] + 0.5) * STRIDE - 0.5], s=25,
+                   c="lime", marker="+", label="output cell")
+        ax.set_xlim(-0.5, image.shape[2] - 0.5)
+        ax.set_ylim(image.shape[1] - 0.5, -0.5)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"{CLASSES[int(data.labels[j][0])]}, side {x2 - x1:.0f} px", fontsize=8)
+    axes[0, 0].legend(fontsize=6, loc="lower left")
+    fig.suptitle("deformable sampling: 81 points of the last two layers for one cell")
+    fig.tight_layout()
+    return fig
+
+
 def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | None = None,
              options: SampleOptions | None = None) -> dict:
     """Score the detector on n held-out images (None: the run's ``eval_images``) as the module
@@ -354,5 +402,10 @@ def evaluate(run: Run, n: int | None = None, seed: int = 0, progress: bool | Non
                          prefix="baseline")
     run.save_figure(detections_figure(data, found, f"{cfg.METHOD} on held-out images"),
                     "detections.png")
+    if cfg.deformable:
+        mixed = Detections(torch.cat([unusual.images[:2], unusual.images[-2:]]),
+                           unusual.boxes[:2] + unusual.boxes[-2:],
+                           unusual.labels[:2] + unusual.labels[-2:])
+        run.save_figure(sampling_figure(model, mixed), "sampling.png")
     run.write_evaluation(metrics)
     return {**metrics, "untrained_map_50": baseline["map_50"]}
