@@ -10,7 +10,9 @@ ceil(a / n), stride floor(a / n)) does not always give n bins: for a = 7, n = 4 
 **RoI pooling** (Girshick 2015). A region is rounded to the feature grid, its start
 round(x1 s) and end round(x2 s) both inclusive (s: the spatial scale), and split into
 PH x PW bins [floor(i h / PH), ceil((i + 1) h / PH)). Each bin keeps its maximum (0 when empty).
-The maximum over a window is separable: the maximum over rows first, then over columns.
+The bins come in a few sizes a x b. Running maxima over the whole map, row by row, then column
+by column (M_{a,b} = max(M_{a,b-1}, shifted M_{a,1})), hold the maximum of every a x b window,
+so each bin is one read from its size's table.
 
 **RoI Align** (He et al. 2017). No rounding. With ``aligned`` the region starts at x1 s - 1/2,
 so a pixel's centre is its coordinate. Bin (i, j) averages bilinear samples on a g_h x g_w grid,
@@ -44,9 +46,6 @@ import torch
 import torch.nn.functional as F
 
 from mlatlas.vision.boxes import BoxError, check_rois
-
-# Elements per chunk of regions for the gathers of RoI max pooling (bounds its memory).
-CHUNK_ELEMENTS = 1 << 24
 
 
 def spp(x: torch.Tensor, levels: tuple[int, ...] = (1, 2, 4)) -> torch.Tensor:
@@ -118,21 +117,13 @@ def _bin_edges(start: torch.Tensor, length: torch.Tensor, bins: int, size: int):
     return lo.clamp(0, size), hi.clamp(0, size)
 
 
-def _window_max(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dim: int) -> torch.Tensor:
-    """Max of ``x`` over [lo, hi) along ``dim`` for each (region, bin): ``x`` (K, ..., L, ...)
-    with one slice per region, ``lo``/``hi`` (K, P); the result has P in place of L, -inf for
-    an empty window."""
-    width = max(int((hi - lo).max()), 1)
-    taps = lo[..., None] + torch.arange(width, device=lo.device)       # (K, P, width)
-    valid = taps < hi[..., None]
-    taps = taps.clamp(max=x.shape[dim] - 1)
-    x = x.movedim(dim, -1)                                              # (K, ..., L)
-    k, p = lo.shape
-    shape = (k,) + (1,) * (x.dim() - 2) + (p * width,)
-    gathered = x.gather(-1, taps.reshape(shape).expand(*x.shape[:-1], p * width))
-    gathered = gathered.unflatten(-1, (p, width))
-    mask = valid.reshape((k,) + (1,) * (x.dim() - 2) + (p, width))
-    return gathered.masked_fill(~mask, -math.inf).amax(-1).movedim(-1, dim)
+def _running_max(value, index, new_value, new_index, dim):
+    """The window maximum grown by one along ``dim``: the old window without its last position
+    against the positions one step further (strictly greater wins, so ties keep the first)."""
+    value = value.narrow(dim, 0, value.shape[dim] - 1)
+    index = index.narrow(dim, 0, index.shape[dim] - 1)
+    better = new_value > value
+    return torch.where(better, new_value, value), torch.where(better, new_index, index)
 
 
 def roi_pool(input: torch.Tensor, rois: torch.Tensor, output_size: int | tuple[int, int],
@@ -147,21 +138,42 @@ def roi_pool(input: torch.Tensor, rois: torch.Tensor, output_size: int | tuple[i
         x1, y1, x2, y2 = corners.unbind(1)
         rows = _bin_edges(y1, (y2 - y1 + 1).clamp(min=1), ph, height)
         cols = _bin_edges(x1, (x2 - x1 + 1).clamp(min=1), pw, width)
-
-    # Elements one region gathers: C W PH (widest row window), then C PH PW (widest column one).
-    per_region = c * ph * max(width * int((rows[1] - rows[0]).max()),
-                              pw * int((cols[1] - cols[0]).max()), 1)
-    chunk = max(1, CHUNK_ELEMENTS // per_region)
+        heights, widths = rows[1] - rows[0], cols[1] - cols[0]
 
     def pool(x, regions):
-        parts = []
-        for s in range(0, len(regions), chunk):
-            r = regions[s:s + chunk]
-            maps = x.expand(len(r), *x.shape)                           # (k, C, H, W), a view
-            by_rows = _window_max(maps, rows[0][r], rows[1][r], 2)      # (k, C, PH, W)
-            parts.append(_window_max(by_rows, cols[0][r], cols[1][r], 3))
-        out = torch.cat(parts)
-        return torch.where(out.isneginf(), 0.0, out)
+        # The bins take few distinct sizes a x b. Running maxima over the whole map give the
+        # position of the maximum of every a x b window; each bin reads its window's entry,
+        # and the values are gathered from x at those positions, so autograd sends each bin's
+        # gradient to its maximum, as torchvision's argmax does (the earlier wins a tie).
+        h, w = heights[regions], widths[regions]
+        top, left = rows[0][regions], cols[0][regions]
+        n_bins = len(regions) * ph * pw
+        # argmax (C, K PH PW): the flat map position each bin reads (-1: empty bin).
+        argmax = torch.full((c, n_bins), -1, dtype=torch.int32, device=x.device)
+        sizes_a, sizes_b = set(h.unique().tolist()) - {0}, set(w.unique().tolist()) - {0}
+        with torch.no_grad():
+            flat = torch.arange(height * width, dtype=torch.int32, device=x.device)
+            flat = flat.view(1, height, width).expand(c, -1, -1)
+            rows_value, rows_index = x, flat              # max over a rows: (C, H - a + 1, W)
+            for a in range(1, max(sizes_a, default=0) + 1):
+                if a > 1:
+                    rows_value, rows_index = _running_max(rows_value, rows_index,
+                                                          x[:, a - 1:], flat[:, a - 1:], 1)
+                if a not in sizes_a:
+                    continue
+                value, index = rows_value, rows_index     # max over a x b
+                for b in range(1, max(sizes_b) + 1):
+                    if b > 1:
+                        value, index = _running_max(value, index, rows_value[:, :, b - 1:],
+                                                    rows_index[:, :, b - 1:], 2)
+                    k, i, j = ((h == a)[:, :, None] & (w == b)[:, None, :]).nonzero().unbind(1)
+                    if len(k):
+                        corner = top[k, i] * index.shape[2] + left[k, j]
+                        argmax.index_copy_(1, (k * ph + i) * pw + j,
+                                           index.reshape(c, -1).index_select(1, corner))
+        empty = argmax < 0
+        values = x.reshape(c, -1).gather(1, argmax.clamp(min=0).long()).masked_fill(empty, 0.0)
+        return values.view(c, len(regions), ph, pw).transpose(0, 1)
 
     return _per_image(input, rois, c, ph, pw, pool)
 
