@@ -206,3 +206,21 @@ def test_readme_distributed_command(runs):
     proc = train(runs, argv[1], *argv[2:argv.index("--nproc")], "--steps", "4",
                  "--eval-samples", "0", nproc=2)
     assert "run: " in proc.stdout
+
+
+def test_readme_detection_tour(runs, capsys):
+    """The detection tour with tiny budgets: every command parses and runs."""
+    commands = tour_commands("mlatlas train faster_rcnn")
+    assert len(commands) == 5
+    tiny = ["--steps", "2", "--batch-size", "4", "--width", "8", "--log-every", "1",
+            "--ckpt-every", "2", "--out", str(runs), "--no-progress"]
+    for argv in commands:
+        if argv[:2] == ["train", "spp_net"]:
+            argv = [*argv, "--dataset", "digits", "--train-sizes", "8,12", "--test-sizes", "16",
+                    "--levels", "1,2", *tiny]
+        elif argv[0] == "train":
+            argv = [*argv, "--train-images", "8", "--eval-images", "4", *tiny]
+        else:
+            argv = [argv[0], str(run_dir_of(runs, argv[1])), *argv[2:], "--n", "4",
+                    "--no-progress"]
+        assert main(argv) == 0, argv
