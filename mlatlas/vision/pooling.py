@@ -236,8 +236,12 @@ def roi_align(input: torch.Tensor, rois: torch.Tensor, output_size: int | tuple[
         a_y, a_x = a_y.to(input.dtype), a_x.to(input.dtype)
 
     def pool(x, regions):
-        by_rows = torch.einsum("kih,chw->kciw", a_y[regions], x)
-        return torch.einsum("kciw,kjw->kcij", by_rows, a_x[regions])
+        # One GEMM (K PH, H) @ (H, C W), then one batched product with A_x^T, laid out so that
+        # only the small (K, PH, C, PW) result is permuted.
+        k = len(regions)
+        by_rows = a_y[regions].reshape(k * ph, height) @ x.transpose(0, 1).reshape(height, -1)
+        out = torch.bmm(by_rows.view(k, ph * c, width), a_x[regions].transpose(1, 2))
+        return out.view(k, ph, c, pw).transpose(1, 2)
 
     return _per_image(input, rois, c, ph, pw, pool)
 
