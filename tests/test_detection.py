@@ -136,7 +136,7 @@ def test_config_refusals():
         rfcn.Config(width=13)
     with pytest.raises(ConfigError, match="--batch-size 64 exceeds --train-images 32"):
         faster_rcnn.Config(train_images=32, batch_size=64)
-    with pytest.raises(ConfigError, match="--train-sizes must be comma-separated"):
+    with pytest.raises(ConfigError, match="--train-sizes must be comma-separated integers"):
         spp_net.Config(train_sizes="20,x")
     with pytest.raises(ConfigError, match="too small for the 4x4 level"):
         spp_net.Config(test_sizes="8,28")

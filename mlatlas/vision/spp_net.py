@@ -35,25 +35,24 @@ from mlatlas.data import Dataset, EpochBatches, load_dataset
 from mlatlas.vision.pooling import spp
 
 
-def parse_sides(text: str, flag: str) -> tuple[int, ...]:
-    """``"20,28,36"`` -> (20, 28, 36); a ConfigError naming ``flag`` otherwise."""
+def parse_ints(text: str, flag: str, minimum: int) -> tuple[int, ...]:
+    """``"20,28,36"`` -> (20, 28, 36); a ConfigError naming ``flag`` unless every entry is an
+    integer of at least ``minimum``."""
     try:
-        sides = tuple(int(s) for s in text.split(","))
+        values = tuple(int(s) for s in text.split(","))
     except ValueError:
-        raise ConfigError(f"{flag} must be comma-separated image sides, got {text!r}") from None
-    if not sides or min(sides) < 8:
-        raise ConfigError(f"{flag} sides must be at least 8 pixels, got {text!r}")
-    return sides
+        raise ConfigError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if min(values) < minimum:
+        raise ConfigError(f"{flag} entries must be at least {minimum}, got {text!r}")
+    return values
+
+
+def parse_sides(text: str, flag: str) -> tuple[int, ...]:
+    return parse_ints(text, flag, 8)
 
 
 def parse_levels(text: str) -> tuple[int, ...]:
-    try:
-        levels = tuple(int(s) for s in text.split(","))
-    except ValueError:
-        raise ConfigError(f"--levels must be comma-separated bin counts, got {text!r}") from None
-    if not levels or min(levels) < 1:
-        raise ConfigError(f"--levels must be positive, got {text!r}")
-    return levels
+    return parse_ints(text, "--levels", 1)
 
 
 class SPPNet(nn.Module):
