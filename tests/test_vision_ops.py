@@ -115,6 +115,19 @@ def test_roi_align_samples_by_bilinear_interpolation():
     torch.testing.assert_close(out[0, 0], expected)
 
 
+def test_roi_align_in_cache_sized_blocks_equals_one_block(monkeypatch):
+    x = torch.randn(2, 3, 10, 12, dtype=D, requires_grad=True)
+    rois = rois_for(23, 2, 9, seed=4)
+    whole = pooling.roi_align(x, rois, 3, 1.0, 2, True)
+    (grad_whole,) = torch.autograd.grad(whole.sum(), x)
+    # 3 x 3 x 12 floats per region: blocks of 2 regions, so every image splits unevenly.
+    monkeypatch.setattr(pooling, "_CPU_BLOCK_FLOATS", 2 * 3 * 3 * 12)
+    blocked = pooling.roi_align(x, rois, 3, 1.0, 2, True)
+    (grad_blocked,) = torch.autograd.grad(blocked.sum(), x)
+    torch.testing.assert_close(blocked, whole, atol=1e-12, rtol=0)
+    torch.testing.assert_close(grad_blocked, grad_whole, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("size", [(5, 5), (7, 7), (13, 9), (32, 17)])
 def test_spp_gives_the_same_length_for_every_input_size(size):
     out = pooling.spp(torch.randn(3, 16, *size), (1, 2, 4))
