@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install -q -c constraints.txt
 
 .PHONY: install dev demo test test-slow lint bench bench-diffusion bench-rl bench-contrastive \
-        bench-llm test-openclip test-torchvision classifiers clean
+        bench-llm test-openclip test-torchvision test-tensorflow classifiers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,14 +55,16 @@ bench-rl: dev
 	$(BIN)/python benchmarks/rl_vs_sb3.py --algos ppo --envs Pendulum-v1 --libs ours,sb3
 	$(BIN)/python benchmarks/rl_vs_sb3.py --algos ppo,a2c --envs Acrobot-v1 --libs ours,sb3
 
-# open_clip needs torchvision, which installs only beside torch 2.14.1 (a CUDA build): a venv of
-# its own, with mlatlas on top without its dependencies.
+# The heavy peers in one venv of their own: open_clip needs torchvision, which installs only
+# beside torch 2.14.1 (a CUDA build); TensorFlow and tf-keras (~3 GB) sit beside them. mlatlas
+# goes on top without its dependencies (the few it needs there are named).
 OPENCLIP := .venv-openclip
 
 $(OPENCLIP)/.installed:
 	$(PYTHON) -m venv $(OPENCLIP)
 	$(OPENCLIP)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 \
-		open_clip_torch==3.3.0 numpy pytest pytest-xdist
+		open_clip_torch==3.3.0 tensorflow-cpu==2.21.0 tf-keras==2.21.0 tfrecord \
+		google-crc32c numpy pytest pytest-xdist hypothesis
 	$(OPENCLIP)/bin/python -m pip install -q -e . --no-deps
 	touch $@
 
@@ -72,6 +74,10 @@ test-openclip: $(OPENCLIP)/.installed
 # The detection operators against torchvision.ops (outputs and gradients), in the same venv.
 test-torchvision: $(OPENCLIP)/.installed
 	$(OPENCLIP)/bin/python -m pytest -q tests/test_parity_torchvision.py
+
+# TFRecord files, tf.Example bytes and feature-column ids against TensorFlow, in the same venv.
+test-tensorflow: $(OPENCLIP)/.installed
+	$(OPENCLIP)/bin/python -m pytest -q tests/test_parity_tensorflow_*.py
 
 # Contrastive losses: chunked SigLIP memory and time (about 10 minutes), SigLIP against CLIP
 # over batch sizes and seeds (about 25 minutes), parity and speed against open_clip.
