@@ -14,8 +14,10 @@ environment:
     PYTHONPATH=/tmp/vlmeval-deps .venv/bin/python benchmarks/circular_eval_vs_vlmevalkit.py \\
         --vlmevalkit-dir /path/to/VLMEvalKit [--questions 400] [--seeds 5]
 
-On a generated MMBench TSV (``--questions`` questions with 2, 3 or 4 options, a few of them
-with options that name labels, which neither side rotates) it checks:
+It first prints a uniform guesser's CircularEval and vanilla means for N = 2, 3, 4 over 50
+seeds x 5,000 questions beside (1/N)^N and 1/N. Then, on a generated MMBench TSV
+(``--questions`` questions with 2, 3 or 4 options, a few of them with options that name labels,
+which neither side rotates) it checks:
 
 1. rotation: VLMEvalKit's ``CIRCULAR`` output and ``circular_passes`` give the same passes
    (index, g_index, options in order, answer, image);
@@ -59,6 +61,7 @@ from mlatlas.eval.circular import (
     extract_answer,
     read_tsv,
     report,
+    score_passes,
     write_tsv,
 )
 
@@ -200,6 +203,30 @@ def compare_scores(peer: dict, tsv: Path, passes: list[Question], replies: dict[
     return problems
 
 
+def closed_forms(seeds: int, questions: int) -> None:
+    """A uniform guesser's mean over seeds x questions, vectorised through score_passes."""
+    print(f"uniform guesser, {seeds} seeds x {questions} questions (score_passes):")
+    for n in (2, 3, 4):
+        g = seeds * questions
+        rng = np.random.default_rng(n)
+        correct = rng.integers(0, n, (g, n)) == rng.integers(0, n, (g, n))
+        _, circular, vanilla = score_passes(correct.ravel(), np.repeat(np.arange(g), n),
+                                            np.tile(np.arange(n) == 0, g))
+        p = (1 / n) ** n
+        sd = np.sqrt(p * (1 - p) / g)
+        print(f"    N = {n}: circular {circular.mean():.5f} (1/N)^N = {p:.5f}, "
+              f"{(circular.mean() - p) / sd:+.2f} sd; vanilla {vanilla.mean():.4f} "
+              f"(1/N = {1 / n:.4f})")
+
+
+def uniform_expectation(passes: list[Question]) -> float:
+    """A uniform guesser's expected CircularEval score: the mean over groups of (1/N)^passes."""
+    count = defaultdict(int)
+    for q in passes:
+        count[(q.g_index, len(q.options))] += 1
+    return float(np.mean([(1 / n) ** k for (_, n), k in count.items()]))
+
+
 def letter_models(passes: list[Question], seeds: int) -> dict[str, dict[int, str]]:
     models = {}
     for seed in range(seeds):
@@ -254,6 +281,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["PRED_FORMAT"] = "tsv"  # mcq_circular_eval's scratch file; xlsx needs openpyxl
     peer = load_vlmevalkit(args.vlmevalkit_dir.resolve())
+    closed_forms(seeds=50, questions=5000)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         tsv = work / "generated.tsv"
@@ -264,6 +292,8 @@ def main() -> None:
         write_tsv(circular_tsv, passes)
         scratch = work / "results"
         scratch.mkdir()
+        print(f"a uniform guesser's expected circular score on these questions: "
+              f"{uniform_expectation(passes):.4f}")
         for name, replies in letter_models(passes, args.seeds).items():
             problems += compare_scores(peer, circular_tsv, passes, replies, scratch, name)
         replies = free_form(passes, seed=1)
