@@ -322,6 +322,12 @@ def test_nan_options_count_and_file_without_answers(tmp_path):
     assert len(read_tsv(results)) == 5
 
 
+def test_indices_written_as_floats_by_pandas(tmp_path):
+    path = write_rows(tmp_path / "floats.tsv", ["index", "question", "A", "B"],
+                      [["12.0", "q", "x", "y"]])
+    assert read_tsv(path)[0].index == 12
+
+
 def test_a_released_layout_with_copies_and_image_references(tmp_path):
     # MMBench's own TSVs hold the passes: index i + k * 10^6, image = "i", no g_index column.
     image = png_base64((9, 9, 9))
@@ -348,6 +354,9 @@ def test_a_released_layout_with_copies_and_image_references(tmp_path):
     (["index", "question", "A"], [["0", "q", "x"], ["0", "q", "x"]], "line 3: index 0 appears "
                                                                       "twice"),
     (["index", "question", "A"], [["zero", "q", "x"]], "index must be a non-negative integer"),
+    (["index", "question", "A"], [["-1", "q", "x"]], "index must be a non-negative integer"),
+    (["index", "g_index", "question", "A"], [["1000001", "1.5", "q", "x"]],
+     "g_index must be a non-negative integer, got '1.5'"),
     (["index", "question", "A"], [["0", "q", "x", "extra"]], "more cells than the header's 3"),
     (["index", "question", "A", "image"], [["0", "q", "x", "5"]],
      "index 0: its image names row 5, which holds no image"),

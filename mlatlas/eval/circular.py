@@ -95,7 +95,9 @@ class Question:
     answer: str
     """The right option's label, "" when the file has no answers."""
     category: str = ""
+    """The ability it tests (MMBench's ``category``), "" for none."""
     l2_category: str = ""
+    """The group of abilities (``l2-category``), "" for none."""
     image: str = ""
     """The image as base64, "" for none."""
 
@@ -111,14 +113,15 @@ def _cell(row: dict[str, str], column: str) -> str:
     return "" if value in EMPTY_CELLS else value
 
 
-def _integer(value: str, where: str) -> int:
+def _integer(value: str, column: str, where: str) -> int:
     try:
-        number = float(value)  # pandas writes integer columns with NaN in them as "12.0"
+        number = int(value)
     except ValueError:
-        number = float("nan")
-    if not number.is_integer() or number < 0:
-        raise MMBenchError(f"{where}: index must be a non-negative integer, got {value!r}")
-    return int(number)
+        # pandas writes an integer column that has an empty cell as floats: "12.0"
+        number = int(float(value)) if re.fullmatch(r"\d+\.0*", value) else -1
+    if number < 0:
+        raise MMBenchError(f"{where}: {column} must be a non-negative integer, got {value!r}")
+    return number
 
 
 def _options(row: dict[str, str], option_columns: Sequence[str], where: str) -> tuple[str, ...]:
@@ -163,12 +166,13 @@ def read_tsv(path: str | os.PathLike) -> list[Question]:
                 where = f"{path}: line {line}"
                 if None in row:
                     raise MMBenchError(f"{where}: more cells than the header's {len(header)}")
-                index = _integer(_cell(row, "index"), where)
+                index = _integer(_cell(row, "index"), "index", where)
                 if index in seen:
                     raise MMBenchError(f"{where}: index {index} appears twice")
                 seen.add(index)
                 has_group = "g_index" in header and _cell(row, "g_index")
-                g_index = _integer(row["g_index"], where) if has_group else index % OFFSET
+                g_index = (_integer(row["g_index"], "g_index", where) if has_group
+                           else index % OFFSET)
                 options = _options(row, option_columns, f"{where} (index {index})")
                 answer = _cell(row, "answer").strip()
                 if answer and answer not in LABELS[:len(options)]:
@@ -254,7 +258,8 @@ def circular_passes(questions: Sequence[Question],
         missing = sorted({q.g_index for q in passes} - {q.index for q in passes})
         if missing:
             raise MMBenchError(f"passes of question {missing[0]} are present but not the "
-                               "question itself (no row with that index)")
+                               "question itself (no row with that index); for a file without "
+                               "copies whose indices reach 10^6, pass build=True")
         return passes
     offset = circular_offset(q.index for q in questions)
     passes = []
