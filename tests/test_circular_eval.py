@@ -382,6 +382,21 @@ def test_unreadable_files_and_images(tmp_path):
         evaluate(lambda image, question, options: "A", path, progress=False)
 
 
+def test_no_questions_and_no_results_folder_fail_before_the_model_runs(tmp_path):
+    calls = []
+
+    def model(image, question, options):
+        calls.append(question)
+        return "A"
+    empty = write_rows(tmp_path / "empty.tsv", ["index", "question", "A"], [])
+    with pytest.raises(MMBenchError, match="empty.tsv: no questions"):
+        evaluate(model, empty, progress=False)
+    tsv, _ = mmbench_tsv(tmp_path / "mmbench.tsv", 2)
+    with pytest.raises(MMBenchError, match="its folder does not exist"):
+        evaluate(model, tsv, tmp_path / "nowhere" / "results.tsv", progress=False)
+    assert calls == []
+
+
 def test_copies_without_their_question_are_refused(tmp_path):
     path = write_rows(tmp_path / "orphan.tsv", ["index", "question", "A", "B"],
                       [["1000004", "q", "x", "y"], ["2", "q", "x", "y"]])

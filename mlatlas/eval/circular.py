@@ -457,6 +457,8 @@ def evaluate(model: Model, tsv: str | os.PathLike, results: str | os.PathLike | 
     passes = circular_passes(read_tsv(tsv), build)
     if not passes:
         raise MMBenchError(f"{tsv}: no questions")
+    if results is not None and not Path(results).parent.is_dir():  # before hours of inference
+        raise MMBenchError(f"{results}: its folder does not exist")
     replies, extracted = [], []
     image_of, image = None, None
     for q in progress_bar(passes, progress=progress, desc="CircularEval", unit="pass"):
