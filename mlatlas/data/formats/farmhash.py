@@ -196,5 +196,6 @@ def fingerprint_cat64(fp1: np.ndarray, fp2: np.ndarray) -> np.ndarray:
     """FingerprintCat64(fp1, fp2) elementwise over uint64 arrays (not commutative)."""
     fp1 = np.asarray(fp1, dtype=np.uint64)
     fp2 = np.asarray(fp2, dtype=np.uint64)
-    r = (fp1 ^ K_MUL) ^ (_smix(fp2 * K_MUL) * K_MUL)
-    return _smix(_smix(r * K_MUL) * K_MUL)
+    with np.errstate(over="ignore"):  # the arithmetic is mod 2^64; NumPy warns on scalars
+        r = (fp1 ^ K_MUL) ^ (_smix(fp2 * K_MUL) * K_MUL)
+        return _smix(_smix(r * K_MUL) * K_MUL)

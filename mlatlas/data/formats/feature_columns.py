@@ -81,7 +81,7 @@ class SparseIds:
 
     def rows(self) -> torch.Tensor:
         """The row of each id: (nnz,) int64."""
-        return torch.repeat_interleave(torch.arange(self.batch_size), torch.diff(self.splits))
+        return torch.from_numpy(np.repeat(np.arange(self.batch_size), np.diff(self.splits.numpy())))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ def _feature(features: Features, key: str) -> Any:
 
 
 def _is_string(x: Any) -> bool:
-    return isinstance(x, str | bytes | np.str_ | np.bytes_)
+    return isinstance(x, str | bytes)  # NumPy's str_ and bytes_ are subclasses
 
 
 def _read_raw(features: Features, key: str, dtype: Literal["string", "int64", "float32"] | None,
@@ -137,7 +137,7 @@ def _read_raw(features: Features, key: str, dtype: Literal["string", "int64", "f
                                  f"got {type(value).__name__}")
     strings = len(flat) > 0 and _is_string(flat[0])
     if dtype == "string" or (dtype is None and strings):
-        if not all(_is_string(x) for x in flat):
+        if not all(issubclass(t, str | bytes) for t in set(map(type, flat))):
             raise FeatureColumnError(f"feature {key!r}: expected strings for a string column")
         values = np.empty(len(flat), dtype=object)
         values[:] = to_bytes(flat)
