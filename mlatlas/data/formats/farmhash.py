@@ -37,7 +37,6 @@ K0 = np.uint64(0xC3A5C85C97CB3127)
 K1 = np.uint64(0xB492B66FBE98F273)
 K2 = np.uint64(0x9AE16A3B2F90404F)
 K_MUL = np.uint64(0xC6A4A7935BD1E995)
-_OFFSETS = {width: np.arange(width) for width in (4, 8)}
 
 
 def _rot(v: np.ndarray, r: int) -> np.ndarray:
@@ -61,11 +60,13 @@ class _Bytes:
         # 8 zero bytes of padding: a word read is never past a string's end, but a gather of an
         # empty group must still index inside the buffer.
         self.buf = np.frombuffer(b"".join(data) + bytes(8), dtype=np.uint8)
+        # The word starting at every byte: overlapping views with a stride of one byte, so a
+        # fetch is one gather and nothing is copied up front.
+        self.words = {width: np.ndarray((len(self.buf) - 7,), dtype=f"<u{width}",
+                                        buffer=self.buf, strides=(1,)) for width in (4, 8)}
 
     def fetch(self, pos: np.ndarray, width: int = 8) -> np.ndarray:
-        raw = self.buf[pos[:, None] + _OFFSETS[width]]
-        word = np.ascontiguousarray(raw).view("<u8" if width == 8 else "<u4")[:, 0]
-        return word.astype(np.uint64)
+        return self.words[width][pos].astype(np.uint64)
 
     def byte(self, pos: np.ndarray) -> np.ndarray:
         return self.buf[pos].astype(np.uint64)
