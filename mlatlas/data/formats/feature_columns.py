@@ -89,7 +89,7 @@ class SparseIds:
 
 @dataclass(frozen=True)
 class _Raw:
-    values: np.ndarray  # object array of bytes, or int64
+    values: np.ndarray  # an object array of bytes, int64 or float32
     splits: np.ndarray
     dense: bool
 
