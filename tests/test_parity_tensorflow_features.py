@@ -96,6 +96,7 @@ def column_pairs(vocab_file: str):
             vfile = lib.categorical_with_vocabulary("city", vocabulary_file=vocab_file,
                                                     vocabulary_size=4)
             ident = lib.categorical_with_identity("slot", 6, default_value=5)
+            ints = lib.categorical_with_vocabulary("n", [12, 24, 36], num_oov_buckets=3)
             hashed = lib.categorical_with_hash_bucket("word", 50)
             hashed_int = lib.categorical_with_hash_bucket("zip", 30, dtype="int64")
             cross = lib.crossed([age_b, "word", vocab], 97, hash_key=12345)
@@ -103,7 +104,7 @@ def column_pairs(vocab_file: str):
             weighted = lib.weighted_categorical(
                 lib.categorical_with_vocabulary("item", ["x", "y", "z"]), "item_w")
             return [num, age, buck, lib.indicator(age_b), lib.indicator(vocab),
-                    lib.indicator(vfile), lib.indicator(ident),
+                    lib.indicator(vfile), lib.indicator(ident), lib.indicator(ints),
                     lib.embedding(hashed, 4, "mean"), lib.embedding(hashed_int, 3, "sum"),
                     lib.indicator(cross), lib.embedding(cross2, 5, "sqrtn"),
                     lib.indicator(weighted),
@@ -118,6 +119,8 @@ def column_pairs(vocab_file: str):
         vfile = lib.categorical_column_with_vocabulary_file("city", vocab_file,
                                                             vocabulary_size=4)
         ident = lib.categorical_column_with_identity("slot", 6, default_value=5)
+        ints = lib.categorical_column_with_vocabulary_list("n", [12, 24, 36], dtype=tf.int64,
+                                                           num_oov_buckets=3)
         hashed = lib.categorical_column_with_hash_bucket("word", 50)
         hashed_int = lib.categorical_column_with_hash_bucket("zip", 30, dtype=tf.int64)
         cross = lib.crossed_column([age_b, "word", vocab], 97, hash_key=12345)
@@ -126,6 +129,7 @@ def column_pairs(vocab_file: str):
             lib.categorical_column_with_vocabulary_list("item", ["x", "y", "z"]), "item_w")
         return [num, age, buck, lib.indicator_column(age_b), lib.indicator_column(vocab),
                 lib.indicator_column(vfile), lib.indicator_column(ident),
+                lib.indicator_column(ints),
                 lib.embedding_column(hashed, 4, "mean"),
                 lib.embedding_column(hashed_int, 3, "sum"),
                 lib.indicator_column(cross), lib.embedding_column(cross2, 5, "sqrtn"),
@@ -145,6 +149,7 @@ def random_table(rng: np.random.Generator, batch: int):
     city = [list(row) for row in ragged(rng, ["paris", "oslo", "lima", "rome", "kyiv", "x"],
                                         batch)]
     slot = rng.integers(-1, 9, (batch, 2))  # -1 is missing, 6-8 take the default
+    n = rng.choice([12, 24, 36, -1, 7, -30, 10**12], (batch, 2))  # OOV ints hash as decimals
     word = ragged(rng, words, batch)
     zips = rng.integers(0, 100000, batch)
     tag = np.array(rng.choice(words, (batch, 1)), dtype=object)
@@ -152,12 +157,13 @@ def random_table(rng: np.random.Generator, batch: int):
     item_w = [list(rng.uniform(-1, 3, len(r)).astype(np.float32)) for r in item]
     slot2 = [[int(v) for v in rng.integers(0, 4, rng.integers(0, 4))] for _ in range(batch)]
     slot2_w = [list(rng.uniform(-0.5, 2, len(r)).astype(np.float32)) for r in slot2]
-    ours = {"price": price, "age": age, "colour": list(colour), "city": city, "slot": slot,
+    ours = {"price": price, "age": age, "colour": list(colour), "city": city, "slot": slot, "n": n,
             "word": word, "zip": torch.from_numpy(zips), "tag": tag, "item": item,
             "item_w": item_w, "slot2": slot2, "slot2_w": slot2_w}
     theirs = {"price": tf.constant(price), "age": tf.constant(age[:, None]),
               "colour": tf.constant(colour[:, None]), "city": to_sparse(city, tf.string),
-              "slot": tf.constant(slot, tf.int64), "word": to_sparse(word, tf.string),
+              "slot": tf.constant(slot, tf.int64), "n": tf.constant(n, tf.int64),
+              "word": to_sparse(word, tf.string),
               "zip": tf.constant(zips[:, None], tf.int64), "tag": tf.constant(tag.astype(str)),
               "item": to_sparse(item, tf.string), "item_w": to_sparse(item_w, tf.float32),
               "slot2": to_sparse(slot2, tf.int64), "slot2_w": to_sparse(slot2_w, tf.float32)}

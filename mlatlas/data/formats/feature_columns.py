@@ -105,57 +105,55 @@ def _is_string(x: Any) -> bool:
     return isinstance(x, str | bytes)  # NumPy's str_ and bytes_ are subclasses
 
 
-def _read_raw(features: Features, key: str, dtype: Literal["string", "int64", "float32"] | None,
-              drop_missing: bool) -> _Raw:
-    """The batch under ``key`` flattened into values and row splits. ``dtype`` None takes strings
-    or ints (a crossed raw key); ``drop_missing`` drops '' and -1 from dense inputs, as TF's
-    categorical columns do (its crosses and weights keep them)."""
-    value = _feature(features, key)
+def _flatten(value: Any, key: str) -> tuple[Any, np.ndarray, bool]:
+    """A batch as (flat values, row splits, dense): one row per example."""
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     if isinstance(value, np.ndarray):
         if value.ndim not in (1, 2):
             raise FeatureColumnError(f"feature {key!r}: expected (batch,) or (batch, k) values, "
                                      f"got shape {value.shape}")
-        flat = list(value.reshape(-1)) if value.dtype.kind in "USO" else value.reshape(-1)
         width = 1 if value.ndim == 1 else value.shape[1]
-        splits = np.arange(len(value) + 1, dtype=np.int64) * width
-        dense = True
-    elif isinstance(value, list | tuple):
-        if any(isinstance(row, list | tuple | np.ndarray) for row in value):
-            rows = [list(row) if isinstance(row, list | tuple | np.ndarray) else [row]
-                    for row in value]
-            flat = [x for row in rows for x in row]
-            splits = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
-            dense = False
-        else:
-            flat = list(value)
-            splits = np.arange(len(flat) + 1, dtype=np.int64)
-            dense = True
-    else:
+        flat = list(value.reshape(-1)) if value.dtype.kind in "USO" else value.reshape(-1)
+        return flat, np.arange(len(value) + 1, dtype=np.int64) * width, True
+    if not isinstance(value, list | tuple):
         raise FeatureColumnError(f"feature {key!r}: expected a list, array or tensor, "
                                  f"got {type(value).__name__}")
-    strings = len(flat) > 0 and _is_string(flat[0])
-    if dtype == "string" or (dtype is None and strings):
+    if not any(isinstance(row, list | tuple | np.ndarray) for row in value):
+        return list(value), np.arange(len(value) + 1, dtype=np.int64), True
+    rows = [list(r) if isinstance(r, list | tuple | np.ndarray) else [r] for r in value]
+    splits = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    return [x for row in rows for x in row], splits, False
+
+
+def _typed(flat: Any, key: str, dtype: Literal["string", "int64", "float32"] | None):
+    """The values as an object array of bytes, or int64 / float32; None takes strings or ints."""
+    if dtype == "string" or (dtype is None and len(flat) > 0 and _is_string(flat[0])):
         if not all(issubclass(t, str | bytes) for t in set(map(type, flat))):
             raise FeatureColumnError(f"feature {key!r}: expected strings for a string column")
         values = np.empty(len(flat), dtype=object)
         values[:] = to_bytes(flat)
-        missing = values == b""
-    else:
-        as_array = np.asarray(flat)
-        kinds = "iuf" if dtype == "float32" else "iu"
-        if len(flat) and as_array.dtype.kind not in kinds:
-            expected = "numbers" if dtype == "float32" else "integers"
-            raise FeatureColumnError(f"feature {key!r}: expected {expected}, "
-                                     f"got {as_array.dtype}")
-        values = as_array.astype(np.float32 if dtype == "float32" else np.int64)
-        missing = values == -1
-    if drop_missing and dense and missing.any():
-        rows = np.repeat(np.arange(len(splits) - 1), np.diff(splits))
-        kept = np.bincount(rows[~missing], minlength=len(splits) - 1)
-        values = values[~missing]
-        splits = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
+        return values
+    values = np.asarray(flat)
+    if len(flat) and values.dtype.kind not in ("iuf" if dtype == "float32" else "iu"):
+        expected = "numbers" if dtype == "float32" else "integers"
+        raise FeatureColumnError(f"feature {key!r}: expected {expected}, got {values.dtype}")
+    return values.astype(np.float32 if dtype == "float32" else np.int64)
+
+
+def _read_raw(features: Features, key: str, dtype: Literal["string", "int64", "float32"] | None,
+              drop_missing: bool) -> _Raw:
+    """The batch under ``key`` flattened; ``drop_missing`` drops '' and -1 from dense inputs,
+    as TF's categorical columns do (its crosses and weights keep them)."""
+    flat, splits, dense = _flatten(_feature(features, key), key)
+    values = _typed(flat, key, dtype)
+    if drop_missing and dense:
+        missing = values == (b"" if values.dtype == object else -1)
+        if missing.any():
+            rows = np.repeat(np.arange(len(splits) - 1), np.diff(splits))
+            kept = np.bincount(rows[~missing], minlength=len(splits) - 1)
+            values = values[~missing]
+            splits = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
     return _Raw(values, splits, dense)
 
 
@@ -172,7 +170,8 @@ def to_hash_bucket_fast(values: Sequence[str | bytes], num_buckets: int) -> np.n
 
 
 def _decimal(values: np.ndarray) -> list[bytes]:
-    return [str(int(v)).encode() for v in values]
+    """Ints as TF's as_string writes them: b'-5', b'101'."""
+    return values.astype("S").tolist()
 
 
 # ---------------------------------------------------------------------------------------------
