@@ -166,14 +166,18 @@ def test_protobuf_parsing_rules():
     # Of the oneof, the last kind wins: bytes_list then int64_list is an int64_list.
     both = length_delimited(0x0A, length_delimited(0x0A, b"z")) + int64_feature(9)
     assert decode_example(example_of(entry(b"x", both))) == {"x": [9]}
-    # Unknown fields of every wire type are skipped: a varint (field 15), 8 bytes (field 4 of
-    # Feature), a length-delimited field 9 in the map entry, 4 bytes (field 2 of Int64List).
-    unknown = b"\x78\x01"
+    # Unknown fields of every wire type are skipped: a varint (field 15) in the Example, 8
+    # bytes (field 4) in the Feature, 4 bytes (field 2) in the Int64List.
     feature = b"\x21" + bytes(8) + length_delimited(0x1A, b"\x15" + bytes(4) + b"\x08\x06")
-    entry_body = length_delimited(0x0A, b"k") + length_delimited(0x4A, b"?") + length_delimited(
-        0x12, feature)
-    data = unknown + example_of(length_delimited(0x0A, entry_body))
-    assert decode_example(data) == {"k": [6]}
+    entry_body = length_delimited(0x0A, b"k") + length_delimited(0x12, feature)
+    assert decode_example(b"\x78\x01" + example_of(length_delimited(0x0A, entry_body))) == {
+        "k": [6]}
+    # A map entry holding another field (9 here) is no entry: protobuf keeps the entry as an
+    # unknown field of Features. Its value is still checked.
+    odd = length_delimited(0x4A, b"?") + entry_body
+    assert decode_example(example_of(length_delimited(0x0A, odd) + entry(b"j", b""))) == {"j": []}
+    with pytest.raises(ExampleError, match="truncated varint"):
+        decode_example(example_of(length_delimited(0x0A, odd[:-1] + b"\x80")))
     # A map entry without its key is the key "", without its value an empty Feature.
     assert decode_example(example_of(length_delimited(0x0A, b""))) == {"": []}
 

@@ -22,27 +22,31 @@ one takes 10 bytes. A packed list is one length-delimited field holding the valu
 (floats as little-endian IEEE 754 binary32). A map is a repeated message {key = 1; value = 2}.
 docs/methods/tf_example.md draws a small Example byte by byte.
 
-Encoding writes what protobuf writes, with map entries sorted by the key's UTF-8 bytes: protobuf
-does not order a map unless asked (``SerializeToString(deterministic=True)`` sorts the same way),
-so sorted keys make our bytes a function of the features alone. An empty list with no numpy
-dtype to say its type becomes a Feature with no kind set, which TensorFlow reads as an empty
-feature of any type.
+Encoding writes what protobuf writes, with map entries sorted by the key's UTF-8 bytes (Python's
+sorted on bytes, a key before the keys it is a prefix of). protobuf orders a map only when asked:
+its default is the order of its hash table, and ``SerializeToString(deterministic=True)`` of
+protobuf 7.36's Python implementation (upb) sorts by bytes too but puts a key *after* the longer
+keys it is a prefix of ("ab" before "a"); both orders decode to the same message. An empty list
+with no numpy dtype to say its type becomes a Feature with no kind set.
 
-Decoding follows protobuf's parsing rules: unknown fields are skipped, a repeated number is read
-packed or one value a field, a message field that appears twice is merged (its lists
-concatenated), a map key that appears twice keeps its last entry, and of the oneof the last kind
-wins. It is stricter than protobuf in one place: a known field with another wire type is an
-error, not an unknown field. Packed lists are decoded by numpy: floats by ``frombuffer``, varints
-by one pass over their bytes (each byte's 7 bits shifted by its place in its varint, OR-reduced
-per varint), not a loop over values.
+Decoding follows the parsing rules of protobuf (its Python parser, upb, is the reference the
+tests compare with): unknown fields are skipped, a repeated number is read packed or one value a
+field, a message field that appears twice is merged (its lists concatenated), a map key that
+appears twice keeps its last entry, a map entry holding a field other than its key and value is
+no entry, and of the oneof the last kind wins. It is stricter than protobuf in one place: a
+known field with another wire type is an error, not an unknown field. Packed lists are decoded
+by numpy: floats by ``frombuffer``, varints by one pass over their bytes (each byte's 7 bits
+shifted by its place in its varint, OR-reduced per varint), not a loop over values.
 
 :func:`parse_example` and :func:`parse_sequence_example` read a message against a description,
 with the semantics of TensorFlow's ``tf.io.parse_single_example`` and
 ``parse_single_sequence_example``: :class:`FixedLenFeature` (exactly prod(shape) values, or the
 default when the key is absent), :class:`VarLenFeature` (any number of values) and
-:class:`FixedLenSequenceFeature` (steps of prod(shape) values each). A feature with no kind set
-is empty of whichever type is asked. TensorFlow's sparse outputs are plain values here: a
-VarLenFeature gives its 1-D values, and in a feature list one such array per step.
+:class:`FixedLenSequenceFeature` (steps of prod(shape) values each). A Feature with no kind set
+counts as an absent key in an Example or a context (as parse_single_example counts it), and as
+zero values of any type in a step of a feature list. TensorFlow's sparse outputs are plain
+values here: a VarLenFeature gives its 1-D values, and in a feature list one such array per
+step.
 
 Every failure, in encoding, decoding or parsing, is one :class:`ExampleError` naming the key or
 the byte offset.
@@ -387,15 +391,17 @@ def _read_feature_list(buf: bytes, ranges: list[tuple[int, int]]) -> list[_Featu
 
 
 def _read_map(buf: bytes, ranges: list[tuple[int, int]], read_value, name: str) -> dict:
-    """A map<string, message> field 1 from its message's serialisations in ``ranges``; each
-    entry {key = 1; value = 2} is read (a key's last entry wins)."""
+    """A map<string, message> field 1 from its message's serialisations in ``ranges``. An entry
+    is {key = 1; value = 2}, either one missing meaning "" or an empty message; a key's last
+    entry wins; an entry holding any other field is no entry (protobuf keeps it as an unknown
+    field of the map's message, which here means it is skipped)."""
     entries = {}
     for pos, end in ranges:
         for number, wire, start, stop in _fields(buf, pos, end):
             if number != 1:
                 continue
             _expect(wire, LEN, name, start)
-            key, key_at, value = b"", start, []
+            key, key_at, value, unknown = b"", start, [], False
             for entry_number, entry_wire, a, b in _fields(buf, start, stop):
                 if entry_number == 1:
                     _expect(entry_wire, LEN, f"{name} key", a)
@@ -403,11 +409,15 @@ def _read_map(buf: bytes, ranges: list[tuple[int, int]], read_value, name: str) 
                 elif entry_number == 2:
                     _expect(entry_wire, LEN, f"{name} value", a)
                     value.append((a, b))
+                else:
+                    unknown = True
             try:
                 text = key.decode()
             except UnicodeDecodeError:
                 raise ExampleError(f"{name} key at byte {key_at} is not UTF-8: {key!r}") from None
-            entries[text] = read_value(buf, value)
+            parsed = read_value(buf, value)  # checked even when the entry is then skipped
+            if not unknown:
+                entries[text] = parsed
     return entries
 
 
