@@ -74,6 +74,8 @@ def test_fingerprint64_of_a_batch_equals_each_string_alone():
     alone = [int(fingerprint64([s])[0]) for s in strings]
     assert fingerprint64(strings).tolist() == alone
     assert fingerprint64(["é"]).tolist() == fingerprint64(["é".encode()]).tolist()
+    mixed = fingerprint64(["a", b"a", np.str_("a"), np.bytes_(b"a")])
+    assert len(set(mixed.tolist())) == 1
 
 
 def test_cross_hashed_tensorflow_vectors():

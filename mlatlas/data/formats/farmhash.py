@@ -37,6 +37,7 @@ K0 = np.uint64(0xC3A5C85C97CB3127)
 K1 = np.uint64(0xB492B66FBE98F273)
 K2 = np.uint64(0x9AE16A3B2F90404F)
 K_MUL = np.uint64(0xC6A4A7935BD1E995)
+_BLOCK = np.arange(0, 64, 8)  # the byte offsets of a 64-byte block's eight words
 
 
 def _rot(v: np.ndarray, r: int) -> np.ndarray:
@@ -117,15 +118,28 @@ def _len_33_to_64(buf: _Bytes, s: np.ndarray, n: np.ndarray) -> np.ndarray:
     return _h16(_rot(e + f, 43) + _rot(g, 30) + h, e + _rot(f + a, 18) + g, mul)
 
 
-def _weak_32(buf: _Bytes, p: np.ndarray, a: np.ndarray, b: np.ndarray):
-    """WeakHashLen32WithSeeds of the 32 bytes at p with seeds a, b: a pair of words."""
-    w, x, y, z = buf.fetch(p), buf.fetch(p + 8), buf.fetch(p + 16), buf.fetch(p + 24)
+def _weak_32(words: np.ndarray, a: np.ndarray, b: np.ndarray):
+    """WeakHashLen32WithSeeds of 32 bytes (their words in ``words[:, 0:4]``), seeds a, b."""
+    w, x, y, z = words.T
     a = a + w
     b = _rot(b + a + z, 21)
     c = a
     a = a + x + y
     b = b + _rot(a, 44)
     return a + z, b + c
+
+
+def _absorb(block, x, y, z, v0, v1, w0, w1, mul, c):
+    """One 64-byte block (its eight words) into the state (x, y, z, v, w); c is 1 in Hash64's
+    loop and 9 on the last block. Returns the state with x and z swapped, as Hash64 does."""
+    x = _rot(x + y + v0 + block[:, 1], 37) * mul
+    y = _rot(y + v1 + block[:, 6], 42) * mul
+    x ^= w1 * c
+    y += v0 * c + block[:, 5]
+    z = _rot(z + w0, 33) * mul
+    v0, v1 = _weak_32(block[:, 0:4], v1 * mul, x + w0)
+    w0, w1 = _weak_32(block[:, 4:8], z + w1, y + block[:, 2])
+    return z, y, x, v0, v1, w0, w1
 
 
 def _len_over_64(buf: _Bytes, s: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -138,31 +152,20 @@ def _len_over_64(buf: _Bytes, s: np.ndarray, n: np.ndarray) -> np.ndarray:
     z = _smix(y * K2 + np.uint64(113)) * K2
     v0, v1, w0, w1 = (np.zeros(len(s), dtype=np.uint64) for _ in range(4))
     x = x * K2 + buf.fetch(s)
+    state = [x, y, z, v0, v1, w0, w1]
     for t in range(int(blocks[0])):
         k = int(np.searchsorted(-blocks, -t, side="left"))  # rows with more than t blocks
-        p = s[:k] + 64 * t
-        xk = _rot(x[:k] + y[:k] + v0[:k] + buf.fetch(p + 8), 37) * K1
-        yk = _rot(y[:k] + v1[:k] + buf.fetch(p + 48), 42) * K1
-        xk ^= w1[:k]
-        yk += v0[:k] + buf.fetch(p + 40)
-        zk = _rot(z[:k] + w0[:k], 33) * K1
-        v0k, v1k = _weak_32(buf, p, v1[:k] * K1, xk + w0[:k])
-        w0k, w1k = _weak_32(buf, p + 32, zk + w1[:k], yk + buf.fetch(p + 16))
-        x[:k], y[:k], z[:k] = zk, yk, xk  # the swap of z and x
-        v0[:k], v1[:k], w0[:k], w1[:k] = v0k, v1k, w0k, w1k
+        block = buf.fetch((s[:k] + 64 * t)[:, None] + _BLOCK)
+        new = _absorb(block, *(part[:k] for part in state), K1, np.uint64(1))
+        for part, value in zip(state, new, strict=True):
+            part[:k] = value
+    x, y, z, v0, v1, w0, w1 = state
     mul = K1 + ((z & np.uint64(0xFF)) << np.uint64(1))
-    p = s + n.astype(np.int64) - 64
     w0 = w0 + ((n - np.uint64(1)) & np.uint64(63))
     v0 = v0 + w0
     w0 = w0 + v0
-    x = _rot(x + y + v0 + buf.fetch(p + 8), 37) * mul
-    y = _rot(y + v1 + buf.fetch(p + 48), 42) * mul
-    x ^= w1 * np.uint64(9)
-    y += v0 * np.uint64(9) + buf.fetch(p + 40)
-    z = _rot(z + w0, 33) * mul
-    v0, v1 = _weak_32(buf, p, v1 * mul, x + w0)
-    w0, w1 = _weak_32(buf, p + 32, z + w1, y + buf.fetch(p + 16))
-    x, z = z, x
+    last = buf.fetch((s + n.astype(np.int64) - 64)[:, None] + _BLOCK)
+    x, y, z, v0, v1, w0, w1 = _absorb(last, x, y, z, v0, v1, w0, w1, mul, np.uint64(9))
     out = _h16(_h16(v0, w0, mul) + _smix(y) * K0 + z, _h16(v1, w1, mul) + x, mul)
     unsorted = np.empty_like(out)
     unsorted[order] = out
@@ -176,7 +179,12 @@ _CLASSES = ((1, 3, _len_1_to_3), (4, 7, _len_4_to_7), (8, 16, _len_8_to_16),
 
 def to_bytes(values: Sequence[str | bytes]) -> list[bytes]:
     """Strings as TensorFlow hashes them: str as its UTF-8 bytes, bytes unchanged."""
-    return [v.encode() if isinstance(v, str) else bytes(v) for v in values]
+    types = set(map(type, values))
+    if all(issubclass(t, bytes) for t in types):
+        return list(values)
+    if all(issubclass(t, str) for t in types):
+        return list(map(str.encode, values))
+    return [v.encode() if isinstance(v, str) else v for v in values]
 
 
 def fingerprint64(values: Sequence[str | bytes]) -> np.ndarray:

@@ -48,6 +48,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
 
@@ -119,11 +120,11 @@ def _flatten(value: Any, key: str) -> tuple[Any, np.ndarray, bool]:
     if not isinstance(value, list | tuple):
         raise FeatureColumnError(f"feature {key!r}: expected a list, array or tensor, "
                                  f"got {type(value).__name__}")
-    if not any(isinstance(row, list | tuple | np.ndarray) for row in value):
+    if not any(issubclass(t, list | tuple | np.ndarray) for t in set(map(type, value))):
         return list(value), np.arange(len(value) + 1, dtype=np.int64), True
-    rows = [list(r) if isinstance(r, list | tuple | np.ndarray) else [r] for r in value]
-    splits = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
-    return [x for row in rows for x in row], splits, False
+    rows = [r if isinstance(r, list | tuple | np.ndarray) else [r] for r in value]
+    splits = np.concatenate([[0], np.cumsum(list(map(len, rows)))]).astype(np.int64)
+    return list(chain.from_iterable(rows)), splits, False
 
 
 def _typed(flat: Any, key: str, dtype: Literal["string", "int64", "float32"] | None):
@@ -308,8 +309,8 @@ class VocabularyColumn(CategoricalColumn):
 
     def sparse_ids(self, features: Features) -> SparseIds:
         raw = _read_raw(features, self.key, self.dtype, drop_missing=True)
-        ids = np.fromiter((self._table.get(v, -1) for v in raw.values.tolist()),
-                          dtype=np.int64, count=len(raw.values))
+        get = self._table.get
+        ids = np.array([get(v, -1) for v in raw.values.tolist()], dtype=np.int64)
         oov = ids < 0
         if self.num_oov_buckets and oov.any():
             missing = raw.values[oov]
