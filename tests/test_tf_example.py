@@ -100,6 +100,18 @@ def test_varints_of_the_spec():
     assert unpack_varints(data, 0, len(data)).tolist() == [300, 0, -1]
     # A non-minimal varint (protobuf parsers accept it): 81 80 00 is 1.
     assert unpack_varints(b"\x81\x80\x00", 0, 3).tolist() == [1]
+    long = data * 3  # over SHORT bytes: the numpy pass
+    assert unpack_varints(long, 0, len(long)).tolist() == [300, 0, -1] * 3
+
+
+@pytest.mark.parametrize("tail,message", [
+    (b"\x80", "truncated varint at byte 20"),
+    (b"\x80" * 10 + b"\x01", "longer than 10 bytes at byte 20")])
+@pytest.mark.parametrize("head", [b"", b"\x01" * 20])  # the Python loop and the numpy pass
+def test_bad_varints(head, tail, message):
+    data = b"\x05" * 20 + head + tail
+    with pytest.raises(ExampleError, match=message.replace("20", str(20 + len(head)))):
+        unpack_varints(data, 20, len(data))
 
 
 @settings(max_examples=200, deadline=None)

@@ -76,6 +76,11 @@ NUMPY_DTYPE = {"bytes": np.dtype(object), "float32": np.dtype(np.float32),
 TAG_1, TAG_2, TAG_3 = 0x0A, 0x12, 0x1A
 KIND_TAG = {"bytes_list": TAG_1, "float_list": TAG_2, "int64_list": TAG_3}
 INT64_MAX = 2**63 - 1
+# Lists of up to SHORT values (or bytes, decoding) are cheaper in Python than numpy's overhead.
+SHORT = 16
+GROUP_SHIFTS = np.arange(0, 70, 7, dtype=np.uint64)
+GROUP_THRESHOLDS = np.uint64(1) << GROUP_SHIFTS[1:]
+UINT64_MASK = 2**64 - 1
 
 
 class ExampleError(ValueError):
@@ -109,16 +114,18 @@ def _field(tag: int, payload: bytes) -> bytes:
 
 
 def pack_varints(values: np.ndarray) -> bytes:
-    """The packed varints of int64 ``values``, as ten 7-bit columns masked to each value's length
-    (vectorised over values; a negative value is its two's complement, 10 bytes)."""
+    """The packed varints of int64 ``values`` (a negative one is its two's complement, 10 bytes).
+    A long list is one numpy pass: the table of 7-bit groups (u >> 7k) & 0x7F, each value keeping
+    its groups up to the highest non-zero one (its count of thresholds 2^7k <= u, plus one)."""
     u = np.ascontiguousarray(values, dtype=np.int64).view(np.uint64)
-    groups = np.stack([(u >> np.uint64(7 * k)) & np.uint64(0x7F) for k in range(10)], axis=1)
-    groups = groups.astype(np.uint8)
-    # A value needs the groups up to its highest non-zero one, and at least one.
-    nbytes = 1 + sum((u >> np.uint64(7 * k)) != 0 for k in range(1, 10))
-    column = np.arange(10)
-    groups[column < nbytes[:, None] - 1] |= 0x80
-    return groups[column < nbytes[:, None]].tobytes()
+    if u.size <= SHORT:
+        return b"".join(_varint(v) for v in u.tolist())
+    nbytes = np.searchsorted(GROUP_THRESHOLDS, u, side="right")[:, None] + 1
+    width = int(nbytes.max())
+    out = ((u[:, None] >> GROUP_SHIFTS[:width]) & np.uint64(0x7F)).astype(np.uint8)
+    column = np.arange(width)
+    out[column < nbytes - 1] |= 0x80
+    return out[column < nbytes].tobytes()
 
 
 def _scalar_kind(key: str, item: object) -> str:
@@ -307,8 +314,14 @@ def _expect(wire: int, expected: int, name: str, start: int) -> None:
 
 
 def unpack_varints(buf: bytes, start: int, stop: int) -> np.ndarray:
-    """The int64 values of the varints packed in buf[start:stop], decoded over its bytes at once:
-    value = OR over the bytes of a varint of (byte & 0x7F) << 7 * (its place in the varint)."""
+    """The int64 values of the varints packed in buf[start:stop]. Over SHORT bytes, one numpy pass
+    over the bytes: value = OR over a varint's bytes of (byte & 0x7F) << 7 * (its place in it)."""
+    if stop - start <= SHORT:
+        values, pos = [], start
+        while pos < stop:
+            value, pos = _read_varint(buf, pos, stop)
+            values.append(value & UINT64_MASK)
+        return np.array(values, dtype=np.uint64).view(np.int64)
     b = np.frombuffer(buf, np.uint8, count=stop - start, offset=start)
     last = np.flatnonzero(b < 0x80)  # the final byte of each varint
     if last.size == b.size:  # every value below 128: one byte each
@@ -335,8 +348,15 @@ def _read_bytes_list(buf: bytes, parts: list[tuple[int, int]]) -> list[bytes]:
     return values
 
 
+def _joined(chunks: list[np.ndarray], dtype: type) -> np.ndarray:
+    """The chunks of a list as one array of ``dtype`` (usually one chunk: packed, once)."""
+    if len(chunks) == 1:
+        return chunks[0].astype(dtype, copy=False)
+    return np.concatenate([np.empty(0, dtype), *chunks]).astype(dtype, copy=False)
+
+
 def _read_float_list(buf: bytes, parts: list[tuple[int, int]]) -> np.ndarray:
-    chunks = [np.empty(0, np.float32)]
+    chunks = []
     for pos, end in parts:
         for number, wire, start, stop in _fields(buf, pos, end):
             if number != 1:
@@ -347,11 +367,11 @@ def _read_float_list(buf: bytes, parts: list[tuple[int, int]]) -> np.ndarray:
                 raise ExampleError(f"packed FloatList.value at byte {start} has {stop - start} "
                                    "bytes, not a multiple of 4")
             chunks.append(np.frombuffer(buf, "<f4", count=(stop - start) // 4, offset=start))
-    return np.concatenate(chunks).astype(np.float32, copy=False)
+    return _joined(chunks, np.float32)
 
 
 def _read_int64_list(buf: bytes, parts: list[tuple[int, int]]) -> np.ndarray:
-    chunks = [np.empty(0, np.int64)]
+    chunks = []
     for pos, end in parts:
         for number, wire, start, stop in _fields(buf, pos, end):
             if number != 1:
@@ -360,7 +380,7 @@ def _read_int64_list(buf: bytes, parts: list[tuple[int, int]]) -> np.ndarray:
                 _expect(wire, LEN, "Int64List.value", start)
             # An unpacked value is one varint: the same bytes as a packed list of one.
             chunks.append(unpack_varints(buf, start, stop))
-    return np.concatenate(chunks)
+    return _joined(chunks, np.int64)
 
 
 READERS = {"bytes_list": _read_bytes_list, "float_list": _read_float_list,
