@@ -184,6 +184,9 @@ def to_bytes(values: Sequence[str | bytes]) -> list[bytes]:
         return list(values)
     if all(issubclass(t, str) for t in types):
         return list(map(str.encode, values))
+    other = [t.__name__ for t in types if not issubclass(t, str | bytes)]
+    if other:
+        raise TypeError(f"Fingerprint64 hashes str or bytes, got {', '.join(sorted(other))}")
     return [v.encode() if isinstance(v, str) else v for v in values]
 
 

@@ -574,6 +574,10 @@ def categorical_with_vocabulary(
         dtype = _check_dtype(key, dtype or ("string" if strings else "int64"))
     if not entries:
         raise FeatureColumnError(f"vocabulary {key!r}: the vocabulary is empty")
+    if not all(_is_string(e) if dtype == "string" else isinstance(e, int | np.integer)
+               for e in entries):
+        raise FeatureColumnError(f"vocabulary {key!r}: every entry must be a "
+                                 f"{'string' if dtype == 'string' else 'integer'} ({dtype})")
     vocabulary = tuple(to_bytes(entries)) if dtype == "string" else tuple(int(e) for e in entries)
     if len(set(vocabulary)) != len(vocabulary):
         raise FeatureColumnError(f"vocabulary {key!r}: duplicate entries in the vocabulary")
