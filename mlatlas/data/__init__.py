@@ -19,6 +19,8 @@ checkerboard,          ``toy2d.MODES``
 swiss-roll
 a folder path          images (png/jpg/bmp/gif), one class per sub-folder if there are any
 a ``.npy`` path        an array of points (N, D) or images (N, H, W), (N, H, W, C), (N, C, H, W)
+TFRecord files         a ``*.tfrecord*`` file, a folder of them or a glob: tf.train.Examples
+                       holding a sample as a ``.npy`` row (:func:`load_tfrecord`)
 =====================  =====================================================================
 
 Only image sets with captions fill ``Dataset.captions_train`` and ``captions_test`` (one string
@@ -188,6 +190,17 @@ def load_npy(path: str | Path) -> Dataset:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise DatasetError(f"cannot read {path} as a .npy array: {err}") from None
+    return _array_dataset(array, str(path))
+
+
+def _array_dataset(array: np.ndarray, path: str, labels: torch.Tensor | None = None) -> Dataset:
+    """A user's array as points or images, split as the module docstring says; ``path`` names
+    it. Labels 0..K-1 name the classes "0".."K-1"."""
+    classes = None
+    if labels is not None:
+        if len(labels) and int(labels.min()) < 0:
+            raise DatasetError(f"{path}: labels must be >= 0, found {int(labels.min())}")
+        classes = tuple(str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0))
     if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
         raise DatasetError(f"{path} holds {array.dtype} values; expected real numbers")
     if not np.isfinite(array).all():
@@ -197,8 +210,8 @@ def load_npy(path: str | Path) -> Dataset:
         x = torch.as_tensor(array, dtype=torch.float32)
         if not torch.isfinite(x).all():
             raise DatasetError(f"{path} holds values beyond the range of float32")
-        x_tr, x_te, _, _ = _holdout(x, None)
-        return Dataset(str(path), "points", x_tr, x_te)
+        x_tr, x_te, y_tr, y_te = _holdout(x, labels)
+        return Dataset(path, "points", x_tr, x_te, y_tr, y_te, classes)
     if array.ndim == 3:
         array = array[:, None]
     elif array.ndim == 4 and array.shape[-1] in (1, 3, 4) and array.shape[1] not in (1, 3, 4):
@@ -211,8 +224,79 @@ def load_npy(path: str | Path) -> Dataset:
     elif array.min() < 0 or array.max() > 1:
         raise DatasetError(f"{path}: image values must lie in [0, 1] or be uint8 0-255, "
                            f"found [{array.min():.3g}, {array.max():.3g}]")
-    x_tr, x_te, _, _ = _holdout(torch.as_tensor(array, dtype=torch.float32), None)
-    return Dataset(str(path), "image", x_tr, x_te)
+    x_tr, x_te, y_tr, y_te = _holdout(torch.as_tensor(array, dtype=torch.float32), labels)
+    return Dataset(path, "image", x_tr, x_te, y_tr, y_te, classes)
+
+
+def load_tfrecord(spec: str | Path) -> Dataset:
+    """The tf.train.Examples of TFRecord files (a file, a folder of ``*.tfrecord*`` files or a
+    glob; any compression), one sample each, read as the rows of a ``.npy`` array are:
+
+    x      one bytes value: the sample's array in C order, uint8 (prod(shape) bytes) or
+           little-endian float32 (4 prod(shape) bytes); or a float list
+    shape  int64 list: the sample's shape, e.g. [D] for points, [H, W, C] or [C, H, W] for
+           images (a float list x without it is a point of len(x) coordinates)
+    y      int64, optional (in every example or none): a label 0..K-1 (classes "0".."K-1")
+
+    ``mlatlas records write`` writes such files from a .npy file or an image folder.
+    """
+    from mlatlas.data.formats.example import ExampleError, decode_example
+    from mlatlas.data.formats.tfrecord import read_records, shard_paths
+
+    samples, labels = [], []
+    for path in shard_paths(spec):
+        for k, data in enumerate(read_records(path)):
+            where = f"{path}: record {k}"
+            try:
+                features = decode_example(data)
+            except ExampleError as err:
+                raise DatasetError(f"{where}: {err}") from None
+            samples.append(_example_sample(features, where))
+            labels.append(_example_label(features, where))
+            if samples[-1].shape != samples[0].shape:
+                raise DatasetError(f"{where}: its x has shape {samples[-1].shape}, the first "
+                                   f"example's {samples[0].shape}")
+            if (labels[-1] is None) != (labels[0] is None):
+                raise DatasetError(f"{where}: 'y' must be in every example or in none")
+    if not samples:
+        raise DatasetError(f"{spec}: the TFRecord files hold no examples")
+    y = None if labels[0] is None else torch.tensor(labels)
+    return _array_dataset(np.stack(samples), str(spec), y)
+
+
+def _example_sample(features: dict, where: str) -> np.ndarray:
+    x, shape = features.get("x"), features.get("shape")
+    if not x:
+        raise DatasetError(f"{where}: no feature 'x' (the sample: bytes of a uint8 or float32 "
+                           "array, or a float list)")
+    if shape is not None and not (shape and all(isinstance(n, int) and n > 0 for n in shape)):
+        raise DatasetError(f"{where}: 'shape' must be an int64 list of positive sizes, got "
+                           f"{shape[:8]}")
+    if isinstance(x[0], bytes):
+        if shape is None or len(x) != 1:
+            raise DatasetError(f"{where}: a bytes 'x' is one value with an int64 'shape' "
+                               f"feature beside it (found {len(x)} values, shape {shape})")
+        size = int(np.prod(shape))
+        dtype = {size: np.uint8, 4 * size: np.dtype("<f4")}.get(len(x[0]))
+        if dtype is None:
+            raise DatasetError(f"{where}: 'x' holds {len(x[0])} bytes, neither uint8 ({size}) "
+                               f"nor float32 ({4 * size}) values of shape {shape}")
+        return np.frombuffer(x[0], dtype).reshape(shape)
+    if not isinstance(x[0], float):
+        raise DatasetError(f"{where}: 'x' is an int64 list; use bytes or floats")
+    shape = shape or [len(x)]
+    if int(np.prod(shape)) != len(x):
+        raise DatasetError(f"{where}: 'x' holds {len(x)} floats, not prod({shape})")
+    return np.asarray(x, np.float32).reshape(shape)
+
+
+def _example_label(features: dict, where: str) -> int | None:
+    y = features.get("y")
+    if y is None:
+        return None
+    if len(y) != 1 or not isinstance(y[0], int):
+        raise DatasetError(f"{where}: 'y' must be one int64 label, got {y[:8]}")
+    return y[0]
 
 
 def load_image_folder(path: str | Path, size: int | None = None) -> Dataset:
@@ -258,7 +342,8 @@ DATASETS: tuple[str, ...] = (*_BUILTIN, *(f"{n}-binary" for n in _BUILTIN), *_CO
 
 
 def load_dataset(spec: str) -> Dataset:
-    """Load a dataset by name (see the module docstring) or by path to a folder or .npy file.
+    """Load a dataset by name (see the module docstring) or by path to a folder, a .npy file or
+    TFRecord files (a name holding ".tfrecord", a folder of them, a glob).
     Named datasets are read once per process; files are read on each call, since they may
     change between calls (a relative path may even name another file after a chdir)."""
     if spec in _BUILTIN or spec in _COLOUR or spec in GENERATORS or (
@@ -269,12 +354,15 @@ def load_dataset(spec: str) -> Dataset:
         if not path.is_file():
             raise DatasetError(f"no such file: {path}")
         return load_npy(path)
+    if ".tfrecord" in path.name or any(c in spec for c in "*?[") or path.is_dir() and any(
+            ".tfrecord" in p.name for p in path.iterdir()):
+        return load_tfrecord(spec)
     if path.is_dir():
         return load_image_folder(path)
     if os.sep in spec or path.exists():
-        raise DatasetError(f"{spec}: not a folder of images or a .npy file")
+        raise DatasetError(f"{spec}: not a folder of images, a .npy file or TFRecord files")
     raise DatasetError(f"unknown dataset {spec!r}{closest(spec, DATASETS)} "
-                       f"(known: {', '.join(DATASETS)}; or a folder or .npy path)")
+                       f"(known: {', '.join(DATASETS)}; or a folder, .npy or TFRecord path)")
 
 
 @functools.lru_cache(maxsize=8)
