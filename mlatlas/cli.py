@@ -10,6 +10,11 @@
     mlatlas eval RUN_DIR --n 20 --video        score an RL policy, record an episode
     mlatlas demo                               DDPM on the 8x8 digits, end to end
     mlatlas classifier DATASET ...             retrain the shipped feature networks
+    mlatlas records show FILE [--limit N]      print each tf.train.Example as a JSON line
+    mlatlas records verify FILE...             check every CRC; exit 1 if any record is corrupt
+    mlatlas records write SRC OUT --shards K [--compression gzip]
+                                               a .npy file, image folder or JSONL file as
+                                               TFRecord shards in the folder OUT
 
 Bad input (an unknown method, dataset or flag, a bad value) ends with one line naming the problem
 and the closest valid names, and exit code 2.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -42,7 +48,7 @@ EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 # The most samples, episodes or problems one sample or eval command draws.
 MAX_ITEMS = 10**9
 MAX_NPROC = 1024
-COMMANDS = ("list", "train", "sample", "eval", "demo", "classifier")
+COMMANDS = ("list", "train", "sample", "eval", "demo", "classifier", "records")
 
 
 class UsageError(Exception):
@@ -404,6 +410,202 @@ def cmd_classifier(argv: list[str]) -> int:
     return 0
 
 
+COMPRESSION_FLAGS = {"none": "", "gzip": "GZIP", "zlib": "ZLIB"}
+MAX_SHARDS = 100_000
+
+
+def cmd_records(argv: list[str]) -> int:
+    parser = Parser(prog="mlatlas records", description="Read, check and write TFRecord files "
+                    "(docs/methods/tfrecord.md).")
+    sub = parser.add_subparsers(dest="action", required=True, parser_class=Parser)
+    show = sub.add_parser("show", help="print each tf.train.Example as one JSON object")
+    show.add_argument("file", type=Path)
+    show.add_argument("--limit", type=int, default=None, help="print at most N examples")
+    verify = sub.add_parser("verify", help="check every record's CRCs; exit 1 on corruption")
+    verify.add_argument("files", type=Path, nargs="+")
+    write = sub.add_parser("write", help="convert a .npy file, an image folder or a JSONL file")
+    write.add_argument("src", type=Path, help="a .npy file, an image folder or a .jsonl file")
+    write.add_argument("out", type=Path, help="the folder of the shards (made if absent)")
+    write.add_argument("--shards", type=int, default=1, help="record i goes to shard i mod K")
+    write.add_argument("--compression", choices=COMPRESSION_FLAGS, default="none")
+    write.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="show a progress bar (default: when the terminal is interactive)")
+    args = parser.parse(argv)
+    if args.action == "show":
+        if args.limit is not None:
+            require_range(args, 0, INT64_MAX, "limit")
+        return _records_show(args.file, args.limit)
+    if args.action == "verify":
+        return _records_verify(args.files)
+    require_range(args, 1, MAX_SHARDS, "shards")
+    return _records_write(args.src, args.out, args.shards, COMPRESSION_FLAGS[args.compression],
+                          args.progress)
+
+
+def _json_value(value):
+    """A decoded feature value in JSON: text as a string, other bytes as {"base64": ...}."""
+    import base64
+
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return {"base64": base64.b64encode(value).decode()}
+    return value if isinstance(value, int) or math.isfinite(value) else str(value)
+
+
+def _records_show(path: Path, limit: int | None) -> int:
+    from mlatlas.data.formats.example import ExampleError, decode_example
+    from mlatlas.data.formats.tfrecord import TFRecordError, read_records
+
+    try:
+        for k, data in enumerate(read_records(path)):
+            if k == limit:
+                break
+            try:
+                features = decode_example(data)
+            except ExampleError:  # a record that is no Example: its size and first bytes
+                print(json.dumps({"record": k, "bytes": len(data), "hex": data[:32].hex()}))
+                continue
+            print(json.dumps({key: [_json_value(v) for v in values]
+                              for key, values in features.items()}))
+    except TFRecordError as err:  # a corrupt file fails the command, as verify does
+        _say("records", f"error: {err}")
+        return EXIT_FAILED
+    return 0
+
+
+def _records_verify(paths: list[Path]) -> int:
+    from mlatlas.data.formats.tfrecord import ReadStats, TFRecordError, read_records
+
+    failed = False
+    for path in paths:
+        stats = ReadStats()
+        try:
+            for _ in read_records(path, skip_corrupt=True, stats=stats):
+                pass
+        except TFRecordError as err:  # unreadable, or no TFRecord stream at all
+            print(f"{path}: {err}")
+            failed = True
+            continue
+        lost = f", {stats.lost_bytes} bytes unreadable after it" if stats.lost_bytes else ""
+        print(f"{path}: {stats.records} records, {stats.data_bytes} bytes, "
+              f"{stats.corrupt} corrupt{lost}")
+        failed |= stats.corrupt > 0
+    return EXIT_FAILED if failed else 0
+
+
+def _source_examples(src: Path):
+    """(number of examples, iterator of feature dicts) of a .npy file (rows), an image folder
+    (uint8 H x W or H x W x 3 images, y the sub-folder's class) or a JSONL file (one object a
+    line), in the formats :func:`mlatlas.data.load_tfrecord` reads."""
+    import numpy as np
+
+    from mlatlas.data import IMAGE_SUFFIXES, DatasetError
+
+    if src.suffix == ".npy":
+        try:
+            array = np.load(src, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise DatasetError(f"cannot read {src} as a .npy array: {err}") from None
+        if array.ndim < 2 or array.dtype.kind not in "biuf":
+            raise DatasetError(f"{src}: expected numbers of shape (N, ...), found {array.dtype} "
+                               f"{array.shape}")
+        dtype = np.uint8 if array.dtype == np.uint8 else np.dtype("<f4")
+        return len(array), ({"x": np.ascontiguousarray(row, dtype).tobytes(),
+                             "shape": list(row.shape)} for row in array)
+    if src.is_dir():
+        files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {src}")
+        classes = sorted({f.parent.relative_to(src).as_posix() for f in files})
+        return len(files), (_image_example(f, classes, src) for f in files)
+    if src.suffix == ".jsonl":
+        try:
+            lines = src.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise DatasetError(f"cannot read {src}: {err}") from None
+        numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+        return len(numbered), (_json_example(src, i, line) for i, line in numbered)
+    raise UsageError(f"{src}: records write reads a .npy file, an image folder or a .jsonl file")
+
+
+def _image_example(file: Path, classes: list[str], root: Path) -> dict:
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from mlatlas.data import DatasetError
+
+    try:
+        with Image.open(file) as im:
+            grey = im.mode in ("L", "1", "I", "I;16")
+            x = np.asarray(im.convert("L" if grey else "RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as err:
+        raise DatasetError(f"cannot read image {file}: {err}") from None
+    features = {"x": x.tobytes(), "shape": list(x.shape)}
+    if classes != ["."]:
+        features["y"] = classes.index(file.parent.relative_to(root).as_posix())
+    return features
+
+
+def _json_example(src: Path, number: int, line: str) -> dict:
+    from mlatlas.data import DatasetError
+
+    try:
+        features = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{src}: line {number} is not JSON ({err.msg})") from None
+    if not isinstance(features, dict):
+        raise DatasetError(f"{src}: line {number} is not a JSON object of features")
+    return features
+
+
+def _records_write(src: Path, out: Path, shards: int, compression: str,
+                   progress: bool | None) -> int:
+    from mlatlas.core.progress import progress_bar
+    from mlatlas.data import DatasetError
+    from mlatlas.data.formats.example import ExampleError, encode_example
+    from mlatlas.data.formats.tfrecord import (
+        INDEX_SUFFIX,
+        TFRecordWriter,
+        index_path,
+        write_index,
+    )
+
+    total, examples = _source_examples(src)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file; OUT must be a folder (made if absent)")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"part-{i:05d}-of-{shards:05d}.tfrecord" for i in range(shards)]
+    # Shards of an earlier write would be read with the new ones as one data set.
+    names = {path.name for path in paths}
+    others = sorted(p.name for p in out.iterdir() if ".tfrecord" in p.name
+                    and p.name.removesuffix(INDEX_SUFFIX) not in names)
+    if others:
+        raise UsageError(f"{out} already holds other TFRecord files ({others[0]}, ...); write "
+                         "to an empty folder")
+    writers = [TFRecordWriter(path, compression) for path in paths]
+    try:
+        for i, features in enumerate(progress_bar(examples, total=total, progress=progress,
+                                                  desc="records", unit="ex")):
+            try:
+                data = encode_example(features)
+            except ExampleError as err:
+                raise DatasetError(f"{src}: example {i}: {err}") from None
+            writers[i % shards].write(data)
+    except BaseException:
+        for writer, path in zip(writers, paths, strict=True):
+            writer.close()
+            path.unlink(missing_ok=True)
+        raise
+    for writer in writers:
+        writer.close()
+        if not compression:
+            write_index(writer.index, index_path(writer.path))
+        print(f"{writer.path}  {len(writer.index)} records")
+    return 0
+
+
 def _in_job() -> bool:
     from mlatlas.core import distributed
 
@@ -431,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else EXIT_USAGE
     command, rest = argv[0], argv[1:]
     handlers = {"list": cmd_list, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
-                "demo": cmd_demo, "classifier": cmd_classifier}
+                "demo": cmd_demo, "classifier": cmd_classifier, "records": cmd_records}
     from mlatlas.core.io import FileError, NonFiniteError
     from mlatlas.core.run import DivergedRun, InterruptedRun, NonFiniteLossError
     from mlatlas.data import DatasetError
