@@ -500,7 +500,7 @@ def test_fuzzed_input_only_raises_example_error():
             for other in (decode_example, decode_sequence_example,
                           lambda d: parse_example(d, description)):
                 raises(other, bytes(damaged))
-    assert cases == 1200 and raised > 800
+    assert cases == 1200 and raised >= 1000  # 1040: flips 191 of 315, truncations 289 of 291
 
 
 def test_not_bytes():
