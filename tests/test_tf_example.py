@@ -386,7 +386,8 @@ def test_missing_required_and_bad_specs():
             (lambda: FixedLenFeature((2,), "bytes", default_value=[[b"a"], [b"b", b"c"]]),
              "ragged"),
             (lambda: FixedLenFeature((-1,), "int64"), "non-negative ints"),
-            (lambda: VarLenFeature("string"), "not one of bytes, float32, int64")]:
+            (lambda: VarLenFeature("string"), "not one of bytes, float32, int64"),
+            (lambda: VarLenFeature(np.float32), "not one of bytes, float32, int64")]:
         with pytest.raises(ExampleError, match=message):
             make()
     assert FixedLenFeature((2, 1), "float32", [[1], [2]])._default.tolist() == [[1.0], [2.0]]

@@ -177,8 +177,8 @@ def _feature(key: str, value: object) -> _Feature:
         return _Feature(kind, [item.encode() if isinstance(item, str) else bytes(item)
                                for item in items])
     if kind == "float_list":
-        with np.errstate(over="ignore"):
-            return _Feature(kind, np.array(items, dtype=np.float64).astype(np.float32))
+        with np.errstate(over="ignore"):  # above float32's range is inf, as protobuf casts
+            return _Feature(kind, np.array(items, dtype=np.float32))
     try:
         return _Feature(kind, np.array([int(item) for item in items], dtype=np.int64))
     except OverflowError:
@@ -404,10 +404,14 @@ def _read_feature(buf: bytes, ranges: list[tuple[int, int]]) -> _Feature:
 
 
 def _read_feature_list(buf: bytes, ranges: list[tuple[int, int]]) -> list[_Feature]:
-    return [_read_feature(buf, [(start, stop)])
-            for pos, end in ranges
-            for number, wire, start, stop in _fields(buf, pos, end)
-            if number == 1 and _expect(wire, LEN, "FeatureList.feature", start) is None]
+    """A FeatureList's steps: each field 1 is one Feature."""
+    steps = []
+    for pos, end in ranges:
+        for number, wire, start, stop in _fields(buf, pos, end):
+            if number == 1:
+                _expect(wire, LEN, "FeatureList.feature", start)
+                steps.append(_read_feature(buf, [(start, stop)]))
+    return steps
 
 
 def _read_map(buf: bytes, ranges: list[tuple[int, int]], read_value, name: str) -> dict:
@@ -502,7 +506,7 @@ def decode_sequence_example(data: bytes) -> tuple[dict[str, list], dict[str, lis
 
 
 def _check_dtype(spec: object) -> None:
-    if spec.dtype not in NUMPY_DTYPE:
+    if not isinstance(spec.dtype, str) or spec.dtype not in NUMPY_DTYPE:
         raise ExampleError(f"{type(spec).__name__} dtype {spec.dtype!r} is not one of "
                            f"{', '.join(NUMPY_DTYPE)}")
 
