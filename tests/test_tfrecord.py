@@ -130,6 +130,23 @@ def test_uniform_runs_and_long_records(tmp_path, chunk):
         assert list(tfr.read_records(path, compression)) == records
 
 
+def test_records_of_one_length_and_a_corrupt_one_among_them(tmp_path, chunk):
+    # Windows of equal lengths are sliced by one struct call; a bad CRC must still be found.
+    records = [bytes([i % 256]) * 33 for i in range(300)]
+    path = tmp_path / "same.tfrecord"
+    offsets = [o for o, _ in write(path, records).index]
+    assert list(tfr.read_records(path)) == records
+    raw = bytearray(path.read_bytes())
+    raw[offsets[201] + 12 + 32] ^= 0x80
+    path.write_bytes(bytes(raw))
+    with pytest.raises(tfr.TFRecordError, match=f"record 201 at byte {offsets[201]}: its data"):
+        list(tfr.read_records(path))
+    stats = tfr.ReadStats()
+    assert list(tfr.read_records(path, skip_corrupt=True, stats=stats)) == \
+        records[:201] + records[202:]
+    assert (stats.records, stats.data_bytes, stats.corrupt) == (299, 299 * 33, 1)
+
+
 def test_empty_file_and_unknown_compression(tmp_path):
     path = tmp_path / "empty.tfrecord"
     path.write_bytes(b"")
@@ -561,6 +578,16 @@ def test_records_verify_counts_corruption_and_fails(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"mlatlas records: error: {path}: record 1 at byte {offsets[1]}: its data "
                    "fails its CRC"]
+
+
+def test_records_verify_counts_a_file_whose_first_frame_fails(tmp_path, capsys):
+    path = tmp_path / "junk.tfrecord"
+    path.write_bytes(bytes(range(40)))
+    assert main(["records", "verify", str(path)]) == 1
+    assert capsys.readouterr().out.strip() == \
+        f"{path}: 0 records, 0 bytes, 1 corrupt, 40 bytes unreadable after it"
+    with pytest.raises(tfr.TFRecordError, match="record 0 at byte 0: not a TFRecord file"):
+        list(tfr.read_records(path))
 
 
 def test_records_write_from_jsonl_and_image_folder(tmp_path, capsys):

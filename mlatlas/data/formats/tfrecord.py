@@ -3,10 +3,10 @@
 A TFRecord file is a sequence of records, each framed as (integers little-endian; TensorFlow's
 ``tensorflow/core/lib/io/record_writer.h``):
 
-    +----------------+--------------------------+-------------+--------------------------+
-    | length  uint64 | mask(crc32c(length))  u32 | data        | mask(crc32c(data))   u32 |
-    +----------------+--------------------------+-------------+--------------------------+
-      8 bytes          4 bytes                    length bytes  4 bytes
+    +----------------+---------------------------+--------------+-------------------------+
+    | length: uint64 | mask(crc32c(length)): u32 | data         | mask(crc32c(data)): u32 |
+    +----------------+---------------------------+--------------+-------------------------+
+      8 bytes          4 bytes                     length bytes   4 bytes
 
 with ``mask`` of :mod:`mlatlas.data.formats.crc32c`. Compression ("GZIP" or "ZLIB", TensorFlow's
 ``compression_type``) wraps the whole stream of framed records in one gzip or zlib stream; the
@@ -309,7 +309,7 @@ def _checked(path, buf: bytes, base: int, starts: np.ndarray, ends: np.ndarray, 
     starts, ends = starts[skip::step], ends[skip::step]
     if not len(starts):
         return
-    datas = [buf[i:j] for i, j in zip((starts + HEADER).tolist(), ends.tolist(), strict=True)]
+    datas = _slices(buf, starts, ends, step)
     crc = mask(np.fromiter(map(crc32c, datas), np.uint32, len(datas)))
     stored = np.frombuffer(buf, np.uint8)[ends[:, None] + np.arange(FOOTER)]
     bad = np.flatnonzero(crc != stored.copy().view("<u4")[:, 0]).tolist()
@@ -327,6 +327,16 @@ def _checked(path, buf: bytes, base: int, starts: np.ndarray, ends: np.ndarray, 
         done = i + 1
 
 
+def _slices(buf, starts: np.ndarray, ends: np.ndarray, step: int) -> list[bytes]:
+    """The data of the frames at ``starts`` (data ending at ``ends``). Back-to-back frames of one
+    length (step 1, records of one shape) come out of one struct.unpack_from call."""
+    length = int(ends[0] - starts[0]) - HEADER
+    if step == 1 and len(starts) > RUN and (ends - starts == length + HEADER).all():
+        return list(struct.unpack_from(f"{HEADER}x{length}s{FOOTER}x" * len(starts), buf,
+                                       int(starts[0])))
+    return [buf[i:j] for i, j in zip((starts + HEADER).tolist(), ends.tolist(), strict=True)]
+
+
 class _Bad(Exception):
     """A frame that leaves no reliable next record (the message says why)."""
 
@@ -342,7 +352,14 @@ def _drain(size: int, source: Iterator[bytes]) -> int:
 def _records(path, compression: str | None, stats: ReadStats, skip_corrupt: bool,
              first: int = 0, step: int = 1) -> Generator[bytes, None, int]:
     """The records of :func:`_batches` one by one; returns the number of records seen."""
-    compression = detect_compression(path) if compression is None else \
+    if compression is None:
+        try:
+            compression = detect_compression(path)
+        except TFRecordError:
+            if not skip_corrupt:
+                raise
+            compression = ""  # a first frame that fails: the scan counts the file as lost
+    else:
         _check_compression(compression)
     with _open(path) as f:
         source = _inflated_chunks(f, compression) if compression else _mapped(f)
