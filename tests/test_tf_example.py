@@ -299,6 +299,28 @@ def test_example_round_trip(features):
         assert encode_example(decoded) == data
 
 
+python_values = st.one_of(
+    st.lists(st.integers(INT64_MIN, INT64_MAX), min_size=1, max_size=8),
+    st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=8),
+    st.lists(st.one_of(st.text(max_size=6), st.binary(max_size=6)), min_size=1, max_size=8),
+    st.integers(INT64_MIN, INT64_MAX), st.floats(width=32, allow_nan=False), st.text(max_size=6))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(keys, python_values, max_size=6))
+def test_python_values_round_trip(features):
+    # Python lists and scalars: ints stay ints, float32-representable floats stay equal, str
+    # comes back as its UTF-8 bytes; the lists encode again to the same bytes.
+    data = encode_example(features)
+    want = {}
+    for key, value in features.items():
+        items = value if isinstance(value, list) else [value]
+        want[key] = [v.encode() if isinstance(v, str) else v for v in items]
+    decoded = decode_example(data)
+    assert decoded == want
+    assert encode_example(decoded) == data
+
+
 steps_of_one_type = st.one_of(
     st.lists(int_lists.map(lambda v: np.array(v, np.int64)), max_size=4),
     st.lists(float_bits, max_size=4),
@@ -478,12 +500,15 @@ def test_structural_bit_flips_raise_and_no_flip_escapes():
     assert raised >= 60  # of 112 flips; others are other valid values or other unknown fields
 
 
-def test_fuzzed_input_only_raises_example_error():
-    rng = np.random.default_rng(1)
+def fuzz(per_message: int, seed: int) -> tuple[int, int]:
+    """Damage each sample message ``per_message`` times (bit flips, truncation, garbage appended
+    or prepended); return (cases, how many its decoder refused). Every reader meets every case,
+    and any exception but ExampleError fails the test."""
+    rng = np.random.default_rng(seed)
     description = {"img": VarLenFeature("float32"), "label": FixedLenFeature((3,), "int64")}
     cases = raised = 0
     for data, decode in sample_messages():
-        for _ in range(400):
+        for _ in range(per_message):
             damaged = bytearray(data)
             how = rng.integers(4)
             if how == 0:  # one to three bit flips
@@ -497,11 +522,21 @@ def test_fuzzed_input_only_raises_example_error():
                 damaged[:0] = rng.bytes(int(rng.integers(1, 6)))
             cases += 1
             raised += raises(decode, bytes(damaged))
-            # The other readers meet the same bytes: they too may only raise ExampleError.
             for other in (decode_example, decode_sequence_example,
                           lambda d: parse_example(d, description)):
                 raises(other, bytes(damaged))
+    return cases, raised
+
+
+def test_fuzzed_input_only_raises_example_error():
+    cases, raised = fuzz(400, seed=1)
     assert cases == 1200 and raised >= 1000  # 1040: flips 191 of 315, truncations 289 of 291
+
+
+@pytest.mark.slow
+def test_fuzzed_input_only_raises_example_error_long():
+    cases, raised = fuzz(100_000, seed=2)
+    assert cases == 300_000 and raised >= 250_000  # 259,755
 
 
 def test_not_bytes():
