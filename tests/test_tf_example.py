@@ -227,6 +227,7 @@ def test_corrupt_bytes_raise_one_error(data, message):
     ({"x": 2**63}, "outside int64's range"),
     ({"x": np.array([2**63], np.uint64)}, "above int64's maximum"),
     ({"x": np.array([1j])}, "dtype complex128"),
+    ({"x": torch.zeros(2, dtype=torch.float8_e4m3fn)}, "tensor of dtype torch.float8_e4m3fn"),
     ({1: [1]}, "feature key 1 is a int"),
     ({"\ud800": [1]}, "lone surrogate"),
 ])
@@ -240,9 +241,10 @@ def test_value_types():
     got = decode_example(encode_example({
         "u8": np.array([[1, 2], [3, 255]], np.uint8), "f64": np.array([0.1]),
         "b": [True, False], "t": torch.tensor([1.0, 2.0]), "U": np.array(["é", "z"]),
+        "bf16": torch.tensor([0.5], dtype=torch.bfloat16),
         "o": np.array([b"a", "b"], dtype=object), "np": np.float32(3.0), "big": [1e40]}))
     assert got == {"u8": [1, 2, 3, 255], "f64": [float(np.float32(0.1))], "b": [1, 0],
-                   "t": [1.0, 2.0], "U": ["é".encode(), b"z"], "o": [b"a", b"b"],
+                   "t": [1.0, 2.0], "U": ["é".encode(), b"z"], "bf16": [0.5], "o": [b"a", b"b"],
                    "np": [3.0], "big": [float("inf")]}
     with pytest.raises(ExampleError, match="feature list 's' is a str"):
         encode_sequence_example({}, {"s": "abc"})

@@ -158,10 +158,21 @@ def _array_feature(key: str, array: np.ndarray) -> _Feature:
                        "bools, integers, floats, bytes or str")
 
 
+def _tensor_array(key: str, tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+        tensor = tensor.float()
+    try:
+        return tensor.numpy()
+    except TypeError:
+        raise ExampleError(f"feature {key!r} is a tensor of dtype {tensor.dtype}, which numpy "
+                           "cannot hold") from None
+
+
 def _feature(key: str, value: object) -> _Feature:
     """The Feature a value becomes: its list type chosen by the Python or numpy type."""
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
+        value = _tensor_array(key, value)
     if isinstance(value, np.ndarray):
         return _array_feature(key, value)
     items = value if isinstance(value, (list, tuple)) else [value]
@@ -231,7 +242,7 @@ def _features_bytes(features: object, what: str) -> bytes:
 def _steps(key: str, value: object) -> list | np.ndarray:
     """A feature list's values, one per step: a list, or an array's rows along its first axis."""
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
+        value = _tensor_array(key, value)
     if isinstance(value, np.ndarray) and value.ndim > 0 or isinstance(value, (list, tuple)):
         return value
     raise ExampleError(f"feature list {key!r} is a {type(value).__name__}; a feature list is a "
