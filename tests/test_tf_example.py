@@ -236,6 +236,30 @@ def test_unsupported_values_raise(features, message):
         encode_example(features)
 
 
+any_scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.complex_numbers(),
+                      st.text(st.characters(codec=None, categories=None), max_size=4),
+                      st.binary(max_size=4))
+any_value = st.recursive(any_scalar, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.tuples(inner), st.dictionaries(st.text(max_size=2), inner,
+                                                                   max_size=2)), max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.one_of(st.text(st.characters(codec=None, categories=None),
+                                         max_size=3), st.integers(), st.binary(max_size=2)),
+                       any_value, max_size=4), st.sampled_from(["example", "sequence"]))
+def test_any_input_encodes_or_raises_example_error(features, kind):
+    # Whatever Python values come in, encoding either works (and decodes back) or is one
+    # ExampleError: never a TypeError or OverflowError from inside.
+    try:
+        if kind == "example":
+            decode_example(encode_example(features))
+        else:
+            decode_sequence_example(encode_sequence_example(features, features))
+    except ExampleError:
+        pass
+
+
 def test_value_types():
     # numpy dtypes pick the list; any shape flattens in C order; bools are 0 and 1.
     got = decode_example(encode_example({
