@@ -280,6 +280,8 @@ def encode_sequence_example(context: Mapping[str, object],
 
 def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
     """The varint at buf[pos] (before ``end``) and the position after it."""
+    if pos < end and buf[pos] < 0x80:  # one byte: most tags and lengths
+        return buf[pos], pos + 1
     start, result, shift = pos, 0, 0
     while pos < end:
         byte = buf[pos]
