@@ -163,23 +163,23 @@ def _mapped(f) -> Iterator[mmap.mmap]:
 
 
 def _inflated_chunks(f, compression: str) -> Iterator[bytes]:
+    """The decompressed stream in pieces of at most CHUNK bytes, so that a small, highly
+    compressed file cannot fill the memory."""
     inflate = zlib.decompressobj(WINDOW_BITS[compression])
-    while raw := f.read(CHUNK):
-        while raw:
-            try:
-                # A bounded output: a small, highly compressed file must not fill the memory.
-                out = inflate.decompress(raw, CHUNK)
-            except zlib.error as err:
-                raise _StreamBroken(f"{compression} stream broken ({err})") from None
-            raw = inflate.unconsumed_tail
-            if out:
-                yield out
-            if inflate.eof:
-                if inflate.unused_data or f.read(1):
-                    raise _StreamBroken(f"bytes after the end of the {compression} stream")
-                return
-    if not inflate.eof:
-        raise _StreamBroken(f"{compression} stream cut short")
+    full = False  # the last piece filled CHUNK: zlib may hold more output without more input
+    while not inflate.eof:
+        raw = inflate.unconsumed_tail or f.read(CHUNK)
+        if not raw and not full:
+            raise _StreamBroken(f"{compression} stream cut short")
+        try:
+            out = inflate.decompress(raw, CHUNK)
+        except zlib.error as err:
+            raise _StreamBroken(f"{compression} stream broken ({err})") from None
+        full = len(out) == CHUNK
+        if out:
+            yield out
+    if inflate.unused_data or f.read(1):
+        raise _StreamBroken(f"bytes after the end of the {compression} stream")
 
 
 def _length_crc_tables() -> tuple[np.ndarray, int]:
