@@ -10,7 +10,8 @@
     mlatlas eval RUN_DIR --n 20 --video        score an RL policy, record an episode
     mlatlas demo                               DDPM on the 8x8 digits, end to end
     mlatlas classifier DATASET ...             retrain the shipped feature networks
-    mlatlas records show FILE [--limit N]      print each tf.train.Example as a JSON line
+    mlatlas records show FILE [--limit N] [--skip-corrupt]
+                                               print each tf.train.Example as a JSON line
     mlatlas records verify FILE...             check every CRC; exit 1 if any record is corrupt
     mlatlas records write SRC OUT --shards K [--compression gzip]
                                                a .npy file, image folder or JSONL file as
@@ -421,6 +422,8 @@ def cmd_records(argv: list[str]) -> int:
     show = sub.add_parser("show", help="print each tf.train.Example as one JSON object")
     show.add_argument("file", type=Path)
     show.add_argument("--limit", type=int, default=None, help="print at most N examples")
+    show.add_argument("--skip-corrupt", action="store_true",
+                      help="skip corrupt records (counted on stderr) instead of failing")
     verify = sub.add_parser("verify", help="check every record's CRCs; exit 1 on corruption")
     verify.add_argument("files", type=Path, nargs="+")
     write = sub.add_parser("write", help="convert a .npy file, an image folder or a JSONL file")
@@ -434,7 +437,7 @@ def cmd_records(argv: list[str]) -> int:
     if args.action == "show":
         if args.limit is not None:
             require_range(args, 0, INT64_MAX, "limit")
-        return _records_show(args.file, args.limit)
+        return _records_show(args.file, args.limit, args.skip_corrupt)
     if args.action == "verify":
         return _records_verify(args.files)
     require_range(args, 1, MAX_SHARDS, "shards")
@@ -454,12 +457,13 @@ def _json_value(value):
     return value if isinstance(value, int) or math.isfinite(value) else str(value)
 
 
-def _records_show(path: Path, limit: int | None) -> int:
+def _records_show(path: Path, limit: int | None, skip_corrupt: bool) -> int:
     from mlatlas.data.formats.example import ExampleError, decode_example
-    from mlatlas.data.formats.tfrecord import TFRecordError, read_records
+    from mlatlas.data.formats.tfrecord import ReadStats, TFRecordError, read_records
 
+    stats = ReadStats()
     try:
-        for k, data in enumerate(read_records(path)):
+        for k, data in enumerate(read_records(path, skip_corrupt=skip_corrupt, stats=stats)):
             if k == limit:
                 break
             try:
@@ -472,6 +476,9 @@ def _records_show(path: Path, limit: int | None) -> int:
     except TFRecordError as err:  # a corrupt file fails the command, as verify does
         _say("records", f"error: {err}")
         return EXIT_FAILED
+    if stats.corrupt:
+        lost = f" and {stats.lost_bytes} bytes after it" if stats.lost_bytes else ""
+        _say("records", f"skipped {stats.corrupt} corrupt records{lost}")
     return 0
 
 

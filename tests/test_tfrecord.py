@@ -578,6 +578,10 @@ def test_records_verify_counts_corruption_and_fails(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"mlatlas records: error: {path}: record 1 at byte {offsets[1]}: its data "
                    "fails its CRC"]
+    assert main(["records", "show", str(path), "--skip-corrupt"]) == 0
+    shown = capsys.readouterr()
+    assert [json.loads(line)["bytes"] for line in shown.out.splitlines()] == [10, 10]
+    assert shown.err.strip() == "mlatlas records: skipped 1 corrupt records"
 
 
 def test_records_verify_counts_a_file_whose_first_frame_fails(tmp_path, capsys):
