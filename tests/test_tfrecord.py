@@ -120,6 +120,29 @@ def test_round_trip(tmp_path_factory, records, compression, chunk_size):
         assert writer.index == [(o, n) for o, n in tfr.build_index(path).tolist()]
 
 
+@settings(max_examples=40, deadline=None)
+@given(records=st.lists(st.sampled_from([b"", b"abc", b"xyz", b"q" * 50]), max_size=150),
+       chunk_size=st.sampled_from([tfr.CHUNK, 30, 200]), step=st.integers(1, 4),
+       data=st.data())
+def test_runs_of_equal_lengths_and_every_shard_of_a_scan(tmp_path_factory, records, chunk_size,
+                                                          step, data):
+    """Few distinct lengths make long runs, their ends and window ends fall anywhere."""
+    first = data.draw(st.integers(0, step - 1))
+    path = tmp_path_factory.mktemp("runs") / "f.tfrecord"
+    write(path, records)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tfr, "CHUNK", chunk_size)
+        scan = tfr._records(path, "", tfr.ReadStats(), False, first, step)
+        got = []
+        while True:
+            try:
+                got.append(next(scan))
+            except StopIteration as done:
+                assert done.value == len(records)  # every record seen, its own or not
+                break
+    assert got == records[first::step]
+
+
 def test_uniform_runs_and_long_records(tmp_path, chunk):
     # Equal lengths trigger the vectorised walk; a change of length must end it exactly there.
     records = ([b"a" * 10] * 50 + [b"b" * 11] + [b"c" * 10] * 30 + [os.urandom(3000)]
