@@ -70,7 +70,8 @@ class TFRecordError(DatasetError):
 @dataclass
 class ReadStats:
     """What a read found: records yielded, their data bytes, corrupt records or regions, and the
-    bytes given up after a corruption that leaves no reliable next record."""
+    bytes of the (decompressed) stream given up after a corruption that leaves no reliable next
+    record (after a broken compressed stream, those decompressed before the break)."""
 
     records: int = 0
     data_bytes: int = 0
