@@ -16,6 +16,9 @@
     mlatlas records write SRC OUT --shards K [--compression gzip]
                                                a .npy file, image folder or JSONL file as
                                                TFRecord shards in the folder OUT
+    mlatlas mmbench TSV --model MODULE:CALLABLE [--results OUT.tsv]
+                                               MMBench's CircularEval of any
+                                               model(image, question, options) -> str
 
 Bad input (an unknown method, dataset or flag, a bad value) ends with one line naming the problem
 and the closest valid names, and exit code 2.
@@ -49,7 +52,7 @@ EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 # The most samples, episodes or problems one sample or eval command draws.
 MAX_ITEMS = 10**9
 MAX_NPROC = 1024
-COMMANDS = ("list", "train", "sample", "eval", "demo", "classifier", "records")
+COMMANDS = ("list", "train", "sample", "eval", "demo", "classifier", "records", "mmbench")
 
 
 class UsageError(Exception):
@@ -94,7 +97,8 @@ def cmd_list(argv: list[str]) -> int:
     widths = [max(len(r[i]) for r in [*rows, header]) for i in range(3)]
     for row in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[3])
-    print(f"\ndatasets: {', '.join(DATASETS)}, or a path to an image folder or .npy file")
+    print(f"\ndatasets: {', '.join(DATASETS)}, or a path to an image folder, a .npy file or "
+          "TFRecord files")
     return 0
 
 
@@ -627,6 +631,52 @@ def _from_collective(err: BaseException) -> bool:
     return bool(frames) and f"torch{os.sep}distributed" in frames[-1].filename
 
 
+def _import_callable(spec: str):
+    """``package.module:name`` -> that attribute, or a UsageError naming what is missing."""
+    import importlib
+
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise UsageError(f"--model must be MODULE:CALLABLE (e.g. mypkg.vlm:answer), got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise UsageError(f"--model {spec}: cannot import {module_name} ({err})") from None
+    model = getattr(module, name, None)
+    if not callable(model):
+        raise UsageError(f"--model {spec}: {module_name} has no callable {name!r}")
+    return model
+
+
+def cmd_mmbench(argv: list[str]) -> int:
+    parser = Parser(prog="mlatlas mmbench", description="MMBench's CircularEval: every question "
+                    "asked once per rotation of its options, right only if every pass is right "
+                    "(docs/methods/circular_eval.md).")
+    parser.add_argument("tsv", type=Path, help="an MMBench-layout TSV")
+    parser.add_argument("--model", required=True,
+                        help="MODULE:CALLABLE, a model(image, question, options) -> str")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="write every pass with its reply, extracted label and hit here")
+    parser.add_argument("--build", action=argparse.BooleanOptionalAction, default=None,
+                        help="build the rotated passes (default: unless the file holds them)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="show a progress bar (default: when the terminal is interactive)")
+    args = parser.parse(argv)
+    from mlatlas.eval.circular import MMBenchError, evaluate
+
+    model = _import_callable(args.model)
+    try:
+        result = evaluate(model, args.tsv, args.results, build=args.build, progress=args.progress)
+    except (MMBenchError, OSError) as err:
+        raise UsageError(str(err)) from None
+    if result is None:
+        print(f"{args.tsv} has no answers: replies written"
+              + (f" to {args.results}" if args.results else " nowhere (give --results)"))
+    else:
+        print(result.format())
+    return 0
+
+
 def _set_threads(threads: int | None) -> None:
     from mlatlas.core.runtime import set_threads
 
@@ -640,7 +690,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else EXIT_USAGE
     command, rest = argv[0], argv[1:]
     handlers = {"list": cmd_list, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
-                "demo": cmd_demo, "classifier": cmd_classifier, "records": cmd_records}
+                "demo": cmd_demo, "classifier": cmd_classifier, "records": cmd_records,
+                "mmbench": cmd_mmbench}
     from mlatlas.core.io import FileError, NonFiniteError
     from mlatlas.core.run import DivergedRun, InterruptedRun, NonFiniteLossError
     from mlatlas.data import DatasetError

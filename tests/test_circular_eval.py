@@ -421,3 +421,20 @@ def test_agrees_with_vlmevalkit():
                           "--seeds", "2"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "0 differences in rotation and scoring" in out.stdout
+
+
+def test_cli_scores_a_model_named_module_colon_callable(tmp_path, monkeypatch, capsys):
+    from mlatlas.cli import main
+
+    tsv, _ = mmbench_tsv(tmp_path / "mmbench.tsv", 12)
+    (tmp_path / "always_a.py").write_text("def answer(image, question, options):\n"
+                                          "    return 'A'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["mmbench", str(tsv), "--model", "always_a:answer", "--results",
+                 str(tmp_path / "out.tsv"), "--no-progress"]) == 0
+    overall = next(line for line in capsys.readouterr().out.splitlines() if "overall" in line)
+    assert overall.split()[2] == "0.0000"  # always "A" is never right on every rotation
+    assert len(read_tsv(tmp_path / "out.tsv")) > 12
+    for bad in ("always_a", "always_a:nothing", "no_such_module:answer"):
+        assert main(["mmbench", str(tsv), "--model", bad]) == 2
+        assert "--model" in capsys.readouterr().err

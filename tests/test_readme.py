@@ -224,3 +224,37 @@ def test_readme_detection_tour(runs, capsys):
             argv = [argv[0], str(run_dir_of(runs, argv[1])), *argv[2:], "--n", "4",
                     "--no-progress"]
         assert main(argv) == 0, argv
+
+
+def test_readme_formats_tour(runs, tmp_path, monkeypatch, capsys):
+    """The data-formats tour in a fresh folder: shards from a .npy, checked, shown, trained on,
+    and the CircularEval line with a generated TSV and a model module."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from mlatlas.eval.circular import Question, write_tsv
+
+    monkeypatch.chdir(tmp_path)
+    np.save("digits.npy", (load_digits().images[:40] / 16).astype(np.float32))
+    write_tsv("mmbench.tsv", [Question(index=i, g_index=i, question=f"Which is {i}?", hint="",
+                                       options=(str(i), str(i + 1)), answer="A")
+                              for i in range(5)])
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "vlm.py").write_text(
+        "def answer(image, question, options):\n"
+        "    return next(k for k, v in options.items() if question.endswith(v + '?'))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    commands = tour_commands("mlatlas records write")
+    assert [argv[0] for argv in commands] == ["records"] * 3 + ["train", "mmbench"]
+    for argv in commands:
+        if argv[0] == "train":
+            argv = [*argv, "--steps", "2", "--batch-size", "8", "--channels", "8", "--eval-samples",
+                    "10", "--out", str(runs), "--no-progress"]
+        elif argv[0] == "mmbench":
+            argv = [*argv, "--no-progress"]
+        assert main(argv) == 0, argv
+    out = capsys.readouterr().out
+    assert '"x"' in out and "records" in out
+    overall = next(line for line in out.splitlines() if line.startswith("overall"))
+    assert overall.split()[2:4] == ["1.0000", "1.0000"]  # the oracle, circular and vanilla

@@ -1,1 +1,2 @@
-"""Evaluation: sample-quality metrics and the feature networks they use."""
+"""Evaluation: sample-quality metrics and the feature networks they use; MMBench's CircularEval
+(``circular``)."""
