@@ -1,0 +1,1 @@
+"""The Kimi-VL-shaped vision-language model."""
