@@ -13,6 +13,7 @@ from mlatlas.multimodal.vision import (
     MoonViT,
     VisionTower,
     block_diagonal_mask,
+    budget_groups,
     pack,
     pixel_shuffle,
     pixel_unshuffle,
@@ -183,6 +184,16 @@ def test_pack_errors_name_the_image_its_size_patches_and_budget():
         pack([torch.zeros(8, 8)], 4, 64)
     with pytest.raises(ValueError, match="at least one image"):
         pack([], 4, 64)
+
+
+def test_budget_groups_fill_sequences_in_order_and_every_group_packs():
+    xs = images((32, 32), (32, 64), (16, 16), (64, 64), (8, 8))  # 64, 128, 16, 256, 4 patches
+    groups = budget_groups(xs, 4, 256)
+    assert groups == [[0, 1, 2], [3], [4]]
+    for group in groups:
+        assert pack([xs[j] for j in group], 4, 256).cu_seqlens[-1] <= 256
+    with pytest.raises(ValueError, match="image 3 of 64x64 pixels is 256 patches"):
+        budget_groups(xs, 4, 255)
 
 
 def test_vision_tower_shapes_cu_seqlens_pooled_and_gradients():

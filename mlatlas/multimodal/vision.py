@@ -196,6 +196,28 @@ def pack(images: Sequence[torch.Tensor], patch_size: int, max_patches: int,
     return Packed(patches, grid, cu_seqlens, positions)
 
 
+def budget_groups(images: Sequence[torch.Tensor], patch_size: int, max_patches: int
+                  ) -> list[list[int]]:
+    """Indices of (C, H, W) images grouped in order into sequences of at most ``max_patches``
+    patches, a new group whenever the next image would overflow the current one: the sequences
+    to :func:`pack` one by one (a dense block-diagonal mask costs O(N^2), so a long batch is
+    cheaper as several budget-sized sequences than as one)."""
+    groups: list[list[int]] = [[]]
+    used = 0
+    for j, image in enumerate(images):
+        n = (image.shape[-2] // patch_size) * (image.shape[-1] // patch_size)
+        if n > max_patches:
+            raise ValueError(f"image {j} of {image.shape[-2]}x{image.shape[-1]} pixels is {n} "
+                             f"patches of {patch_size} px, more than the budget of "
+                             f"{max_patches} patches (--max-patches)")
+        if groups[-1] and used + n > max_patches:
+            groups.append([])
+            used = 0
+        groups[-1].append(j)
+        used += n
+    return groups
+
+
 def block_diagonal_mask(cu_seqlens: torch.Tensor) -> torch.Tensor:
     """(n + 1,) cumulative lengths -> (N, N) bool, True where both tokens are one image's."""
     ids, _ = segments(cu_seqlens)
