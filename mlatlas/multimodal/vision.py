@@ -16,7 +16,9 @@ cu_j <= a < cu_{j+1}. Attention is restricted to each image by the block-diagona
     M_ab = [img(a) = img(b)]
 
 so the packed encoder computes for each image exactly what it computes for the image alone
-(softmax over the masked-out keys gives them weight zero). ``max_patches`` bounds N.
+(softmax over the masked-out keys gives them weight zero). ``max_patches`` bounds N; the dense
+mask costs O(N^2) although only sum_j n_j^2 entries are True, so :func:`budget_groups` splits a
+long batch of images into several sequences of at most ``max_patches`` patches.
 
 2D rotary embeddings (Su, "RoPE-2D", 2021; the spatial part of Qwen2-VL's M-RoPE, Wang et al.
 2024). A head of width d (d % 4 = 0) has the d/2 pairs (x_i, x_{i + d/2}) that
