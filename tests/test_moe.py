@@ -11,6 +11,7 @@ from mlatlas.nn.moe import (
     expert_load,
     load_balancing_loss,
     route,
+    router_scores,
 )
 
 
@@ -116,6 +117,18 @@ def test_forward_keeps_load_of_masked_tokens_and_bias_update():
                                0.5 * torch.sign(load.mean() - load))
     with pytest.raises(ValueError):
         moe(x, token_mask=mask[:, :2])
+
+
+def test_softmax_scoring_routes_on_probabilities():
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0]])
+    s = router_scores(logits, "softmax")
+    torch.testing.assert_close(s.sum(-1), torch.ones(1))
+    g, idx = route(s, None, 2, norm_topk_prob=False)
+    assert idx.tolist() == [[0, 2]]
+    torch.testing.assert_close(g, s[:, [0, 2]])  # Switch/Mixtral weights without renormalising
+    torch.testing.assert_close(router_scores(logits), logits.sigmoid())
+    with pytest.raises(ValueError):
+        router_scores(logits, "relu")
 
 
 def test_route_rejects_bad_shapes():

@@ -67,6 +67,7 @@ def _trained_like(model: MoEDecoder) -> MoEDecoder:
     {},
     {"q_lora_rank": 24, "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5,
      "first_k_dense_replace": 2, "n_layers": 3},
+    {"dense": True},  # the dense equivalent: every layer a DeepseekV3MLP
 ])
 def test_exported_decoder_logits_equal_transformers(tmp_path, shape):
     cfg = DecoderConfig(vocab_size=61, **shape)

@@ -53,7 +53,7 @@ from mlatlas.core.io import load_tensors, read_json, save_tensors, write_json
 from mlatlas.llm.model import attention_bias
 from mlatlas.nn.attention import rotary_cos_sin, rotate
 from mlatlas.nn.layers import RMSNorm, SwiGLU
-from mlatlas.nn.moe import BALANCES, MoE, capacity_factor
+from mlatlas.nn.moe import BALANCES, SCORINGS, MoE, capacity_factor, check_routing
 from mlatlas.nn.sampling import sample_token
 
 # transformers builds q_a_layernorm and kv_a_layernorm with its RMSNorm's default eps.
@@ -113,11 +113,12 @@ class DecoderConfig:
         if not 0 <= self.first_k_dense_replace <= self.n_layers:
             raise ConfigError(f"first_k_dense_replace {self.first_k_dense_replace} must lie in "
                               f"[0, n_layers {self.n_layers}]")
+        if self.scoring not in SCORINGS:
+            raise ConfigError(f"scoring {self.scoring!r} is not one of {SCORINGS}")
         if not self.dense:
             try:
-                MoE(1, 1, self.n_routed_experts, self.n_shared_experts,
-                    self.num_experts_per_tok, n_group=self.n_group, topk_group=self.topk_group,
-                    scoring=self.scoring)
+                check_routing(self.n_routed_experts, self.num_experts_per_tok, self.n_group,
+                              self.topk_group)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
 

@@ -57,6 +57,15 @@ def router_scores(logits: torch.Tensor, scoring: str = "sigmoid") -> torch.Tenso
     raise ValueError(f"scoring {scoring!r} is not one of {SCORINGS}")
 
 
+def check_routing(n_experts: int, k: int, n_group: int = 1, topk_group: int = 1) -> None:
+    """ValueError unless top-k of E experts in G groups, M kept, is possible: G divides E,
+    1 <= M <= G and k <= M E / G."""
+    if (n_group < 1 or n_experts % n_group or not 1 <= topk_group <= n_group
+            or not 1 <= k <= n_experts * topk_group // n_group):
+        raise ValueError(f"cannot route {n_experts} experts in {n_group} groups, {topk_group} "
+                         f"of them kept, to top-{k}")
+
+
 def route(scores: torch.Tensor, bias: torch.Tensor | None, k: int, *, n_group: int = 1,
           topk_group: int = 1, norm_topk_prob: bool = True,
           routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,9 +77,7 @@ def route(scores: torch.Tensor, bias: torch.Tensor | None, k: int, *, n_group: i
     if scores.dim() != 2:
         raise ValueError(f"route needs (tokens, experts) scores, got {tuple(scores.shape)}")
     T, E = scores.shape
-    if E % n_group or not 1 <= topk_group <= n_group or not 1 <= k <= E * topk_group // n_group:
-        raise ValueError(f"cannot route {E} experts in {n_group} groups, {topk_group} of them "
-                         f"kept, to top-{k}")
+    check_routing(E, k, n_group, topk_group)
     if bias is not None and bias.shape != (E,):
         raise ValueError(f"bias must be ({E},), got {tuple(bias.shape)}")
     choice = scores if bias is None else scores + bias
@@ -185,9 +192,7 @@ class MoE(nn.Module):
         if scoring not in SCORINGS or balance not in BALANCES:
             raise ValueError(f"scoring {scoring!r} must be one of {SCORINGS} and balance "
                              f"{balance!r} one of {BALANCES}")
-        # route() checks these per call; checking here fails at construction instead.
-        route(torch.zeros(1, n_routed_experts), None, num_experts_per_tok, n_group=n_group,
-              topk_group=topk_group)
+        check_routing(n_routed_experts, num_experts_per_tok, n_group, topk_group)
         self.n_experts, self.k = n_routed_experts, num_experts_per_tok
         self.n_group, self.topk_group = n_group, topk_group
         self.norm_topk_prob, self.routed_scaling_factor = norm_topk_prob, routed_scaling_factor
