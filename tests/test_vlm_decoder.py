@@ -164,3 +164,15 @@ def test_aux_loss_is_the_layers_sum_with_gradient():
     assert loss.item() == pytest.approx(sum(m.last_aux_loss.item() for _, m in model.moe_layers()))
     loss.backward()
     assert model.moe_layers()[0][1].gate.weight.grad.abs().sum() > 0
+
+
+def test_generate_sampling_follows_the_generator():
+    model = _model()
+    prompt = model.embed(torch.randint(0, V, (3, 4)))
+    mask = torch.ones(3, 4, dtype=torch.long)
+
+    def draw(seed):
+        return generate(model, prompt, mask, max_new_tokens=6, eos_id=V + 1, pad_id=0,
+                        temperature=1.0, generator=torch.Generator().manual_seed(seed))[0]
+
+    assert torch.equal(draw(0), draw(0)) and not torch.equal(draw(0), draw(1))
