@@ -35,7 +35,7 @@ import time
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from mlatlas.multimodal.vision import EncoderConfig, MoonViT, Packed, budget_groups, pack
+from mlatlas.multimodal.vision import EncoderConfig, MoonViT, batch_chunks, budget_groups, pack
 
 SIZES = [(32, 32), (32, 64), (64, 64), (48, 32), (64, 32), (32, 48), (48, 48), (64, 48)]
 
@@ -43,17 +43,6 @@ SIZES = [(32, 32), (32, 64), (64, 64), (48, 32), (64, 32), (32, 48), (48, 48), (
 def make_images(batch: int, channels: int = 3) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return [torch.randn(channels, *SIZES[i % len(SIZES)], generator=g) for i in range(batch)]
-
-
-def batch_of(packs: list[Packed]) -> dict:
-    """Packed sequences -> a padded batch: patches (B, S, P), positions (B, S, 2), a (B, 1, S, S)
-    block-diagonal mask with padding as one more block, and (B, S) real-token flags."""
-    patches = pad_sequence([p.patches for p in packs], batch_first=True)
-    positions = pad_sequence([p.positions for p in packs], batch_first=True)
-    ids = pad_sequence([torch.repeat_interleave(torch.arange(p.n_images), p.cu_seqlens.diff())
-                        for p in packs], batch_first=True, padding_value=-1)
-    return {"patches": patches, "positions": positions,
-            "mask": (ids[:, :, None] == ids[:, None, :])[:, None], "real": ids >= 0}
 
 
 def prepare(images: list[torch.Tensor], patch: int, chunk: int, device: str) -> dict:
@@ -66,8 +55,8 @@ def prepare(images: list[torch.Tensor], patch: int, chunk: int, device: str) -> 
                              batch_first=True),
     }
     padded["mask"] = padded["real"][:, None, None, :]
-    chunked = batch_of([pack([images[j] for j in group], patch, chunk)
-                        for group in budget_groups(images, patch, chunk)])
+    chunked = vars(batch_chunks([pack([images[j] for j in group], patch, chunk)
+                                 for group in budget_groups(images, patch, chunk)]))
     lengths = [len(p.patches) for p in singles]
     buckets = [[j for j, n in enumerate(lengths) if n == size] for size in sorted(set(lengths))]
     starts = torch.tensor([0, *lengths]).cumsum(0)

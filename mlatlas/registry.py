@@ -295,6 +295,9 @@ METHODS: dict[str, Method] = {
              "wrong answers"),
         _llm("kimi", "Kimi k1.5 RL (Kimi Team 2025): mirror-descent surrogate with tau, length "
              "penalty, curriculum by difficulty"),
+        Method("vlm", "multimodal", "A small Kimi-VL: packed native-resolution ViT with 2D "
+               "RoPE, pixel shuffle, MoE decoder; staged training, CircularEval",
+               "mlatlas.multimodal.vlm", sample_config="mlatlas.multimodal.vlm:Options"),
         _deep("ppo", "Proximal policy optimisation (Schulman et al. 2017): clipped surrogate, "
               "GAE, value clipping, entropy bonus"),
         _deep("reinforce", "REINFORCE (Williams 1992): Monte Carlo policy gradient, with or "

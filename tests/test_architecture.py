@@ -12,7 +12,7 @@ import pytest
 import mlatlas
 
 ROOT = Path(mlatlas.__file__).parent
-FAMILIES = {"generative", "rl", "llm", "contrastive", "vision"}
+FAMILIES = {"generative", "rl", "llm", "contrastive", "vision", "multimodal"}
 SHARED = {"core", "nn", "data", "eval"}
 TOP = {"registry", "cli", "launch", "__main__"}
 # Where one family is truly built on another (docs/architecture.md, "Which package imports
@@ -21,7 +21,12 @@ BUILT_ON = {("llm", "mlatlas.rl.returns"),
             # Latent diffusion's caption encoder is the contrastive family's text tower: a CLIP
             # run's, or the same tower and tokenizer trained with the denoiser.
             ("generative", "mlatlas.contrastive.clip"), ("generative", "mlatlas.contrastive.text"),
-            ("generative", "mlatlas.contrastive.common")}
+            ("generative", "mlatlas.contrastive.common"),
+            # The vision-language model trains its encoder with SigLIP's loss against the
+            # contrastive text tower, and its RL stage with GRPO's and Kimi k1.5's objectives.
+            ("multimodal", "mlatlas.contrastive.losses"), ("multimodal", "mlatlas.contrastive.text"),
+            ("multimodal", "mlatlas.llm.common"), ("multimodal", "mlatlas.llm.grpo"),
+            ("multimodal", "mlatlas.llm.kimi")}
 
 
 def imports(path: Path) -> set[str]:

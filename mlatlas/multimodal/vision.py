@@ -60,6 +60,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from mlatlas.core.config import ConfigError
 from mlatlas.nn.attention import Attention
@@ -361,6 +362,35 @@ class Projector(nn.Module):
         return self.linear_2(self.act(self.linear_1(z)))
 
 
+@dataclass
+class Chunks:
+    """Sequences of packed images padded into one batch: ``patches`` (B, S, C p^2),
+    ``positions`` (B, S, 2), ``mask`` (B, 1, S, S) block-diagonal, padding a block of its own
+    (so a padding query never has every key masked), ``real`` (B, S) the real patches."""
+
+    patches: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+    real: torch.Tensor
+
+
+def batch_chunks(packs: Sequence[Packed]) -> Chunks:
+    """Packed sequences -> one padded :class:`Chunks` batch; the real patches of the output,
+    ``out[real]``, come in the order of the sequences and of their images."""
+    patches = pad_sequence([p.patches for p in packs], batch_first=True)
+    positions = pad_sequence([p.positions for p in packs], batch_first=True)
+    ids = pad_sequence([segments(p.cu_seqlens)[0] for p in packs], batch_first=True,
+                       padding_value=-1)
+    return Chunks(patches, positions, (ids[:, :, None] == ids[:, None, :])[:, None], ids >= 0)
+
+
+def concat_packed(packs: Sequence[Packed]) -> Packed:
+    """Several packed sequences as one (the images in order)."""
+    grid = torch.cat([p.grid for p in packs])
+    return Packed(torch.cat([p.patches for p in packs]), grid, cu_seqlens_of(grid.prod(1)),
+                  torch.cat([p.positions for p in packs]))
+
+
 class VisionTower(nn.Module):
     """MoonViT, the 2x2 pixel shuffle and the projector into a decoder of width ``out_dim``."""
 
@@ -377,19 +407,43 @@ class VisionTower(nn.Module):
         return pack(images, self.config.patch_size, self.config.max_patches,
                     self.config.in_channels)
 
-    def forward(self, images: Sequence[torch.Tensor] | Packed
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images -> ((M, out_dim) tokens, (n + 1,) cu_seqlens of each image's M_j = n_j / 4
-        tokens), in raster order of each image's shuffled grid."""
-        packed = self.pack(images)
-        z, grid = pixel_shuffle(self.encoder(packed), packed.grid)
+    def encode(self, images: Sequence[torch.Tensor] | Packed) -> tuple[torch.Tensor, Packed]:
+        """(N, width) encoder tokens of the images and the images as one :class:`Packed`.
+
+        A batch over the ``max_patches`` budget is encoded as several sequences of at most
+        that many patches (:func:`budget_groups`), padded into one batch (:func:`batch_chunks`):
+        the block-diagonal mask keeps every image to itself either way, so the tokens are the
+        same, at a fraction of one long sequence's O(N^2) cost."""
+        if isinstance(images, Packed):
+            return self.encoder(images), images
+        c = self.config
+        groups = budget_groups(images, c.patch_size, c.max_patches)
+        packs = [pack([images[j] for j in g], c.patch_size, c.max_patches, c.in_channels)
+                 for g in groups]
+        if len(packs) == 1:
+            return self.encoder(packs[0]), packs[0]
+        chunks = batch_chunks(packs)
+        h = self.encoder.encode(chunks.patches, chunks.positions, chunks.mask)
+        return h[chunks.real], concat_packed(packs)
+
+    def project(self, h: torch.Tensor, packed: Packed) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder tokens -> ((M, out_dim) decoder tokens, (n + 1,) cu_seqlens of each image's
+        M_j = n_j / 4), in raster order of each image's shuffled grid."""
+        z, grid = pixel_shuffle(h, packed.grid)
         return self.projector(z), cu_seqlens_of(grid.prod(1))
 
-    def pooled(self, images: Sequence[torch.Tensor] | Packed) -> torch.Tensor:
+    def forward(self, images: Sequence[torch.Tensor] | Packed
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images -> ((M, out_dim) tokens, (n + 1,) cu_seqlens of the shuffled tokens)."""
+        return self.project(*self.encode(images))
+
+    def pool(self, h: torch.Tensor, packed: Packed) -> torch.Tensor:
         """(n_images, width): the mean of each image's encoder tokens (an image embedding for a
         contrastive loss)."""
-        packed = self.pack(images)
-        h = self.encoder(packed)
         ids, _ = segments(packed.cu_seqlens)
         sums = h.new_zeros(packed.n_images, h.shape[1]).index_add(0, ids, h)
         return sums / packed.cu_seqlens.diff()[:, None].to(h.dtype)
+
+    def pooled(self, images: Sequence[torch.Tensor] | Packed) -> torch.Tensor:
+        """:meth:`pool` of the images' encoder tokens."""
+        return self.pool(*self.encode(images))
