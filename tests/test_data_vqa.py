@@ -212,6 +212,26 @@ def test_images_have_the_sizes_of_their_split(sets):
                if c == "ocr")
 
 
+def test_every_task_can_be_drawn_at_every_allowed_size():
+    sides = range(V.MIN_SIDE, V.MAX_SIDE + 1, 8)
+    sizes = [(h, w) for h in sides for w in sides]
+    vqa = V.vqa_set(len(sizes) * len(V.CATEGORIES) * 2, seed=3, split="unseen", sizes=sizes)
+    drawn = {(c, tuple(im.shape[1:])) for c, im in zip(vqa.categories, vqa.images,
+                                                        strict=True)}
+    assert len(drawn) > 0.8 * len(sizes) * len(V.CATEGORIES)
+    for i in range(len(vqa)):
+        if vqa.categories[i] != "ocr":
+            assert len(parse(vqa.images[i])) == len(vqa.attributes[i]["shapes"]), i
+
+
+def test_the_radius_does_not_tell_the_count():
+    vqa = V.vqa_set(1200, seed=6, categories=["count"], sizes=[(32, 32)])
+    radius = {c: [a["radius"] for a, n in zip(vqa.attributes, vqa.answers, strict=True)
+                  if n == c] for c in "1234"}
+    means = [np.mean(r) for r in radius.values()]
+    assert max(means) - min(means) < 0.1
+
+
 def test_deterministic_by_seed_and_splits_differ(sets):
     again = V.vqa_set(360, seed=0, split="train")
     base = sets["train"]

@@ -17,7 +17,8 @@ position    two objects differing in shape or colour    "where is the red circle
                                                         the blue cross?" -> "left" (left, right,
                                                         above, below)
 compare     two shapes, counts c_a != c_b, c_a + c_b    "are there more circles or squares?"
-            <= 5, each kind in its own colour           -> the kind with more (the four shapes)
+            <= 5, each kind in one colour (the two      -> the kind with more (the four shapes)
+            colours may agree)
 ocr         2-4 digits (at most W / 8) side by side,    "what number is written?" -> "384" (the
             scale 1x or 2x, in a colour: pixel =        answer and 3 strings that differ from it
             0.08 + v (c - 0.08) for digit intensity v   in one digit or in the order of two
@@ -37,7 +38,9 @@ circles", "a blue square left of a green cross", "two red circles and three gree
 
     r_max = min(6, sqrt(H W / (16 K)), (min(H, W) - 3) / 6.56)   (the last only for K >= 2)
 
-for K objects: the second bound keeps K of them from crowding the image, the third lets two
+for K the most objects the task draws (count 4, colour 3, shape 1, position 2, compare 5, so
+that the radius says nothing about the count): the second bound keeps K of them from crowding
+the image, the third lets two
 objects stack along the short side with room to spare (2 (r + 0.5) of border, 2.56 r + 2
 between centres, 2 r of slack). A centre keeps r + 0.5 pixels from the border, so no object is
 cut, and two centres are at least 2.56 r + 2 apart: every shape lies within 1.28 r of its centre
@@ -163,9 +166,12 @@ class VQASet:
         bad = [i for i in indices if not -len(self) <= i < len(self)]
         if bad:
             raise IndexError(f"index {bad[0]} out of range for a VQASet of {len(self)} items")
-        return VQASet(*([getattr(self, f)[i] for i in indices] for f in (
+        picked = [[getattr(self, f)[i] for i in indices] for f in (
             "images", "questions", "answers", "captions", "categories", "options",
-            "answer_index", "attributes")))
+            "answer_index")]
+        # A set built by hand may come without attributes.
+        attributes = [self.attributes[i] for i in indices] if self.attributes else []
+        return VQASet(*picked, attributes)
 
 
 # --- sizes, names ----------------------------------------------------------------------------
@@ -363,7 +369,8 @@ def _texts(names: Sequence[str], options: torch.Tensor) -> list[tuple[str, ...]]
     return [tuple(names[j] for j in row) for row in options.tolist()]
 
 
-def _copies(n, count, height, width, generator, k_max):
+def _copies(n: int, count: torch.Tensor, height: int, width: int,
+            generator: torch.Generator, k_max: int):
     """One shape in one colour, ``count`` (n,) copies of it: the painted images and attributes."""
     shape = torch.randint(len(SHAPES), (n,), generator=generator)
     colour = torch.randint(len(COLOURS), (n,), generator=generator)
@@ -375,7 +382,7 @@ def _copies(n, count, height, width, generator, k_max):
     return shape, colour, images, _object_attributes(shapes, colours, centres, radius, present)
 
 
-def _count(n, height, width, generator) -> _Items:
+def _count(n: int, height: int, width: int, generator: torch.Generator) -> _Items:
     count = torch.randint(1, MAX_COUNT + 1, (n,), generator=generator)
     shape, colour, images, attributes = _copies(n, count, height, width, generator, MAX_COUNT)
     template = torch.randint(len(TEMPLATES["count"]), (n,), generator=generator)
@@ -390,7 +397,7 @@ def _count(n, height, width, generator) -> _Items:
         _texts(names, options), answer_index.tolist(), attributes)
 
 
-def _colour(n, height, width, generator) -> _Items:
+def _colour(n: int, height: int, width: int, generator: torch.Generator) -> _Items:
     count = torch.randint(1, MAX_COLOUR_COPIES + 1, (n,), generator=generator)
     shape, colour, images, attributes = _copies(n, count, height, width, generator,
                                                 MAX_COLOUR_COPIES)
@@ -406,7 +413,7 @@ def _colour(n, height, width, generator) -> _Items:
         _texts(COLOUR_NAMES, options), answer_index.tolist(), attributes)
 
 
-def _shape(n, height, width, generator) -> _Items:
+def _shape(n: int, height: int, width: int, generator: torch.Generator) -> _Items:
     shape, colour, images, attributes = _copies(n, torch.ones(n, dtype=torch.long), height,
                                                 width, generator, 1)
     template = torch.randint(len(TEMPLATES["shape"]), (n,), generator=generator)
@@ -418,7 +425,7 @@ def _shape(n, height, width, generator) -> _Items:
                   _texts(SHAPES, options), answer_index.tolist(), attributes)
 
 
-def _position(n, height, width, generator) -> _Items:
+def _position(n: int, height: int, width: int, generator: torch.Generator) -> _Items:
     shape = torch.randint(len(SHAPES), (n, 2), generator=generator)
     colour = torch.randint(len(COLOURS), (n, 2), generator=generator)
     # B must be nameable apart from A: when both attributes agree, B takes another shape.
@@ -444,7 +451,7 @@ def _position(n, height, width, generator) -> _Items:
                   _object_attributes(shape, colour, centres, radius, present))
 
 
-def _compare(n, height, width, generator) -> _Items:
+def _compare(n: int, height: int, width: int, generator: torch.Generator) -> _Items:
     pairs = torch.tensor([(a, b) for a in range(1, MAX_COMPARE_TOTAL)
                           for b in range(1, MAX_COMPARE_TOTAL)
                           if a != b and a + b <= MAX_COMPARE_TOTAL])
@@ -499,11 +506,12 @@ def distractors(answer: str, rng: np.random.Generator) -> list[str]:
     return [near[j] for j in rng.choice(len(near), N_OPTIONS - 1, replace=False)]
 
 
-def _ocr(n, height, width, generator, split) -> _Items:
+def _ocr(n: int, height: int, width: int, generator: torch.Generator,
+         split: str) -> _Items:
     pool, labels = digit_pool(split)
     low, high = OCR_DIGITS[0], min(OCR_DIGITS[1], width // 8)
     length = torch.randint(low, high + 1, (n,), generator=generator)
-    fits_2x = (16 * length <= width - 2) & (height >= 18)
+    fits_2x = 16 * length <= width  # every side is at least 24, so a 16-pixel row fits
     scale = torch.where(fits_2x & (torch.rand(n, generator=generator) < 0.5), 2, 1)
     # Digit images by class: a class's members are contiguous in ``by_class``.
     digit = torch.randint(10, (n, high), generator=generator)
