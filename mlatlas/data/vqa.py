@@ -32,7 +32,10 @@ when d_x > 0 and |d_x| > 2 |d_y|, "above" when d_y < 0 and |d_y| > 2 |d_x|, "bel
 and |d_y| > 2 |d_x| (the relation is drawn first, and B placed so that it holds, so the dominant
 axis is never ambiguous). Each image has a caption from the same attributes ("three red
 circles", "a blue square left of a green cross", "two red circles and three green squares",
-"the number 384 in yellow") for caption pre-training.
+"the number 384 in yellow") for caption pre-training. An OCR answer is the digit string as
+drawn, leading zeros kept ("07"); its L digits are uniform, each written with a uniform image
+of its class, at 2x with probability 1/2 where 16 L <= W, the strip's top-left pixel uniform
+among those that keep it inside the image.
 
 **Geometry.** All objects of an image share one radius r, uniform in [min(3, r_max), r_max] with
 
