@@ -116,6 +116,15 @@ def test_every_stage_trains_and_records_its_losses(chain):
     assert "baseline/circular" in chain["rl"].summary()
 
 
+def test_the_decoder_exports_to_transformers_deepseek_v3(chain):
+    transformers = pytest.importorskip("transformers")
+    model, tokenizer, _ = vlm.load_vlm(chain["sft"].dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(chain["sft"].dir / "hf-decoder")
+    ids = torch.tensor([tokenizer.encode("how many circles are there?", bos=True)])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model.decoder(ids), atol=1e-5, rtol=1e-5)
+
+
 def test_a_stage_starts_from_the_previous_stage_weights(chain):
     before, _, _ = vlm.load_vlm(chain["vision"].dir)
     cfg = vlm.Config(**{**TINY, "steps": 1}, init_from=str(chain["vision"].dir))

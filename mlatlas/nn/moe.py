@@ -155,24 +155,23 @@ class Experts(nn.Module):
         """sum_j g_{t,j} FFN_{indices_{t,j}}(x_t): x (T, D), g and indices (T, k) -> (T, D).
 
         The T k token-expert pairs are sorted by expert, so each expert runs one matmul over
-        its contiguous block of tokens (a loop over the E experts, never over tokens)."""
+        its contiguous block of tokens (a loop over the E experts, never over tokens); the
+        outputs are put back in pair order by one gather and summed over each token's k pairs
+        (no scatter, whose CPU backward is slow)."""
         T, k = indices.shape
         E = self.gate_up_proj.shape[0]
         order = indices.reshape(-1).argsort(stable=True)
-        token = order // k
         weight = g.reshape(-1)[order].to(x.dtype)
         counts = torch.bincount(indices.reshape(-1), minlength=E).tolist()
-        out = torch.zeros_like(x)
-        start = 0
+        xs = x[order // k]
+        ys, start = [], 0
         for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            rows = token[start:start + count]
-            gate, up = F.linear(x[rows], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[e])
-            out.index_add_(0, rows, y * weight[start:start + count, None])
+            if count:
+                gate, up = F.linear(xs[start:start + count], self.gate_up_proj[e]).chunk(2, -1)
+                ys.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
             start += count
-        return out
+        y = torch.cat(ys) * weight[:, None]
+        return y[order.argsort()].view(T, k, -1).sum(1)
 
 
 class MoE(nn.Module):
