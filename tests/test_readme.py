@@ -6,6 +6,7 @@ import shlex
 from pathlib import Path
 
 from mlatlas.cli import main
+from mlatlas.core.run import Run
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -258,3 +259,33 @@ def test_readme_formats_tour(runs, tmp_path, monkeypatch, capsys):
     assert '"x"' in out and "records" in out
     overall = next(line for line in out.splitlines() if line.startswith("overall"))
     assert overall.split()[2:4] == ["1.0000", "1.0000"]  # the oracle, circular and vanilla
+
+
+def test_readme_vlm_tour(tmp_path, monkeypatch, capsys):
+    """The vision-language tour with a tiny model: each stage starts from the one before, and
+    eval and sample run on the last."""
+    from mlatlas.data.vqa import save_image, vqa_set
+
+    commands = tour_commands("mlatlas train vlm --stage vision")
+    assert len(commands) == 5
+    monkeypatch.chdir(tmp_path)
+    save_image(vqa_set(6, split="test").images[0], tmp_path / "img.png")
+    tiny = ["--steps", "2", "--batch-size", "4", "--n-train", "32", "--eval-n", "6",
+            "--eval-every", "2", "--log-every", "1", "--ckpt-every", "2", "--vit-width", "16",
+            "--vit-depth", "1", "--dim", "16", "--n-layers", "2", "--n-heads", "2",
+            "--n-experts", "4", "--expert-dim", "8", "--prompts-per-step", "2",
+            "--group-size", "2", "--max-new-tokens", "3", "--out", str(tmp_path / "runs"),
+            "--no-progress"]
+    made: list[Path] = []
+    for argv in commands:
+        if argv[0] == "train":
+            if "--init-from" in argv:
+                argv[argv.index("--init-from") + 1] = str(made[-1])
+            assert main([*argv, *tiny]) == 0, argv  # the later --steps 2 wins
+            made.append(max((tmp_path / "runs").glob("vlm-*"), key=lambda p: p.stat().st_mtime))
+        else:
+            argv = [argv[0], str(made[-1]), *argv[2:], "--no-progress"]
+            if argv[0] == "eval":
+                argv += ["--n", "6"]
+            assert main(argv) == 0, argv
+    assert [Run.open(r).load_config().stage for r in made] == ["vision", "sft", "rl"]
