@@ -143,13 +143,26 @@ def test_ocr_strips_hold_the_answer_digits_of_the_split(sets, split):
         outside[y0:y0 + 8 * s, x0:x0 + 8 * s * len(digits)] = 0
         assert outside.abs().max() < 1e-5
         assert vqa.captions[i] == f"the number {digits} in {a['colour']}"
-        for option in vqa.options[i]:
-            if option != digits:  # one digit changed, or two neighbours swapped
-                assert len(option) == len(digits)
-                diff = [j for j in range(len(digits)) if option[j] != digits[j]]
-                assert len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1
-                                          and option[diff[0]] == digits[diff[1]]
-                                          and option[diff[1]] == digits[diff[0]])
+        # Every option is one digit away from a common centre, so none stands out.
+        options = vqa.options[i]
+        assert all(len(o) == len(digits) for o in options)
+        centres = [c for c in {o[:j] + d + o[j + 1:] for o in options for j in range(len(o))
+                               for d in "0123456789"}
+                   if all(sum(x != y for x, y in zip(c, o, strict=True)) == 1 for o in options)]
+        assert centres, options
+
+
+def test_ocr_options_do_not_give_the_answer_away():
+    """The answer is an option like any other: the option sharing most digits with the others
+    is the answer no more often than chance (1 / 4), which it was while distractors were the
+    answer's own neighbours."""
+    vqa = V.vqa_set(1200, seed=4, split="test", categories=("ocr",))
+    picked = 0
+    for options, answer in zip(vqa.options, vqa.answers, strict=True):
+        shared = [sum(sum(x == y for x, y in zip(o, p, strict=True)) for p in options)
+                  for o in options]
+        picked += options[shared.index(max(shared))] == answer
+    assert abs(picked / len(vqa) - 0.25) < 0.05, picked / len(vqa)
 
 
 def test_ocr_digit_images_of_train_and_test_are_disjoint():

@@ -20,9 +20,9 @@ compare     two shapes, counts c_a != c_b, c_a + c_b    "are there more circles 
             <= 5, each kind in one colour (the two      -> the kind with more (the four shapes)
             colours may agree)
 ocr         2-4 digits (at most W / 8) side by side,    "what number is written?" -> "384" (the
-            scale 1x or 2x, in a colour: pixel =        answer and 3 strings that differ from it
-            0.08 + v (c - 0.08) for digit intensity v   in one digit or in the order of two
-                                                        neighbouring digits)
+            scale 1x or 2x, in a colour: pixel =        answer and 3 strings, all four one digit
+            0.08 + v (c - 0.08) for digit intensity v   away from a hidden centre, so that the
+                                                        options alone do not tell the answer)
 ==========  ==========================================  ========================================
 
 Every question comes from one of a few templates, so a model must read the words. The answer
@@ -500,12 +500,16 @@ def digit_pool(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def distractors(answer: str, rng: np.random.Generator) -> list[str]:
-    """N_OPTIONS - 1 distinct strings other than ``answer`` (2+ digits), each differing from it
-    in one digit or by swapping two different neighbouring digits."""
-    near = {answer[:i] + d + answer[i + 1:] for i in range(len(answer)) for d in "0123456789"}
-    near |= {answer[:i] + answer[i + 1] + answer[i] + answer[i + 2:]
-             for i in range(len(answer) - 1)}
-    near = sorted(near - {answer})
+    """N_OPTIONS - 1 distinct strings other than ``answer`` (2+ digits) that no reading of the
+    options alone can tell from it: a hidden centre c is ``answer`` with one digit changed, and
+    the distractors are other strings one digit away from c. The options are then a uniform
+    draw of N_OPTIONS of c's neighbours, the answer one of them like any other (options that
+    each differ from the answer, as the answer alone differs from none, would give it away:
+    the answer would be the one that shares most digits with the others)."""
+    i = int(rng.integers(len(answer)))
+    centre = answer[:i] + str((int(answer[i]) + int(rng.integers(1, 10))) % 10) + answer[i + 1:]
+    near = sorted({centre[:j] + d + centre[j + 1:] for j in range(len(centre))
+                   for d in "0123456789"} - {centre, answer})
     return [near[j] for j in rng.choice(len(near), N_OPTIONS - 1, replace=False)]
 
 
