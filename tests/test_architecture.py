@@ -24,7 +24,8 @@ BUILT_ON = {("llm", "mlatlas.rl.returns"),
             ("generative", "mlatlas.contrastive.common"),
             # The vision-language model trains its encoder with SigLIP's loss against the
             # contrastive text tower, and its RL stage with GRPO's and Kimi k1.5's objectives.
-            ("multimodal", "mlatlas.contrastive.losses"), ("multimodal", "mlatlas.contrastive.text"),
+            ("multimodal", "mlatlas.contrastive.losses"),
+            ("multimodal", "mlatlas.contrastive.text"),
             ("multimodal", "mlatlas.llm.common"), ("multimodal", "mlatlas.llm.grpo"),
             ("multimodal", "mlatlas.llm.kimi")}
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from mlatlas.contrastive.text import TextTower
 from mlatlas.multimodal.decoder import DecoderConfig, MoEDecoder
-from mlatlas.multimodal.vision import EncoderConfig, VisionTower
+from mlatlas.multimodal.vision import EncoderConfig, Packed, VisionTower
 from mlatlas.nn.tokenizers import Tokenizer
 
 CAPTION_PROMPT = "caption:"
@@ -79,10 +79,12 @@ class VLM(nn.Module):
         return self.siglip_b.device
 
     def rows(self, images: Sequence[torch.Tensor] | None, prompt_ids: list[list[int]],
-             answer_ids: list[list[int]] | None = None) -> Rows:
+             answer_ids: list[list[int]] | None = None,
+             encoded: tuple[torch.Tensor, Packed] | None = None) -> Rows:
         """Lay out B rows: ``images`` B tensors (3, H, W), or None for text only;
         ``prompt_ids`` the prompts' ids with <bos> first; ``answer_ids`` the answers' ids with
-        <eos> last (None: prompts only, for generation)."""
+        <eos> last (None: prompts only, for generation); ``encoded`` the images' encoder
+        tokens if already computed (``self.vision.encode(images)``)."""
         device = self.device
         B = len(prompt_ids)
         if images is not None and len(images) != B:
@@ -92,7 +94,8 @@ class VLM(nn.Module):
             image_tokens = torch.zeros(0, self.decoder_cfg.dim, device=device)
             n_img = torch.zeros(B, dtype=torch.long, device=device)
         else:
-            image_tokens, cu = self.vision([im.to(device) for im in images])
+            encoded = encoded or self.vision.encode([im.to(device) for im in images])
+            image_tokens, cu = self.vision.project(*encoded)
             n_img = cu.diff().to(device)
             img_start = cu[:-1].to(device)
         P = torch.tensor([len(p) for p in prompt_ids], device=device)

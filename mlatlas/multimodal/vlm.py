@@ -280,10 +280,11 @@ def _images(data: VQASet, idx: Sequence[int], text_only: bool):
 
 
 def answer_nll(model: VLM, tokenizer: Tokenizer, images, prompts: Sequence[str],
-               replies: Sequence[str]) -> torch.Tensor:
-    """This rank's share of the token-mean -log p(reply | image, prompt) of the global batch."""
+               replies: Sequence[str], encoded=None) -> torch.Tensor:
+    """This rank's share of the token-mean -log p(reply | image, prompt) of the global batch
+    (``encoded``: the images' encoder tokens, if already computed)."""
     rows = model.rows(images, _encode(tokenizer, prompts, bos=True),
-                      _encode(tokenizer, replies, eos=True))
+                      _encode(tokenizer, replies, eos=True), encoded)
     logp = model.answer_logprobs(rows)
     return -token_mean(logp, rows.answer[:, 1:])
 
@@ -373,13 +374,14 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
         idx, prompts, replies = (distributed.shard_list(x) for x in (idx, prompts, replies))
         with precision.autocast():
             images = _images(data, idx, cfg.text_only)
-            nll = answer_nll(model, tokenizer, images, prompts, replies)
+            encoded = None if images is None else model.vision.encode(images)
+            nll = answer_nll(model, tokenizer, images, prompts, replies, encoded)
             metrics = {"nll": nll.item()}
             loss = nll * (cfg.caption_weight if cfg.stage == "vision" else 1.0)
             if cfg.stage == "vision":
                 captions = tokenizer.pad_batch([data.captions[i] for i in idx],
                                                model.text.position_embedding.shape[0])
-                image_features = model.image_head(model.vision.pooled(images))
+                image_features = model.image_head(model.vision.pool(*encoded))
                 text_features = model.text(captions[0].to(device), captions[1].to(device))
                 sig = siglip_loss(image_features, text_features, model.siglip_t,
                                   model.siglip_b)

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlatlas.core import distributed
 from mlatlas.nn.layers import SwiGLU
 
 SCORINGS = ("sigmoid", "softmax")
@@ -236,9 +237,11 @@ class MoE(nn.Module):
     @torch.no_grad()
     def update_bias(self) -> None:
         """b <- b + gamma sign(mean load - load) from the last forward's load (balance "bias"
-        only; a trainer calls it after optimizer.step())."""
+        only; a trainer calls it after optimizer.step()). In a data-parallel job the load is
+        the whole batch's, summed over the ranks (every rank calls this together), so the
+        biases stay equal on every rank."""
         if self.balance != "bias" or self.last_load is None:
             return
         bias = self.gate.e_score_correction_bias
-        bias.copy_(balance_bias_update(bias, self.last_load.to(bias.device),
-                                       self.bias_update_speed))
+        load = distributed.all_reduce_sum(self.last_load.to(bias.device))
+        bias.copy_(balance_bias_update(bias, load, self.bias_update_speed))
