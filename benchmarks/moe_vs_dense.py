@@ -7,7 +7,7 @@ Both models are :class:`mlatlas.multimodal.decoder.MoEDecoder`: the default ``De
 (8 routed experts of width 64, 1 shared, top-2, the first layer dense) and its
 ``dense_equivalent``, whose MoE layers are SwiGLUs of width (2 + 1) 64, the matrices one token
 runs through. Per token both do the same expert arithmetic; the MoE model adds the router and
-the dispatch (sorting token-expert pairs, E small matmuls instead of one, scatter-add), which is
+the dispatch (sorting token-expert pairs, E small matmuls instead of one, a gather back), which is
 what the ratio measures. Parameters: total, and active per token (the MoE's routers, E x dim per
 MoE layer, are the only difference in the active count).
 
