@@ -23,11 +23,12 @@ BUILT_ON = {("llm", "mlatlas.rl.returns"),
             ("generative", "mlatlas.contrastive.clip"), ("generative", "mlatlas.contrastive.text"),
             ("generative", "mlatlas.contrastive.common"),
             # The vision-language model trains its encoder with SigLIP's loss against the
-            # contrastive text tower, and its RL stage with GRPO's and Kimi k1.5's objectives.
+            # contrastive text tower, its decoder reuses the LM's attention mask, and its RL
+            # stage GRPO's and Kimi k1.5's objectives.
             ("multimodal", "mlatlas.contrastive.losses"),
             ("multimodal", "mlatlas.contrastive.text"),
-            ("multimodal", "mlatlas.llm.common"), ("multimodal", "mlatlas.llm.grpo"),
-            ("multimodal", "mlatlas.llm.kimi")}
+            ("multimodal", "mlatlas.llm.model"), ("multimodal", "mlatlas.llm.common"),
+            ("multimodal", "mlatlas.llm.grpo"), ("multimodal", "mlatlas.llm.kimi")}
 
 
 def imports(path: Path) -> set[str]:

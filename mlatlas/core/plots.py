@@ -63,6 +63,25 @@ def scatter_2d(samples: torch.Tensor, reference: torch.Tensor | None = None, tit
     return fig
 
 
+def panel_curves(rows: Sequence[dict], panels: Sequence[tuple[str, str]], title: str = ""):
+    """One panel per (metric, label) of ``panels`` that the rows hold, against step; a metric
+    logged on some rows only (a periodic evaluation) is drawn through those rows."""
+    panels = [(k, label) for k, label in panels if any(k in r for r in rows)]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 3.2),
+                             squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels, strict=False):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30
+                else None)
+        ax.set_xlabel("step")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def metric_curves(rows: Sequence[dict], names: Sequence[str], title: str = "", log: bool = True):
     """One panel per metric against step, from metrics.csv rows."""
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.5), squeeze=False)

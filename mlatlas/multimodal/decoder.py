@@ -50,7 +50,7 @@ from torch import nn
 
 from mlatlas.core.config import ConfigError
 from mlatlas.core.io import load_tensors, read_json, save_tensors, write_json
-from mlatlas.llm.model import attention_bias
+from mlatlas.llm.model import attention_bias, count_parameters
 from mlatlas.nn.attention import rotary_cos_sin, rotate
 from mlatlas.nn.layers import RMSNorm, SwiGLU
 from mlatlas.nn.moe import BALANCES, SCORINGS, MoE, capacity_factor, check_routing
@@ -413,10 +413,6 @@ def generate(model: MoEDecoder, inputs_embeds: torch.Tensor, attention_mask: tor
         return empty, empty
     ids = torch.stack(tokens, dim=1)
     return ids, mask[:, inputs_embeds.shape[1]:]
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def active_parameters(model: MoEDecoder) -> int:

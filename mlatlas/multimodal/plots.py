@@ -8,6 +8,8 @@ import matplotlib
 import numpy as np
 import torch
 
+from mlatlas.core.plots import panel_curves
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -18,18 +20,7 @@ PANELS = (("loss", "loss"), ("siglip", "SigLIP loss"), ("reward", "mean reward o
 
 def curves_figure(rows: Sequence[dict], stage: str = ""):
     """One panel per metric the rows hold, against step."""
-    panels = [(k, label) for k, label in PANELS if any(k in r for r in rows)]
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4 * max(len(panels), 1), 3.2),
-                             squeeze=False)
-    for ax, (key, label) in zip(axes[0], panels, strict=False):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot(*zip(*points, strict=True), marker="." if len(points) < 30 else None)
-        ax.set_xlabel("step")
-        ax.set_title(label, fontsize=10)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"vlm, {stage} stage" if stage else "vlm")
-    fig.tight_layout()
-    return fig
+    return panel_curves(rows, PANELS, f"vlm, {stage} stage" if stage else "vlm")
 
 
 def image_tensor(image) -> torch.Tensor:
