@@ -55,7 +55,7 @@ from mlatlas.core.config import (
 )
 from mlatlas.core.io import read_json, write_json
 from mlatlas.core.optim import set_lr, warmup_cosine_lr
-from mlatlas.core.precision import Precision
+from mlatlas.core.precision import Precision, compile_module
 from mlatlas.core.run import Run, RunError, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.data.vqa import CATEGORIES, VQASet, load_image, to_questions, vqa_set
@@ -367,6 +367,9 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     reference = None
     if cfg.stage == "rl" and cfg.rl_loss == "grpo" and cfg.beta > 0:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
+    # --compile: the encoder's and the decoder's forward passes, in place (same state dict).
+    compile_module(model.vision.encoder, cfg.compile)
+    compile_module(model.decoder, cfg.compile)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     precision = Precision(cfg.precision, device)
     warmup = max(1, math.floor(cfg.warmup_ratio * cfg.steps))
