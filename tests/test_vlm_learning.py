@@ -22,8 +22,9 @@ def runs(tmp_path_factory):
                                                                "text_only": True})):
         cfg = vlm.Config(stage="sft", eval_every=300, log_every=25, **overrides)
         out[name] = vlm.train(cfg, Run.create("vlm", cfg, root=root), progress=False)
-    cfg = vlm.Config(stage="rl", steps=20, log_every=5, eval_every=10, ckpt_every=20,
-                     init_from=str(out["image"].dir))
+    # create: the rl stage's defaults (lr 5e-5) under these fields, as on the command line.
+    cfg = vlm.Config.create(stage="rl", steps=20, log_every=5, eval_every=10, ckpt_every=20,
+                            init_from=str(out["image"].dir))
     out["rl"] = vlm.train(cfg, Run.create("vlm", cfg, root=root), progress=False)
     return out
 
