@@ -273,20 +273,20 @@ def _encode(tokenizer: Tokenizer, texts: Sequence[str], bos: bool = False, eos: 
 
 
 def _rotated(data: VQASet, idx: list[int], mc: torch.Tensor, shift: torch.Tensor
-             ) -> tuple[list[str], list[str]]:
-    """Prompts and target replies of questions ``idx``: multiple-choice where ``mc``, with the
-    options shifted cyclically by ``shift`` (so the right option's place varies), else open."""
-    prompts, replies = [], []
+             ) -> tuple[list[str], list[str], list[tuple[str, ...] | None]]:
+    """Prompts, target replies and options (None for an open question) of questions ``idx``:
+    multiple-choice where ``mc``, the options shifted cyclically by ``shift`` (so the right
+    option's place varies), else open."""
+    prompts, replies, shown = [], [], []
     for row, i in enumerate(idx):
-        options = data.options[i]
+        options = None
         if mc[row]:
-            k = int(shift[row]) % len(options)
-            options = options[k:] + options[:k]
-            prompts.append(prompt_text(data.questions[i], options))
-        else:
-            prompts.append(prompt_text(data.questions[i]))
+            k = int(shift[row]) % len(data.options[i])
+            options = data.options[i][k:] + data.options[i][:k]
+        prompts.append(prompt_text(data.questions[i], options or ()))
         replies.append(data.answers[i])
-    return prompts, replies
+        shown.append(options)
+    return prompts, replies, shown
 
 
 def _images(data: VQASet, idx: Sequence[int], text_only: bool):
@@ -384,7 +384,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
         is_caption = torch.rand(cfg.batch_size, generator=generator) < (
             1.0 if cfg.stage == "vision" else cfg.caption_share if cfg.stage == "joint"
             else 0.0)
-        prompts, replies = _rotated(data, idx, mc, shift)
+        prompts, replies, _ = _rotated(data, idx, mc, shift)
         prompts = [CAPTION_PROMPT if c else p for p, c in zip(prompts, is_caption, strict=True)]
         replies = [data.captions[i] if c else r
                    for i, r, c in zip(idx, replies, is_caption, strict=True)]
@@ -412,10 +412,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
         idx = torch.randint(len(data), (cfg.prompts_per_step,), generator=generator).tolist()
         mc = torch.rand(cfg.prompts_per_step, generator=generator) < cfg.mc_share
         shift = torch.randint(4, (cfg.prompts_per_step,), generator=generator)
-        prompts, truths = _rotated(data, idx, mc, shift)
-        options = [data.options[i][int(s) % len(data.options[i]):]
-                   + data.options[i][:int(s) % len(data.options[i])] if m else None
-                   for i, m, s in zip(idx, mc, shift, strict=True)]
+        prompts, truths, options = _rotated(data, idx, mc, shift)
         idx, prompts, truths, options = (distributed.shard_list(x)
                                          for x in (idx, prompts, truths, options))
         rep = [j for j in range(len(idx)) for _ in range(G)]
