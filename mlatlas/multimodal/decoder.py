@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlatlas.core import distributed
 from mlatlas.core.config import ConfigError
 from mlatlas.core.io import load_tensors, read_json, save_tensors, write_json
 from mlatlas.llm.model import attention_bias, count_parameters
@@ -385,7 +386,8 @@ class MoEDecoder(nn.Module):
 @torch.no_grad()
 def generate(model: MoEDecoder, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, *,
              max_new_tokens: int, eos_id: int, pad_id: int, temperature: float = 0.0,
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             generator: torch.Generator | None = None, sharded: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Continue left-padded prompt embeddings (B, P, dim) with mask (B, P).
 
     Temperature 0 is greedy, otherwise tokens are drawn from softmax(logits / T) by
@@ -393,19 +395,24 @@ def generate(model: MoEDecoder, inputs_embeds: torch.Tensor, attention_mask: tor
     the whole sequence, which costs little for the few-token answers this decoder gives. A
     finished row's later slots are ``pad_id`` with mask 0 (so they are never attended to).
     Returns (ids, mask), both (B, L), L <= max_new_tokens; a row holds its tokens up to and
-    including its first EOS. The routers' last load is that of the final step."""
+    including its first EOS. The routers' last load is that of the final step.
+
+    ``sharded``: the B rows are this rank's shard of a data-parallel job's global batch (every
+    rank calls this together): each token is drawn with the global batch's random numbers and
+    decoding goes on while a row of any rank is unfinished, as in one process."""
     B = inputs_embeds.shape[0]
     device = inputs_embeds.device
     embeds, mask = inputs_embeds, attention_mask.long()
     tokens, alive = [], torch.ones(B, dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
         logits = model(inputs_embeds=embeds, attention_mask=mask)[:, -1]
-        token = sample_token(logits, temperature, generator=generator)
+        token = sample_token(logits, temperature, generator=generator, sharded=sharded)
         token = torch.where(alive, token, torch.full_like(token, pad_id))
         tokens.append(token)
         mask = torch.cat([mask, alive.long()[:, None]], dim=1)
         alive = alive & (token != eos_id)
-        if not alive.any():
+        unfinished = alive.sum()
+        if not (distributed.all_reduce_sum(unfinished) if sharded else unfinished):
             break
         embeds = torch.cat([embeds, model.embed(token[:, None]).to(embeds.dtype)], dim=1)
     if not tokens:

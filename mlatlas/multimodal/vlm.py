@@ -305,10 +305,11 @@ def answer_nll(model: VLM, tokenizer: Tokenizer, images, prompts: Sequence[str],
 
 def answer(model: VLM, tokenizer: Tokenizer, images, prompts: Sequence[str], *,
            max_new_tokens: int = 8, temperature: float = 0.0,
-           generator: torch.Generator | None = None) -> tuple[list[str], torch.Tensor,
-                                                              torch.Tensor]:
+           generator: torch.Generator | None = None, sharded: bool = False
+           ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """Replies to ``prompts`` (greedy at temperature 0): the texts and the generated
-    (ids, mask), each (B, L) with <eos> included."""
+    (ids, mask), each (B, L) with <eos> included. ``sharded``: the prompts are this rank's
+    rows of a data-parallel job's global batch, sampled with the whole batch's draws."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -316,7 +317,7 @@ def answer(model: VLM, tokenizer: Tokenizer, images, prompts: Sequence[str], *,
         ids, mask = generate(model.decoder, rows.embeds, rows.mask,
                              max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
                              pad_id=tokenizer.pad_id, temperature=temperature,
-                             generator=generator)
+                             generator=generator, sharded=sharded)
     model.train(was_training)
     return tokenizer.decode_batch((ids * mask).tolist()), ids, mask
 
@@ -421,7 +422,8 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
         with precision.autocast():
             replies, ids, mask = answer(model, tokenizer, images, group_prompts,
                                         max_new_tokens=cfg.max_new_tokens,
-                                        temperature=cfg.temperature, generator=generator)
+                                        temperature=cfg.temperature, generator=generator,
+                                        sharded=True)
         rewards = reward(replies, [truths[j] for j in rep],
                          [options[j] for j in rep]).to(device)
         completions = [row[:int(n)] for row, n in zip(ids.tolist(), mask.sum(-1), strict=True)]
@@ -443,6 +445,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
             loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages, answer_mask,
                                     cfg.clip_eps, cfg.beta, "grpo", cfg.max_new_tokens)
         return loss, {"reward": rewards.mean().item(),
+                      "reply_length": mask.sum(-1).float().mean().item(),
                       "zero_std_frac": (rewards.view(-1, G).std(-1) == 0).float().mean().item(),
                       **{k: v.item() for k, v in stats.items()}}
 
