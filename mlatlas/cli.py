@@ -731,6 +731,14 @@ def main(argv: list[str] | None = None) -> int:
             from mlatlas.core import distributed
 
             distributed.shutdown(synchronize=code == 0)
+            if code == 0:
+                # Every file is written and every rank has left the group: end the process
+                # here. The interpreter's teardown can destroy gloo's threads unjoined, and a
+                # rank that aborts then ("terminate called without an active exception")
+                # turns a finished job into a failed one.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
 
 
 def _say(command: str, message: str, every_rank: bool = False) -> None:
