@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from mlatlas.contrastive.text import TextTower
+from mlatlas.llm.common import pad
 from mlatlas.multimodal.decoder import DecoderConfig, MoEDecoder
 from mlatlas.multimodal.vision import EncoderConfig, Packed, VisionTower
 from mlatlas.nn.tokenizers import Tokenizer
@@ -100,8 +101,8 @@ class VLM(nn.Module):
             img_start = cu[:-1].to(device)
         P = torch.tensor([len(p) for p in prompt_ids], device=device)
         A = torch.tensor([len(a) for a in answer_ids], device=device)
-        prompts = _padded(prompt_ids, device)  # (B, max P), <bos> in column 0
-        answers = _padded(answer_ids, device)
+        prompts = pad(prompt_ids, Tokenizer.pad_id, False, device)[0]  # <bos> in column 0
+        answers = pad(answer_ids, Tokenizer.pad_id, False, device)[0]
         prefix = P + n_img
         width = int(prefix.max())
         T = width + int(A.max())
@@ -134,11 +135,3 @@ class VLM(nn.Module):
         logp = torch.log_softmax(logits.float(), -1).gather(-1, rows.ids[:, 1:, None])[..., 0]
         return logp * rows.answer[:, 1:]
 
-
-def _padded(rows: list[list[int]], device) -> torch.Tensor:
-    """(len(rows), longest) ids, right-padded with <pad>."""
-    width = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), width), Tokenizer.pad_id, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-    return out.to(device)

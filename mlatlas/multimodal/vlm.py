@@ -34,7 +34,6 @@ sizes never seen in training, and the same questions open (no options, exact mat
 from __future__ import annotations
 
 import copy
-import math
 import string
 import sys
 from collections.abc import Sequence
@@ -60,7 +59,7 @@ from mlatlas.core.run import Run, RunError, fit
 from mlatlas.core.runtime import resolve_device, seed_everything
 from mlatlas.data.vqa import CATEGORIES, VQASet, load_image, to_questions, vqa_set
 from mlatlas.eval import circular
-from mlatlas.llm.common import token_mean
+from mlatlas.llm.common import step_generator, token_mean, warmup_steps
 from mlatlas.llm.grpo import group_advantages, grpo_loss
 from mlatlas.llm.kimi import kimi_loss
 from mlatlas.multimodal.decoder import (
@@ -262,10 +261,6 @@ def _write_model_files(run: Run, model: VLM, tokenizer: Tokenizer, text_only: bo
 
 # batches -----------------------------------------------------------------------------------------
 
-def _step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
 def _encode(tokenizer: Tokenizer, texts: Sequence[str], bos: bool = False, eos: bool = False
             ) -> list[list[int]]:
     rows = tokenizer.encode_batch(list(texts), bos=bos)
@@ -373,12 +368,12 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
     compile_module(model.decoder, cfg.compile)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     precision = Precision(cfg.precision, device)
-    warmup = max(1, math.floor(cfg.warmup_ratio * cfg.steps))
+    warmup = warmup_steps(cfg)
     if cfg.stage == "rl" and "baseline/circular" not in run.summary():
         run.write_evaluation(_held_out_metrics(model, tokenizer, held_out, cfg), "baseline")
 
     def supervised_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        generator = _step_generator(cfg.seed, step)
+        generator = step_generator(cfg.seed, step)
         idx = torch.randint(len(data), (cfg.batch_size,), generator=generator).tolist()
         mc = torch.rand(cfg.batch_size, generator=generator) < cfg.mc_share
         shift = torch.randint(4, (cfg.batch_size,), generator=generator)
@@ -408,7 +403,7 @@ def train(cfg: Config, run: Run | None = None, progress: bool | None = None) -> 
         return loss, metrics
 
     def rl_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        generator = _step_generator(cfg.seed, step)
+        generator = step_generator(cfg.seed, step)
         G = cfg.group_size
         idx = torch.randint(len(data), (cfg.prompts_per_step,), generator=generator).tolist()
         mc = torch.rand(cfg.prompts_per_step, generator=generator) < cfg.mc_share
