@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: install dev demo test test-slow lint bench bench-diffusion bench-rl bench-contrastive \
+.PHONY: install dev docs docs-serve docs-check demo test test-slow lint bench bench-diffusion bench-rl bench-contrastive \
         bench-llm test-openclip test-torchvision test-tensorflow classifiers clean
 
 $(BIN)/python:
@@ -95,5 +95,42 @@ bench-llm: dev
 classifiers: install
 	$(BIN)/mlatlas classifier digits mnist fashion-mnist shapes
 
+# The documentation site (mkdocs-material, API pages by mkdocstrings) into site/. KaTeX comes
+# from the npm registry at a pinned version and is served by the site itself, so the site and
+# its reader need no network; --strict fails on a broken link or a missing code reference.
+KATEX_VERSION := 0.16.22
+KATEX := build/katex
+
+$(VENV)/.installed-docs: $(VENV)/.installed-dev
+	@echo "installing the docs extra: mkdocs-material, mkdocstrings, jieba, selenium..."
+	$(PIP) -e '.[dev,docs]'
+	touch $@
+
+$(KATEX)/katex.min.js:
+	@echo "fetching KaTeX $(KATEX_VERSION) from the npm registry..."
+	rm -rf build/katex-pack $(KATEX) && mkdir -p build/katex-pack $(KATEX)
+	cd build/katex-pack && npm pack --silent katex@$(KATEX_VERSION) > /dev/null
+	tar -xzf build/katex-pack/katex-$(KATEX_VERSION).tgz -C build/katex-pack
+	cp -r build/katex-pack/package/dist/katex.min.css build/katex-pack/package/dist/fonts \
+		build/katex-pack/package/LICENSE $(KATEX)/
+	cp build/katex-pack/package/dist/katex.min.js $(KATEX)/katex.min.js
+
+docs: $(VENV)/.installed-docs $(KATEX)/katex.min.js
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: $(VENV)/.installed-docs $(KATEX)/katex.min.js
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
+# The built site in headless Chromium (Debian's package; installed here when missing and root):
+# every page loads without console errors, images, links, maths and search work. Screenshots go
+# to $$MLATLAS_SCREENSHOTS (default /tmp/mlatlas-docs-screenshots).
+BROWSER_DEBS := chromium chromium-driver fonts-wqy-microhei
+
+docs-check: docs
+	@command -v chromedriver > /dev/null && fc-list :lang=zh | grep -q . || \
+		{ [ "$$(id -u)" = 0 ] && apt-get install -y -q --no-install-recommends $(BROWSER_DEBS) > /dev/null; } || \
+		{ echo "docs-check needs Debian's $(BROWSER_DEBS): apt-get install them"; exit 1; }
+	MLATLAS_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -m docs -n 0 tests/test_docs_site.py tests/test_docs_build.py
+
 clean:
-	rm -rf $(VENV) $(OPENCLIP) runs .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(OPENCLIP) runs site build .pytest_cache .ruff_cache *.egg-info

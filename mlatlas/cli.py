@@ -135,10 +135,13 @@ def cmd_train(argv: list[str]) -> int:
     parser.add_argument("--nproc", type=int, metavar="N",
                         help="train data-parallel in N processes on this machine (the global "
                              "batch is split over them; across machines use torchrun)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the flags and the data, print the config as JSON and stop "
+                             "(no run folder is made)")
     _common(parser)
     args = parser.parse(rest)
     overrides = {k: v for k, v in vars(args).items()
-                 if k not in ("resume", "out", "threads", "progress", "nproc")}
+                 if k not in ("resume", "out", "threads", "progress", "nproc", "dry_run")}
     if args.resume is not None and resume is None:
         resume = Run.open(args.resume)
         if resume.method != method.name:
@@ -160,6 +163,9 @@ def cmd_train(argv: list[str]) -> int:
         if done is not None and cfg.steps < done:
             raise UsageError(f"--steps {cfg.steps} is below the step {done} that "
                              f"{resume.dir} has reached")
+        if args.dry_run:
+            print(json.dumps(config_to_dict(cfg), indent=2, sort_keys=True))
+            return 0
         _join_job(cfg, world)
         resume.config = config_to_dict(cfg)
         resume.write_config()
@@ -169,6 +175,10 @@ def cmd_train(argv: list[str]) -> int:
         if args.out.exists() and not args.out.is_dir():
             raise UsageError(f"--out {args.out} is a file; it must be a folder (made if absent)")
         # Check the device and data before a run folder is made, so a typo leaves nothing.
+        if args.dry_run:
+            cfg.check_data()
+            print(json.dumps(config_to_dict(cfg), indent=2, sort_keys=True))
+            return 0
         _join_job(cfg, world)
         cfg.check_data()
         run = Run.create(method.name, cfg, root=args.out)
@@ -256,21 +266,10 @@ def _report(run) -> None:
         print(json.dumps(summary, indent=2, sort_keys=True))
 
 
-def _open_run(argv: list[str], prog: str, n_default: int | None):
-    """The run, its method, the parsed flags and the keyword arguments of the method's sampling
-    or evaluation options (``--sampler``, ``--steps``, ``--video``, ... for methods that declare
-    an options dataclass)."""
-    import dataclasses
-
-    from mlatlas.core.run import Run
-    from mlatlas.registry import get_method
-
-    probe = Parser(prog=prog, add_help=False)
-    probe.add_argument("run_dir", type=Path, nargs="?")
-    known, _ = probe.parse_known_args(argv)
-    options_cls = None
-    if known.run_dir is not None:
-        options_cls = get_method(Run.open(known.run_dir).method).sample_config_cls
+def parse_run_flags(argv: list[str], prog: str, n_default: int | None,
+                    options_cls=None) -> argparse.Namespace:
+    """The flags of ``mlatlas sample|eval RUN_DIR``, with the options (``options_cls``, a
+    method's ``sample_config_cls``) of the run's method; checked, not yet acted on."""
     parser = Parser(prog=prog)
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     # One meaning for every family: how many items to draw or score (samples, episodes,
@@ -287,6 +286,25 @@ def _open_run(argv: list[str], prog: str, n_default: int | None):
     if args.n is not None:
         require_range(args, 1, MAX_ITEMS, "n")
     require_range(args, 0, INT64_MAX, "seed")
+    return args
+
+
+def _open_run(argv: list[str], prog: str, n_default: int | None):
+    """The run, its method, the parsed flags and the keyword arguments of the method's sampling
+    or evaluation options (``--sampler``, ``--steps``, ``--video``, ... for methods that declare
+    an options dataclass)."""
+    import dataclasses
+
+    from mlatlas.core.run import Run
+    from mlatlas.registry import get_method
+
+    probe = Parser(prog=prog, add_help=False)
+    probe.add_argument("run_dir", type=Path, nargs="?")
+    known, _ = probe.parse_known_args(argv)
+    options_cls = None
+    if known.run_dir is not None:
+        options_cls = get_method(Run.open(known.run_dir).method).sample_config_cls
+    args = parse_run_flags(argv, prog, n_default, options_cls)
     _set_threads(args.threads)
     run = Run.open(args.run_dir)
     if not run.has_checkpoint():

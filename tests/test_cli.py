@@ -128,3 +128,13 @@ def test_idle_cores_count_the_load_and_keep_one():
 
     cores = runtime.os.cpu_count()
     assert 1 <= runtime.idle_cores() <= cores
+
+
+def test_dry_run_prints_the_config_and_makes_nothing(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(["train", "ddpm", "--steps", "3", "--dataset", "two-moons", "--out", str(out),
+                 "--dry-run"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["steps"] == 3 and config["dataset"] == "two-moons"
+    assert not out.exists()
+    assert main(["train", "ddpm", "--dataset", "no-such-data", "--dry-run"]) == 2
