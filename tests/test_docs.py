@@ -201,6 +201,8 @@ def test_doc_command(argv, last_train, capsys, start_run):
         if method.sample_config_cls is not None:
             method.sample_config_cls(**{f.name: getattr(args, f.name)
                                         for f in dataclasses.fields(method.sample_config_cls)})
+    elif command == "list":
+        assert main(argv[1:]) == 0
     else:
         pytest.fail(f"no check for `mlatlas {command}`: add one to tests/test_docs.py")
 
