@@ -222,3 +222,32 @@ def test_every_module_has_an_api_page():
     listed = api_modules()
     assert modules - listed == set(), "modules missing from docs/api/*.md"
     assert listed - modules == set(), "docs/api/*.md names modules that do not exist"
+
+
+# Pages not yet given their equation -> code table and Chinese terms (issue 25 is open until
+# this is empty). strict: a page finished without leaving this list fails, so it stays true.
+PENDING = {
+    "autoregressive.md", "circular_eval.md", "contrastive.md", "detection.md",
+    "feature_columns.md", "flows.md", "gan.md", "latent_diffusion.md", "likelihood.md",
+    "llm.md", "ngram.md", "rl-deep.md", "rl-tabular-actor_critic.md", "rl-tabular-
+    monte_carlo.md", "rl-tabular-policy_gradient.md", "rl-tabular-td.md", "tf_example.md",
+    "tfrecord.md", "vlm.md", "vq.md", "vq_transformer.md"}
+
+
+@pytest.mark.parametrize("page", [
+    pytest.param(p, marks=pytest.mark.xfail(p.name in PENDING, strict=True,
+                                            reason="page not converted yet"))
+    for p in sorted((DOCS / "methods").glob("*.md"))], ids=lambda p: p.name)
+def test_method_page_ties_its_equations_to_code(page):
+    """Each method page names, under "Equation -> code", the function computing each of its
+    equations (as cross-references, which the strict build resolves), and carries the notes'
+    Chinese terms so the site's search finds it by them."""
+    text = page.read_text()
+    section = re.search(r"^## Equation -> code\n(.*?)(?=^## |\Z)", text, flags=re.M | re.S)
+    assert section, f"{page.name}: no '## Equation -> code' section"
+    rows = [line for line in section.group(1).splitlines()
+            if line.startswith("|") and re.search(r"\]\[mlatlas\.[\w.]+\]", line)]
+    assert len(rows) >= 3, f"{page.name}: fewer than 3 equation rows naming their code"
+    notes = re.search(r"^\*\*In the notes:\*\* (.+)$", text, flags=re.M)
+    assert notes and re.search(r"[\u4e00-\u9fff]", notes.group(1)), \
+        f"{page.name}: no '**In the notes:**' line with the Chinese terms"
